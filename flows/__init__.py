@@ -1,0 +1,1 @@
+"""Prefect flows: what runs, in what order, on which task runner; and the CLI."""

@@ -1,0 +1,136 @@
+"""The one place that decides where flows report and where tasks run.
+
+* Prefect API: an operator's ``PREFECT_API_URL`` is honoured; otherwise one temporary local
+  server is started for the whole command and its URL exported into the environment *before*
+  any Dask worker starts, so workers report to it instead of each starting a server of their own.
+* Task runner: a Dask ``LocalCluster`` (one thread per worker process, dashboard off) by
+  default, or an existing scheduler given by ``--dask-address``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from tasks.errors import OncoflowError
+
+#: Native thread pools pinned to one thread per worker, so N workers use N cores.
+THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
+}
+
+#: Prefect settings applied when the operator has not set them.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "radiomics,distributed",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+}
+
+
+class RuntimeOptions(BaseModel):
+    """Where the heavy per-series work runs (never identifying, safe as a flow parameter)."""
+
+    workers: int = Field(2, ge=1, le=256, description="Dask worker processes (LocalCluster).")
+    dask_address: str | None = Field(
+        None, description="Address of an existing Dask scheduler, e.g. tcp://host:8786."
+    )
+
+
+@dataclass
+class PrefectApi:
+    """The Prefect API used by this command."""
+
+    url: str
+    temporary: bool
+
+
+def pin_native_threads() -> None:
+    """Pin OpenMP/BLAS/ITK thread pools to one thread in this process and its children."""
+    for key, value in THREAD_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    except ImportError:  # pragma: no cover - SimpleITK is a dependency
+        pass
+
+
+def apply_prefect_defaults() -> None:
+    """Set Prefect defaults (no analytics, extra loggers) unless the operator set them."""
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+_API: PrefectApi | None = None
+
+
+def ensure_prefect_api() -> PrefectApi:
+    """Return the Prefect API for this command, starting one temporary server if needed.
+
+    The server is left to stop at interpreter exit (stopping it earlier, before Prefect's
+    background clients flush, makes the process hang).
+    """
+    global _API
+    if _API is not None:
+        return _API
+    apply_prefect_defaults()
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        _API = PrefectApi(url=url, temporary=False)
+        return _API
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    logging.getLogger("prefect.server.api.server").setLevel(logging.WARNING)
+    server = SubprocessASGIServer()
+    try:
+        server.start()
+    except Exception as exc:
+        raise OncoflowError(f"could not start a temporary Prefect server: {exc}") from None
+    # Child processes (Dask workers) read the environment; this process's Prefect already
+    # built its settings at import time, so update them too, for the life of the command.
+    os.environ["PREFECT_API_URL"] = server.api_url
+    temporary_settings(updates={PREFECT_API_URL: server.api_url}).__enter__()
+    _API = PrefectApi(url=server.api_url, temporary=True)
+    return _API
+
+
+def task_runner(options: RuntimeOptions):
+    """Build the Dask task runner for a flow run.
+
+    Parameters
+    ----------
+    options
+        Number of workers, or the address of an existing scheduler.
+
+    Returns
+    -------
+    prefect_dask.DaskTaskRunner
+        Runner with a one-thread-per-worker ``LocalCluster`` (dashboard off) or connected to
+        ``options.dask_address``.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    pin_native_threads()
+    ensure_prefect_api()
+    if options.dask_address:
+        return DaskTaskRunner(address=options.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": options.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+            "memory_limit": 0,
+        },
+    )

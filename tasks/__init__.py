@@ -1,0 +1,1 @@
+"""The work: typed functions and per-series Prefect tasks, one subpackage per stage."""

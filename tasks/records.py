@@ -1,0 +1,173 @@
+"""Result records shared by every stage.
+
+Each per-series (or per-batch) task returns one of these records instead of raising, so one
+bad file or series never fails a run (architecture principle 1). Records hold keys, counts and
+reason codes only: never pixel data, datasets, or identifying values.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+
+
+class Stage(StrEnum):
+    """Pipeline stages, in order."""
+
+    INGEST = "ingest"
+    DEIDENTIFY = "deidentify"
+    HARMONISE = "harmonise"
+    EXTRACT = "extract"
+    PUBLISH = "publish"
+
+
+class Status(StrEnum):
+    """Outcome of one unit of work (file, series, or series x ROI)."""
+
+    OK = "ok"
+    QUARANTINED = "quarantined"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class Reason(StrEnum):
+    """Machine-readable quarantine reasons (contract: tests and truth.json use these codes).
+
+    Stages add their own members here so that every reason has one spelling.
+    """
+
+    # ingest: files
+    EMPTY_FILE = "empty-file"
+    TRUNCATED_FILE = "truncated-file"
+    NOT_DICOM = "not-dicom"
+    DICOMDIR = "dicomdir"
+    UNREADABLE_HEADER = "unreadable-header"
+    MISSING_UIDS = "missing-uids"
+    DUPLICATE_INSTANCE = "duplicate-instance"
+    # ingest: series geometry
+    MISSING_SLICE = "missing-slice"
+    INCONSISTENT_SPACING = "inconsistent-spacing"
+    LOCALIZER = "localizer"
+    INCONSISTENT_ORIENTATION = "inconsistent-orientation"
+    INCONSISTENT_GEOMETRY = "inconsistent-geometry"
+    DUPLICATE_POSITION = "duplicate-position"
+    # deidentify
+    BURNED_IN_ANNOTATION = "burned-in-annotation"
+    DEID_ERROR = "deid-error"
+    # harmonise
+    GANTRY_TILT = "gantry-tilt"
+    MISSING_SUV_DATA = "missing-suv-data"
+    BAD_UNITS = "bad-units"
+    EMPTY_MASK = "empty-mask"
+    MASK_OUTSIDE_IMAGE = "mask-outside-image"
+    FRAME_OF_REFERENCE_MISMATCH = "frame-of-reference-mismatch"
+    UNSUPPORTED_IMAGE = "unsupported-image"
+    # extract
+    ONE_VOXEL_MASK = "one-voxel-mask"
+    EXTRACTION_ERROR = "extraction-error"
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    """One rejected file or series.
+
+    Parameters
+    ----------
+    item
+        Source-relative file path (private zone) or series key.
+    kind
+        ``"file"`` or ``"series"``.
+    stage
+        Stage that rejected it.
+    reason
+        Reason code.
+    detail
+        Short human explanation without identifying values.
+    """
+
+    item: str
+    kind: str
+    stage: Stage
+    reason: Reason
+    detail: str = ""
+
+    def to_row(self) -> dict[str, str]:
+        """Return the record as a flat row for ``quarantine.parquet``."""
+        row = asdict(self)
+        row["stage"] = str(self.stage)
+        row["reason"] = str(self.reason)
+        return row
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """Outcome of one unit of parallel work, as returned by a task.
+
+    Parameters
+    ----------
+    key
+        Pseudonymous or content key of the unit (never an identifier outside the private zone).
+    status
+        Outcome.
+    reason
+        Reason code when quarantined.
+    error_class
+        Exception class name when failed.
+    detail
+        Short explanation without identifying values.
+    outputs
+        Store-relative keys written by the unit.
+    computed
+        False when the unit was skipped because its output was already up to date.
+    """
+
+    key: str
+    status: Status
+    reason: str = ""
+    error_class: str = ""
+    detail: str = ""
+    outputs: tuple[str, ...] = ()
+    computed: bool = True
+
+
+@dataclass
+class StageSummary:
+    """Counts for one stage run, safe to print, log and post as an artifact."""
+
+    stage: Stage
+    site: str
+    counts: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_results(
+        cls, stage: Stage, site: str, results: list[UnitResult], **extra: object
+    ) -> StageSummary:
+        """Build a summary by counting results by status and by reason."""
+        counts = Counter(str(r.status) for r in results)
+        reasons = Counter(r.reason for r in results if r.reason)
+        return cls(
+            stage=stage,
+            site=site,
+            counts=dict(sorted(counts.items())),
+            reasons=dict(sorted(reasons.items())),
+            extra=dict(extra),
+        )
+
+    @property
+    def failure_ratio(self) -> float:
+        """Fraction of units that failed (not quarantined: failures are unexpected errors)."""
+        total = sum(self.counts.values())
+        return self.counts.get(str(Status.FAILED), 0) / total if total else 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        """Return a JSON-serialisable dict."""
+        return {
+            "stage": str(self.stage),
+            "site": self.site,
+            "counts": self.counts,
+            "reasons": self.reasons,
+            **self.extra,
+        }

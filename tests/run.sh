@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The test command (README): installs what is missing, then runs ruff and the test suite.
+# Usage: bash tests/run.sh [extra pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+export PATH="$HOME/.local/bin:$PATH"
+
+# Real services used by integration tests (Debian packages); skipped where apt is unavailable.
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  missing=()
+  [ -x /usr/sbin/Orthanc ] || missing+=(orthanc orthanc-dicomweb)
+  [ -d /usr/lib/postgresql ] || missing+=(postgresql)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "warning: could not install ${missing[*]}; tests that need them will say so"
+  fi
+fi
+
+uv sync --locked --quiet
+uv run --locked ruff check .
+set +e
+uv run --locked pytest -m "not slow" "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"
