@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
@@ -104,6 +106,43 @@ def ensure_prefect_api() -> PrefectApi:
     return _API
 
 
+_SHARED_ADDRESS: str | None = None
+
+
+@contextlib.contextmanager
+def dask_cluster(options: RuntimeOptions) -> Iterator[str]:
+    """Start one Dask cluster for several flow runs of one command and yield its address.
+
+    Inside this block :func:`task_runner` connects to the shared cluster instead of starting a
+    ``LocalCluster`` per flow run (each start costs seconds). With ``options.dask_address`` the
+    existing scheduler is used and nothing is started.
+    """
+    global _SHARED_ADDRESS
+    if options.dask_address:
+        yield options.dask_address
+        return
+    from distributed import LocalCluster
+
+    pin_native_threads()
+    ensure_prefect_api()
+    with LocalCluster(**_local_cluster_kwargs(options)) as cluster:
+        previous, _SHARED_ADDRESS = _SHARED_ADDRESS, cluster.scheduler_address
+        try:
+            yield cluster.scheduler_address
+        finally:
+            _SHARED_ADDRESS = previous
+
+
+def _local_cluster_kwargs(options: RuntimeOptions) -> dict[str, object]:
+    return {
+        "n_workers": options.workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        "memory_limit": 0,
+    }
+
+
 def task_runner(options: RuntimeOptions):
     """Build the Dask task runner for a flow run.
 
@@ -115,22 +154,17 @@ def task_runner(options: RuntimeOptions):
     Returns
     -------
     prefect_dask.DaskTaskRunner
-        Runner with a one-thread-per-worker ``LocalCluster`` (dashboard off) or connected to
-        ``options.dask_address``.
+        Runner connected to ``options.dask_address``, to the cluster of an enclosing
+        :func:`dask_cluster` block, or with its own one-thread-per-worker ``LocalCluster``
+        (dashboard off).
     """
     from prefect_dask import DaskTaskRunner
 
     pin_native_threads()
     ensure_prefect_api()
-    if options.dask_address:
-        return DaskTaskRunner(address=options.dask_address)
+    address = options.dask_address or _SHARED_ADDRESS
+    if address:
+        return DaskTaskRunner(address=address)
     return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": options.workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-            "memory_limit": 0,
-        },
+        cluster_class="distributed.LocalCluster", cluster_kwargs=_local_cluster_kwargs(options)
     )
