@@ -1,0 +1,44 @@
+"""The runtime starts one Prefect server per command and Dask workers report to it."""
+
+import asyncio
+import os
+
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.runtime import RuntimeOptions, dask_cluster, task_runner
+
+
+@task
+def where_am_i(i: int) -> tuple[int, int, str]:
+    return i, os.getpid(), os.environ.get("PREFECT_API_URL", "")
+
+
+@flow
+def probe(n: int) -> list[tuple[int, int, str]]:
+    futures = [where_am_i.submit(i) for i in range(n)]
+    return [f.result() for f in futures]
+
+
+async def _task_runs_of(flow_run_id) -> int:
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        return len(runs)
+
+
+def test_workers_report_to_the_one_server(prefect_api):
+    options = RuntimeOptions(workers=2)
+    with dask_cluster(options) as address:
+        assert address.startswith("tcp://127.0.0.1:")
+        state = probe.with_options(task_runner=task_runner(options))(6, return_state=True)
+        # a second flow run reuses the same cluster (no new LocalCluster)
+        state2 = probe.with_options(task_runner=task_runner(options))(2, return_state=True)
+    results = state.result()
+    assert [r[0] for r in results] == list(range(6))
+    assert {r[2] for r in results} == {prefect_api}
+    assert os.getpid() not in {r[1] for r in results}  # ran in worker processes
+    assert len({r[1] for r in results + state2.result()}) <= 2
+    assert asyncio.run(_task_runs_of(state.state_details.flow_run_id)) == 6
