@@ -73,6 +73,7 @@ class ScannerProfile(BaseModel):
     roi_names: tuple[str, str]
     file_extension: str
     reverse_instance_numbers: bool
+    ct_signed: bool
 
     @property
     def pet_orientation(self) -> tuple[float, float, float, float, float, float]:
@@ -103,6 +104,7 @@ _BASE: tuple[dict[str, object], ...] = (
         "roi_names": ("GTV-1", "GTV-2"),
         "file_extension": ".dcm",
         "reverse_instance_numbers": False,
+        "ct_signed": False,
     },
     {
         "manufacturer": "GE MEDICAL SYSTEMS",
@@ -126,6 +128,7 @@ _BASE: tuple[dict[str, object], ...] = (
         "roi_names": ("gtv", "gtv_2"),
         "file_extension": "",
         "reverse_instance_numbers": True,
+        "ct_signed": True,
     },
     {
         "manufacturer": "Philips",
@@ -149,6 +152,7 @@ _BASE: tuple[dict[str, object], ...] = (
         "roi_names": ("Tumour", "Tumour 2"),
         "file_extension": ".DCM",
         "reverse_instance_numbers": False,
+        "ct_signed": True,
     },
 )
 
