@@ -66,6 +66,8 @@ class Reason(StrEnum):
     # extract
     ONE_VOXEL_MASK = "one-voxel-mask"
     EXTRACTION_ERROR = "extraction-error"
+    ROI_TOO_SMALL = "roi-too-small"
+    MASK_GEOMETRY_MISMATCH = "mask-geometry-mismatch"
 
 
 @dataclass(frozen=True)
