@@ -1,0 +1,85 @@
+"""The QC picture: one slice through the ROI with the mask outlines, as a PNG (Pillow)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+from tasks.harmonise.masks import Mask
+
+#: Outline colours, one per ROI in name order.
+COLOURS = ((255, 40, 40), (40, 220, 40), (60, 140, 255), (255, 200, 0), (220, 0, 220))
+
+
+def qc_slice_index(masks: list[Mask], depth: int) -> int:
+    """Return the plane index with the largest area of the first mask (middle plane if none)."""
+    for mask in masks:
+        area = sitk.GetArrayViewFromImage(mask.image).reshape(depth, -1).sum(axis=1)
+        if area.any():
+            return int(np.argmax(area))
+    return depth // 2
+
+
+def _outline(plane: np.ndarray) -> np.ndarray:
+    """Pixels of a 2-D mask with a 4-neighbour outside the mask."""
+    inside = plane.astype(bool)
+    padded = np.pad(inside, 1)
+    core = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & inside
+    return inside & ~core
+
+
+def _grey(plane: np.ndarray) -> np.ndarray:
+    """Window a plane to 8 bits between its 0.5th and 99.5th percentiles."""
+    plane = plane.astype(np.float64)
+    lo, hi = np.percentile(plane, [0.5, 99.5]) if plane.size else (0.0, 1.0)
+    if hi <= lo:
+        hi = lo + 1.0
+    return (np.clip((plane - lo) / (hi - lo), 0, 1) * 255).round().astype(np.uint8)
+
+
+def qc_png(image: sitk.Image, masks: list[Mask], max_size: int = 384) -> bytes:
+    """Render the QC picture of a harmonised image and its masks.
+
+    Parameters
+    ----------
+    image
+        The harmonised image.
+    masks
+        Masks on the same grid (outlined in :data:`COLOURS`, in order).
+    max_size
+        Longest side of the picture in pixels (physical aspect ratio kept).
+
+    Returns
+    -------
+    bytes
+        PNG content (deterministic for the same input).
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    depth = array.shape[0]
+    k = qc_slice_index(masks, depth)
+    grey = _grey(array[k])
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    for i, mask in enumerate(masks):
+        edge = _outline(sitk.GetArrayViewFromImage(mask.image)[k])
+        rgb[edge] = COLOURS[i % len(COLOURS)]
+    sx, sy = image.GetSpacing()[:2]
+    width, height = array.shape[2] * sx, array.shape[1] * sy
+    scale = max_size / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    picture = Image.fromarray(rgb, mode="RGB").resize(size, Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def thumbnail_data_uri(png: bytes, size: int = 128) -> str:
+    """Return a small PNG thumbnail of a QC picture as a ``data:`` URI (for markdown)."""
+    picture = Image.open(io.BytesIO(png))
+    picture.thumbnail((size, size), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
