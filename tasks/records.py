@@ -63,6 +63,7 @@ class Reason(StrEnum):
     MASK_OUTSIDE_IMAGE = "mask-outside-image"
     FRAME_OF_REFERENCE_MISMATCH = "frame-of-reference-mismatch"
     UNSUPPORTED_IMAGE = "unsupported-image"
+    MISSING_REFERENCED_SERIES = "missing-referenced-series"
     # extract
     ONE_VOXEL_MASK = "one-voxel-mask"
     EXTRACTION_ERROR = "extraction-error"
