@@ -1,0 +1,318 @@
+"""PACS flows: ``pull-dicomweb`` (QIDO-RS search, one WADO-RS task per series, normal ingest).
+
+The pull lands complete series in the site's raw zone and then runs the normal ingest on the
+raw zone (``STORE/<site>/raw``), so PACS data feeds the same catalogue and stages as a folder
+or S3 source. The C-STORE receiver (``oncoflow receive``) lives in :mod:`tasks.pacs.receiver`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field, field_validator
+
+from flows.reporting import Progress, artifact_key, markdown_table, post_table
+from flows.runtime import RuntimeOptions, dask_cluster, task_runner
+from tasks.errors import StageFailed
+from tasks.pacs.credentials import load_credentials
+from tasks.pacs.dicomweb import (
+    RAW,
+    PullState,
+    SeriesPull,
+    StudyPlan,
+    clean_staging,
+    commit_series,
+    describe_error,
+    discard,
+    make_client,
+    now_iso,
+    parse_date,
+    parse_source,
+    plan_pull,
+    pull_series_task,
+    study_date_filter,
+)
+from tasks.records import Stage, StageSummary
+from tasks.store import SiteStore, validate_site
+
+
+class PullParams(BaseModel):
+    """Parameters of a DICOMweb pull (no identifiers, no credentials)."""
+
+    source: str = Field(
+        description="DICOMweb source, e.g. dicomweb+http://pacs:8042/dicom-web "
+        "(credentials come from the environment or a Prefect Secret block)."
+    )
+    site: str = Field(description="Site code: lowercase letters, digits, dashes.")
+    store: str = Field(description="Site store URL (path, file://, s3://...).")
+    modalities: list[str] = Field(
+        default_factory=list,
+        description="Pull studies containing any of these modalities (e.g. CT, MR); empty: all.",
+    )
+    since: str = Field(
+        "last",
+        description="'last': studies dated from the last successful pull on (minus "
+        "overlap_days); 'all': no lower date bound; or a date YYYY-MM-DD.",
+    )
+    until: str | None = Field(None, description="Latest study date YYYY-MM-DD (inclusive).")
+    overlap_days: int = Field(1, ge=0, le=365, description="Days re-searched before the watermark.")
+    secret_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the DICOMweb credentials."
+    )
+    retries: int = Field(3, ge=0, le=10, description="Retries per series (exponential backoff).")
+    retry_delay_seconds: float = Field(2.0, ge=0, le=600, description="First retry delay.")
+    timeout_seconds: float = Field(60.0, gt=0, le=3600, description="HTTP read timeout.")
+    max_failure_ratio: float = Field(
+        0.2, ge=0, le=1, description="Fail the run when more studies than this fraction fail."
+    )
+    ingest: bool = Field(True, description="Run the normal ingest on the raw zone afterwards.")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        parse_source(value)
+        return value.strip()
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, value: str) -> str:
+        return validate_site(value)
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: list[str]) -> list[str]:
+        out = sorted({m.strip().upper() for m in value if m.strip()})
+        for m in out:
+            if not m.isalnum() or len(m) > 16:
+                raise ValueError(f"invalid modality {m!r}")
+        return out
+
+    @field_validator("since")
+    @classmethod
+    def _since(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("last", "all"):
+            parse_date(value, "--since date")
+        return value
+
+    @field_validator("until")
+    @classmethod
+    def _until(cls, value: str | None) -> str | None:
+        if value:
+            parse_date(value, "--until date")
+        return value
+
+
+StudyOutcome = Literal["pulled", "skipped", "failed"]
+
+
+def _wait_all(futures: list, progress: Progress) -> list[SeriesPull | str]:
+    """Wait on every future; return the pull record or a one-line error per series."""
+    out: list[SeriesPull | str] = []
+    for future in futures:
+        future.wait()
+        state = future.state
+        if state.is_completed():
+            out.append(future.result())
+        else:
+            try:
+                future.result(raise_on_failure=True)
+                out.append("failed")
+            except Exception as exc:
+                out.append(describe_error(exc))
+        progress.advance()
+    return out
+
+
+def _report(summary: StageSummary, studies: list[dict[str, object]]) -> None:
+    counts = summary.extra["studies"]
+    series = summary.extra["series"]
+    body = "\n\n".join(
+        [
+            "# DICOMweb pull",
+            f"Site `{summary.site}`, source `{summary.extra['source']}`, "
+            f"date filter `{summary.extra['study_dates'] or 'none'}`.",
+            "## Studies",
+            markdown_table([counts], ["found", "pulled", "skipped", "failed"]),
+            "## Series and instances",
+            markdown_table(
+                [
+                    {
+                        **series,
+                        "instances": summary.extra["instances"],
+                        "bytes": summary.extra["bytes"],
+                    }
+                ],
+                ["pulled", "skipped", "failed", "instances", "bytes"],
+            ),
+            "Failed studies are searched again by UID on the next run; none of their series "
+            "was committed.",
+        ]
+    )
+    create_markdown_artifact(
+        markdown=body,
+        key=artifact_key(summary.site, "pull-dicomweb", "report"),
+        description="DICOMweb pull: studies found, pulled, skipped, failed",
+    )
+    post_table(
+        summary.site,
+        "pull-dicomweb",
+        "studies",
+        studies,
+        "Per-study outcome of the DICOMweb pull (opaque study keys)",
+    )
+
+
+@flow(name="pull-dicomweb", flow_run_name="pull-dicomweb-{params.site}", log_prints=False)
+def pull_dicomweb_flow(params: PullParams) -> dict:
+    """Pull new studies from a DICOMweb server into the raw zone, then ingest the raw zone.
+
+    One task per series; a study's series are committed only when all of them arrived. The
+    watermark advances when the search succeeded; failed studies are retried by UID next run.
+    """
+    store = SiteStore(params.store, params.site)
+    base_url = parse_source(params.source)
+    started = now_iso()
+    state = PullState.load(store)
+    source_state = state.source(base_url)
+    clean_staging(store)
+    study_dates = study_date_filter(
+        params.since, params.until, source_state.last_success, params.overlap_days
+    )
+    client = make_client(base_url, load_credentials(params.secret_block), params.timeout_seconds)
+    plans = plan_pull(
+        client,
+        state,
+        base_url,
+        params.modalities,
+        study_dates,
+        attempts=params.retries + 1,
+        delay=params.retry_delay_seconds,
+    )
+    jobs = [job for plan in plans for job in plan.jobs]
+    task = pull_series_task.with_options(
+        retries=params.retries,
+        retry_delay_seconds=[params.retry_delay_seconds * 2**i for i in range(params.retries)] or 0,
+    )
+    progress = Progress(len(jobs), "series pulled over DICOMweb")
+    futures = [
+        task.submit(
+            job, base_url, params.store, params.site, params.secret_block, params.timeout_seconds
+        )
+        for job in jobs
+    ]
+    results = dict(zip((j.series_key for j in jobs), _wait_all(futures, progress), strict=True))
+
+    outcomes: dict[StudyOutcome, int] = {"pulled": 0, "skipped": 0, "failed": 0}
+    series_counts = {"pulled": 0, "skipped": 0, "failed": 0}
+    instances = nbytes = 0
+    rows: list[dict[str, object]] = []
+    committed = False
+    for plan in plans:
+        outcome, error = _settle_study(store, state, base_url, plan, results)
+        outcomes[outcome] += 1
+        series_counts["skipped"] += plan.n_series - len(plan.jobs)
+        pulled = [results[j.series_key] for j in plan.jobs]
+        done = [p for p in pulled if isinstance(p, SeriesPull)]
+        if outcome == "pulled":
+            committed = True
+            series_counts["pulled"] += len(done)
+            instances += sum(p.instances for p in done)
+            nbytes += sum(p.nbytes for p in done)
+        elif outcome == "failed":
+            series_counts["failed"] += len(plan.jobs)
+        rows.append(
+            {
+                "study": plan.study_key,
+                "series": plan.n_series,
+                "to_pull": len(plan.jobs),
+                "outcome": outcome,
+                "error": error,
+            }
+        )
+    source_state.last_success = started
+    state.save(store)
+
+    summary = StageSummary(
+        stage=Stage.INGEST,
+        site=params.site,
+        counts={"ok": outcomes["pulled"] + outcomes["skipped"], "failed": outcomes["failed"]},
+        extra={
+            "source": base_url,
+            "study_dates": study_dates,
+            "studies": {"found": len(plans), **outcomes},
+            "series": series_counts,
+            "instances": instances,
+            "bytes": nbytes,
+        },
+    )
+    _report(summary, rows)
+    needs_ingest = committed or not store.exists("catalog/instances.parquet")
+    if params.ingest and needs_ingest and store.exists(RAW):
+        from flows.ingest import IngestParams, ingest_dicom
+
+        ingested = ingest_dicom(
+            IngestParams(source=store.uri(RAW), site=params.site, store=params.store),
+            runtime=RuntimeOptions(),
+        )
+        summary.extra["ingest"] = ingested.to_dict()
+    failed = outcomes["failed"]
+    if plans and failed / len(plans) > params.max_failure_ratio:
+        raise StageFailed(
+            f"DICOMweb pull: {failed} of {len(plans)} studies failed "
+            f"({', '.join(sorted({str(r['error']) for r in rows if r['error']}))}); "
+            "they will be retried on the next run"
+        )
+    return summary.to_dict()
+
+
+def _settle_study(
+    store: SiteStore,
+    state: PullState,
+    base_url: str,
+    plan: StudyPlan,
+    results: dict[str, SeriesPull | str],
+) -> tuple[StudyOutcome, str]:
+    """Commit a study whose series all arrived, or discard its staging and record the failure."""
+    failures = state.source(base_url).failed
+    if plan.up_to_date:
+        failures.pop(plan.study_key, None)
+        return "skipped", ""
+    pulled = [results[j.series_key] for j in plan.jobs]
+    errors = sorted({p for p in pulled if isinstance(p, str)})
+    if errors:
+        for p in pulled:
+            if isinstance(p, SeriesPull):
+                discard(store, p.staging)
+        previous = failures.get(plan.study_key, {})
+        failures[plan.study_key] = {
+            "study_uid": plan.study_uid,
+            "attempts": int(previous.get("attempts", 0)) + 1,
+            "error": "; ".join(errors),
+        }
+        return "failed", "; ".join(errors)
+    for p in pulled:
+        assert isinstance(p, SeriesPull)
+        commit_series(store, p)
+        state.series[p.series_key] = {"study": p.study_key, "instances": p.instances}
+    failures.pop(plan.study_key, None)
+    return "pulled", ""
+
+
+def pull_dicomweb(params: PullParams, runtime: RuntimeOptions) -> StageSummary:
+    """Run the ``pull-dicomweb`` flow on the Dask task runner (what the CLI and tests call).
+
+    One Dask cluster serves both the per-series pulls and the ingest that follows.
+    """
+    with dask_cluster(runtime):
+        result = pull_dicomweb_flow.with_options(task_runner=task_runner(runtime))(params)
+    extra = {k: v for k, v in result.items() if k not in ("stage", "site", "counts", "reasons")}
+    return StageSummary(
+        stage=Stage.INGEST,
+        site=params.site,
+        counts=dict(result["counts"]),
+        reasons=dict(result["reasons"]),
+        extra=extra,
+    )

@@ -1,0 +1,566 @@
+"""DICOMweb pull: QIDO-RS search, WADO-RS retrieval per series into the raw zone, pull state.
+
+Raw-zone layout (private zone, opaque names: every UID is hashed)::
+
+    STORE/<site>/raw/dicomweb/<study-hash>/<series-hash>/<sop-hash>.dcm   committed series
+    STORE/<site>/raw/_staging/dicomweb/<series-hash>-<attempt>/...         series being pulled
+    STORE/<site>/raw/_state/dicomweb.json                                  watermark and state
+
+A series is written under a staging prefix and moved to its final prefix only when every
+instance listed by QIDO-RS has arrived; a study's series are committed only when all of them
+succeeded, so a study is never half-ingested. A failed study is recorded in the state and
+searched again by its UID on the next run, whatever the date filters.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import pydicom
+import requests
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.errors import OncoflowError
+from tasks.pacs.credentials import DicomwebCredentials, load_credentials
+from tasks.store import SiteStore
+
+log = logging.getLogger(__name__)
+
+SCHEME_PREFIX = "dicomweb+"
+RAW = "raw"
+RAW_DICOMWEB = "raw/dicomweb"
+RAW_STAGING_DICOMWEB = "raw/_staging/dicomweb"
+STATE_KEY = "raw/_state/dicomweb.json"
+STATE_VERSION = 1
+#: Ask the server for the stored transfer syntax (no transcoding on the PACS side).
+ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+DATE_PATTERN = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
+# QIDO-RS JSON tags.
+TAG_STUDY_UID = "0020000D"
+TAG_SERIES_UID = "0020000E"
+TAG_SOP_UID = "00080018"
+TAG_SERIES_INSTANCES = "00201209"
+
+T = TypeVar("T")
+
+
+class PullError(Exception):
+    """A series could not be pulled; the message carries no identifier (no URL, no UID)."""
+
+
+def opaque_key(uid: str) -> str:
+    """Return the opaque object-name key of a DICOM UID (128 bits of SHA-256).
+
+    Object names in the raw zone never carry identifiers; the same UID always gives the same
+    key, so a re-pull lands on the same name.
+    """
+    return hashlib.sha256(f"oncoflow-pacs:{uid}".encode()).hexdigest()[:32]
+
+
+def is_dicomweb_source(source: str) -> bool:
+    """Whether ``source`` is a DICOMweb source URL (``dicomweb+http(s)://...``)."""
+    return source.strip().lower().startswith(SCHEME_PREFIX)
+
+
+def parse_source(source: str) -> str:
+    """Return the HTTP base URL of a ``dicomweb+http(s)://host[:port]/path`` source.
+
+    Raises
+    ------
+    OncoflowError
+        When the URL is not a DICOMweb source or embeds credentials (they belong in the
+        environment or a Prefect Secret block, never in parameters).
+    """
+    text = source.strip()
+    if not is_dicomweb_source(text):
+        raise OncoflowError(
+            f"not a DICOMweb source {source!r}: use dicomweb+http://host:port/dicom-web"
+        )
+    url = text[len(SCHEME_PREFIX) :]
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise OncoflowError(
+            f"not a DICOMweb source {source!r}: use dicomweb+http://host:port/dicom-web"
+        )
+    if parts.username or parts.password:
+        raise OncoflowError(
+            "credentials must not be part of the DICOMweb URL: set ONCOFLOW_DICOMWEB_USER and "
+            "ONCOFLOW_DICOMWEB_PASSWORD or use a Prefect Secret block"
+        )
+    if parts.query or parts.fragment:
+        raise OncoflowError("the DICOMweb URL must not have a query or fragment")
+    return url.rstrip("/")
+
+
+def parse_date(value: str, what: str) -> dt.date:
+    """Parse ``YYYY-MM-DD`` or ``YYYYMMDD`` into a date, with a one-line error."""
+    match = DATE_PATTERN.match(value.strip())
+    try:
+        if not match:
+            raise ValueError
+        return dt.date(int(match[1]), int(match[2]), int(match[3]))
+    except ValueError:
+        raise OncoflowError(f"invalid {what} {value!r}: use YYYY-MM-DD") from None
+
+
+def study_date_filter(
+    since: str, until: str | None, last_success: str | None, overlap_days: int = 1
+) -> str | None:
+    """Return the QIDO ``StudyDate`` range for a pull, or None for no date filter.
+
+    Parameters
+    ----------
+    since
+        ``"last"`` (studies dated from the last successful pull minus ``overlap_days``; no
+        filter on the first pull), ``"all"`` (no lower bound) or a date ``YYYY-MM-DD``.
+    until
+        Optional upper bound ``YYYY-MM-DD`` (inclusive).
+    last_success
+        ISO timestamp of the last successful pull from this source (the watermark).
+    overlap_days
+        Days re-searched before the watermark, for late arrivals and time zones.
+    """
+    lower: dt.date | None = None
+    if since == "last":
+        if last_success:
+            lower = dt.datetime.fromisoformat(last_success).date() - dt.timedelta(overlap_days)
+    elif since != "all":
+        lower = parse_date(since, "--since date")
+    upper = parse_date(until, "--until date") if until else None
+    if lower and upper and lower > upper:
+        raise OncoflowError("the --since date is after the --until date")
+    if not lower and not upper:
+        return None
+    fmt = "%Y%m%d"
+    return f"{lower.strftime(fmt) if lower else ''}-{upper.strftime(fmt) if upper else ''}"
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class SourceState:
+    """Pull state of one DICOMweb source.
+
+    Parameters
+    ----------
+    last_success
+        ISO timestamp (with zone) of the start of the last pull whose search succeeded.
+    failed
+        Studies that failed, keyed by study key: ``{"study_uid", "attempts", "error"}``
+        (private zone: the UID is kept so the study can be searched again by UID).
+    """
+
+    last_success: str | None = None
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class PullState:
+    """What has been pulled into a site's raw zone (``raw/_state/dicomweb.json``).
+
+    Parameters
+    ----------
+    series
+        Committed series, keyed by series key: ``{"study": <study key>, "instances": n}``.
+    sources
+        Per-source watermark and failed studies, keyed by the source's base URL.
+    """
+
+    series: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sources: dict[str, SourceState] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, store: SiteStore) -> PullState:
+        """Read the state from the store (an empty state when there is none)."""
+        if not store.exists(STATE_KEY):
+            return cls()
+        try:
+            raw = json.loads(store.read_bytes(STATE_KEY))
+            return cls(
+                series=dict(raw.get("series", {})),
+                sources={k: SourceState(**v) for k, v in raw.get("sources", {}).items()},
+            )
+        except (ValueError, TypeError) as exc:
+            raise OncoflowError(
+                f"unreadable DICOMweb pull state {STATE_KEY} ({type(exc).__name__}): "
+                "move it away to start from scratch"
+            ) from None
+
+    def save(self, store: SiteStore) -> bool:
+        """Write the state atomically (sorted keys: same state, same bytes)."""
+        body = {
+            "version": STATE_VERSION,
+            "series": self.series,
+            "sources": {k: asdict(v) for k, v in self.sources.items()},
+        }
+        return store.write_bytes(STATE_KEY, json.dumps(body, indent=1, sort_keys=True).encode())
+
+    def source(self, base_url: str) -> SourceState:
+        """Return (creating it) the state of one source."""
+        return self.sources.setdefault(base_url, SourceState())
+
+
+# --------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class SeriesJob:
+    """One series to pull. UIDs are hidden from ``repr`` and never logged or returned.
+
+    Parameters
+    ----------
+    study_key, series_key
+        Opaque keys (hashes of the UIDs), used in names, logs and records.
+    study_uid, series_uid
+        The UIDs, needed for the WADO-RS request only.
+    expected
+        NumberOfSeriesRelatedInstances from QIDO-RS, when the server gave it.
+    """
+
+    study_key: str
+    series_key: str
+    study_uid: str = field(repr=False)
+    series_uid: str = field(repr=False)
+    expected: int | None = None
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """One study found by the search and what has to be pulled for it."""
+
+    study_key: str
+    study_uid: str = field(repr=False)
+    n_series: int = 0
+    jobs: tuple[SeriesJob, ...] = ()
+
+    @property
+    def up_to_date(self) -> bool:
+        """True when every series of the study is already in the raw zone."""
+        return not self.jobs
+
+
+def make_client(base_url: str, credentials: DicomwebCredentials, timeout: float = 60.0) -> Any:
+    """Return a ``dicomweb_client.DICOMwebClient`` for ``base_url`` with ``credentials``."""
+    from dicomweb_client import DICOMwebClient
+
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+    return DICOMwebClient(
+        url=base_url, session=credentials.session(), timeout=(min(10.0, timeout), timeout)
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    """Describe a request error in one line without its URL (URLs carry UIDs)."""
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection failed"
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, PullError):
+        return str(exc)
+    return type(exc).__name__
+
+
+def with_backoff(call: Callable[[], T], attempts: int, delay: float) -> T:
+    """Call ``call()``, retrying request errors with exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status is not None and status < 500 and status not in (408, 429):
+                raise
+            if attempt == attempts - 1:
+                raise
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _value(item: dict[str, Any], tag: str) -> Any:
+    values = item.get(tag, {}).get("Value") or [None]
+    return values[0]
+
+
+def find_study_uids(
+    client: Any, modalities: Iterable[str], study_dates: str | None, attempts: int, delay: float
+) -> list[str]:
+    """Search studies (QIDO-RS), one query per modality, and return their UIDs sorted.
+
+    Malformed UIDs in the answer are dropped.
+    """
+    base: dict[str, Any] = {"StudyDate": study_dates} if study_dates else {}
+    queries = [{**base, "ModalitiesInStudy": m} for m in modalities] or [base]
+    uids: set[str] = set()
+    for filters in queries:
+        found = with_backoff(
+            lambda f=filters: client.search_for_studies(
+                search_filters=f, fields=["StudyInstanceUID"], get_remaining=True
+            ),
+            attempts,
+            delay,
+        )
+        for item in found:
+            uid = _value(item, TAG_STUDY_UID)
+            if isinstance(uid, str) and UID_PATTERN.match(uid):
+                uids.add(uid)
+    return sorted(uids)
+
+
+def find_series(
+    client: Any, study_uid: str, attempts: int, delay: float
+) -> list[tuple[str, int | None]]:
+    """List a study's series (QIDO-RS) as ``(series_uid, number_of_instances_or_None)``."""
+    try:
+        found = with_backoff(
+            lambda: client.search_for_series(
+                study_instance_uid=study_uid,
+                fields=["SeriesInstanceUID", "NumberOfSeriesRelatedInstances"],
+                get_remaining=True,
+            ),
+            attempts,
+            delay,
+        )
+    except requests.HTTPError as exc:
+        if exc.response is not None and exc.response.status_code == 404:
+            return []  # the study is gone from the server
+        raise
+    out: dict[str, int | None] = {}
+    for item in found:
+        uid = _value(item, TAG_SERIES_UID)
+        if not (isinstance(uid, str) and UID_PATTERN.match(uid)):
+            continue
+        count = _value(item, TAG_SERIES_INSTANCES)
+        try:
+            out[uid] = int(count) if count is not None else None
+        except (TypeError, ValueError):
+            out[uid] = None
+    return sorted(out.items())
+
+
+def plan_pull(
+    client: Any,
+    state: PullState,
+    base_url: str,
+    modalities: list[str],
+    study_dates: str | None,
+    attempts: int = 3,
+    delay: float = 1.0,
+    threads: int = 8,
+) -> list[StudyPlan]:
+    """Search the source and decide, per series, what to pull.
+
+    A series is pulled when it is not in the state or when the server now lists a different
+    number of instances for it. Studies that failed on an earlier run are searched again by
+    UID even when the date filter excludes them.
+
+    Raises
+    ------
+    OncoflowError
+        When the server cannot be searched (one line, no identifiers).
+    """
+    failed_before = {v["study_uid"] for v in state.source(base_url).failed.values()}
+    try:
+        uids = set(find_study_uids(client, modalities, study_dates, attempts, delay))
+        uids |= failed_before
+        ordered = sorted(uids)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            all_series = list(pool.map(lambda u: find_series(client, u, attempts, delay), ordered))
+    except (requests.RequestException, ValueError) as exc:
+        host = urlsplit(base_url).netloc
+        raise OncoflowError(
+            f"DICOMweb search failed at {host} ({describe_error(exc)}); nothing was pulled"
+        ) from None
+    plans: list[StudyPlan] = []
+    for study_uid, series in zip(ordered, all_series, strict=True):
+        study_key = opaque_key(study_uid)
+        jobs = []
+        for series_uid, count in series:
+            series_key = opaque_key(series_uid)
+            have = state.series.get(series_key)
+            if have and (count is None or count == have.get("instances")):
+                continue
+            jobs.append(SeriesJob(study_key, series_key, study_uid, series_uid, count))
+        plans.append(StudyPlan(study_key, study_uid, len(series), tuple(jobs)))
+    return plans
+
+
+# --------------------------------------------------------------------------- retrieve
+
+
+@dataclass(frozen=True)
+class SeriesPull:
+    """Outcome of pulling one series (opaque keys and counts only).
+
+    Parameters
+    ----------
+    series_key, study_key
+        Opaque keys.
+    staging
+        Store-relative prefix holding the complete series, to be committed.
+    instances, nbytes
+        Instances and bytes written.
+    """
+
+    series_key: str
+    study_key: str
+    staging: str
+    instances: int
+    nbytes: int
+
+
+def series_prefix(study_key: str, series_key: str) -> str:
+    """Store-relative prefix of a committed series."""
+    return f"{RAW_DICOMWEB}/{study_key}/{series_key}"
+
+
+def encode_dataset(ds: pydicom.Dataset) -> bytes:
+    """Encode a retrieved dataset as a DICOM Part 10 file."""
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def retrieve_series(
+    job: SeriesJob,
+    base_url: str,
+    store_url: str,
+    site: str,
+    secret_block: str | None = None,
+    timeout: float = 60.0,
+) -> SeriesPull:
+    """Pull one series over WADO-RS into a fresh staging prefix of the raw zone.
+
+    The instance list comes from QIDO-RS; the series is complete only when every listed
+    instance arrived. On any error the staging prefix is removed and a :class:`PullError`
+    without identifiers is raised (the task retries it).
+
+    Returns
+    -------
+    SeriesPull
+        Where the complete series was staged, and its counts.
+    """
+    store = SiteStore(store_url, site)
+    client = make_client(base_url, load_credentials(secret_block), timeout)
+    staging = f"{RAW_STAGING_DICOMWEB}/{job.series_key}-{uuid.uuid4().hex[:12]}"
+    fs = store.fs
+    received: set[str] = set()
+    nbytes = 0
+    try:
+        listed = client.search_for_instances(
+            study_instance_uid=job.study_uid,
+            series_instance_uid=job.series_uid,
+            fields=["SOPInstanceUID"],
+            get_remaining=True,
+        )
+        expected = {_value(i, TAG_SOP_UID) for i in listed} - {None}
+        fs.makedirs(store.path(staging), exist_ok=True)
+        for ds in client.iter_series(
+            job.study_uid, job.series_uid, media_types=ANY_TRANSFER_SYNTAX
+        ):
+            if str(ds.get("SeriesInstanceUID", "")) != job.series_uid:
+                raise PullError("the server returned an instance of another series")
+            sop_uid = str(ds.get("SOPInstanceUID", ""))
+            if not UID_PATTERN.match(sop_uid):
+                raise PullError("the server returned an instance without a valid SOPInstanceUID")
+            data = encode_dataset(ds)
+            fs.pipe_file(store.path(f"{staging}/{opaque_key(sop_uid)}.dcm"), data)
+            received.add(sop_uid)
+            nbytes += len(data)
+        missing = expected - received
+        if missing or not received:
+            raise PullError(
+                f"incomplete series: {len(missing)} of {len(expected)} listed instances missing"
+            )
+    except BaseException as exc:
+        if fs.exists(store.path(staging)):
+            fs.rm(store.path(staging), recursive=True)
+        if isinstance(exc, PullError):
+            raise
+        if isinstance(exc, Exception):
+            raise PullError(f"{type(exc).__name__}: {describe_error(exc)}") from None
+        raise
+    return SeriesPull(job.series_key, job.study_key, staging, len(received), nbytes)
+
+
+@task(
+    name="pull-series",
+    task_run_name="pull-series-{job.series_key}",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[2, 4, 8],
+    retry_jitter_factor=0.2,
+)
+def pull_series_task(
+    job: SeriesJob,
+    base_url: str,
+    store_url: str,
+    site: str,
+    secret_block: str | None = None,
+    timeout: float = 60.0,
+) -> SeriesPull:
+    """Prefect task: pull one series (see :func:`retrieve_series`); retried with backoff."""
+    return retrieve_series(job, base_url, store_url, site, secret_block, timeout)
+
+
+# --------------------------------------------------------------------------- commit
+
+
+def discard(store: SiteStore, prefix: str) -> None:
+    """Remove a store-relative prefix if it exists."""
+    path = store.path(prefix)
+    if store.fs.exists(path):
+        store.fs.rm(path, recursive=True)
+
+
+def clean_staging(store: SiteStore) -> int:
+    """Remove staging left by an interrupted run; return how many prefixes were removed."""
+    root = store.path(RAW_STAGING_DICOMWEB)
+    if not store.fs.exists(root):
+        return 0
+    entries = store.fs.ls(root, detail=False)
+    for entry in entries:
+        store.fs.rm(entry, recursive=True)
+    store.fs.invalidate_cache(root)
+    return len(entries)
+
+
+def commit_series(store: SiteStore, pulled: SeriesPull) -> str:
+    """Move a complete staged series onto its final prefix (replacing an older copy).
+
+    On a local store this is one directory rename; on object stores a copy then delete of
+    each object, run before the ingest so the ingest never sees a partly moved series.
+
+    Returns
+    -------
+    str
+        The store-relative prefix of the committed series.
+    """
+    final = series_prefix(pulled.study_key, pulled.series_key)
+    fs = store.fs
+    discard(store, final)
+    parent = store.path(final).rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    fs.mv(store.path(pulled.staging), store.path(final), recursive=True)
+    fs.invalidate_cache(parent)
+    return final
+
+
+def now_iso() -> str:
+    """Return the current time as an ISO timestamp with the local zone."""
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
