@@ -1,0 +1,1 @@
+"""Cohorts: YAML specs, selection, Croissant manifests, atomic publication and verify."""

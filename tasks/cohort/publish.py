@@ -1,0 +1,453 @@
+"""Publish a cohort as an immutable, verified version: ``<TO>/<cohort>/v<N>/``.
+
+Protocol (each step retried on transient storage errors, never on others):
+
+1. *Plan*: select the series, build the tables, and compute the **content hash** (the cohort
+   description and every payload file's SHA-256). If the latest committed version has the
+   same content hash, stop: republishing the same content makes no new version.
+2. *Clean*: delete leftovers of killed runs, i.e. version directories without a commit
+   marker and staging prefixes of other content. The staging prefix of *this* content is kept,
+   so its objects are reused (after re-hashing) instead of uploaded again.
+3. *Stage*: upload every payload object under ``<TO>/<cohort>/.staging/<content-hash>/``,
+   then the manifest and ``SHA256SUMS``; list and re-hash everything staged.
+4. *Gate*: run the de-identification leak gate over the staged objects; any hit deletes the
+   staging prefix and nothing is committed.
+5. *Commit*: copy the staged objects to ``v<N>/`` (server-side on S3), check the copies, then
+   create ``v<N>/COMMITTED`` exclusively (conditional PUT): the marker is the last write and
+   the only thing that makes a version visible. Finally delete the staging prefix.
+
+A run killed at any point leaves no visible version; the next run resumes from the staged
+objects or removes them. A version is never overwritten: the marker is created only if absent
+and committed versions are never touched again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from tasks.cohort.manifest import (
+    build_manifest,
+    content_hash,
+    describe,
+    manifest_bytes,
+    sha256sums,
+)
+from tasks.cohort.select import CohortSelection, PlannedFile, select_cohort
+from tasks.cohort.spec import CohortSpec
+from tasks.cohort.storage import (
+    Retrier,
+    RetryPolicy,
+    copy_object,
+    create_exclusive,
+    list_objects,
+    put_bytes,
+    remove_prefix,
+)
+from tasks.cohort.verify import (
+    MANIFEST,
+    MARKER,
+    STAGING,
+    SUMS,
+    check_objects,
+    read_marker,
+    sha256_of,
+    version_dirs,
+)
+from tasks.errors import OncoflowError
+from tasks.store import SiteStore, open_url, sha256_bytes, table_to_parquet_bytes, unstrip
+
+log = logging.getLogger(__name__)
+
+#: Called on the staged version; returns one line per residual identifier found (no values).
+LeakGate = Callable[[SiteStore, fsspec.AbstractFileSystem, str, list[str]], list[str]]
+
+
+@dataclass
+class PublishPlan:
+    """Everything needed to stage and commit one cohort version (no identifiers)."""
+
+    site: str
+    cohort: str
+    to: str
+    digest: str
+    description: dict[str, Any]
+    files: dict[str, list[PlannedFile]]
+    tables: dict[str, bytes]
+    schemas: dict[str, pa.Schema]
+    staged: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def staging_key(self) -> str:
+        """Cohort-relative staging prefix of this content."""
+        return f"{STAGING}/{self.digest[:32]}"
+
+    def payload_sums(self) -> dict[str, str]:
+        """``{name: sha256}`` of every payload object (tables and files)."""
+        sums = {f.name: f.sha256 for files in self.files.values() for f in files}
+        sums.update({name: sha256_bytes(data) for name, data in self.tables.items()})
+        return sums
+
+
+@dataclass
+class PublishResult:
+    """What a publish run did (safe to log and post: counts, keys and hashes only)."""
+
+    site: str
+    cohort: str
+    version: str
+    url: str
+    content_hash: str
+    created: bool
+    files: int = 0
+    uploaded: int = 0
+    reused: int = 0
+    retries: int = 0
+    leak_gate: str = "not-run"
+    cleaned: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-serialisable summary."""
+        return {
+            "stage": "publish",
+            "site": self.site,
+            "cohort": self.cohort,
+            "version": self.version,
+            "url": self.url,
+            "content_hash": self.content_hash,
+            "created": self.created,
+            "files": self.files,
+            "uploaded": self.uploaded,
+            "reused": self.reused,
+            "retries": self.retries,
+            "leak_gate": self.leak_gate,
+            "cleaned": self.cleaned,
+        }
+
+
+@dataclass
+class CohortState:
+    """Committed versions, uncommitted version directories and staging prefixes of a cohort."""
+
+    committed: list[tuple[int, str, dict[str, Any]]]
+    pending: list[str]
+    staging: list[str]
+
+    @property
+    def latest(self) -> tuple[int, str, dict[str, Any]] | None:
+        """The highest committed version, if any."""
+        return self.committed[-1] if self.committed else None
+
+
+def cohort_path(to: str, cohort: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and path of ``<TO>/<cohort>``."""
+    fs, root = open_url(to)
+    return fs, f"{root}/{cohort}"
+
+
+def plan_publication(store: SiteStore, spec: CohortSpec, to: str) -> PublishPlan:
+    """Select the cohort and compute its tables and content hash (reads the site store only).
+
+    Parameters
+    ----------
+    store
+        The site store.
+    spec
+        The cohort spec.
+    to
+        Publication root URL.
+
+    Returns
+    -------
+    PublishPlan
+        The plan; ``digest`` identifies the content.
+    """
+    selection: CohortSelection = select_cohort(store, spec)
+    tables = {"series.parquet": table_to_parquet_bytes(selection.series)}
+    schemas = {"series.parquet": selection.series.schema}
+    if selection.features is not None:
+        tables["features.parquet"] = table_to_parquet_bytes(
+            selection.features, selection.features_metadata
+        )
+        schemas["features.parquet"] = selection.features.schema
+    description = describe(spec, store.site, selection.series, selection.features)
+    plan = PublishPlan(
+        site=store.site,
+        cohort=spec.name,
+        to=to,
+        digest="",
+        description=description,
+        files=selection.files_by_series,
+        tables=tables,
+        schemas=schemas,
+    )
+    plan.digest = content_hash(description, plan.payload_sums())
+    return plan
+
+
+def cohort_state(fs: fsspec.AbstractFileSystem, path: str, retry: Retrier) -> CohortState:
+    """Scan a cohort prefix for committed versions, uncommitted directories and staging."""
+    committed, pending = [], []
+    for number, vpath in retry("listing versions", version_dirs, fs, path):
+        marker = read_marker(fs, vpath, retry)
+        if marker is None:
+            pending.append(vpath)
+        else:
+            committed.append((number, vpath, marker))
+    fs.invalidate_cache(f"{path}/{STAGING}")
+    try:
+        staging = [
+            p.rstrip("/")
+            for p in retry("listing staging", fs.ls, f"{path}/{STAGING}", detail=False)
+        ]
+    except FileNotFoundError:
+        staging = []
+    return CohortState(committed=committed, pending=pending, staging=staging)
+
+
+def prepare_target(plan: PublishPlan, retry: Retrier) -> tuple[PublishResult | None, list[str]]:
+    """Stop early when the content is already published; otherwise clean leftovers.
+
+    Returns
+    -------
+    tuple
+        A result when the latest committed version has the same content (nothing to do),
+        else None; and the cohort-relative names of the leftovers removed.
+    """
+    fs, path = cohort_path(plan.to, plan.cohort)
+    state = cohort_state(fs, path, retry)
+    ours = f"{path}/{plan.staging_key}"
+    cleaned = []
+    for leftover in state.pending + [s for s in state.staging if s != ours]:
+        retry("removing a leftover of an earlier run", remove_prefix, fs, leftover)
+        cleaned.append(leftover[len(path) + 1 :])
+    latest = state.latest
+    if latest is not None and latest[2].get("content_hash") == plan.digest:
+        if ours in state.staging:
+            retry("removing staging", remove_prefix, fs, ours)
+            cleaned.append(plan.staging_key)
+        number, vpath, _ = latest
+        return (
+            PublishResult(
+                site=plan.site,
+                cohort=plan.cohort,
+                version=f"v{number}",
+                url=unstrip(fs, vpath),
+                content_hash=plan.digest,
+                created=False,
+                files=len(plan.payload_sums()),
+                retries=retry.retries,
+                leak_gate="not-run",
+                cleaned=cleaned,
+            ),
+            cleaned,
+        )
+    plan.staged = retry("listing staged objects", list_objects, fs, ours)
+    return None, cleaned
+
+
+def stage_files(
+    store: SiteStore,
+    plan: PublishPlan,
+    files: list[PlannedFile],
+    retry: Retrier,
+) -> tuple[int, int]:
+    """Upload the files of one series to the staging prefix (reuse verified staged copies).
+
+    Returns
+    -------
+    tuple
+        Number uploaded, number reused.
+    """
+    fs, path = cohort_path(plan.to, plan.cohort)
+    staging = f"{path}/{plan.staging_key}"
+    uploaded = reused = 0
+    for planned in files:
+        dest = f"{staging}/{planned.name}"
+        if planned.name in plan.staged and sha256_of(fs, dest, retry) == planned.sha256:
+            reused += 1
+            continue
+        try:
+            data = store.read_bytes(planned.source)
+        except FileNotFoundError:
+            raise OncoflowError(f"{planned.name}: its source file is missing") from None
+        if sha256_bytes(data) != planned.sha256:
+            raise OncoflowError(f"{planned.name}: source changed since it was planned")
+        retry(f"uploading {planned.name}", put_bytes, fs, dest, data)
+        uploaded += 1
+    return uploaded, reused
+
+
+def default_leak_gate(
+    store: SiteStore, fs: fsspec.AbstractFileSystem, staging: str, names: list[str]
+) -> list[str] | None:
+    """Run the de-identification leak gate when it is installed.
+
+    Returns None when ``tasks.deid.scan_phi`` is not available yet (the publish result then
+    says ``leak_gate: unavailable``). NOTE: wire the scanner's entry point here once it lands.
+    """
+    try:
+        scanner = importlib.import_module("tasks.deid.scan_phi")
+    except ImportError:
+        return None
+    scan = getattr(scanner, "scan_published", None) or getattr(scanner, "scan_prefix", None)
+    if scan is None:
+        return None
+    return list(scan(store, fs, staging, names))
+
+
+def finalize(
+    store: SiteStore,
+    plan: PublishPlan,
+    retry: Retrier,
+    *,
+    date_published: str | None = None,
+    leak_gate: Callable[..., list[str] | None] = default_leak_gate,
+) -> PublishResult:
+    """Stage the tables, manifest and checksums, verify, gate and commit a new version.
+
+    Call after every series' files were staged with :func:`stage_files`.
+    """
+    fs, path = cohort_path(plan.to, plan.cohort)
+    staging = f"{path}/{plan.staging_key}"
+    for name, data in sorted(plan.tables.items()):
+        retry(f"uploading {name}", put_bytes, fs, f"{staging}/{name}", data)
+    payload = plan.payload_sums()
+    problems, _ = check_objects(fs, staging, payload, retry, allowed_extra=(MANIFEST, SUMS))
+    if problems:
+        raise OncoflowError(f"staged version failed verification: {problems[0]}")
+    sizes = retry("listing staged objects", list_objects, fs, staging)
+
+    state = cohort_state(fs, path, retry)
+    number = (state.latest[0] if state.latest else 0) + 1
+    vpath = f"{path}/v{number}"
+    manifest = build_manifest(
+        plan.description,
+        version=number,
+        date_published=date_published or dt.date.today().isoformat(),
+        files={name: (sha, sizes[name]) for name, sha in payload.items()},
+        schemas=plan.schemas,
+        digest=plan.digest,
+        url=unstrip(fs, vpath),
+    )
+    manifest_data = manifest_bytes(manifest)
+    all_sums = {**payload, MANIFEST: sha256_bytes(manifest_data)}
+    sums_data = sha256sums(all_sums)
+    retry("uploading the manifest", put_bytes, fs, f"{staging}/{MANIFEST}", manifest_data)
+    retry("uploading SHA256SUMS", put_bytes, fs, f"{staging}/{SUMS}", sums_data)
+    for name, data in ((MANIFEST, manifest_data), (SUMS, sums_data)):
+        if sha256_of(fs, f"{staging}/{name}", retry) != sha256_bytes(data):
+            raise OncoflowError(f"staged {name} failed verification")
+
+    hits = leak_gate(store, fs, staging, sorted(all_sums))
+    if hits:
+        retry("removing staging", remove_prefix, fs, staging)
+        raise OncoflowError(
+            f"leak gate found {len(hits)} residual identifier(s) in cohort {plan.cohort}; "
+            f"nothing was published (first: {hits[0]})"
+        )
+    gate = "unavailable" if hits is None else "passed"
+
+    if read_marker(fs, vpath, retry) is not None:
+        raise OncoflowError(f"{plan.cohort}/v{number} appeared during publishing: run again")
+    names = sorted([*all_sums, SUMS])
+    for name in names:
+        retry(f"committing {name}", copy_object, fs, f"{staging}/{name}", f"{vpath}/{name}")
+    copied = retry("listing the new version", list_objects, fs, vpath)
+    staged_sizes = retry("listing staged objects", list_objects, fs, staging)
+    for name in names:
+        if copied.get(name) != staged_sizes.get(name):
+            raise OncoflowError(f"v{number}/{name}: copy differs from the staged object")
+    marker = {
+        "cohort": plan.cohort,
+        "site": plan.site,
+        "version": number,
+        "content_hash": plan.digest,
+        "manifest_sha256": all_sums[MANIFEST],
+        "sha256sums": hashlib.sha256(sums_data).hexdigest(),
+        "files": len(all_sums),
+    }
+    marker_data = json.dumps(marker, sort_keys=True).encode()
+    _commit_marker(fs, vpath, marker_data, retry)
+    try:
+        retry("removing staging", remove_prefix, fs, staging)
+    except OncoflowError:
+        log.warning("staging of %s left behind; the next publish removes it", plan.cohort)
+    return PublishResult(
+        site=plan.site,
+        cohort=plan.cohort,
+        version=f"v{number}",
+        url=unstrip(fs, vpath),
+        content_hash=plan.digest,
+        created=True,
+        files=len(all_sums),
+        retries=retry.retries,
+        leak_gate=gate,
+    )
+
+
+def _commit_marker(fs: fsspec.AbstractFileSystem, vpath: str, data: bytes, retry: Retrier) -> None:
+    """Create the marker exclusively; a marker of ours from a lost response counts as done."""
+    try:
+        retry("writing the commit marker", create_exclusive, fs, f"{vpath}/{MARKER}", data)
+    except FileExistsError:
+        existing = retry("reading the commit marker", fs.cat_file, f"{vpath}/{MARKER}")
+        if existing != data:
+            raise OncoflowError(
+                f"{vpath.rsplit('/', 1)[-1]} was committed by another run: run publish again"
+            ) from None
+
+
+def publish_cohort(
+    store: SiteStore,
+    spec: CohortSpec,
+    to: str,
+    *,
+    policy: RetryPolicy | None = None,
+    date_published: str | None = None,
+    leak_gate: Callable[..., list[str] | None] = default_leak_gate,
+) -> PublishResult:
+    """Publish a cohort version in this process (plan, clean, stage, gate, commit).
+
+    Parameters
+    ----------
+    store
+        The site store.
+    spec
+        The cohort spec.
+    to
+        Publication root URL (``s3://bucket/prefix``, a folder, ...).
+    policy
+        Retry policy for transient storage errors.
+    date_published
+        ISO date written in the manifest (default: today).
+    leak_gate
+        Scanner of the staged objects (default: the de-identification leak gate).
+
+    Returns
+    -------
+    PublishResult
+        The version and what was done; ``created`` is False when nothing changed.
+    """
+    retry = Retrier(policy or RetryPolicy())
+    plan = plan_publication(store, spec, to)
+    done, cleaned = prepare_target(plan, retry)
+    if done is not None:
+        return done
+    uploaded = reused = 0
+    for series in sorted(plan.files):
+        up, re_ = stage_files(store, plan, plan.files[series], retry)
+        uploaded += up
+        reused += re_
+    result = finalize(store, plan, retry, date_published=date_published, leak_gate=leak_gate)
+    result.uploaded, result.reused, result.cleaned = uploaded, reused, cleaned
+    return result

@@ -1,0 +1,206 @@
+"""Cohort specifications: the YAML file that says which series a site publishes, and how.
+
+Example (``deployments/cohorts/lung-ct.yaml``)::
+
+    name: lung-ct
+    title: Lung CT with tumour segmentation
+    description: Chest CT series with a GTV mask and radiomics features.
+    licence: CC-BY-4.0
+    keywords: [lung, CT, radiomics]
+    selection:
+      modality: [CT]
+      body_part: [CHEST]
+      date_from: "2010-01-01"
+      date_to: "2030-12-31"
+      roi: [gtv]
+      site: [site-a]
+    features: default          # a params hash or a preset name; omit for no features
+    include:
+      images: true
+      masks: true
+      dicom: false              # de-identified DICOM and the DICOM SEG that reference it
+
+Dates are compared with the *shifted* acquisition dates of the de-identified catalogue.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import OncoflowError
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+PARAMS_HASH = re.compile(r"^[0-9a-f]{64}$")
+PRESET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+#: Short licence identifiers mapped to their SPDX URL (others must be given as a URL).
+LICENCES = {
+    "CC-BY-4.0": "https://spdx.org/licenses/CC-BY-4.0.html",
+    "CC-BY-SA-4.0": "https://spdx.org/licenses/CC-BY-SA-4.0.html",
+    "CC-BY-NC-4.0": "https://spdx.org/licenses/CC-BY-NC-4.0.html",
+    "CC-BY-NC-SA-4.0": "https://spdx.org/licenses/CC-BY-NC-SA-4.0.html",
+    "CC-BY-NC-ND-4.0": "https://spdx.org/licenses/CC-BY-NC-ND-4.0.html",
+    "CC0-1.0": "https://spdx.org/licenses/CC0-1.0.html",
+    "ODbL-1.0": "https://spdx.org/licenses/ODbL-1.0.html",
+}
+
+
+def _as_list(value: Any) -> Any:
+    """Accept a single string where a list is expected."""
+    return [value] if isinstance(value, str) else value
+
+
+class Selection(BaseModel):
+    """Which de-identified, harmonised series enter the cohort (every filter is optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: list[str] = Field(default_factory=list, description="DICOM modalities, e.g. CT.")
+    body_part: list[str] = Field(
+        default_factory=list, description="Body parts (BodyPartExamined), e.g. CHEST."
+    )
+    date_from: dt.date | None = Field(None, description="First shifted acquisition date.")
+    date_to: dt.date | None = Field(None, description="Last shifted acquisition date.")
+    roi: list[str] = Field(
+        default_factory=list,
+        description="Keep series with at least one of these ROIs; only these masks are shipped.",
+    )
+    site: list[str] = Field(default_factory=list, description="Sites allowed to publish this.")
+
+    @field_validator("modality", "body_part", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        value = _as_list(value) or []
+        return [str(x).upper() for x in value] if isinstance(value, list) else value
+
+    @field_validator("roi", "site", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        value = _as_list(value) or []
+        return [str(x).lower() for x in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _dates_in_order(self) -> Selection:
+        if self.date_from and self.date_to and self.date_from > self.date_to:
+            raise ValueError("date_from is after date_to")
+        return self
+
+
+class Include(BaseModel):
+    """What files the published version carries besides the tables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: bool = Field(True, description="Harmonised images (NIfTI).")
+    masks: bool = Field(True, description="ROI masks (NIfTI).")
+    dicom: bool = Field(False, description="De-identified DICOM and referencing DICOM SEG.")
+
+
+class CohortSpec(BaseModel):
+    """A validated cohort specification (see the module docstring for the YAML form)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Slug used in object names: lowercase letters, digits, dashes.")
+    title: str = Field(min_length=1, max_length=200, description="Human title (dct:title).")
+    description: str = Field(min_length=1, description="What the cohort is (dct:description).")
+    licence: str = Field(description="SPDX identifier (e.g. CC-BY-4.0) or licence URL.")
+    keywords: list[str] = Field(default_factory=list, description="dcat:keyword values.")
+    selection: Selection = Field(default_factory=Selection)
+    features: str | None = Field(
+        None, description="Feature table: a params hash or a preset name (None: no features)."
+    )
+    include: Include = Field(default_factory=Include)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not SLUG.match(value):
+            raise ValueError("must be 1-63 lowercase letters, digits and dashes")
+        return value
+
+    @field_validator("licence")
+    @classmethod
+    def _licence(cls, value: str) -> str:
+        if value in LICENCES or value.startswith(("https://", "http://")):
+            return value
+        known = ", ".join(sorted(LICENCES))
+        raise ValueError(f"unknown licence {value!r}: use one of {known} or a URL")
+
+    @field_validator("keywords", mode="before")
+    @classmethod
+    def _keywords(cls, value: Any) -> Any:
+        return _as_list(value) or []
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, value: str | None) -> str | None:
+        if value is not None and not (PARAMS_HASH.match(value) or PRESET.match(value)):
+            raise ValueError("must be a params hash (hex) or a preset name")
+        return value
+
+    @property
+    def licence_url(self) -> str:
+        """The licence as a URL (SPDX page for short identifiers)."""
+        return LICENCES.get(self.licence, self.licence)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "spec"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    return f"{where}: {msg}"
+
+
+def parse_spec(data: Any, origin: str = "cohort spec") -> CohortSpec:
+    """Validate a cohort spec given as a mapping.
+
+    Parameters
+    ----------
+    data
+        The parsed YAML document.
+    origin
+        Where it came from, for the error message.
+
+    Returns
+    -------
+    CohortSpec
+        The validated spec.
+
+    Raises
+    ------
+    OncoflowError
+        One line naming the first invalid field.
+    """
+    if not isinstance(data, dict):
+        raise OncoflowError(f"{origin}: expected a mapping at the top level")
+    try:
+        return CohortSpec.model_validate(data)
+    except ValidationError as exc:
+        raise OncoflowError(f"{origin}: {_first_error(exc)}") from None
+
+
+def load_spec(path: str | Path) -> CohortSpec:
+    """Read and validate a cohort spec YAML file (one-line error when unreadable or invalid)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise OncoflowError(f"cannot read cohort spec {path.name}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise OncoflowError(f"{path.name}{where}: not valid YAML") from None
+    return parse_spec(data, origin=path.name)

@@ -1,0 +1,1 @@
+"""Hub federation: suppressed count catalogue and federated ComBat."""
