@@ -1,0 +1,14 @@
+"""De-identification and pseudonymisation to DICOM PS3.15 (Annex E), with audit and a leak gate.
+
+Modules:
+
+* :mod:`tasks.deid.profile` — the PS3.15 Table E.1-1 action table (as data) and the options.
+* :mod:`tasks.deid.secret` — the site secret (environment or Prefect Secret block).
+* :mod:`tasks.deid.pseudonyms` — keyed pseudonyms, UID remapping and per-patient date shifts.
+* :mod:`tasks.deid.descriptors` — cleaning of free-text descriptors against a vocabulary.
+* :mod:`tasks.deid.pixels` — burned-in annotation risk and configured pixel cleaning.
+* :mod:`tasks.deid.dataset` — de-identify one pydicom Dataset (every nested level).
+* :mod:`tasks.deid.series` — de-identify one series from the private catalogue (the task body).
+* :mod:`tasks.deid.audit` — audit counts (attribute, action, count; never values).
+* :mod:`tasks.deid.scan_phi` — the leak gate over DICOM and table files.
+"""

@@ -1,0 +1,363 @@
+"""De-identify one series of the private catalogue into ``deid/`` (the body of one Dask task).
+
+The task reads the series' source files through the catalogue's ``paths`` and the source root,
+checks for burned-in text, de-identifies each instance, and writes
+``deid/dicom/<patient>/<study>/<series>/<n>.dcm`` (pseudonymous keys only, ``n`` in slice
+order). It returns a :class:`SeriesOutcome` holding pseudonymous keys, counts and the
+``deid/series.parquet`` row: never a private key, path or value. The site secret is read inside
+the task (environment or Prefect Secret block), never passed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from tasks.deid.dataset import DeidContext, deidentify_dataset, encode_dataset
+from tasks.deid.pixels import blank_rectangles, burned_in_risk, matching_rule
+from tasks.deid.profile import DeidOptions
+from tasks.deid.pseudonyms import SiteKeys
+from tasks.deid.secret import load_site_secret
+from tasks.records import Reason, Status, UnitResult
+from tasks.store import DEID_DICOM, SiteStore, open_url
+
+#: Series kinds whose instances reference other series (reported in ``referenced_series``).
+REFERENCE_KEYWORDS = ("ReferencedSeriesSequence", "RTReferencedSeriesSequence")
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+@dataclass(frozen=True)
+class SeriesJob:
+    """One series to de-identify (private zone: holds source paths and the original UIDs).
+
+    Passed to the task through Dask only; never a flow parameter, never logged.
+    """
+
+    series_key: str
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str
+    modality: str
+    kind: str
+    paths: tuple[str, ...]
+    extra_identifiers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SeriesOutcome:
+    """What a de-identification task returns (pseudonymous keys and counts only).
+
+    Parameters
+    ----------
+    unit
+        Status record keyed by the pseudonymous series UID.
+    row
+        The ``deid/series.parquet`` row.
+    audit
+        ``(attribute, action, count)`` triples.
+    written
+        Number of objects written (0 when everything was already up to date).
+    """
+
+    unit: UnitResult
+    row: dict[str, Any]
+    audit: tuple[tuple[str, str, int], ...] = ()
+    written: int = 0
+    outputs: tuple[str, ...] = field(default=())
+
+
+def pseudonymous_series_uid(keys: SiteKeys, series_key: str, series_instance_uid: str) -> str:
+    """Return the pseudonymous SeriesInstanceUID of a catalogue series.
+
+    A split-out part (``<uid>:localizer``) gets its own UID, from the whole series key, so it
+    never collides with the main part.
+    """
+    return keys.remap_uid(series_key if series_key != series_instance_uid else series_instance_uid)
+
+
+def instance_key(patient: str, study: str, series: str, index: int) -> str:
+    """Store key of the ``index``-th (1-based, slice order) instance of a de-identified series."""
+    return f"{DEID_DICOM}/{patient}/{study}/{series}/{index:05d}.dcm"
+
+
+def _age(birth: str, study: str) -> str:
+    """DICOM age string (``063Y``) from original DA values, or ``""``."""
+    try:
+        b = date(int(birth[:4]), int(birth[4:6]), int(birth[6:8]))
+        s = date(int(study[:4]), int(study[4:6]), int(study[6:8]))
+    except (ValueError, TypeError, IndexError):
+        return ""
+    years = s.year - b.year - ((s.month, s.day) < (b.month, b.day))
+    return f"{years:03d}Y" if 0 <= years < 1000 else ""
+
+
+def _referenced_series(ds: Dataset, own: str) -> set[str]:
+    found: set[str] = set()
+
+    def visit(dataset: Dataset) -> None:
+        for elem in dataset:
+            if elem.VR != "SQ":
+                continue
+            for item in elem.value or []:
+                if elem.keyword in REFERENCE_KEYWORDS and "SeriesInstanceUID" in item:
+                    uid = str(item.SeriesInstanceUID)
+                    if uid and uid != own:
+                        found.add(uid)
+                visit(item)
+
+    visit(ds)
+    return found
+
+
+def _first_text(ds: Dataset, *keywords: str) -> str:
+    for keyword in keywords:
+        value = ds.get(keyword)
+        if value not in (None, ""):
+            return str(value)
+    return ""
+
+
+@dataclass
+class InstanceOutcome:
+    """One instance after de-identification: the dataset, or why it cannot be published."""
+
+    dataset: Dataset | None
+    reason: Reason | None = None
+    detail: str = ""
+    age: str = ""
+    data: bytes = b""
+
+
+def deidentify_instance(data: bytes, ctx: DeidContext) -> InstanceOutcome:
+    """Read, check and de-identify one file's bytes (never raises for bad input).
+
+    Parameters
+    ----------
+    data
+        The file content.
+    ctx
+        Context of the patient (keys, options, audit counter).
+
+    Returns
+    -------
+    InstanceOutcome
+        The de-identified dataset (encode it with :func:`encode_dataset`), or ``None`` and a
+        reason: ``unreadable-header``, ``missing-uids``, ``dicomdir``, ``burned-in-annotation``
+        (no cleaning rule covers it) or ``deid-error``. Details never hold header values.
+    """
+    stage = "read"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = dcmread(io.BytesIO(data), force=True)
+                _ = ds.get("SOPInstanceUID")
+            except Exception as exc:
+                return InstanceOutcome(None, Reason.UNREADABLE_HEADER, type(exc).__name__)
+            if (
+                str(ds.get("SOPClassUID", "")) == DICOMDIR_SOP_CLASS
+                or "DirectoryRecordSequence" in ds
+            ):
+                return InstanceOutcome(None, Reason.DICOMDIR, "DICOMDIR")
+            if not ds.get("SOPInstanceUID") or not ds.get("SOPClassUID"):
+                return InstanceOutcome(None, Reason.MISSING_UIDS, "no SOP instance or class UID")
+            stage = "pixels"
+            risk = burned_in_risk(ds)
+            if risk:
+                rule = matching_rule(ds, ctx.options.pixel_rules)
+                if rule is None:
+                    return InstanceOutcome(
+                        None, Reason.BURNED_IN_ANNOTATION, f"may carry burned-in text ({risk})"
+                    )
+                blank_rectangles(ds, rule)
+                ctx.pixels_cleaned = True
+                ctx.audit[("PixelData", f"clean:{rule.name}")] += 1
+            age = ""
+            if "PatientAge" in ctx.options.patient_characteristics:
+                age = str(ds.get("PatientAge", "") or "") or _age(
+                    str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
+                )
+            stage = "deidentify"
+            deidentify_dataset(ds, ctx)
+            stage = "encode"
+            encoded = encode_dataset(ds)
+    except Exception as exc:
+        return InstanceOutcome(None, Reason.DEID_ERROR, f"{stage} failed: {type(exc).__name__}")
+    return InstanceOutcome(ds, age=age, data=encoded)
+
+
+def _describe(
+    row: dict[str, Any], ds: Dataset, job: SeriesJob, options: DeidOptions, age: str
+) -> None:
+    """Fill the EUCAIM minimum-set columns of a series row from its first instance."""
+    row["frame_of_reference"] = str(ds.get("FrameOfReferenceUID", "") or "")
+    if not row["frame_of_reference"] and job.kind == "rtstruct":
+        row["frame_of_reference"] = _rtstruct_frame(ds)
+    row["body_part"] = str(ds.get("BodyPartExamined", "") or "")
+    row["manufacturer"] = str(ds.get("Manufacturer", "") or "")
+    if "PatientSex" in options.patient_characteristics:
+        row["sex"] = str(ds.get("PatientSex", "") or "")
+    row["acquisition_date"] = _first_text(
+        ds, "AcquisitionDate", "SeriesDate", "ContentDate", "StudyDate"
+    )
+    row["age_at_study"] = age
+
+
+def deidentify_series(
+    job: SeriesJob, store_url: str, site: str, source_url: str, options: DeidOptions
+) -> SeriesOutcome:
+    """De-identify one series and write it under ``deid/dicom/``.
+
+    Parameters
+    ----------
+    job
+        The catalogue series (private).
+    store_url, site
+        The site store.
+    source_url
+        fsspec URL of the source root the catalogue's paths are relative to.
+    options
+        Profile options.
+
+    Returns
+    -------
+    SeriesOutcome
+        ``ok`` with the written keys, or ``quarantined`` (burned-in annotation, de-identification
+        error) with a reason; never raises for bad input.
+    """
+    keys = SiteKeys.derive(load_site_secret(site), site)
+    patient = keys.patient_pseudonym(job.patient_id)
+    series = pseudonymous_series_uid(keys, job.series_key, job.series_instance_uid)
+    study = keys.remap_uid(job.study_instance_uid)
+    store = SiteStore(store_url, site)
+    row: dict[str, Any] = {
+        "series": series,
+        "study": study,
+        "patient": patient,
+        "frame_of_reference": "",
+        "modality": job.modality,
+        "kind": job.kind,
+        "body_part": "",
+        "manufacturer": "",
+        "sex": "",
+        "acquisition_date": "",
+        "age_at_study": "",
+        "n_instances": 0,
+        "paths": [],
+        "referenced_series": [],
+        "status": str(Status.OK),
+        "reason": "",
+    }
+    override = {}
+    if job.series_key != job.series_instance_uid:
+        override[job.series_instance_uid] = series
+    ctx = DeidContext(
+        keys=keys,
+        options=options,
+        patient_id=job.patient_id,
+        extra_identifiers=job.extra_identifiers,
+        series_uid_override=override,
+    )
+    fs, root = open_url(source_url)
+    written: list[str] = []
+    outputs: list[str] = []
+    referenced: set[str] = set()
+    for index, path in enumerate(job.paths, start=1):
+        try:
+            data = fs.cat_file(f"{root}/{path}")
+        except Exception as exc:  # vanished or unreadable source file
+            _discard(store, written)
+            return _quarantined(row, Reason.DEID_ERROR, f"read failed: {type(exc).__name__}")
+        result = deidentify_instance(data, ctx)
+        if result.dataset is None:
+            _discard(store, written)
+            return _quarantined(row, result.reason or Reason.DEID_ERROR, result.detail)
+        ds = result.dataset
+        key = instance_key(patient, study, series, index)
+        try:
+            if store.write_bytes(key, result.data):
+                written.append(key)
+        except Exception as exc:
+            _discard(store, written)
+            return _quarantined(row, Reason.DEID_ERROR, f"write failed: {type(exc).__name__}")
+        outputs.append(key)
+        referenced |= _referenced_series(ds, series)
+        if index == 1:
+            _describe(row, ds, job, options, result.age)
+    row["n_instances"] = len(outputs)
+    row["paths"] = outputs
+    row["referenced_series"] = sorted(referenced)
+    audit = tuple(sorted((a, b, n) for (a, b), n in ctx.audit.items()))
+    return SeriesOutcome(
+        unit=UnitResult(
+            key=series,
+            status=Status.OK,
+            outputs=tuple(outputs),
+            computed=bool(written),
+        ),
+        row=row,
+        audit=audit,
+        written=len(written),
+        outputs=tuple(outputs),
+    )
+
+
+def _rtstruct_frame(ds: Dataset) -> str:
+    for item in ds.get("ReferencedFrameOfReferenceSequence", []) or []:
+        uid = item.get("FrameOfReferenceUID")
+        if uid:
+            return str(uid)
+    return ""
+
+
+def _discard(store: SiteStore, keys: list[str]) -> None:
+    """Remove what this attempt wrote, so a failed series leaves no partial output."""
+    for key in keys:
+        with contextlib.suppress(FileNotFoundError):
+            store.fs.rm_file(store.path(key))
+
+
+def _quarantined(row: dict[str, Any], reason: Reason, detail: str) -> SeriesOutcome:
+    row = {**row, "status": str(Status.QUARANTINED), "reason": str(reason), "paths": []}
+    return SeriesOutcome(
+        unit=UnitResult(
+            key=row["series"], status=Status.QUARANTINED, reason=str(reason), detail=detail
+        ),
+        row=row,
+    )
+
+
+@task(
+    name="deidentify-series",
+    task_run_name="deid-{label}",
+    retries=1,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
+def deidentify_series_task(
+    job: SeriesJob, label: str, store_url: str, site: str, source_url: str, options: DeidOptions
+) -> SeriesOutcome:
+    """Prefect task: :func:`deidentify_series` on a Dask worker (``label`` = pseudonymous key)."""
+    from flows.runtime import pin_native_threads
+
+    pin_native_threads()
+    return deidentify_series(job, store_url, site, source_url, options)
+
+
+def counter_from(outcomes: list[SeriesOutcome]) -> Counter[tuple[str, str]]:
+    """Sum the audit counts of several outcomes."""
+    total: Counter[tuple[str, str]] = Counter()
+    for outcome in outcomes:
+        for attribute, action, count in outcome.audit:
+            total[(attribute, action)] += count
+    return total
