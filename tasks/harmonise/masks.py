@@ -213,6 +213,23 @@ def _check_empty(roi: str, array: np.ndarray) -> None:
         raise Quarantined(Reason.EMPTY_MASK, f"{roi}: no voxel inside")
 
 
+def _closed_planar(items: Any) -> list[np.ndarray]:
+    """Return the CLOSED_PLANAR contours of a ContourSequence as (N, 3) arrays."""
+    contours = []
+    for item in items:
+        if str(item.get("ContourGeometricType", "")).upper() != "CLOSED_PLANAR":
+            continue
+        try:
+            data = np.array([float(v) for v in item.get("ContourData", [])], dtype=float)
+        except (TypeError, ValueError):
+            raise Quarantined(Reason.INCONSISTENT_GEOMETRY, "unreadable contour data") from None
+        if not np.all(np.isfinite(data)):
+            raise Quarantined(Reason.INCONSISTENT_GEOMETRY, "unreadable contour data")
+        if data.size >= 9 and data.size % 3 == 0:
+            contours.append(data.reshape(-1, 3))
+    return contours
+
+
 def rtstruct_masks(
     ds: Dataset, reference: sitk.Image, frame_of_reference: str, config: HarmoniseConfig
 ) -> MaskSet:
@@ -259,21 +276,26 @@ def rtstruct_masks(
                 raise Quarantined(
                     Reason.FRAME_OF_REFERENCE_MISMATCH, f"{roi}: other frame of reference"
                 )
-            contours = []
+            # Contours of one ROI combine by XOR (holes); ROIs sharing a name by union.
+            array = None
+            params = {"points": 0, "points_outside": 0, "max_offplane_voxels": 0.0, "contours": 0}
             for n in numbers:
-                for item in contours_by_roi.get(n, []):
-                    if str(item.get("ContourGeometricType", "")).upper() != "CLOSED_PLANAR":
-                        continue
-                    data = np.array([float(v) for v in item.ContourData], dtype=float)
-                    if data.size >= 9 and data.size % 3 == 0:
-                        contours.append(data.reshape(-1, 3))
-            if not contours:
+                contours = _closed_planar(contours_by_roi.get(n, []))
+                if not contours:
+                    continue
+                part, measured = rasterise_contours(contours, reference)
+                array = part if array is None else array | part
+                params["points"] += measured["points"]
+                params["points_outside"] += measured["points_outside"]
+                params["contours"] += len(contours)
+                params["max_offplane_voxels"] = max(
+                    params["max_offplane_voxels"], measured["max_offplane_voxels"]
+                )
+            if array is None:
                 raise Quarantined(Reason.EMPTY_MASK, f"{roi}: no closed planar contour")
-            array, params = rasterise_contours(contours, reference)
             _check_extent(roi, params["points_outside"], params["points"], config)
             _check_empty(roi, array)
-            params.update(source="rtstruct", roi_numbers=numbers, contours=len(contours))
-            params["voxels"] = int(array.sum())
+            params.update(source="rtstruct", roi_numbers=numbers, voxels=int(array.sum()))
             result.masks.append(Mask(roi, _mask_image(array, reference), params))
         except Quarantined as q:
             result.problems.append(MaskProblem(roi, q.reason, q.detail))

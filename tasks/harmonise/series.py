@@ -134,7 +134,8 @@ def nifti_bytes(image: sitk.Image) -> bytes:
     return gzip.compress(raw, compresslevel=6, mtime=0)
 
 
-def _row(unit: SeriesUnit, status: Status, reason: str = "", **values: Any) -> dict[str, Any]:
+def series_row(unit: SeriesUnit, status: Status, reason: str = "", **values: Any) -> dict[str, Any]:
+    """Return the ``harmonised/series.parquet`` row of a unit (empty outputs by default)."""
     row: dict[str, Any] = {"series": unit.series}
     row.update({c: unit.meta.get(c) for c in META_COLUMNS})
     row.update(
@@ -269,7 +270,7 @@ def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig
         )
         return SeriesOutcome(
             UnitResult(unit.series, Status.OK, outputs=tuple(saved["keys"]), computed=False),
-            _row(unit, Status.OK, **saved["row"]),
+            series_row(unit, Status.OK, **saved["row"]),
             records,
         )
     try:
@@ -279,7 +280,7 @@ def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig
         record = QuarantineRecord(unit.series, "series", Stage.HARMONISE, q.reason, q.detail)
         return SeriesOutcome(
             UnitResult(unit.series, Status.QUARANTINED, reason=str(q.reason), detail=q.detail),
-            _row(unit, Status.QUARANTINED, str(q.reason)),
+            series_row(unit, Status.QUARANTINED, str(q.reason)),
             (record,),
         )
     except OSError:
@@ -288,7 +289,7 @@ def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig
         detail = str(exc).splitlines()[0][:200] if str(exc) else ""
         return SeriesOutcome(
             UnitResult(unit.series, Status.FAILED, error_class=type(exc).__name__, detail=detail),
-            _row(unit, Status.FAILED, type(exc).__name__),
+            series_row(unit, Status.FAILED, type(exc).__name__),
         )
 
 
@@ -387,7 +388,7 @@ def _compute(
     records = tuple(_mask_record(unit.series, p) for p in problems)
     return SeriesOutcome(
         UnitResult(unit.series, Status.OK, outputs=tuple(sorted([*outputs, prov_key]))),
-        _row(unit, Status.OK, **row_values),
+        series_row(unit, Status.OK, **row_values),
         records,
     )
 

@@ -1,0 +1,117 @@
+"""What to harmonise (from ``deid/series.parquet``) and the ``harmonised/series.parquet`` table."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import pyarrow as pa
+
+from tasks.errors import OncoflowError
+from tasks.harmonise.series import META_COLUMNS, SegmentationRef, SeriesUnit
+from tasks.records import QuarantineRecord, Reason, Stage
+from tasks.store import DEID_DICOM, DEID_SERIES, HARMONISED, SiteStore
+
+HARMONISED_SERIES = f"{HARMONISED}/series.parquet"
+IMAGE_KINDS = ("image", "multiframe")
+SEGMENTATION_KINDS = ("rtstruct", "seg")
+
+#: Schema of ``harmonised/series.parquet`` (contract in docs/tables.md).
+SERIES_SCHEMA = pa.schema(
+    [
+        ("series", pa.string()),
+        *[(c, pa.string()) for c in META_COLUMNS],
+        ("image", pa.string()),
+        ("image_sha256", pa.string()),
+        ("size", pa.list_(pa.int64())),
+        ("spacing", pa.list_(pa.float64())),
+        ("rois", pa.list_(pa.string())),
+        ("masks", pa.list_(pa.string())),
+        ("mask_sha256", pa.list_(pa.string())),
+        ("intensity", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+DEID_NEEDED = {"series", "kind", "paths", "status", "modality"}
+
+
+def store_key(path: str) -> str:
+    """Return the store key of a ``paths`` entry of ``deid/series.parquet``."""
+    path = path.lstrip("/")
+    return path if path.startswith(f"{DEID_DICOM}/") else f"{DEID_DICOM}/{path}"
+
+
+def plan_units(store: SiteStore) -> tuple[list[SeriesUnit], list[QuarantineRecord]]:
+    """List the image series to harmonise, each with its segmentation objects.
+
+    Parameters
+    ----------
+    store
+        The site store holding ``deid/series.parquet``.
+
+    Returns
+    -------
+    tuple
+        Units sorted by series key, and quarantine records for segmentation objects whose
+        referenced image series is not harmonised.
+
+    Raises
+    ------
+    OncoflowError
+        When ``deid/series.parquet`` is missing or lacks contract columns.
+    """
+    table = store.read_table(DEID_SERIES)
+    if table is None:
+        raise OncoflowError(
+            f"no de-identified series for site {store.site!r}: run `oncoflow deidentify` first"
+        )
+    missing = DEID_NEEDED - set(table.column_names)
+    if missing:
+        raise OncoflowError(f"{DEID_SERIES} lacks columns: {', '.join(sorted(missing))}")
+    rows = [r for r in table.to_pylist() if (r.get("status") or "ok") == "ok"]
+    images = {r["series"]: r for r in rows if r.get("kind") in IMAGE_KINDS}
+    segs_by_image: dict[str, list[SegmentationRef]] = defaultdict(list)
+    records = []
+    for row in sorted(rows, key=lambda r: r["series"]):
+        if row.get("kind") not in SEGMENTATION_KINDS:
+            continue
+        ref = SegmentationRef(
+            series=row["series"],
+            kind=row["kind"],
+            keys=tuple(store_key(p) for p in row.get("paths") or []),
+        )
+        targets = [s for s in row.get("referenced_series") or [] if s in images]
+        if not targets:
+            records.append(
+                QuarantineRecord(
+                    row["series"],
+                    "series",
+                    Stage.HARMONISE,
+                    Reason.MISSING_REFERENCED_SERIES,
+                    f"{row['kind']} references no harmonisable image series",
+                )
+            )
+        for target in targets:
+            segs_by_image[target].append(ref)
+    units = []
+    for series, row in sorted(images.items()):
+        meta = {c: (str(row[c]) if row.get(c) is not None else None) for c in META_COLUMNS}
+        units.append(
+            SeriesUnit(
+                series=series,
+                keys=tuple(store_key(p) for p in row.get("paths") or []),
+                segmentations=tuple(segs_by_image.get(series, [])),
+                meta=meta,
+            )
+        )
+    return units, records
+
+
+def series_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Build ``harmonised/series.parquet`` from task rows (sorted by series)."""
+    ordered = sorted(rows, key=lambda r: r["series"])
+    return pa.Table.from_pylist(
+        [{f.name: r.get(f.name) for f in SERIES_SCHEMA} for r in ordered], schema=SERIES_SCHEMA
+    )
