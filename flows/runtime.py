@@ -45,6 +45,18 @@ class RuntimeOptions(BaseModel):
         None, description="Address of an existing Dask scheduler, e.g. tcp://host:8786."
     )
 
+    @classmethod
+    def from_env(cls) -> RuntimeOptions:
+        """Options from the worker host's environment.
+
+        ``ONCOFLOW_DASK_ADDRESS`` selects an existing scheduler and ``ONCOFLOW_WORKERS`` the size
+        of the LocalCluster: the production topology is chosen by configuration, not code.
+        """
+        return cls(
+            workers=int(os.environ.get("ONCOFLOW_WORKERS", "2")),
+            dask_address=os.environ.get("ONCOFLOW_DASK_ADDRESS") or None,
+        )
+
 
 @dataclass
 class PrefectApi:
@@ -165,6 +177,22 @@ def task_runner(options: RuntimeOptions):
     address = options.dask_address or _SHARED_ADDRESS
     if address:
         return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster", cluster_kwargs=_local_cluster_kwargs(options)
+    )
+
+
+def default_task_runner():
+    """Task runner for flow decorators: used when a deployment runs a stage flow directly.
+
+    Built from :meth:`RuntimeOptions.from_env` without starting anything at import time; the
+    CLI and the site pipeline replace it with :func:`task_runner` per run.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    options = RuntimeOptions.from_env()
+    if options.dask_address:
+        return DaskTaskRunner(address=options.dask_address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster", cluster_kwargs=_local_cluster_kwargs(options)
     )
