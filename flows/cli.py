@@ -27,9 +27,19 @@ app = typer.Typer(
 # Common options (architecture contract).
 Site = Annotated[str, typer.Option("--site", help="Site code: lowercase letters, digits, dashes.")]
 Store = Annotated[str, typer.Option("--store", help="Site store URL (path, file://, s3://...).")]
-Workers = Annotated[int, typer.Option("--workers", min=1, max=256, help="Dask worker processes.")]
+Workers = Annotated[
+    int,
+    typer.Option(
+        "--workers", min=1, max=256, envvar="ONCOFLOW_WORKERS", help="Dask worker processes."
+    ),
+]
 DaskAddress = Annotated[
-    str | None, typer.Option("--dask-address", help="Existing Dask scheduler, tcp://host:port.")
+    str | None,
+    typer.Option(
+        "--dask-address",
+        envvar="ONCOFLOW_DASK_ADDRESS",
+        help="Existing Dask scheduler, tcp://host:port.",
+    ),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
 
@@ -82,14 +92,49 @@ def synth(
 
 @app.command()
 def ingest(
-    source: Annotated[str, typer.Argument(help="Source URL: folder, file://, s3://...")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Source URL: folder, file://, s3://..., or dicomweb+http://host:port/dicom-web"
+        ),
+    ],
     site: Site,
     store: Store,
     workers: Workers = 2,
     dask_address: DaskAddress = None,
     as_json: JsonOut = False,
+    modality: Annotated[
+        list[str] | None, typer.Option("--modality", help="DICOMweb: modality in study (repeat).")
+    ] = None,
+    since: Annotated[
+        str, typer.Option("--since", help="DICOMweb: 'last' (watermark), 'all' or YYYY-MM-DD.")
+    ] = "last",
+    until: Annotated[
+        str | None, typer.Option("--until", help="DICOMweb: latest study date YYYY-MM-DD.")
+    ] = None,
+    secret_block: Annotated[
+        str | None, typer.Option("--secret-block", help="DICOMweb: Prefect Secret block name.")
+    ] = None,
 ) -> None:
-    """Catalogue the DICOM files under SOURCE into the site's private catalogue."""
+    """Catalogue the DICOM files under SOURCE into the site's private catalogue.
+
+    A dicomweb+http(s):// SOURCE pulls new studies from a PACS into the site's raw zone first
+    (credentials from ONCOFLOW_DICOMWEB_USER/PASSWORD or --secret-block).
+    """
+    if source.strip().lower().startswith("dicomweb+"):
+        from flows.pacs import PullParams, pull_dicomweb
+
+        params = PullParams(
+            source=source,
+            site=site,
+            store=store,
+            modalities=modality or [],
+            since=since,
+            until=until,
+            secret_block=secret_block,
+        )
+        emit(pull_dicomweb(params, runtime_options(workers, dask_address)), as_json)
+        return
     from flows.ingest import IngestParams, ingest_dicom
 
     summary = ingest_dicom(
@@ -97,6 +142,153 @@ def ingest(
         runtime=runtime_options(workers, dask_address),
     )
     emit(summary, as_json)
+
+
+@app.command()
+def receive(
+    site: Site,
+    store: Store,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 11112,
+    ae_title: Annotated[str, typer.Option("--ae-title", help="Our AE title.")] = "ONCOFLOW",
+    allow: Annotated[
+        list[str] | None, typer.Option("--allow", help="Calling AE title allowed to send (repeat).")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "0.0.0.0",
+    quiet_seconds: Annotated[
+        float, typer.Option("--quiet-seconds", min=0.1, help="Ingest a study once quiet this long.")
+    ] = 30.0,
+    no_ingest: Annotated[
+        bool, typer.Option("--no-ingest", help="Only land files in the raw zone.")
+    ] = False,
+    workers: Workers = 2,
+    dask_address: DaskAddress = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Receive studies over DICOM C-STORE into the site's raw zone and ingest them (a service)."""
+    from flows.pacs import run_receiver
+
+    stats = run_receiver(
+        store=store,
+        site=site,
+        port=port,
+        ae_title=ae_title,
+        allow=allow or [],
+        host=host,
+        quiet_seconds=quiet_seconds,
+        ingest=not no_ingest,
+        runtime=runtime_options(workers, dask_address),
+    )
+    emit(stats, as_json)
+
+
+@app.command()
+def harmonise(
+    site: Site,
+    store: Store,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", help="Harmonisation settings (YAML); default: native spacing."),
+    ] = None,
+    max_failure_ratio: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fail above this share of failed series.")
+    ] = 0.1,
+    workers: Workers = 2,
+    dask_address: DaskAddress = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Harmonise de-identified series into volumes, masks, QC pictures and provenance."""
+    from flows.harmonise import build_params, harmonise
+
+    summary = harmonise(
+        build_params(site, store, config, max_failure_ratio),
+        runtime=runtime_options(workers, dask_address),
+    )
+    emit(summary, as_json)
+
+
+@app.command()
+def extract(
+    site: Site,
+    store: Store,
+    params: Annotated[
+        str,
+        typer.Option(
+            "--params", help="pyradiomics parameter file (YAML/JSON) or preset: ct, mr, pet."
+        ),
+    ],
+    series: Annotated[
+        list[str] | None, typer.Option("--series", help="Only this series key (repeatable).")
+    ] = None,
+    roi: Annotated[
+        list[str] | None, typer.Option("--roi", help="Only this ROI name (repeatable).")
+    ] = None,
+    max_failure_ratio: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fail above this share of failed ROIs.")
+    ] = 0.1,
+    workers: Workers = 2,
+    dask_address: DaskAddress = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Extract pyradiomics features of the harmonised images into features/<params-hash>.parquet."""
+    from flows.extract import build_params, extract_radiomics
+
+    summary = extract_radiomics(
+        build_params(site, store, params, series, roi, max_failure_ratio),
+        runtime=runtime_options(workers, dask_address),
+    )
+    emit(summary, as_json)
+
+
+@app.command()
+def deidentify(
+    site: Site,
+    store: Store,
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="Source root (default: the one ingest recorded)."),
+    ] = None,
+    workers: Workers = 2,
+    dask_address: DaskAddress = None,
+    as_json: JsonOut = False,
+) -> None:
+    """De-identify the site's catalogued DICOM into deid/ (PS3.15 profile, keyed pseudonyms)."""
+    from flows.deidentify import build_params
+    from flows.deidentify import deidentify as run_deidentify
+
+    summary = run_deidentify(
+        build_params(site, store, source), runtime=runtime_options(workers, dask_address)
+    )
+    emit(summary, as_json)
+
+
+@app.command("scan-phi")
+def scan_phi(
+    path: Annotated[
+        str, typer.Argument(help="Folder, file or URL to scan (e.g. STORE/SITE/deid).")
+    ],
+    store: Annotated[
+        str | None,
+        typer.Option("--store", help="Site store: look for its catalogue's identifiers."),
+    ] = None,
+    site: Annotated[str | None, typer.Option("--site", help="Site code (with --store).")] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Scan DICOM and table files for residual identifiers; exit non-zero on any finding."""
+    from tasks.deid.scan_phi import scan_target
+
+    findings = scan_target(path, store, site)
+    if as_json:
+        typer.echo(json.dumps([f.__dict__ for f in findings], indent=2))
+    else:
+        for finding in findings:
+            typer.echo(finding.line())
+    if findings:
+        from tasks.errors import OncoflowError
+
+        files = len({f.file for f in findings})
+        raise OncoflowError(f"scan-phi: {len(findings)} possible identifier(s) in {files} file(s)")
+    if not as_json:
+        typer.echo("scan-phi: no identifiers found")
 
 
 def _quiet_consoles() -> None:

@@ -1,0 +1,319 @@
+"""Flow ``extract-radiomics``: pyradiomics features of every harmonised (series, ROI).
+
+Reads ``harmonised/series.parquet``, submits one Dask task per (series, ROI), largest images
+first, each computing only what the content-addressed cache lacks, and writes
+``features/<params-hash>.parquet`` plus the stage's quarantine rows. The run fails (final state
+Failed) when the share of failed units exceeds ``max_failure_ratio``; quarantined ROIs (empty,
+one voxel, outside the image, ...) do not count as failures.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import dask
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flows.reporting import Progress, markdown_table, post_summary, post_table
+from flows.runtime import RuntimeOptions, pin_native_threads, task_runner
+from tasks.errors import OncoflowError, StageFailed
+from tasks.radiomics.cache import read_parts
+from tasks.radiomics.extract import RoiOutcome, RoiUnit, extract_roi, plan_units, select_units
+from tasks.radiomics.params import Preset, RadiomicsParams, load_params
+from tasks.radiomics.table import (
+    KEY_COLUMNS,
+    PROV_COLUMNS,
+    STATUS_COLUMNS,
+    FeatureRow,
+    build_features_table,
+    features_key,
+)
+from tasks.records import QuarantineRecord, Stage, StageSummary, Status
+from tasks.store import SiteStore, validate_site
+
+FIXED_COLUMNS = (*KEY_COLUMNS, *STATUS_COLUMNS, *PROV_COLUMNS)
+
+
+class ExtractParams(BaseModel):
+    """What a researcher chooses for one extraction run (the Prefect UI form)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site: str = Field(description="Site code: lowercase letters, digits, dashes.")
+    store: str = Field(description="Site store URL (path, file://, s3://bucket/prefix).")
+    preset: Preset | None = Field(
+        None,
+        description="Parameter preset from deployments/radiomics/ (ct, mr, pet). "
+        "Leave empty when giving a parameter file.",
+    )
+    params_file: str | None = Field(
+        None,
+        description="Path or URL of a pyradiomics parameter file (YAML or JSON), instead of a "
+        "preset.",
+    )
+    series: list[str] = Field(
+        default_factory=list,
+        description="Only these pseudonymous series keys (empty: every harmonised series).",
+    )
+    rois: list[str] = Field(
+        default_factory=list, description="Only these ROI names (empty: every ROI)."
+    )
+    max_failure_ratio: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Fail the run when more than this share of ROIs fail with an error "
+        "(quarantined ROIs do not count).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExtractParams:
+        validate_site(self.site)
+        if (self.preset is None) == (self.params_file is None):
+            raise ValueError("give exactly one of preset or params_file")
+        return self
+
+    def params_spec(self) -> str:
+        """Return the preset name or parameter-file location, as :func:`load_params` takes it."""
+        return self.params_file if self.params_file is not None else str(self.preset)
+
+
+def build_params(
+    site: str,
+    store: str,
+    params: str,
+    series: list[str] | None = None,
+    rois: list[str] | None = None,
+    max_failure_ratio: float = 0.1,
+) -> ExtractParams:
+    """Build :class:`ExtractParams` from CLI values; ``params`` is a preset name or a file.
+
+    Raises
+    ------
+    OncoflowError
+        One line for any invalid value.
+    """
+    presets = {p.value for p in Preset}
+    is_preset = params.strip().lower() in presets and not Path(params).exists()
+    try:
+        return ExtractParams(
+            site=site,
+            store=store,
+            preset=Preset(params.strip().lower()) if is_preset else None,
+            params_file=None if is_preset else params,
+            series=list(series or []),
+            rois=list(rois or []),
+            max_failure_ratio=max_failure_ratio,
+        )
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise OncoflowError(f"{loc}: {msg}" if loc else msg) from None
+
+
+@task(
+    name="extract-roi",
+    task_run_name="extract-{unit.roi}-{unit.image_sha256:.12}",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
+def extract_roi_task(
+    store_url: str, site: str, unit: RoiUnit, params: RadiomicsParams
+) -> RoiOutcome:
+    """Extract one (series, ROI) on a worker, one native thread per worker process.
+
+    Store errors other than a missing object propagate, so Prefect retries them.
+    """
+    pin_native_threads()
+    return extract_roi(SiteStore(store_url, site), unit, params)
+
+
+def _collect_rows(
+    store: SiteStore, units: list[RoiUnit], outcomes: dict[str, RoiOutcome]
+) -> list[FeatureRow]:
+    """Read the cached parts of every finished unit and build table rows."""
+    keys = sorted({k for o in outcomes.values() if o.status == Status.OK for k in o.parts})
+    parts = read_parts(store, keys)
+    rows = []
+    for unit in units:
+        outcome = outcomes.get(unit.key)
+        if outcome is None:
+            continue
+        features: dict[str, float] = {}
+        if outcome.status == Status.OK:
+            for key in outcome.parts:
+                features.update(parts[key].features or {})
+        rows.append(
+            FeatureRow(
+                unit=unit,
+                status=str(outcome.status),
+                reason=outcome.reason,
+                detail=outcome.detail or outcome.error_class,
+                features=features,
+            )
+        )
+    return rows
+
+
+def _cached_outcomes(
+    store: SiteStore, units: list[RoiUnit], params: RadiomicsParams
+) -> dict[str, RoiOutcome]:
+    """Outcomes of units whose every part is already cached (used for units outside a filter)."""
+    from tasks.radiomics.cache import object_key, plan_parts
+
+    parts = plan_parts(params)
+    wanted = {u.key: [object_key(u.image_sha256, u.mask_sha256, p) for p in parts] for u in units}
+    found = read_parts(store, [k for keys in wanted.values() for k in keys])
+    out: dict[str, RoiOutcome] = {}
+    for key, keys in wanted.items():
+        if not all(k in found for k in keys):
+            continue
+        bad = next((found[k] for k in keys if not found[k].ok), None)
+        status = Status.QUARANTINED if bad else Status.OK
+        out[key] = RoiOutcome(
+            key,
+            status,
+            reason=bad.reason if bad else "",
+            detail=bad.detail if bad else "",
+            parts=tuple(keys),
+            parts_reused=len(keys),
+        )
+    return out
+
+
+@flow(name="extract-radiomics", flow_run_name="extract-{params.site}", log_prints=False)
+def extract_flow(params: ExtractParams) -> dict[str, Any]:
+    """Extract pyradiomics features of the site's harmonised (series, ROI) pairs.
+
+    Parameters
+    ----------
+    params
+        Site, store, parameter preset or file, optional series/ROI filters, failure threshold.
+
+    Returns
+    -------
+    dict
+        The stage summary (counts by status and reason, params hash, table key, cache use).
+
+    Raises
+    ------
+    StageFailed
+        When the share of failed units exceeds ``params.max_failure_ratio``.
+    """
+    radiomics_params, source = load_params(params.params_spec())
+    store = SiteStore(params.store, params.site)
+    params_hash = radiomics_params.params_hash()
+    every_unit = plan_units(store)
+    units = select_units(every_unit, params.series, params.rois)
+    if not units:
+        raise OncoflowError("no (series, ROI) to extract: check the series/ROI filters")
+
+    progress = Progress(len(units), "ROIs extracted")
+    futures = {}
+    for rank, unit in enumerate(units):  # largest images first, also by Dask priority
+        with dask.annotate(priority=len(units) - rank):
+            future = extract_roi_task.submit(params.store, params.site, unit, radiomics_params)
+        futures[future] = unit
+    outcomes: dict[str, RoiOutcome] = {}
+    for future in as_completed(list(futures)):
+        unit = futures[future]
+        try:
+            outcome = future.result()
+        except Exception as exc:  # retries exhausted, worker lost for good, ...
+            outcome = RoiOutcome(unit.key, Status.FAILED, error_class=type(exc).__name__)
+        outcomes[unit.key] = outcome
+        progress.advance()
+
+    selected = {u.key for u in units}
+    others = [u for u in every_unit if u.key not in selected]
+    kept = _cached_outcomes(store, others, radiomics_params) if others else {}
+    rows = _collect_rows(store, every_unit, {**kept, **outcomes})
+    table, metadata = build_features_table(params.site, rows, radiomics_params)
+    key = features_key(params_hash)
+    written = store.write_table(key, table, metadata)
+    quarantined = [
+        QuarantineRecord(
+            item=r.unit.key, kind="roi", stage=Stage.EXTRACT, reason=r.reason, detail=r.detail
+        )
+        for r in rows
+        if r.status == str(Status.QUARANTINED)
+    ]
+    store.replace_quarantine(Stage.EXTRACT, quarantined)
+
+    results = [outcomes[u.key].unit_result() for u in units]
+    summary = StageSummary.from_results(
+        Stage.EXTRACT,
+        params.site,
+        results,
+        params=source,
+        params_hash=params_hash,
+        table=key,
+        table_written=written,
+        rows=table.num_rows,
+        feature_columns=table.num_columns - len(FIXED_COLUMNS),
+        parts_computed=sum(outcomes[u.key].parts_computed for u in units),
+        parts_reused=sum(outcomes[u.key].parts_reused for u in units),
+    )
+    post_summary(
+        summary,
+        "Radiomics extraction",
+        {
+            "Table": f"`{key}`: {table.num_rows} rows, parameters `{source}`",
+            "Cache": markdown_table(
+                [
+                    {"parts": "computed", "count": summary.extra["parts_computed"]},
+                    {"parts": "reused", "count": summary.extra["parts_reused"]},
+                ],
+                ["parts", "count"],
+            ),
+        },
+    )
+    post_table(
+        params.site,
+        str(Stage.EXTRACT),
+        "quarantine",
+        [{"roi": q.item, "reason": str(q.reason), "detail": q.detail} for q in quarantined],
+        "ROIs quarantined by the extract stage",
+    )
+    if summary.failure_ratio > params.max_failure_ratio:
+        failed = Counter(r.error_class or "error" for r in results if r.status == Status.FAILED)
+        raise StageFailed(
+            f"extract: {summary.counts.get('failed', 0)} of {len(results)} ROIs failed "
+            f"({summary.failure_ratio:.0%} > {params.max_failure_ratio:.0%}): "
+            + ", ".join(f"{k}={v}" for k, v in sorted(failed.items()))
+        )
+    return summary.to_dict()
+
+
+def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSummary:
+    """Validate the parameters, then run :func:`extract_flow` on the Dask task runner.
+
+    Parameters
+    ----------
+    params
+        The flow parameters.
+    runtime
+        Workers or the address of an existing Dask scheduler.
+
+    Returns
+    -------
+    StageSummary
+        Counts, reasons and extras of the run.
+    """
+    load_params(params.params_spec())  # fail in one line before starting any service
+    result = extract_flow.with_options(task_runner=task_runner(runtime))(params)
+    data = dict(result)
+    return StageSummary(
+        stage=Stage.EXTRACT,
+        site=data.pop("site"),
+        counts=data.pop("counts"),
+        reasons=data.pop("reasons"),
+        extra={k: v for k, v in data.items() if k != "stage"},
+    )

@@ -1,0 +1,413 @@
+"""Extract pyradiomics features for one (series, ROI), through the content-addressed cache.
+
+The unit of work is one ROI mask of one harmonised image. :func:`extract_roi` looks up the
+unit's cached parts (see :mod:`tasks.radiomics.cache`), computes only the missing ones with
+``radiomics.featureextractor.RadiomicsFeatureExtractor`` and stores them. A defective ROI
+(empty, one voxel, outside the image, too small, misaligned) gives a quarantine outcome with
+its reason instead of an exception; an unexpected error gives a failed outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from tasks.errors import OncoflowError
+from tasks.radiomics.cache import (
+    SHAPE_PART,
+    CachedPart,
+    Part,
+    object_key,
+    part_for_feature,
+    plan_parts,
+    read_parts,
+    write_part,
+)
+from tasks.radiomics.params import SHAPE_CLASSES, RadiomicsParams
+from tasks.radiomics.samples import HARMONISED_SERIES
+from tasks.records import Reason, Status, UnitResult
+from tasks.store import SiteStore, sha256_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoiUnit:
+    """One (series, ROI) to extract; pseudonymous keys and store keys only.
+
+    Parameters
+    ----------
+    series, study, patient
+        Pseudonymous keys from ``harmonised/series.parquet``.
+    modality
+        Image modality.
+    roi
+        Normalised ROI name.
+    image, mask
+        Store keys of the NIfTI image and mask.
+    image_sha256, mask_sha256
+        Content hashes recorded by the harmonise stage (the cache key).
+    voxels
+        Voxels in the image (scheduling: largest first).
+    """
+
+    series: str
+    study: str
+    patient: str
+    modality: str
+    roi: str
+    image: str
+    mask: str
+    image_sha256: str
+    mask_sha256: str
+    voxels: int
+
+    @property
+    def key(self) -> str:
+        """``<series>/<roi>``: the unit's pseudonymous key."""
+        return f"{self.series}/{self.roi}"
+
+
+def plan_units(store: SiteStore) -> list[RoiUnit]:
+    """List the (series, ROI) units of the harmonised images, largest images first.
+
+    Parameters
+    ----------
+    store
+        The site store.
+
+    Returns
+    -------
+    list of RoiUnit
+        Sorted by image voxel count (descending), then series and ROI, so the order is stable.
+
+    Raises
+    ------
+    OncoflowError
+        When ``harmonised/series.parquet`` is missing or lacks contract columns.
+    """
+    table = store.read_table(HARMONISED_SERIES)
+    if table is None:
+        raise OncoflowError(
+            f"no harmonised images for site {store.site!r}: run `oncoflow harmonise` first"
+        )
+    needed = {"series", "image", "image_sha256", "size", "rois", "masks", "mask_sha256", "status"}
+    missing = sorted(needed - set(table.column_names))
+    if missing:
+        raise OncoflowError(f"{HARMONISED_SERIES} lacks columns: {', '.join(missing)}")
+    units: list[RoiUnit] = []
+    for row in table.to_pylist():
+        if row["status"] != str(Status.OK):
+            continue
+        voxels = int(np.prod(row["size"])) if row["size"] else 0
+        for roi, mask, mask_sha in zip(
+            row["rois"] or [], row["masks"] or [], row["mask_sha256"] or [], strict=True
+        ):
+            units.append(
+                RoiUnit(
+                    series=row["series"],
+                    study=row.get("study") or "",
+                    patient=row.get("patient") or "",
+                    modality=row.get("modality") or "",
+                    roi=roi,
+                    image=row["image"],
+                    mask=mask,
+                    image_sha256=row["image_sha256"],
+                    mask_sha256=mask_sha,
+                    voxels=voxels,
+                )
+            )
+    units.sort(key=lambda u: (-u.voxels, u.series, u.roi))
+    return units
+
+
+def select_units(
+    units: list[RoiUnit], series: list[str] | None = None, rois: list[str] | None = None
+) -> list[RoiUnit]:
+    """Keep the units of the given series and ROI names (an empty filter keeps everything)."""
+    wanted_series, wanted_rois = set(series or []), set(rois or [])
+    return [
+        u
+        for u in units
+        if (not wanted_series or u.series in wanted_series)
+        and (not wanted_rois or u.roi in wanted_rois)
+    ]
+
+
+@dataclass(frozen=True)
+class RoiOutcome:
+    """What one extract task returns: status and cache keys, never feature arrays.
+
+    Parameters
+    ----------
+    key
+        ``<series>/<roi>``.
+    status
+        ``ok``, ``quarantined`` or ``failed``.
+    reason
+        Reason code when quarantined.
+    detail
+        Short explanation without identifying values.
+    error_class
+        Exception class name when failed.
+    parts
+        Store keys of the unit's cached parts (in table column order).
+    parts_computed, parts_reused
+        How many parts were computed now / found in the cache.
+    """
+
+    key: str
+    status: Status
+    reason: str = ""
+    detail: str = ""
+    error_class: str = ""
+    parts: tuple[str, ...] = ()
+    parts_computed: int = 0
+    parts_reused: int = 0
+
+    def unit_result(self) -> UnitResult:
+        """Return the outcome as the shared :class:`~tasks.records.UnitResult`."""
+        return UnitResult(
+            key=self.key,
+            status=self.status,
+            reason=self.reason,
+            error_class=self.error_class,
+            detail=self.detail,
+            outputs=self.parts,
+            computed=self.parts_computed > 0,
+        )
+
+
+class Quarantine(Exception):
+    """Raised inside this module for a defective ROI; becomes a quarantine outcome."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class InputError(Exception):
+    """An input object is missing or differs from its recorded hash; becomes a failed outcome."""
+
+
+def extract_roi(store: SiteStore, unit: RoiUnit, params: RadiomicsParams) -> RoiOutcome:
+    """Extract the features of one (series, ROI), computing only parts missing from the cache.
+
+    Parameters
+    ----------
+    store
+        The site store holding ``harmonised/`` and the cache.
+    unit
+        The (series, ROI) to extract.
+    params
+        Validated pyradiomics parameters.
+
+    Returns
+    -------
+    RoiOutcome
+        ``ok`` with the cache keys of every part, ``quarantined`` with a reason for a defective
+        ROI, or ``failed`` with the error class for an unexpected error.
+    """
+    parts = plan_parts(params)
+    keys = [object_key(unit.image_sha256, unit.mask_sha256, p) for p in parts]
+    cached = read_parts(store, keys)
+    missing = [p for p, k in zip(parts, keys, strict=True) if k not in cached]
+    computed = 0
+    if missing:
+        try:
+            fresh = compute_parts(store, unit, params, missing)
+        except InputError as exc:
+            return RoiOutcome(
+                unit.key, Status.FAILED, error_class="InputError", detail=str(exc), parts=()
+            )
+        except Exception as exc:  # unexpected: report, never raise into the flow
+            logger.warning("extraction of one ROI failed: %s", type(exc).__name__)
+            return RoiOutcome(
+                unit.key,
+                Status.FAILED,
+                error_class=type(exc).__name__,
+                detail=_first_line(exc),
+            )
+        for part, key in zip(parts, keys, strict=True):
+            if part in fresh:
+                write_part(store, key, fresh[part])
+                cached[key] = fresh[part]
+        computed = len(fresh)
+    outcome = [cached[k] for k in keys]
+    bad = next((c for c in outcome if not c.ok), None)
+    common = {
+        "parts": tuple(keys),
+        "parts_computed": computed,
+        "parts_reused": len(keys) - computed,
+    }
+    if bad is not None:
+        return RoiOutcome(
+            unit.key, Status.QUARANTINED, reason=bad.reason, detail=bad.detail, **common
+        )
+    return RoiOutcome(unit.key, Status.OK, **common)
+
+
+def compute_parts(
+    store: SiteStore, unit: RoiUnit, params: RadiomicsParams, missing: list[Part]
+) -> dict[Part, CachedPart]:
+    """Compute the ``missing`` parts of one unit with one pyradiomics ``execute`` call.
+
+    A defective ROI gives every missing part the same quarantine outcome.
+
+    Raises
+    ------
+    InputError
+        When the image or mask object is missing or differs from its recorded hash.
+    """
+    with tempfile.TemporaryDirectory(prefix="oncoflow-radiomics-") as tmp:
+        image_path = _local_copy(store, unit.image, unit.image_sha256, Path(tmp) / "image.nii.gz")
+        mask_path = _local_copy(store, unit.mask, unit.mask_sha256, Path(tmp) / "mask.nii.gz")
+        try:
+            image = sitk.ReadImage(str(image_path))
+            mask = sitk.ReadImage(str(mask_path))
+        except RuntimeError:
+            raise InputError("image or mask is not a readable NIfTI file") from None
+    try:
+        check_mask(image, mask, params.setting.label or 1)
+        features = run_extractor(image, mask, params, missing)
+    except Quarantine as q:
+        return {p: CachedPart(p.name, reason=str(q.reason), detail=q.detail) for p in missing}
+    except ValueError as exc:
+        reason, detail = classify_value_error(exc)
+        return {p: CachedPart(p.name, reason=str(reason), detail=detail) for p in missing}
+    return split_features(features, missing)
+
+
+def _local_copy(store: SiteStore, key: str, sha256: str, target: Path) -> Path:
+    try:
+        data = store.read_bytes(key)
+    except FileNotFoundError:
+        raise InputError(f"{Path(key).name} is missing from the store") from None
+    if sha256_bytes(data) != sha256:
+        raise InputError(
+            f"{Path(key).name} differs from its hash in {HARMONISED_SERIES}: re-run harmonise"
+        )
+    target.write_bytes(data)
+    return target
+
+
+def check_mask(image: sitk.Image, mask: sitk.Image, label: int) -> None:
+    """Quarantine masks pyradiomics cannot use: empty, one voxel, or entirely outside the image.
+
+    Raises
+    ------
+    Quarantine
+        With reason ``empty-mask``, ``one-voxel-mask`` or ``mask-outside-image``.
+    """
+    arr = sitk.GetArrayViewFromImage(mask)
+    if arr.ndim == 4:  # vector mask: pyradiomics uses channel 0 by default
+        arr = arr[..., 0]
+    where = np.argwhere(arr == label)
+    if where.size == 0:
+        raise Quarantine(Reason.EMPTY_MASK, f"no voxel with label {label}")
+    if len(where) == 1:
+        raise Quarantine(Reason.ONE_VOXEL_MASK, "the mask has a single voxel")
+    if _same_grid(image, mask):
+        return
+    lo = where.min(axis=0)[::-1] - 0.5  # numpy (z, y, x) -> ITK (x, y, z)
+    hi = where.max(axis=0)[::-1] + 0.5
+    corners = [
+        image.TransformPhysicalPointToContinuousIndex(
+            mask.TransformContinuousIndexToPhysicalPoint([float(v) for v in corner])
+        )
+        for corner in product(*zip(lo, hi, strict=True))
+    ]
+    cmin = np.min(corners, axis=0)
+    cmax = np.max(corners, axis=0)
+    size = np.array(image.GetSize(), dtype=float)
+    if np.any(cmax <= -0.5) or np.any(cmin >= size - 0.5):
+        raise Quarantine(Reason.MASK_OUTSIDE_IMAGE, "the ROI lies outside the image")
+
+
+def _same_grid(image: sitk.Image, mask: sitk.Image, tol: float = 1e-4) -> bool:
+    return (
+        image.GetSize() == mask.GetSize()
+        and np.allclose(image.GetSpacing(), mask.GetSpacing(), atol=tol)
+        and np.allclose(image.GetOrigin(), mask.GetOrigin(), atol=tol)
+        and np.allclose(image.GetDirection(), mask.GetDirection(), atol=tol)
+    )
+
+
+def classify_value_error(exc: ValueError) -> tuple[Reason, str]:
+    """Map pyradiomics' ROI-check ``ValueError`` messages to reason codes."""
+    text = _first_line(exc)
+    low = text.lower()
+    if "not present in mask" in low:
+        return Reason.EMPTY_MASK, text
+    if "1 segmented voxel" in low:
+        return Reason.ONE_VOXEL_MASK, text
+    if "too few dimensions" in low or "too small" in low:
+        return Reason.ROI_TOO_SMALL, text
+    if "mismatch" in low or "bounding box calculation" in low:
+        return Reason.MASK_GEOMETRY_MISMATCH, text
+    return Reason.EXTRACTION_ERROR, text
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def build_extractor(params: RadiomicsParams, parts: list[Part] | None = None) -> Any:
+    """Return a ``RadiomicsFeatureExtractor`` for ``params`` restricted to ``parts``.
+
+    Parameters
+    ----------
+    params
+        Validated parameters.
+    parts
+        Parts to compute (None: all). Shape classes are enabled only with the shape part,
+        image types only with their own part.
+    """
+    from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    canonical = params.canonical()
+    names = {p.name for p in parts} if parts is not None else None
+    classes = canonical["featureClass"]
+    image_types = canonical["imageType"]
+    if names is not None:
+        if SHAPE_PART not in names:
+            classes = {k: v for k, v in classes.items() if k not in SHAPE_CLASSES}
+        image_types = {k: v for k, v in image_types.items() if k in names}
+        if not image_types:
+            classes = {k: v for k, v in classes.items() if k in SHAPE_CLASSES}
+    extractor = RadiomicsFeatureExtractor(canonical)
+    extractor.enabledImagetypes = image_types
+    extractor.enabledFeatures = classes
+    extractor.settings["additionalInfo"] = False
+    return extractor
+
+
+def run_extractor(
+    image: sitk.Image, mask: sitk.Image, params: RadiomicsParams, parts: list[Part] | None = None
+) -> dict[str, float]:
+    """Run pyradiomics on an image and mask; return the features as floats in pyradiomics order."""
+    result = build_extractor(params, parts).execute(image, mask)
+    return {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
+
+
+def split_features(features: dict[str, float], parts: list[Part]) -> dict[Part, CachedPart]:
+    """Split one extraction's features into cache parts by image type (shape separately)."""
+    by_name = {p.name: p for p in parts}
+    buckets: dict[str, dict[str, float]] = {p.name: {} for p in parts}
+    shape_enabled = SHAPE_PART in by_name
+    for name, value in features.items():
+        part = part_for_feature(name, shape_enabled)
+        if part not in buckets:
+            raise ValueError(f"feature {name!r} belongs to part {part!r}, which was not requested")
+        buckets[part][name] = value
+    return {by_name[n]: CachedPart(n, features=f) for n, f in buckets.items()}

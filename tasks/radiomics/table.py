@@ -1,0 +1,124 @@
+"""The features table ``features/<params-hash>.parquet`` (contract in ``docs/tables.md``).
+
+One row per (series, ROI): key columns, ``status``/``reason``/``detail``, the pyradiomics
+feature columns with their names unchanged (float64, null for rows without features), then
+``prov_*`` columns. The Parquet metadata records the canonical parameters, their hash and the
+package versions. Rows are sorted by (series, roi) and columns follow pyradiomics' order, so the
+same inputs and parameters give byte-identical files whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import pyarrow as pa
+
+from tasks.radiomics.cache import PYRADIOMICS_VERSION
+from tasks.radiomics.extract import RoiUnit
+from tasks.radiomics.params import RadiomicsParams, canonical_json
+from tasks.store import FEATURES
+
+KEY_COLUMNS = ("site", "patient", "study", "series", "modality", "roi", "params_hash")
+STATUS_COLUMNS = ("status", "reason", "detail")
+PROV_COLUMNS = ("prov_image_sha256", "prov_mask_sha256", "prov_pyradiomics_version")
+VERSIONED_PACKAGES = ("pyradiomics", "SimpleITK", "numpy", "PyWavelets", "scipy")
+
+
+def features_key(params_hash: str) -> str:
+    """Store key of the features table for a parameter hash."""
+    return f"{FEATURES}/{params_hash}.parquet"
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    """One row of the features table.
+
+    Parameters
+    ----------
+    unit
+        The (series, ROI).
+    status, reason, detail
+        Outcome of the unit.
+    features
+        Feature values in pyradiomics order (empty unless ``status`` is ``ok``).
+    """
+
+    unit: RoiUnit
+    status: str
+    reason: str = ""
+    detail: str = ""
+    features: dict[str, float] = field(default_factory=dict)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that determine feature values."""
+    out = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = ""
+    out["pyradiomics"] = PYRADIOMICS_VERSION
+    return out
+
+
+def build_features_table(
+    site: str, rows: list[FeatureRow], params: RadiomicsParams
+) -> tuple[pa.Table, dict[str, str]]:
+    """Build the features table and its Parquet metadata.
+
+    Parameters
+    ----------
+    site
+        Site code (``site`` column).
+    rows
+        One row per (series, ROI), in any order.
+    params
+        The validated parameters (hash column and metadata).
+
+    Returns
+    -------
+    tuple
+        The table (rows sorted by series then ROI) and the metadata to store with it.
+    """
+    params_hash = params.params_hash()
+    ordered = sorted(rows, key=lambda r: (r.unit.series, r.unit.roi))
+    names: dict[str, None] = {}
+    for row in ordered:
+        for name in row.features:
+            names.setdefault(name, None)
+    columns: dict[str, pa.Array] = {
+        "site": pa.array([site] * len(ordered), pa.string()),
+        "patient": pa.array([r.unit.patient for r in ordered], pa.string()),
+        "study": pa.array([r.unit.study for r in ordered], pa.string()),
+        "series": pa.array([r.unit.series for r in ordered], pa.string()),
+        "modality": pa.array([r.unit.modality for r in ordered], pa.string()),
+        "roi": pa.array([r.unit.roi for r in ordered], pa.string()),
+        "params_hash": pa.array([params_hash] * len(ordered), pa.string()),
+        "status": pa.array([r.status for r in ordered], pa.string()),
+        "reason": pa.array([r.reason for r in ordered], pa.string()),
+        "detail": pa.array([r.detail for r in ordered], pa.string()),
+    }
+    for name in names:
+        columns[name] = pa.array([r.features.get(name) for r in ordered], pa.float64())
+    columns["prov_image_sha256"] = pa.array([r.unit.image_sha256 for r in ordered], pa.string())
+    columns["prov_mask_sha256"] = pa.array([r.unit.mask_sha256 for r in ordered], pa.string())
+    columns["prov_pyradiomics_version"] = pa.array(
+        [PYRADIOMICS_VERSION] * len(ordered), pa.string()
+    )
+    table = pa.table(columns)
+    metadata = {
+        "oncoflow.table": "features",
+        "oncoflow.params_hash": params_hash,
+        "oncoflow.params": params.canonical_json(),
+        "oncoflow.versions": canonical_json(package_versions()),
+    }
+    return table, metadata
+
+
+def table_params(metadata: dict[bytes, bytes] | None) -> dict[str, object]:
+    """Read back the canonical parameters stored in a features table's metadata."""
+    raw = (metadata or {}).get(b"oncoflow.params")
+    return json.loads(raw) if raw else {}
