@@ -291,6 +291,84 @@ def scan_phi(
         typer.echo("scan-phi: no identifiers found")
 
 
+@app.command()
+def run(
+    source: Annotated[
+        str, typer.Argument(help="Source URL: folder, s3://..., dicomweb+http://...")
+    ],
+    site: Site,
+    store: Store,
+    params: Annotated[
+        list[str] | None,
+        typer.Option("--params", help="Radiomics preset (ct, mr, pet) or parameter file."),
+    ] = None,
+    cohort: Annotated[str | None, typer.Option("--cohort", help="Cohort spec to publish.")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Publication URL.")] = None,
+    workers: Workers = 2,
+    dask_address: DaskAddress = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Run the site pipeline: ingest, deidentify, harmonise, extract (and publish)."""
+    from pydantic import ValidationError
+
+    from flows.pipeline import SitePipelineParams, run_pipeline
+    from tasks.errors import OncoflowError
+
+    if (cohort is None) != (to is None):
+        raise OncoflowError("--cohort and --to go together")
+    stages = ["ingest", "deidentify", "harmonise"]
+    if params:
+        stages.append("extract")
+    if cohort:
+        stages.append("publish")
+    try:
+        pipeline_params = SitePipelineParams(
+            source=source,
+            site=site,
+            store=store,
+            stages=stages,
+            params=params or [],
+            cohort=cohort,
+            to=to,
+            runtime=runtime_options(workers, dask_address),
+        )
+    except ValidationError as exc:
+        raise OncoflowError(str(exc.errors(include_url=False)[0]["msg"])) from None
+    emit(run_pipeline(pipeline_params), as_json)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = (
+        Path("oncoflow-demo")
+    ),
+    sites: Annotated[int, typer.Option(min=1, max=26)] = 3,
+    patients: Annotated[int, typer.Option(min=1, max=50)] = 3,
+    seed: int = 0,
+    ui: Annotated[
+        bool, typer.Option("--ui", help="Start `prefect server` with its UI and leave it up.")
+    ] = False,
+    workers: Workers = 2,
+    dask_address: DaskAddress = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Run three synthetic sites end to end, through publish and the hub, and summarise."""
+    from flows.demo import print_demo, run_demo
+
+    result = run_demo(
+        out,
+        sites=sites,
+        patients=patients,
+        seed=seed,
+        runtime=runtime_options(workers, dask_address),
+        ui=ui,
+    )
+    if as_json:
+        emit(result, True)
+    else:
+        print_demo(result)
+
+
 def _quiet_consoles() -> None:
     """Keep Prefect's and Dask's INFO chatter off the terminal (it still reaches the UI)."""
     if os.environ.get("ONCOFLOW_VERBOSE"):
