@@ -58,7 +58,9 @@ CT, MR, PET, PET_NO_SUV, RTSTRUCT, SEG = 2, 5, 7, 8, 101, 102
 SECONDARY, MISSING_SLICE, IRREGULAR, LOCALIZER, TRUNCATED = 900, 901, 902, 903, 999
 
 
-def generate_cohort(out: str | Path, sites: int = 3, patients: int = 3, seed: int = 0) -> CohortTruth:
+def generate_cohort(
+    out: str | Path, sites: int = 3, patients: int = 3, seed: int = 0
+) -> CohortTruth:
     """Write a deterministic synthetic multi-site DICOM cohort and ``OUT/truth.json``.
 
     Parameters
@@ -88,9 +90,7 @@ def generate_cohort(out: str | Path, sites: int = 3, patients: int = 3, seed: in
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise OncoflowError(f"output folder is not empty: {root}")
     tokens = TokenFactory(np.random.default_rng([seed, 0x5EED]))
-    site_truths = [
-        _generate_site(root, index, patients, seed, tokens) for index in range(sites)
-    ]
+    site_truths = [_generate_site(root, index, patients, seed, tokens) for index in range(sites)]
     truth = CohortTruth(
         generator=GENERATOR, seed=seed, n_sites=sites, patients_per_site=patients, sites=site_truths
     )
@@ -98,7 +98,9 @@ def generate_cohort(out: str | Path, sites: int = 3, patients: int = 3, seed: in
     return truth
 
 
-def _generate_site(root: Path, index: int, patients: int, seed: int, tokens: TokenFactory) -> SiteTruth:
+def _generate_site(
+    root: Path, index: int, patients: int, seed: int, tokens: TokenFactory
+) -> SiteTruth:
     name = site_name(index)
     site = SiteContext(
         seed=seed,
@@ -125,10 +127,14 @@ def _generate_site(root: Path, index: int, patients: int, seed: int, tokens: Tok
     )
 
 
-def _draw_lesions(site: SiteContext, p: int, rng: np.random.Generator, z: float) -> list[tuple[str, Lesion]]:
+def _draw_lesions(
+    site: SiteContext, p: int, rng: np.random.Generator, z: float
+) -> list[tuple[str, Lesion]]:
     n = 1 + (p + site.index + 1) % 2
     sides = (1, -1)[:n]
-    return [(site.profile.roi_names[i], random_lesion(rng, side, z)) for i, side in enumerate(sides)]
+    return [
+        (site.profile.roi_names[i], random_lesion(rng, side, z)) for i, side in enumerate(sides)
+    ]
 
 
 def _lesion_truths(lesions: list[tuple[str, Lesion]]) -> list[LesionTruth]:
@@ -201,7 +207,7 @@ def _generate_patient(
                 series=series,
             )
         )
-    planted = identity.planted_values() + site.identity.planted_values() + planted
+    planted = identity.planted_values() + site.identity.common_values() + planted
     identifiers = {
         k: (dicom_date(v) if isinstance(v, date) else str(v))
         for k, v in asdict(identity).items()
@@ -226,9 +232,33 @@ def _grids(site: SiteContext, z: float) -> dict[str, Grid]:
     prof = site.profile
     centre = (0.0, 0.0, z)
     return {
-        "CT": Grid.centred(prof.orientation, centre, prof.ct_pixel_spacing, prof.ct_slice_spacing, prof.ct_slices, 64, 64),
-        "MR": Grid.centred(prof.orientation, centre, prof.mr_pixel_spacing, prof.mr_slice_spacing, prof.mr_slices, 64, 64),
-        "PT": Grid.centred(prof.pet_orientation, centre, prof.pet_pixel_spacing, prof.pet_slice_spacing, prof.pet_slices, 32, 32),
+        "CT": Grid.centred(
+            prof.orientation,
+            centre,
+            prof.ct_pixel_spacing,
+            prof.ct_slice_spacing,
+            prof.ct_slices,
+            64,
+            64,
+        ),
+        "MR": Grid.centred(
+            prof.orientation,
+            centre,
+            prof.mr_pixel_spacing,
+            prof.mr_slice_spacing,
+            prof.mr_slices,
+            64,
+            64,
+        ),
+        "PT": Grid.centred(
+            prof.pet_orientation,
+            centre,
+            prof.pet_pixel_spacing,
+            prof.pet_slice_spacing,
+            prof.pet_slices,
+            32,
+            32,
+        ),
     }
 
 
@@ -242,8 +272,14 @@ def _baseline_study(
     prof, site, p = ctx.site.profile, ctx.site, ctx.patient_index
     grids = _grids(site, z)
     start = ctx.study.start
-    injection = start + timedelta(minutes=5, seconds=int(rng.integers(0, 600)), microseconds=int(rng.integers(1, 999_999)))
-    pet_start = injection + timedelta(minutes=int(rng.integers(55, 75)), seconds=int(rng.integers(0, 60)), microseconds=int(rng.integers(1, 999_999)))
+    injection = start + timedelta(
+        minutes=5, seconds=int(rng.integers(0, 600)), microseconds=int(rng.integers(1, 999_999))
+    )
+    pet_start = injection + timedelta(
+        minutes=int(rng.integers(55, 75)),
+        seconds=int(rng.integers(0, 60)),
+        microseconds=int(rng.integers(1, 999_999)),
+    )
     suv = SuvParameters(
         weight_kg=round(float(rng.uniform(55.0, 95.0)), 1),
         injected_dose_bq=float(round(float(rng.uniform(250e6, 400e6)), -5)),
@@ -254,19 +290,39 @@ def _baseline_study(
     for_ct = ctx.uid("frame-of-reference", "pet-ct")
     for_mr = ctx.uid("frame-of-reference", "mr")
     ct = write_image_series(
-        ctx, role="ct", modality="CT", grid=grids["CT"], series_number=CT, frame_of_reference_uid=for_ct,
-        start=pet_start - timedelta(minutes=3), description=f"CT AX 5mm {ctx.patient.family}",
+        ctx,
+        role="ct",
+        modality="CT",
+        grid=grids["CT"],
+        series_number=CT,
+        frame_of_reference_uid=for_ct,
+        start=pet_start - timedelta(minutes=3),
+        description=f"CT AX 5mm {ctx.patient.family}",
         transfer_syntax=prof.ct_transfer_syntax,
     )
     mr = write_image_series(
-        ctx, role="mr", modality="MR", grid=grids["MR"], series_number=MR, frame_of_reference_uid=for_mr,
-        start=start + timedelta(hours=2, seconds=17), description=f"T1 AX {ctx.patient.given}",
+        ctx,
+        role="mr",
+        modality="MR",
+        grid=grids["MR"],
+        series_number=MR,
+        frame_of_reference_uid=for_mr,
+        start=start + timedelta(hours=2, seconds=17),
+        description=f"T1 AX {ctx.patient.given}",
         transfer_syntax=prof.mr_transfer_syntax,
     )
     pet = write_image_series(
-        ctx, role="pet", modality="PT", grid=grids["PT"], series_number=PET, frame_of_reference_uid=for_ct,
-        start=pet_start, description=f"PET AC WB {ctx.patient.family}", transfer_syntax=prof.pet_transfer_syntax,
-        suv=suv, weight_kg=suv.weight_kg,
+        ctx,
+        role="pet",
+        modality="PT",
+        grid=grids["PT"],
+        series_number=PET,
+        frame_of_reference_uid=for_ct,
+        start=pet_start,
+        description=f"PET AC WB {ctx.patient.family}",
+        transfer_syntax=prof.pet_transfer_syntax,
+        suv=suv,
+        weight_kg=suv.weight_kg,
     )
     contoured = start + timedelta(days=1, hours=1, seconds=int(rng.integers(0, 3600)))
     series = [
@@ -290,34 +346,59 @@ def _follow_up_study(ctx: StudyContext, z: float) -> list[SeriesTruth]:
     prof = ctx.site.profile
     grid = _grids(ctx.site, z)["CT"]
     ct = write_image_series(
-        ctx, role="ct-followup", modality="CT", grid=grid, series_number=CT,
-        frame_of_reference_uid=ctx.uid("frame-of-reference", "ct"), start=ctx.study.start + timedelta(minutes=3),
-        description=f"CT AX 5mm FU {ctx.patient.family}", transfer_syntax=prof.ct_transfer_syntax,
+        ctx,
+        role="ct-followup",
+        modality="CT",
+        grid=grid,
+        series_number=CT,
+        frame_of_reference_uid=ctx.uid("frame-of-reference", "ct"),
+        start=ctx.study.start + timedelta(minutes=3),
+        description=f"CT AX 5mm FU {ctx.patient.family}",
+        transfer_syntax=prof.ct_transfer_syntax,
     )
     later = ctx.study.start + timedelta(days=2, minutes=11)
-    return [ct.truth, write_rtstruct(ctx, ct, RTSTRUCT, later), write_seg(ctx, ct, SEG, later + timedelta(minutes=2))]
+    return [
+        ct.truth,
+        write_rtstruct(ctx, ct, RTSTRUCT, later),
+        write_seg(ctx, ct, SEG, later + timedelta(minutes=2)),
+    ]
 
 
 def _pet_without_suv(
     ctx: StudyContext, grid: Grid, for_uid: str, suv: SuvParameters, fault_list: list[FaultTruth]
 ) -> SeriesTruth:
     written = write_image_series(
-        ctx, role="pet-no-suv", modality="PT", grid=grid, series_number=PET_NO_SUV, frame_of_reference_uid=for_uid,
-        start=suv.series_start + timedelta(minutes=20), description=f"PET NAC recon {ctx.patient.family}",
-        transfer_syntax=ctx.site.profile.pet_transfer_syntax, suv=suv, suv_in_header=False,
-        weight_kg=suv.weight_kg, expected=(str(Stage.HARMONISE), str(Reason.MISSING_SUV_DATA)),
+        ctx,
+        role="pet-no-suv",
+        modality="PT",
+        grid=grid,
+        series_number=PET_NO_SUV,
+        frame_of_reference_uid=for_uid,
+        start=suv.series_start + timedelta(minutes=20),
+        description=f"PET NAC recon {ctx.patient.family}",
+        transfer_syntax=ctx.site.profile.pet_transfer_syntax,
+        suv=suv,
+        suv_in_header=False,
+        weight_kg=suv.weight_kg,
+        expected=(str(Stage.HARMONISE), str(Reason.MISSING_SUV_DATA)),
     )
     fault_list.append(
         FaultTruth(
-            kind="missing-suv-data", paths=written.truth.files, reason=str(Reason.MISSING_SUV_DATA),
-            stage=str(Stage.HARMONISE), scope="series", series_instance_uid=written.truth.series_instance_uid,
+            kind="missing-suv-data",
+            paths=written.truth.files,
+            reason=str(Reason.MISSING_SUV_DATA),
+            stage=str(Stage.HARMONISE),
+            scope="series",
+            series_instance_uid=written.truth.series_instance_uid,
             detail="PET without RadiopharmaceuticalInformationSequence",
         )
     )
     return written.truth
 
 
-def _secondary_capture(ctx: StudyContext, start: datetime, fault_list: list[FaultTruth]) -> SeriesTruth:
+def _secondary_capture(
+    ctx: StudyContext, start: datetime, fault_list: list[FaultTruth]
+) -> SeriesTruth:
     series_uid, sop_uid = ctx.uid("secondary", "series"), ctx.uid("secondary", "instance")
     pixels = burned_in_pixels([ctx.patient.name, ctx.patient.patient_id, ctx.study.date])
     ds = secondary_capture(ctx.study_uid, series_uid, sop_uid, SECONDARY, pixels)
@@ -328,16 +409,30 @@ def _secondary_capture(ctx: StudyContext, start: datetime, fault_list: list[Faul
     rel = ctx.site.record(path, "ok")
     fault_list.append(
         FaultTruth(
-            kind="burned-in-annotation", paths=[rel], reason=str(Reason.BURNED_IN_ANNOTATION),
-            stage=str(Stage.DEIDENTIFY), scope="series", series_instance_uid=series_uid,
+            kind="burned-in-annotation",
+            paths=[rel],
+            reason=str(Reason.BURNED_IN_ANNOTATION),
+            stage=str(Stage.DEIDENTIFY),
+            scope="series",
+            series_instance_uid=series_uid,
             detail="secondary capture with BurnedInAnnotation YES and text in the pixels",
         )
     )
     return SeriesTruth(
-        role="secondary-capture", kind="secondary", modality="OT", series_instance_uid=series_uid,
-        study_instance_uid=ctx.study_uid, series_number=SECONDARY, sop_class_uid=str(ds.SOPClassUID),
-        transfer_syntax_uid=EXPLICIT_LE, n_files=1, files=[rel], sop_instance_uids=[sop_uid],
-        ingest_status="ok", expected_stage=str(Stage.DEIDENTIFY), expected_reason=str(Reason.BURNED_IN_ANNOTATION),
+        role="secondary-capture",
+        kind="secondary",
+        modality="OT",
+        series_instance_uid=series_uid,
+        study_instance_uid=ctx.study_uid,
+        series_number=SECONDARY,
+        sop_class_uid=str(ds.SOPClassUID),
+        transfer_syntax_uid=EXPLICIT_LE,
+        n_files=1,
+        files=[rel],
+        sop_instance_uids=[sop_uid],
+        ingest_status="ok",
+        expected_stage=str(Stage.DEIDENTIFY),
+        expected_reason=str(Reason.BURNED_IN_ANNOTATION),
     )
 
 
@@ -346,45 +441,79 @@ def _fault_series(
 ) -> list[SeriesTruth]:
     """Extra CT series with geometry faults (10 slices each) plus a localizer mixed into one."""
     small = Grid.centred(
-        ct_grid.orientation, ct_grid.centre, ct_grid.pixel_spacing,
-        ct_grid.offsets[1] - ct_grid.offsets[0], 10, ct_grid.rows, ct_grid.columns,
+        ct_grid.orientation,
+        ct_grid.centre,
+        ct_grid.pixel_spacing,
+        ct_grid.offsets[1] - ct_grid.offsets[0],
+        10,
+        ct_grid.rows,
+        ct_grid.columns,
     )
     ts = ctx.site.profile.ct_transfer_syntax
     common = {"modality": "CT", "frame_of_reference_uid": for_uid, "transfer_syntax": ts}
     missing = write_image_series(
-        ctx, role="fault-missing-slice", grid=small, series_number=MISSING_SLICE, start=start + timedelta(minutes=6),
-        description="CT recon 2 MISSING", drop_slices=(small.slices // 2,), ingest_status="quarantined",
-        expected=(str(Stage.INGEST), str(Reason.MISSING_SLICE)), **common,
+        ctx,
+        role="fault-missing-slice",
+        grid=small,
+        series_number=MISSING_SLICE,
+        start=start + timedelta(minutes=6),
+        description="CT recon 2 MISSING",
+        drop_slices=(small.slices // 2,),
+        ingest_status="quarantined",
+        expected=(str(Stage.INGEST), str(Reason.MISSING_SLICE)),
+        **common,
     )
     irregular = write_image_series(
-        ctx, role="fault-inconsistent-spacing", grid=faults.irregular_grid(small), series_number=IRREGULAR,
-        start=start + timedelta(minutes=7), description="CT recon 3 IRREGULAR", ingest_status="quarantined",
-        expected=(str(Stage.INGEST), str(Reason.INCONSISTENT_SPACING)), **common,
+        ctx,
+        role="fault-inconsistent-spacing",
+        grid=faults.irregular_grid(small),
+        series_number=IRREGULAR,
+        start=start + timedelta(minutes=7),
+        description="CT recon 3 IRREGULAR",
+        ingest_status="quarantined",
+        expected=(str(Stage.INGEST), str(Reason.INCONSISTENT_SPACING)),
+        **common,
     )
     with_scout = write_image_series(
-        ctx, role="ct-with-localizer", grid=small, series_number=LOCALIZER, start=start + timedelta(minutes=8),
-        description="CT recon 4", **common,
+        ctx,
+        role="ct-with-localizer",
+        grid=small,
+        series_number=LOCALIZER,
+        start=start + timedelta(minutes=8),
+        description="CT recon 4",
+        **common,
     )
-    for written, reason in ((missing, Reason.MISSING_SLICE), (irregular, Reason.INCONSISTENT_SPACING)):
+    for written, reason in (
+        (missing, Reason.MISSING_SLICE),
+        (irregular, Reason.INCONSISTENT_SPACING),
+    ):
         fault_list.append(
             FaultTruth(
-                kind=str(reason), paths=written.truth.files, reason=str(reason), stage=str(Stage.INGEST),
-                scope="series", series_instance_uid=written.truth.series_instance_uid,
+                kind=str(reason),
+                paths=written.truth.files,
+                reason=str(reason),
+                stage=str(Stage.INGEST),
+                scope="series",
+                series_instance_uid=written.truth.series_instance_uid,
             )
         )
     scout_path = _write_localizer(ctx, with_scout, start)
     fault_list.append(
         FaultTruth(
-            kind="localizer", paths=[scout_path], reason=str(Reason.LOCALIZER), stage=str(Stage.INGEST),
-            scope="file", series_instance_uid=with_scout.truth.series_instance_uid,
-            detail="coronal LOCALIZER image sharing the SeriesInstanceUID; the rest of the series is valid",
+            kind="localizer",
+            paths=[scout_path],
+            reason=str(Reason.LOCALIZER),
+            stage=str(Stage.INGEST),
+            scope="file",
+            series_instance_uid=with_scout.truth.series_instance_uid,
+            detail="LOCALIZER image sharing the SeriesInstanceUID; the rest of the series is valid",
         )
     )
     return [missing.truth, irregular.truth, with_scout.truth]
 
 
 def _write_localizer(ctx: StudyContext, series: WrittenSeries, start: datetime) -> str:
-    """A coronal scout with the series' SeriesInstanceUID, written as IM0000."""
+    """Write a scout orthogonal to the series, with its SeriesInstanceUID, as IM0000."""
     grid = faults.localizer_grid(series.grid)
     ds = copy.deepcopy(series.datasets[0])
     uid = ctx.uid("localizer", "instance")
@@ -418,7 +547,10 @@ def _file_faults(ctx: StudyContext, ct: WrittenSeries, fault_list: list[FaultTru
     truncated = ctx.file_name(TRUNCATED, 1)
     ds = ct.datasets[len(ct.datasets) // 2]
     cut = copy.deepcopy(ds)
-    for attr, value in (("SOPInstanceUID", ctx.uid("truncated", "instance")), ("SeriesInstanceUID", ctx.uid("truncated", "series"))):
+    for attr, value in (
+        ("SOPInstanceUID", ctx.uid("truncated", "instance")),
+        ("SeriesInstanceUID", ctx.uid("truncated", "series")),
+    ):
         setattr(cut, attr, value)
     cut.file_meta.MediaStorageSOPInstanceUID = cut.SOPInstanceUID
     cut.SeriesNumber = TRUNCATED
@@ -437,12 +569,22 @@ def _file_faults(ctx: StudyContext, ct: WrittenSeries, fault_list: list[FaultTru
     ):
         rel = site.record(path, str(reason))
         fault_list.append(
-            FaultTruth(kind=str(reason), paths=[rel], reason=str(reason), stage=str(Stage.INGEST), scope="file", detail=detail)
+            FaultTruth(
+                kind=str(reason),
+                paths=[rel],
+                reason=str(reason),
+                stage=str(Stage.INGEST),
+                scope="file",
+                detail=detail,
+            )
         )
 
 
 def _site_files(
-    site: SiteContext, first_cts: list[WrittenSeries], patients: list[PatientTruth], fault_list: list[FaultTruth]
+    site: SiteContext,
+    first_cts: list[WrittenSeries],
+    patients: list[PatientTruth],
+    fault_list: list[FaultTruth],
 ) -> None:
     """README.txt and DICOMDIR at the site root."""
     readme = site.root / "README.txt"
@@ -450,14 +592,23 @@ def _site_files(
     lines += [f"  {p.patient_name} {p.patient_id}" for p in patients]
     faults.write_text(readme, "\n".join(lines) + "\n")
     dicomdir = site.root / "DICOMDIR"
-    faults.write_dicomdir(dicomdir, [ct.datasets[0] for ct in first_cts], make_uid(site.seed, site.name, "fileset"))
+    faults.write_dicomdir(
+        dicomdir, [ct.datasets[0] for ct in first_cts], make_uid(site.seed, site.name, "fileset")
+    )
     for path, reason, detail in (
         (readme, Reason.NOT_DICOM, "export notes"),
         (dicomdir, Reason.DICOMDIR, "media directory; its references point outside the export"),
     ):
         rel = site.record(path, str(reason))
         fault_list.append(
-            FaultTruth(kind=str(reason), paths=[rel], reason=str(reason), stage=str(Stage.INGEST), scope="file", detail=detail)
+            FaultTruth(
+                kind=str(reason),
+                paths=[rel],
+                reason=str(reason),
+                stage=str(Stage.INGEST),
+                scope="file",
+                detail=detail,
+            )
         )
 
 

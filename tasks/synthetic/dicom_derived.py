@@ -134,11 +134,14 @@ def _replace_generated_uids(ds: Dataset, uid_parts: tuple[object, ...]) -> None:
             if elem.VR == "SQ":
                 for item in elem.value:
                     visit(item)
-            elif elem.VR == "UI" and isinstance(elem.value, str):
-                if elem.value.startswith(HIGHDICOM_UID_ROOT):
-                    if elem.value not in mapping:
-                        mapping[elem.value] = make_uid(*uid_parts, "hd", len(mapping))
-                    elem.value = mapping[elem.value]
+            elif (
+                elem.VR == "UI"
+                and isinstance(elem.value, str)
+                and elem.value.startswith(HIGHDICOM_UID_ROOT)
+            ):
+                if elem.value not in mapping:
+                    mapping[elem.value] = make_uid(*uid_parts, "hd", len(mapping))
+                elem.value = mapping[elem.value]
 
     visit(ds)
 
@@ -198,6 +201,9 @@ def segmentation(
         content_creator_name=creator,
     )
     _replace_generated_uids(seg, (sop_uid,))
-    seg.ContentDate = seg.SeriesDate = dicom_date(created)
-    seg.ContentTime = seg.SeriesTime = dicom_time(created)
+    seg.ContentDate = seg.SeriesDate = seg.InstanceCreationDate = dicom_date(created)
+    seg.ContentTime = seg.SeriesTime = seg.InstanceCreationTime = dicom_time(created)
+    for item in seg.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S.%f")
     return seg

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,7 +38,7 @@ def make_uid(*parts: object) -> str:
 
 
 def new_dataset(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
-    """An empty dataset with SOP common attributes and file meta information."""
+    """Return an empty dataset with SOP common attributes and file meta information."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
@@ -114,9 +113,7 @@ class ImageSeries:
     image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")
 
 
-def quantise(
-    modality: str, values: np.ndarray, signed: bool
-) -> tuple[np.ndarray, float, float]:
+def quantise(modality: str, values: np.ndarray, signed: bool) -> tuple[np.ndarray, float, float]:
     """Convert phantom values (HU, MR units, PET Bq/ml) to stored pixels.
 
     Returns
@@ -182,7 +179,9 @@ def image_template(spec: ImageSeries, signed: bool, slope: float, intercept: flo
     return ds
 
 
-def add_pet_attributes(ds: Dataset, suv: SuvParameters | None, n_slices: int, weight_kg: float) -> None:
+def add_pet_attributes(
+    ds: Dataset, suv: SuvParameters | None, n_slices: int, weight_kg: float
+) -> None:
     """PET Series, PET Isotope and PET Image attributes (isotope omitted when ``suv`` is None)."""
     ds.SeriesType = ["STATIC", "IMAGE"]
     ds.Units = "BQML"
@@ -218,19 +217,32 @@ def add_pet_attributes(ds: Dataset, suv: SuvParameters | None, n_slices: int, we
     ds.RadiopharmaceuticalInformationSequence = Sequence([info])
 
 
-def slice_datasets(template: Dataset, spec: ImageSeries, uid_parts: tuple[object, ...]) -> list[Dataset]:
+def slice_datasets(
+    template: Dataset, spec: ImageSeries, uid_parts: tuple[object, ...]
+) -> list[Dataset]:
     """One dataset per slice of ``spec.grid`` (pixels are added when writing).
 
-    Slice ``k`` of the grid gets SOPInstanceUID ``make_uid(*uid_parts, k)``.
+    Slice ``k`` of the grid gets SOPInstanceUID ``make_uid(*uid_parts, k)``. The slices share
+    the template's element objects (copying them dominated the run time), so set per-slice
+    values only on elements created per slice.
     """
     out = []
     n = spec.grid.slices
     normal = spec.grid.normal
+    shared = Dataset()  # element objects shared by all slices: per-slice ones are added new
+    shared.update(template)
+    for keyword in ("SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "SliceLocation"):
+        if keyword in shared:
+            delattr(shared, keyword)
     for k in range(n):
-        ds = copy.deepcopy(template)
+        ds = Dataset()
+        ds.update(shared)
         uid = make_uid(*uid_parts, k)
-        ds.SOPInstanceUID = uid
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = template.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.file_meta.TransferSyntaxUID = template.file_meta.TransferSyntaxUID
+        ds.SOPInstanceUID = uid
         ds.InstanceNumber = n - k if spec.reverse_instance_numbers else k + 1
         pos = spec.grid.position(k)
         ds.ImagePositionPatient = [ds_str(v) for v in pos]
@@ -242,7 +254,7 @@ def slice_datasets(template: Dataset, spec: ImageSeries, uid_parts: tuple[object
 
 
 def burned_in_pixels(lines: list[str], rows: int = 96, columns: int = 192) -> np.ndarray:
-    """A grey screenshot with ``lines`` of text burned into the pixels (uint8)."""
+    """Return a grey screenshot with ``lines`` of text burned into the pixels (uint8)."""
     image = Image.new("L", (columns, rows), color=20)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=11)
@@ -252,8 +264,10 @@ def burned_in_pixels(lines: list[str], rows: int = 96, columns: int = 192) -> np
     return np.asarray(image, dtype=np.uint8)
 
 
-def secondary_capture(study_uid: str, series_uid: str, sop_uid: str, series_number: int, pixels: np.ndarray) -> Dataset:
-    """A secondary-capture screenshot declaring BurnedInAnnotation YES."""
+def secondary_capture(
+    study_uid: str, series_uid: str, sop_uid: str, series_number: int, pixels: np.ndarray
+) -> Dataset:
+    """Return a secondary-capture screenshot declaring BurnedInAnnotation YES."""
     ds = new_dataset(SecondaryCaptureImageStorage, sop_uid)
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.Modality = "OT"

@@ -16,14 +16,13 @@ from pydicom.fileset import FileSet
 from tasks.synthetic.phantoms import Grid
 
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
-CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 # Gaps between slices for the inconsistent-spacing series, as multiples of the nominal spacing:
 # irregular, never a multiple of it (so it is not a missing slice).
 IRREGULAR_GAPS = (1.0, 1.0, 1.0, 1.3, 0.7, 1.0, 1.4, 1.0, 1.0)
 
 
 def write_empty(path: Path) -> None:
-    """A zero-byte file (an interrupted copy)."""
+    """Write a zero-byte file (an interrupted copy)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")
 
@@ -51,24 +50,26 @@ def write_truncated(source: Path, path: Path) -> tuple[int, int]:
 
 
 def write_text(path: Path, text: str) -> None:
-    """A non-DICOM text file (export notes)."""
+    """Write a non-DICOM text file (export notes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
 
 
 def write_jpeg(path: Path, pixels: np.ndarray) -> None:
-    """A non-DICOM JPEG thumbnail of a slice (uint8 pixels)."""
+    """Write a non-DICOM JPEG thumbnail of a slice (uint8 pixels)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, format="JPEG", quality=85)
 
 
 def copy_file(source: Path, path: Path) -> None:
-    """An exact duplicate of ``source`` under another name."""
+    """Write an exact duplicate of ``source`` under another name."""
     shutil.copyfile(source, path)
 
 
 def write_dicomdir(path: Path, headers: list[Dataset], fileset_uid: str) -> None:
-    """A DICOMDIR indexing ``headers`` (its file references point into a folder not exported).
+    """Write a DICOMDIR indexing ``headers``.
+
+    Its file references point into a folder that is not part of the export.
 
     Parameters
     ----------
@@ -104,5 +105,12 @@ def irregular_grid(grid: Grid) -> Grid:
 
 
 def localizer_grid(grid: Grid) -> Grid:
-    """A single coronal plane through the middle of ``grid`` (a scout)."""
-    return Grid.centred(CORONAL, grid.centre, grid.pixel_spacing, 1.0, 1, grid.rows, grid.columns)
+    """Return a single plane through the middle of ``grid``, orthogonal to its slices (a scout).
+
+    Its rows run along the grid's rows and its columns against the slice normal: coronal for
+    an axial head-first grid.
+    """
+    orientation = tuple(float(v) + 0.0 for v in (*grid.row_dir, *(-grid.normal)))
+    return Grid.centred(
+        orientation, grid.centre, grid.pixel_spacing, 1.0, 1, grid.rows, grid.columns
+    )

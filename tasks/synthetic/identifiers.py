@@ -50,7 +50,7 @@ class TokenFactory:
         return True
 
     def word(self) -> str:
-        """A pronounceable capitalised word of 7 to 11 letters."""
+        """Return a pronounceable capitalised word of 7 to 11 letters."""
         while True:
             parts = [
                 self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) + self.rng.choice(_CODAS)
@@ -69,11 +69,11 @@ class TokenFactory:
                 return token
 
     def house_number(self) -> int:
-        """A house number (not distinctive on its own, never registered)."""
+        """Return a house number (not distinctive on its own, never registered)."""
         return int(self.rng.integers(1, 400))
 
     def person(self) -> str:
-        """A PN value ``Family^Given``."""
+        """Return a PN value ``Family^Given``."""
         return f"{self.word()}^{self.word()}"
 
 
@@ -101,16 +101,13 @@ class SiteIdentity:
             issuer=f"{tokens.word()} HIS",
         )
 
+    def common_values(self) -> list[str]:
+        """Values written into every file (station names and serials depend on the modality)."""
+        return [self.institution, self.institution_address, self.department, self.issuer]
+
     def planted_values(self) -> list[str]:
-        """All values written into files."""
-        return [
-            self.institution,
-            self.institution_address,
-            self.department,
-            *self.station_names.values(),
-            *self.device_serials.values(),
-            self.issuer,
-        ]
+        """All values written into the site's files."""
+        return [*self.common_values(), *self.station_names.values(), *self.device_serials.values()]
 
 
 @dataclass
@@ -247,10 +244,11 @@ class PatientIdentity:
         return f"{years:03d}Y"
 
     def free_text(self, study: StudyIdentity) -> str:
-        """A clinical note mentioning name, ID, birth date and accession."""
+        """Return a clinical note mentioning name, ID, birth date and accession."""
         return (
-            f"Pt {self.given} {self.family} ({self.patient_id}), born {dicom_date(self.birth_date)}, "
-            f"acc {study.accession}; referred by Dr {self.referring_physician.split('^')[0]}."
+            f"Pt {self.given} {self.family} ({self.patient_id}), "
+            f"born {dicom_date(self.birth_date)}, acc {study.accession}; "
+            f"referred by Dr {self.referring_physician.split('^')[0]}."
         )
 
     def planted_values(self) -> list[str]:
@@ -343,7 +341,9 @@ def apply_identity(
     ds.Occupation = patient.occupation
     ds.MedicalRecordLocator = patient.record_locator
     ds.PatientComments = note
-    ds.AdditionalPatientHistory = f"History taken from {patient.given} {patient.family} on {study.date}"
+    ds.AdditionalPatientHistory = (
+        f"History taken from {patient.given} {patient.family} on {study.date}"
+    )
     ds.AdmittingDiagnosesDescription = f"Lung mass, {patient.family}, {patient.patient_id}"
     ds.AdmissionID = study.admission_id
     ref_patient = Dataset()
@@ -410,4 +410,3 @@ def _apply_private(ds: Dataset, patient: PatientIdentity, study: StudyIdentity) 
     nested.add_new(0x11, "DA", dicom_date(patient.birth_date))
     nested.add_new(0x12, "LT", f"Case file of {patient.given} {patient.family}")
     block.add_new(0x04, "SQ", Sequence([item]))
-

@@ -14,7 +14,12 @@ import numpy as np
 
 # Tissue values per modality: (mean, noise sd). PET values are SUVbw.
 TISSUE: dict[str, dict[str, tuple[float, float]]] = {
-    "CT": {"air": (-1000.0, 4.0), "body": (40.0, 12.0), "lung": (-820.0, 25.0), "bone": (450.0, 30.0)},
+    "CT": {
+        "air": (-1000.0, 4.0),
+        "body": (40.0, 12.0),
+        "lung": (-820.0, 25.0),
+        "bone": (450.0, 30.0),
+    },
     "MR": {"air": (2.0, 2.0), "body": (320.0, 15.0), "lung": (40.0, 8.0), "bone": (520.0, 20.0)},
     "PT": {"air": (0.02, 0.01), "body": (1.0, 0.08), "lung": (0.35, 0.04), "bone": (1.6, 0.1)},
 }
@@ -237,13 +242,17 @@ def random_lesion(rng: np.random.Generator, side: int, z_centre: float) -> Lesio
     )
 
 
-def _ellipse(points: np.ndarray, centre: tuple[float, float], semi: tuple[float, float]) -> np.ndarray:
+def _ellipse(
+    points: np.ndarray, centre: tuple[float, float], semi: tuple[float, float]
+) -> np.ndarray:
     x = (points[..., 0] - centre[0]) / semi[0]
     y = (points[..., 1] - centre[1]) / semi[1]
     return x * x + y * y <= 1.0
 
 
-def render(grid: Grid, modality: str, lesions: list[Lesion], rng: np.random.Generator) -> np.ndarray:
+def render(
+    grid: Grid, modality: str, lesions: list[Lesion], rng: np.random.Generator
+) -> np.ndarray:
     """Sample the phantom on ``grid``.
 
     Parameters

@@ -77,7 +77,9 @@ class StudyContext:
 
     def uid(self, *parts: object) -> str:
         """Deterministic UID for this study (planted: recorded as an identifier)."""
-        value = make_uid(self.site.seed, self.site.name, self.patient_index, self.study_index, *parts)
+        value = make_uid(
+            self.site.seed, self.site.name, self.patient_index, self.study_index, *parts
+        )
         self.planted.append(value)
         return value
 
@@ -88,8 +90,15 @@ class StudyContext:
 
     def identify(self, ds: Dataset, modality: str, start: datetime, description: str) -> None:
         """Apply the planted identity and remember the series dates/times written."""
-        apply_identity(ds, self.site.identity, self.patient, self.study, modality, start, description)
-        self.planted += [dicom_date(start), dicom_time(start)]
+        apply_identity(
+            ds, self.site.identity, self.patient, self.study, modality, start, description
+        )
+        self.planted += [
+            dicom_date(start),
+            dicom_time(start),
+            self.site.identity.station_names[modality],
+            self.site.identity.device_serials[modality],
+        ]
 
     def file_name(self, series_number: int, instance_number: int) -> Path:
         """``<study dir>/<SeriesNumber>/IM0001<ext>``."""
@@ -210,9 +219,9 @@ def write_image_series(
     datasets = slice_datasets(template, spec, key)
     paths, files, uids = [], [], []
     for k, ds in enumerate(datasets):
-        ctx.planted.append(ds.SOPInstanceUID)
         if k in drop_slices:
             continue
+        ctx.planted.append(ds.SOPInstanceUID)
         path = ctx.file_name(series_number, ds.InstanceNumber)
         write_dataset(ds, path, transfer_syntax, stored[k])
         paths.append(path)
@@ -236,7 +245,16 @@ def write_image_series(
         expected_stage=expected[0] if expected else None,
         expected_reason=expected[1] if expected else None,
         geometry=_geometry(grid) if not drop_slices else None,
-        lesions=_samples(ctx, grid, modality, stored[kept], slope, intercept, suv, kept),
+        lesions=_samples(
+            ctx,
+            grid,
+            modality,
+            stored[kept],
+            slope,
+            intercept,
+            suv if suv_in_header else None,
+            kept,
+        ),
         suv=_suv_truth(suv, slope) if (suv is not None and suv_in_header) else None,
     )
     return WrittenSeries(truth, grid, [datasets[k] for k in kept], paths, stored)
@@ -264,11 +282,19 @@ def _samples(
     return out
 
 
-def write_rtstruct(ctx: StudyContext, ct: WrittenSeries, series_number: int, start: datetime) -> SeriesTruth:
+def write_rtstruct(
+    ctx: StudyContext, ct: WrittenSeries, series_number: int, start: datetime
+) -> SeriesTruth:
     """Write an RTSTRUCT with the study's lesions contoured on ``ct``."""
     series_uid, sop_uid = ctx.uid("rtstruct", "series"), ctx.uid("rtstruct", "instance")
     ds, counts = rtstruct(
-        ct.datasets, ct.grid, ctx.lesions, sop_uid, series_uid, series_number, start,
+        ct.datasets,
+        ct.grid,
+        ctx.lesions,
+        sop_uid,
+        series_uid,
+        series_number,
+        start,
         interpreter=ctx.study.reading_physician,
     )
     ctx.identify(ds, "CT", start, f"RTSTRUCT GTV {ctx.patient.family}")
@@ -297,14 +323,22 @@ def write_rtstruct(ctx: StudyContext, ct: WrittenSeries, series_number: int, sta
     )
 
 
-def write_seg(ctx: StudyContext, ct: WrittenSeries, series_number: int, start: datetime) -> SeriesTruth:
+def write_seg(
+    ctx: StudyContext, ct: WrittenSeries, series_number: int, start: datetime
+) -> SeriesTruth:
     """Write a binary DICOM SEG of the study's lesions on ``ct`` (highdicom)."""
     series_uid, sop_uid = ctx.uid("seg", "series"), ctx.uid("seg", "instance")
     pts = ct.grid.points()
     masks = np.stack([lesion.inside(pts) for _, lesion in ctx.lesions], axis=-1)
     seg = segmentation(
-        ct.datasets, masks, [name for name, _ in ctx.lesions], sop_uid, series_uid, series_number,
-        start, device_serial=ctx.site.identity.device_serials["CT"],
+        ct.datasets,
+        masks,
+        [name for name, _ in ctx.lesions],
+        sop_uid,
+        series_uid,
+        series_number,
+        start,
+        device_serial=ctx.site.identity.device_serials["CT"],
         creator=ctx.study.performing_physician,
     )
     ctx.identify(seg, "CT", start, f"SEG GTV {ctx.patient.family}")
