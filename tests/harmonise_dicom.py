@@ -356,7 +356,7 @@ def segmentation(
             )
         )
     stack = np.stack([masks[label] for label in masks], axis=-1).astype(np.uint8)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(images),
         pixel_array=stack,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -370,3 +370,111 @@ def segmentation(
         software_versions="0",
         device_serial_number="0",
     )
+    # highdicom stamps creation date/time: fix them so the file is byte-reproducible.
+    for elem in seg.iterall():
+        if elem.VR in ("DA", "TM", "DT") and elem.value:
+            elem.value = {"DA": "20200101", "TM": "120000", "DT": "20200101120000"}[elem.VR]
+        elif elem.keyword == "DimensionOrganizationUID":
+            elem.value = uid(series_key, "dimension-organization")
+    return seg
+
+
+# --- A de-identified store (deid/dicom + deid/series.parquet), as the deidentify stage writes it.
+
+DEID_COLUMNS = (
+    "series",
+    "study",
+    "patient",
+    "frame_of_reference",
+    "modality",
+    "kind",
+    "body_part",
+    "manufacturer",
+    "sex",
+    "acquisition_date",
+    "age_at_study",
+    "n_instances",
+    "paths",
+    "referenced_series",
+    "status",
+    "reason",
+)
+
+
+def pseudo_uid(*parts: object) -> str:
+    """A ``2.25.<int>`` UID like the de-identification stage makes."""
+    import hashlib
+
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+def _deidentify(ds: Dataset, patient: str, study: str, series: str, index: int) -> None:
+    ds.PatientID = patient
+    ds.PatientName = patient
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = pseudo_uid(series, index)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "oncoflow test fixture"
+
+
+def deid_store(store, cases: dict[str, dict]) -> dict[str, str]:
+    """Write de-identified series into ``store`` (a SiteStore) and ``deid/series.parquet``.
+
+    ``cases`` maps a case name to ``{"datasets": [...], "kind": "image", "modality": ...,
+    "refs": [case names]}``. UIDs are re-mapped to ``2.25.<int>``; references (SEG source
+    images, RTSTRUCT contour images, frame of reference) are kept consistent. Returns case name →
+    pseudonymous series key.
+    """
+    import pyarrow as pa
+
+    keys = {name: pseudo_uid("series", name) for name in cases}
+    sop_map: dict[str, str] = {}
+    series_map: dict[str, str] = {}
+    for name, case in cases.items():
+        for i, ds in enumerate(case["datasets"]):
+            sop_map[ds.SOPInstanceUID] = pseudo_uid(keys[name], i)
+            series_map[ds.SeriesInstanceUID] = keys[name]
+    rows = []
+    for name, case in cases.items():
+        patient = case.get("patient", "PSN-0001")
+        study = pseudo_uid("study", patient)
+        paths = []
+        for i, ds in enumerate(case["datasets"]):
+            for elem in ds.iterall():
+                if elem.VR == "UI" and isinstance(elem.value, str):
+                    if elem.value in sop_map:
+                        elem.value = sop_map[elem.value]
+                    elif elem.value in series_map:
+                        elem.value = series_map[elem.value]
+            _deidentify(ds, patient, study, keys[name], i)
+            key = f"deid/dicom/{patient}/{keys[name]}/{i:04d}.dcm"
+            store.write_bytes(key, to_bytes(ds))
+            paths.append(key)
+        first = case["datasets"][0]
+        rows.append(
+            {
+                "series": keys[name],
+                "study": study,
+                "patient": patient,
+                "frame_of_reference": str(first.get("FrameOfReferenceUID", "")),
+                "modality": case.get("modality", str(first.Modality)),
+                "kind": case.get("kind", "image"),
+                "body_part": "CHEST",
+                "manufacturer": "Synthetic",
+                "sex": "F",
+                "acquisition_date": "20190312",
+                "age_at_study": "061Y",
+                "n_instances": len(paths),
+                "paths": paths,
+                "referenced_series": [keys[r] for r in case.get("refs", [])]
+                + list(case.get("raw_refs", [])),
+                "status": case.get("status", "ok"),
+                "reason": "",
+            }
+        )
+    rows.sort(key=lambda r: r["series"])
+    store.write_table("deid/series.parquet", pa.Table.from_pylist(rows))
+    return keys
