@@ -1,0 +1,178 @@
+"""One (series, ROI) extraction: equivalence with pyradiomics, defective ROIs, the part cache."""
+
+import math
+from pathlib import Path
+
+import pytest
+from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+from tasks.radiomics.cache import CACHE_PREFIX, part_for_feature, plan_parts, read_parts
+from tasks.radiomics.extract import extract_roi, plan_units, select_units
+from tasks.radiomics.params import Preset, load_params, validate_params
+from tasks.radiomics.samples import (
+    SampleRoi,
+    SampleSeries,
+    series_key,
+    write_harmonised_sample,
+)
+from tasks.records import Reason, Status
+from tasks.store import SiteStore
+
+CT = SampleSeries(
+    series_key(1),
+    "CT",
+    size=(36, 36, 16),
+    rois=(
+        SampleRoi("gtv", 7.0),
+        SampleRoi("empty", kind="empty"),
+        SampleRoi("one", kind="one-voxel"),
+        SampleRoi("outside", 6.0, kind="outside"),
+        SampleRoi("tiny", 1.0, kind="flat"),
+        SampleRoi("shifted", 6.0, kind="shifted"),
+    ),
+    seed=3,
+)
+MR = SampleSeries(series_key(2), "MR", size=(28, 28, 12), rois=(SampleRoi("gtv", 4.0),), seed=4)
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> SiteStore:
+    store = SiteStore(str(tmp_path / "store"), "site-a")
+    write_harmonised_sample(store, [CT, MR])
+    return store
+
+
+def features_of(store: SiteStore, parts: tuple[str, ...]) -> dict[str, float]:
+    cached = read_parts(store, list(parts))
+    out: dict[str, float] = {}
+    for key in parts:
+        out.update(cached[key].features or {})
+    return out
+
+
+def unit(store: SiteStore, series: str, roi: str):
+    (found,) = select_units(plan_units(store), [series], [roi])
+    return found
+
+
+def assert_same_features(ours: dict[str, float], reference: dict, rel: float = 1e-9) -> None:
+    expected = {k: float(v) for k, v in reference.items() if not k.startswith("diagnostics_")}
+    assert list(ours) and set(ours) == set(expected)
+    for name, value in expected.items():
+        got = ours[name]
+        if math.isnan(value):
+            assert math.isnan(got), name
+        else:
+            assert abs(got - value) <= rel * max(abs(value), 1e-300), (name, got, value)
+
+
+@pytest.mark.parametrize(("preset", "spec"), [(Preset.CT, CT), (Preset.MR, MR)])
+def test_features_equal_pyradiomics_execute(store, preset, spec):
+    """Original + LoG + Wavelet, through the store and the cache, equal a direct execute()."""
+    params, _ = load_params(preset.value)
+    u = unit(store, spec.series, "gtv")
+    outcome = extract_roi(store, u, params)
+    assert outcome.status == Status.OK, outcome
+    ours = features_of(store, outcome.parts)
+    # pyradiomics reads the raw preset YAML and the NIfTI files itself
+    reference = RadiomicsFeatureExtractor(str(preset.path)).execute(
+        store.path(u.image), store.path(u.mask)
+    )
+    assert_same_features(ours, reference)
+    names = set(ours)
+    assert any(n.startswith("original_shape_") for n in names)
+    assert any(n.startswith("log-sigma-3-0-mm-3D_glcm_") for n in names)
+    assert any(n.startswith("wavelet-HHL_glszm_") for n in names)
+
+
+@pytest.mark.parametrize(
+    ("roi", "reason"),
+    [
+        ("empty", Reason.EMPTY_MASK),
+        ("one", Reason.ONE_VOXEL_MASK),
+        ("outside", Reason.MASK_OUTSIDE_IMAGE),
+        ("tiny", Reason.ROI_TOO_SMALL),
+        ("shifted", Reason.MASK_GEOMETRY_MISMATCH),
+    ],
+)
+def test_defective_rois_are_quarantined_with_a_reason(store, roi, reason):
+    params, _ = load_params("ct")  # minimumROISize 8: the 4-voxel disc is too small
+    outcome = extract_roi(store, unit(store, CT.series, roi), params)
+    assert outcome.status == Status.QUARANTINED
+    assert outcome.reason == str(reason)
+    assert outcome.detail and "\n" not in outcome.detail
+    # the quarantine outcome is cached too: a rerun computes nothing
+    again = extract_roi(store, unit(store, CT.series, roi), params)
+    assert (again.status, again.reason, again.parts_computed) == (outcome.status, outcome.reason, 0)
+
+
+def test_missing_or_changed_input_fails_without_raising(store):
+    params = validate_params({"imageType": {"Original": {}}, "setting": {"binWidth": 25}})
+    u = unit(store, CT.series, "gtv")
+    store.fs.rm_file(store.path(u.mask))
+    outcome = extract_roi(store, u, params)
+    assert (outcome.status, outcome.error_class) == (Status.FAILED, "InputError")
+    assert "missing" in outcome.detail
+    v = unit(store, MR.series, "gtv")
+    store.write_bytes(v.image, b"not a nifti")
+    outcome = extract_roi(store, v, params)
+    assert outcome.status == Status.FAILED
+    assert "re-run harmonise" in outcome.detail
+
+
+def _cache_state(store: SiteStore) -> dict[str, float]:
+    root = store.path(CACHE_PREFIX)
+    return {p: store.fs.info(p)["mtime"] for p in store.fs.find(root)}
+
+
+def test_rerun_computes_and_writes_nothing_and_a_changed_parameter_recomputes_only_its_part(
+    store,
+):
+    ct, _ = load_params("ct")
+    u = unit(store, CT.series, "gtv")
+    first = extract_roi(store, u, ct)
+    assert first.parts_computed == len(plan_parts(ct)) == 4  # shape, LoG, Original, Wavelet
+    before = _cache_state(store)
+    assert len(before) == 4
+
+    again = extract_roi(store, u, ct)
+    assert (again.parts_computed, again.parts_reused) == (0, 4)
+    assert again.parts == first.parts
+    assert _cache_state(store) == before  # nothing rewritten
+
+    canonical = ct.canonical()
+    canonical["imageType"]["LoG"] = {"sigma": [1.5]}
+    changed = validate_params(canonical)
+    third = extract_roi(store, u, changed)
+    assert (third.parts_computed, third.parts_reused) == (1, 3)
+    after = _cache_state(store)
+    assert len(after) == 5
+    assert {k: v for k, v in after.items() if k in before} == before
+    # the mixed cached/new result still equals one direct execute() with the new parameters
+    reference = RadiomicsFeatureExtractor(changed.canonical()).execute(
+        store.path(u.image), store.path(u.mask)
+    )
+    assert_same_features(features_of(store, third.parts), reference)
+    assert any(n.startswith("log-sigma-1-5-mm-3D_") for n in features_of(store, third.parts))
+
+
+def test_parts_follow_feature_names():
+    assert part_for_feature("original_shape_Sphericity") == "shape"
+    assert part_for_feature("original_shape2D_Perimeter") == "shape"
+    assert part_for_feature("original_firstorder_Mean") == "Original"
+    assert part_for_feature("log-sigma-1-0-mm-3D_glcm_Idm") == "LoG"
+    assert part_for_feature("wavelet-LLH_glcm_Contrast") == "Wavelet"
+    assert part_for_feature("wavelet2-HHH_ngtdm_Busyness") == "Wavelet"
+    assert part_for_feature("squareroot_firstorder_Mean") == "SquareRoot"
+    assert part_for_feature("square_firstorder_Mean") == "Square"
+    assert part_for_feature("lbp-3D-m1_firstorder_Mean") == "LBP3D"
+    with pytest.raises(ValueError):
+        part_for_feature("mystery_firstorder_Mean")
+
+
+def test_units_are_planned_largest_first(store):
+    units = plan_units(store)
+    assert [u.voxels for u in units] == sorted((u.voxels for u in units), reverse=True)
+    assert len(units) == len(CT.rois) + len(MR.rois)
+    assert units[0].series == CT.series  # 36x36x16 > 28x28x12
+    assert [u.roi for u in select_units(units, rois=["gtv"])] == ["gtv", "gtv"]
