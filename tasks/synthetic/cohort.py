@@ -36,6 +36,7 @@ from tasks.synthetic.series_writer import (
     SiteContext,
     StudyContext,
     WrittenSeries,
+    write_enhanced_mr,
     write_image_series,
     write_rtstruct,
     write_seg,
@@ -54,7 +55,7 @@ from tasks.synthetic.truth import (
 GENERATOR = "oncoflow-synthetic/1"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # Series numbers
-CT, MR, PET, PET_NO_SUV, RTSTRUCT, SEG = 2, 5, 7, 8, 101, 102
+CT, MR, MR_ENHANCED, PET, PET_NO_SUV, RTSTRUCT, SEG = 2, 5, 6, 7, 8, 101, 102
 SECONDARY, MISSING_SLICE, IRREGULAR, LOCALIZER, TRUNCATED = 900, 901, 902, 903, 999
 
 
@@ -337,6 +338,9 @@ def _baseline_study(
     if p == 1 % patients:
         series.append(_secondary_capture(ctx, start + timedelta(minutes=40), fault_list))
     if p == 0:
+        series.append(
+            write_enhanced_mr(ctx, mr, MR_ENHANCED, start + timedelta(hours=2, minutes=9))
+        )
         series += _fault_series(ctx, grids["CT"], for_ct, pet_start, fault_list)
         _file_faults(ctx, ct, fault_list)
     return series, ct

@@ -6,10 +6,10 @@ from datetime import datetime
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import RTStructureSetStorage
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
 
 from tasks.synthetic.dicom_images import SOFTWARE_VERSION, make_uid, new_dataset
 from tasks.synthetic.identifiers import dicom_date, dicom_time
@@ -200,10 +200,59 @@ def segmentation(
         content_label="GTV",
         content_creator_name=creator,
     )
-    _replace_generated_uids(seg, (sop_uid,))
-    seg.ContentDate = seg.SeriesDate = seg.InstanceCreationDate = dicom_date(created)
-    seg.ContentTime = seg.SeriesTime = seg.InstanceCreationTime = dicom_time(created)
-    for item in seg.get("ContributingEquipmentSequence", []):
+    _fix_clock_and_uids(seg, sop_uid, created)
+    return seg
+
+
+def _fix_clock_and_uids(ds: Dataset, sop_uid: str, created: datetime) -> None:
+    """Overwrite what highdicom takes from the wall clock or draws at random."""
+    _replace_generated_uids(ds, (sop_uid,))
+    ds.ContentDate = ds.SeriesDate = ds.InstanceCreationDate = dicom_date(created)
+    ds.ContentTime = ds.SeriesTime = ds.InstanceCreationTime = dicom_time(created)
+    for item in ds.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S.%f")
-    return seg
+
+
+def enhanced_mr(
+    mr_slices: list[Dataset],
+    pixels: np.ndarray,
+    sop_uid: str,
+    series_uid: str,
+    series_number: int,
+    created: datetime,
+) -> Dataset:
+    """Convert single-frame MR slices into one multi-frame instance (highdicom).
+
+    The result is a Legacy Converted Enhanced MR Image: per-frame Plane Position and shared
+    Plane Orientation and Pixel Measures functional groups, native pixels.
+
+    Parameters
+    ----------
+    mr_slices
+        MR datasets in grid order; ``pixels`` holds their stored values (slices, rows, columns).
+    sop_uid, series_uid, series_number
+        Identity of the new instance.
+    created
+        ContentDate/Time.
+    """
+    legacy = []
+    for ds, frame in zip(mr_slices, pixels, strict=True):
+        copy = Dataset()
+        copy.update(ds)
+        copy.file_meta = FileMetaDataset()
+        copy.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        if "PixelData" in copy:
+            del copy.PixelData
+        copy.PixelData = np.ascontiguousarray(frame).tobytes()
+        legacy.append(copy)
+    image = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    _fix_clock_and_uids(image, sop_uid, created)
+    return image

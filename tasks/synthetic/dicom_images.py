@@ -176,6 +176,7 @@ def image_template(spec: ImageSeries, signed: bool, slope: float, intercept: flo
         ds.EchoTrainLength = 1
         ds.MagneticFieldStrength = "3"
         ds.SpacingBetweenSlices = ds_str(step)
+        ds.WindowCenter, ds.WindowWidth = "400", "800"
     return ds
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from tasks.synthetic.dicom_derived import rtstruct, segmentation
+from tasks.synthetic.dicom_derived import enhanced_mr, rtstruct, segmentation
 from tasks.synthetic.dicom_images import (
     ImageSeries,
     SuvParameters,
@@ -126,6 +126,27 @@ def _geometry(grid: Grid) -> GeometryTruth:
         direction=geo["direction"],
         image_orientation_patient=grid.orientation,
         slice_offsets_mm=list(grid.offsets),
+    )
+
+
+def _frame_geometry(image: Dataset, grid: Grid) -> GeometryTruth:
+    """Geometry of a multi-frame instance in its frame order (the writer may reorder frames)."""
+    frames = image.PerFrameFunctionalGroupsSequence
+    pos = np.array([f.PlanePositionSequence[0].ImagePositionPatient for f in frames], dtype=float)
+    step = pos[1] - pos[0]
+    normal = step / np.linalg.norm(step)
+    direction = np.stack([grid.row_dir, grid.col_dir, normal], axis=1).ravel()
+    return GeometryTruth(
+        size=(grid.columns, grid.rows, len(frames)),
+        spacing=(
+            grid.pixel_spacing[1],
+            grid.pixel_spacing[0],
+            round(float(np.linalg.norm(step)), 4),
+        ),
+        origin=tuple(float(v) for v in pos[0]),  # type: ignore[arg-type]
+        direction=tuple(round(float(v), 12) + 0.0 for v in direction),
+        image_orientation_patient=grid.orientation,
+        slice_offsets_mm=[round(float((p - pos[0]) @ normal), 4) for p in pos],
     )
 
 
@@ -365,4 +386,31 @@ def write_seg(
             for i, (name, _) in enumerate(ctx.lesions)
         ],
         referenced_series_uid=ct.truth.series_instance_uid,
+    )
+
+
+def write_enhanced_mr(
+    ctx: StudyContext, mr: WrittenSeries, series_number: int, start: datetime
+) -> SeriesTruth:
+    """Write ``mr`` again as one multi-frame Legacy Converted Enhanced MR instance."""
+    series_uid, sop_uid = ctx.uid("mr-enhanced", "series"), ctx.uid("mr-enhanced", "instance")
+    image = enhanced_mr(mr.datasets, mr.stored, sop_uid, series_uid, series_number, start)
+    ctx.identify(image, "MR", start, f"T1 AX MF {ctx.patient.given}")
+    path = ctx.file_name(series_number, 1)
+    write_dataset(image, path, str(image.file_meta.TransferSyntaxUID), None)
+    rel = ctx.site.record(path, "ok")
+    return mr.truth.model_copy(
+        update={
+            "role": "mr-enhanced",
+            "geometry": _frame_geometry(image, mr.grid),
+            "series_instance_uid": series_uid,
+            "series_number": series_number,
+            "sop_class_uid": str(image.SOPClassUID),
+            "transfer_syntax_uid": str(image.file_meta.TransferSyntaxUID),
+            "n_files": 1,
+            "files": [rel],
+            "sop_instance_uids": [sop_uid],
+            "referenced_series_uid": mr.truth.series_instance_uid,
+        },
+        deep=True,
     )

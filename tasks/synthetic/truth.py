@@ -73,6 +73,8 @@ class SeriesTruth(BaseModel):
     name the stage that must quarantine it (None when it should pass every stage).
     ``files`` lists the files carrying this SeriesInstanceUID that ingest should catalogue
     (faulty files of the same series, e.g. a mixed-in localizer, are listed in the faults).
+    ``referenced_series_uid`` is the image series a RTSTRUCT/SEG annotates, or the
+    single-frame series a multi-frame (``mr-enhanced``) instance was converted from.
     """
 
     role: str

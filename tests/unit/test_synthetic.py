@@ -121,8 +121,10 @@ def test_every_file_reads_back_with_pydicom(cohort: tuple[Path, CohortTruth]) ->
                 seen_ts.add(ds.file_meta.TransferSyntaxUID)
                 if series.kind == "image":
                     arr = ds.pixel_array
-                    assert arr.shape == (ds.Rows, ds.Columns)
-                    assert arr.shape == series.geometry.size[1::-1] if series.geometry else True
+                    frames = (ds.NumberOfFrames,) if "NumberOfFrames" in ds else ()
+                    assert arr.shape == (*frames, ds.Rows, ds.Columns)
+                    if series.geometry:
+                        assert arr.shape[-2:] == series.geometry.size[1::-1]
                     assert arr.std() > 0
     assert {
         ExplicitVRLittleEndian,
@@ -134,6 +136,8 @@ def test_every_file_reads_back_with_pydicom(cohort: tuple[Path, CohortTruth]) ->
 
 def _sitk_read(out: Path, site: SiteTruth, series: SeriesTruth) -> sitk.Image:
     paths = [out / site.site / f for f in series.files]
+    if len(paths) == 1:  # multi-frame
+        return sitk.ReadImage(str(paths[0]))
     normal = np.cross(*np.reshape(series.geometry.image_orientation_patient, (2, 3)))
 
     def along(p: Path) -> float:
@@ -456,3 +460,32 @@ def test_site_profiles_differ_and_counts_are_derived(cohort: tuple[Path, CohortT
             site.totals.parsable_dicom_files == site.totals.files_written - 3
         )  # empty + 2 not-DICOM
         assert sum(site.totals.file_outcomes.values()) == site.totals.files_written
+
+
+def test_enhanced_multiframe_mr_matches_its_single_frame_series(
+    cohort: tuple[Path, CohortTruth],
+) -> None:
+    out, truth = cohort
+    for site in truth.sites:
+        by_uid = {s.series_instance_uid: s for s in site.series()}
+        enhanced = [s for s in site.series() if s.role == "mr-enhanced"]
+        assert len(enhanced) == 1
+        mf = pydicom.dcmread(out / site.site / enhanced[0].files[0])
+        source = by_uid[enhanced[0].referenced_series_uid]
+        shared = mf.SharedFunctionalGroupsSequence[0]
+        assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [
+            source.geometry.spacing[1],
+            source.geometry.spacing[0],
+        ]
+        assert [
+            float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient
+        ] == list(source.geometry.image_orientation_patient)
+        frames = {
+            tuple(np.round(f.PlanePositionSequence[0].ImagePositionPatient, 3)): mf.pixel_array[i]
+            for i, f in enumerate(mf.PerFrameFunctionalGroupsSequence)
+        }
+        assert int(mf.NumberOfFrames) == len(frames) == source.n_files
+        for rel in source.files:
+            single = pydicom.dcmread(out / site.site / rel)
+            key = tuple(np.round(np.array(single.ImagePositionPatient, dtype=float), 3))
+            assert np.array_equal(frames[key], single.pixel_array)
