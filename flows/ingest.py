@@ -1,0 +1,419 @@
+"""Flow ``ingest-dicom``: SOURCE (any fsspec URL) into the site's private catalogue.
+
+1. List SOURCE (path, size, mtime or ETag) and diff it with ``catalog/instances.parquet``.
+2. Parse only new or changed files, in batches of hundreds per Dask task (subflow
+   ``parse-dicom-headers``, started only when there is something to parse, so an unchanged
+   re-run never starts a cluster). Each batch task writes its rows to a private part file
+   ``catalog/_parts/<batch-key>.parquet`` and returns counts only.
+3. Merge the parts with the unchanged rows, mark deleted files, group series and validate their
+   geometry, write ``catalog/instances.parquet``, ``catalog/series.parquet`` and the ingest rows
+   of ``quarantine.parquet`` (each skipped when unchanged), then remove the parts.
+4. Post a markdown summary, a table of quarantined items (opaque references, reason codes) and,
+   while batches run, a progress artifact.
+
+Privacy: flow parameters are URLs, the site code and numbers; the batch plan (file paths) goes
+through the private zone of the store, never through Prefect parameters, results or logs.
+Nothing under SOURCE is ever written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from flows.reporting import Progress, markdown_table, post_summary, post_table
+from flows.runtime import RuntimeOptions, ensure_prefect_api, task_runner
+from tasks.dicom.catalog import (
+    CatalogCounts,
+    fill_counts,
+    merge_catalog,
+    read_catalog_state,
+    read_parts,
+    remove_parts,
+)
+from tasks.dicom.headers import PARTS_DIR, parse_batch
+from tasks.dicom.listing import (
+    Batch,
+    ListedFile,
+    ListingDiff,
+    diff_listing,
+    list_source,
+    make_batches,
+    resolve_source,
+)
+from tasks.errors import OncoflowError, StageFailed
+from tasks.records import Stage, StageSummary
+from tasks.store import SiteStore, open_url, protocol_of, validate_site
+
+#: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL.
+SOURCE_METADATA_KEY = "source"
+
+
+class IngestParams(BaseModel):
+    """One ingest run of a site (the Prefect UI form; URLs and numbers, no identifiers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        description="Where the DICOM files are: folder, file://, s3://bucket/prefix.",
+        json_schema_extra={"position": 0},
+    )
+    site: str = Field(
+        description="Site code: lowercase letters, digits, dashes.",
+        json_schema_extra={"position": 1},
+    )
+    store: str = Field(
+        description="Site store URL (path, file://, s3://bucket/prefix).",
+        json_schema_extra={"position": 2},
+    )
+    batch_size: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="Files per parsing task (hundreds keep task overhead low).",
+        json_schema_extra={"position": 3},
+    )
+    max_failure_ratio: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Fail the run when more than this share of the files to parse could not be "
+        "parsed because their task failed (quarantined files do not count).",
+        json_schema_extra={"position": 4},
+    )
+    spacing_tolerance: float = Field(
+        0.01,
+        gt=0.0,
+        le=0.5,
+        description="Allowed deviation of a slice gap from the series' median gap (fraction).",
+        json_schema_extra={"position": 5},
+    )
+
+    @field_validator("site")
+    @classmethod
+    def _valid_site(cls, value: str) -> str:
+        return validate_site(value)
+
+    @field_validator("source", "store")
+    @classmethod
+    def _strip_url(cls, value: str) -> str:
+        value = value.strip()
+        return value.rstrip("/") or value
+
+
+def open_store(url: str, site: str) -> SiteStore:
+    """Open the site store and check it is reachable, with a one-line error otherwise.
+
+    A missing local folder is created; an object store's bucket must already exist.
+    """
+    store = SiteStore(url, site)
+    fs = store.fs
+    protocol = protocol_of(fs)
+    try:
+        if protocol in ("file", "local"):
+            fs.makedirs(store.root, exist_ok=True)
+        elif protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+            bucket = store.root.split("/", 1)[0]
+            if not fs.exists(bucket):
+                raise OncoflowError(f"store bucket not found: {protocol}://{bucket}")
+        else:
+            fs.exists(store.root)
+    except OncoflowError:
+        raise
+    except Exception as exc:
+        raise OncoflowError(f"store unreachable: {url} ({type(exc).__name__})") from None
+    return store
+
+
+def check_inputs(params: IngestParams) -> SiteStore:
+    """Check SOURCE and STORE before any flow starts (one-line errors, no traceback)."""
+    resolve_source(params.source)
+    return open_store(params.store, params.site)
+
+
+def _store_prefix_in_source(params: IngestParams, store: SiteStore) -> str | None:
+    """Source-relative prefix of the store when the store lies inside the source, else None."""
+    source_fs, source_root = open_url(params.source)
+    if protocol_of(source_fs) != protocol_of(store.fs):
+        return None
+    root = source_root.rstrip("/") + "/"
+    store_root = store.path("").rstrip("/") + "/"
+    return store_root[len(root) :] if store_root.startswith(root) else None
+
+
+def _listing(params: IngestParams, store: SiteStore) -> list[ListedFile]:
+    files = list_source(params.source)
+    prefix = _store_prefix_in_source(params, store)
+    if prefix:
+        files = [f for f in files if not f.path.startswith(prefix)]
+    if not files:
+        raise OncoflowError(f"source holds no files: {params.source}")
+    return files
+
+
+def _write_plan(store: SiteStore, batches: list[Batch]) -> str:
+    """Write the batch plan (private: it holds paths) and return its store key."""
+    body = [{"key": b.key, "files": [[f.path, f.size, f.mtime] for f in b.files]} for b in batches]
+    data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    key = f"{PARTS_DIR}/plan-{batches[0].key}-{len(batches)}.json"
+    store.write_bytes(key, data, skip_unchanged=False)
+    return key
+
+
+def _read_plan(store: SiteStore, key: str) -> list[Batch]:
+    body = json.loads(store.read_bytes(key).decode("utf-8"))
+    return [
+        Batch(key=b["key"], files=tuple(ListedFile(p, int(s), str(m)) for p, s, m in b["files"]))
+        for b in body
+    ]
+
+
+@flow(name="parse-dicom-headers", flow_run_name="parse-{site}", log_prints=False)
+def parse_headers_flow(site: str, store: str, source: str, plan: str) -> dict[str, Any]:
+    """Parse the batches of a plan in parallel, one Dask task per batch.
+
+    Parameters
+    ----------
+    site, store
+        The site store (the plan and the part files live in its private zone).
+    source
+        Source root URL.
+    plan
+        Store-relative key of the batch plan written by ``ingest-dicom``.
+
+    Returns
+    -------
+    dict
+        ``results`` (batch counts), ``failed`` (batch key, files, error class) and the
+        ``parse_seconds`` from the first submission to the last batch done.
+    """
+    started = time.perf_counter()
+    site_store = SiteStore(store, site)
+    batches = _read_plan(site_store, plan)
+    progress = Progress(sum(len(b.files) for b in batches), "DICOM files parsed")
+    futures = {parse_batch.submit(b.key, b.files, source, store, site): b for b in batches}
+    results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for future in as_completed(list(futures)):
+        batch = futures[future]
+        try:
+            results.append(asdict(future.result()))
+        except Exception as exc:  # retries exhausted or worker lost: count it, never re-raise
+            failed.append(
+                {"key": batch.key, "files": len(batch.files), "error": type(exc).__name__}
+            )
+        progress.advance(len(batch.files))
+    results.sort(key=lambda r: r["key"])
+    failed.sort(key=lambda r: r["key"])
+    return {
+        "results": results,
+        "failed": failed,
+        "body_started": started,
+        "parse_seconds": round(time.perf_counter() - started, 4),
+    }
+
+
+def _files_markdown(extra: dict[str, Any]) -> str:
+    names = ("listed", "new", "changed", "unchanged", "deleted", "parsed", "failed")
+    return markdown_table(
+        [{"files": n, "count": extra.get(f"files_{n}", 0)} for n in names], ["files", "count"]
+    )
+
+
+def _series_markdown(counts: CatalogCounts) -> str:
+    statuses = sorted({s for by in counts.series_by_modality.values() for s in by})
+    rows = [
+        {"modality": m, **{s: by.get(s, 0) for s in statuses}}
+        for m, by in counts.series_by_modality.items()
+    ]
+    return markdown_table(rows, ["modality", *statuses]) if rows else "No series."
+
+
+def _report(summary: StageSummary, counts: CatalogCounts) -> None:
+    post_summary(
+        summary,
+        "DICOM ingest",
+        {
+            "Files": _files_markdown(summary.extra),
+            "Series by modality and status": _series_markdown(counts),
+            "Note": "Quarantined items are listed by an opaque reference (a hash of the source "
+            "path or series key); the private `quarantine.parquet` holds the items themselves.",
+        },
+    )
+    post_table(
+        summary.site,
+        str(Stage.INGEST),
+        "quarantine",
+        counts.quarantine,
+        "Quarantined files and series (opaque reference, reason code)",
+    )
+
+
+@flow(name="ingest-dicom", flow_run_name="ingest-{params.site}", log_prints=False)
+def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> dict[str, Any]:
+    """Catalogue the DICOM files under SOURCE into the site's private catalogue.
+
+    Parameters
+    ----------
+    params
+        Source, site, store, batch size, failure threshold, spacing tolerance.
+    runtime
+        Dask workers or an existing scheduler, used only when there are files to parse.
+
+    Returns
+    -------
+    dict
+        The stage summary: files by status, quarantine by reason, and in ``extra`` the files
+        listed/new/changed/unchanged/deleted/parsed/failed, series counts and timings.
+
+    Raises
+    ------
+    OncoflowError
+        When SOURCE or STORE is unusable.
+    StageFailed
+        When more than ``params.max_failure_ratio`` of the files to parse were lost with
+        their batch task.
+    """
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    store = check_inputs(params)
+    listing = _listing(params, store)
+    state = read_catalog_state(store)
+    diff: ListingDiff = diff_listing(listing, state.rows)
+    t_listed = time.perf_counter()
+    logger.info(
+        "listed %d files: %d new, %d changed, %d unchanged, %d deleted",
+        len(listing),
+        len(diff.new),
+        len(diff.changed),
+        len(diff.unchanged),
+        len(diff.deleted),
+    )
+    batches = make_batches(diff.to_parse, params.batch_size)
+    parsed_results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    timings = {"listing_seconds": round(t_listed - t0, 4)}
+    counts = CatalogCounts()
+    if batches or not state.current or diff.deleted:
+        if batches:
+            remove_parts(store)
+            plan = _write_plan(store, batches)
+            t_start = time.perf_counter()
+            run = parse_headers_flow.with_options(
+                task_runner=task_runner(runtime or RuntimeOptions())
+            )
+            outcome = run(params.site, params.store, params.source, plan)
+            parsed_results, failed = outcome["results"], outcome["failed"]
+            timings["startup_seconds"] = round(outcome["body_started"] - t_start, 4)
+            timings["parse_seconds"] = outcome["parse_seconds"]
+        t_merge = time.perf_counter()
+        rows = read_parts(store, [r["part"] for r in parsed_results])
+        counts = merge_catalog(
+            store,
+            diff,
+            rows,
+            params.spacing_tolerance,
+            metadata={SOURCE_METADATA_KEY: params.source},
+        )
+        if batches:
+            remove_parts(store)
+        timings["merge_seconds"] = round(time.perf_counter() - t_merge, 4)
+    else:
+        fill_counts(counts, store)
+    n_failed = sum(f["files"] for f in failed)
+    file_counts = dict(counts.files)
+    if n_failed:
+        file_counts["failed"] = n_failed
+    timings["total_seconds"] = round(time.perf_counter() - t0, 4)
+    summary = StageSummary(
+        stage=Stage.INGEST,
+        site=params.site,
+        counts=dict(sorted(file_counts.items())),
+        reasons=counts.reasons,
+        extra={
+            "files_listed": len(listing),
+            "files_new": len(diff.new),
+            "files_changed": len(diff.changed),
+            "files_unchanged": len(diff.unchanged),
+            "files_deleted": len(diff.deleted),
+            "files_parsed": sum(r["files"] for r in parsed_results),
+            "files_failed": n_failed,
+            "batches": len(batches),
+            "series": counts.series,
+            "series_by_modality": counts.series_by_modality,
+            "tables_written": counts.written,
+            "timings": timings,
+        },
+    )
+    _report(summary, counts)
+    logger.info(
+        "ingest done: files %s; series %s; tables written: %s",
+        ", ".join(f"{k}={v}" for k, v in summary.counts.items()) or "none",
+        ", ".join(f"{k}={v}" for k, v in counts.series.items()) or "none",
+        ", ".join(counts.written) or "none",
+    )
+    to_parse = len(diff.to_parse)
+    if to_parse and n_failed / to_parse > params.max_failure_ratio:
+        raise StageFailed(
+            f"ingest could not parse {n_failed} of {to_parse} files (their batch tasks failed; "
+            f"threshold {params.max_failure_ratio:.0%}); they will be retried on the next run"
+        )
+    return summary.to_dict()
+
+
+def _summary_from(result: dict[str, Any], site: str) -> StageSummary:
+    return StageSummary(
+        stage=Stage.INGEST,
+        site=site,
+        counts=dict(result.get("counts", {})),
+        reasons=dict(result.get("reasons", {})),
+        extra={k: v for k, v in result.items() if k not in ("stage", "site", "counts", "reasons")},
+    )
+
+
+def ingest_dicom(params: IngestParams, runtime: RuntimeOptions | None = None) -> StageSummary:
+    """Run ``ingest-dicom`` (what the CLI and tests call) and return its summary.
+
+    SOURCE and STORE are checked first, so a bad URL gives a one-line error before any flow
+    run starts.
+
+    Raises
+    ------
+    OncoflowError
+        For an unreachable or empty SOURCE or an unusable STORE.
+    StageFailed
+        When too many files were lost with failed batch tasks.
+    """
+    check_inputs(params)
+    ensure_prefect_api()
+    result = ingest_flow(params, runtime or RuntimeOptions())
+    return _summary_from(result, params.site)
+
+
+def ingest_source(
+    source: str, site: str, store: str, runtime: RuntimeOptions | None = None
+) -> StageSummary:
+    """Ingest a SOURCE for the site pipeline: a DICOMweb source is pulled first, then ingested.
+
+    Parameters
+    ----------
+    source
+        Folder, ``file://``, ``s3://`` or ``dicomweb+http(s)://`` URL.
+    site, store
+        The site and its store.
+    runtime
+        Dask workers or an existing scheduler.
+    """
+    if source.strip().lower().startswith("dicomweb+"):
+        from flows.pacs import PullParams, pull_dicomweb
+
+        return pull_dicomweb(
+            PullParams(source=source, site=site, store=store), runtime or RuntimeOptions()
+        )
+    return ingest_dicom(IngestParams(source=source, site=site, store=store), runtime)

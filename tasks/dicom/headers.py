@@ -1,0 +1,699 @@
+"""Header parsing without pixel data, in batches, with detection of files that are not usable.
+
+Every file under the source gives exactly one row of ``catalog/instances.parquet``
+(docs/tables.md), whatever its content: ``status`` is ``ok`` or ``quarantined`` with a
+reason code (:class:`tasks.records.Reason`). Nothing raises out of :func:`read_instance`.
+
+Detection, without reading pixel values:
+
+* ``empty-file``: zero bytes.
+* ``not-dicom``: no ``DICM`` prefix at byte 128 (PS3.10 file format).
+* ``dicomdir``: a media storage directory (its SOP class, or a Directory Record Sequence).
+* ``truncated-file``: the Pixel Data element is read up to its header only, and its declared
+  length (or, for encapsulated data, the chain of item lengths up to the sequence delimiter) is
+  compared with the file size; an image header without Pixel Data, a header element running
+  past the end of the file, or an incomplete deflated data set also mean truncation.
+* ``missing-uids``: no SOP Instance, Series Instance or Study Instance UID.
+* ``unreadable-header``: anything else the parser rejects.
+
+Values are decoded straight from pydicom's raw elements (pydicom's own character-set decoding
+for text), which is several times faster than converting them through ``Dataset`` attribute
+access; ``tests/unit/test_dicom_headers.py`` checks both give the same values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import struct
+import time
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydicom import config as pydicom_config
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+
+from tasks.dicom.listing import STATUS_OK, STATUS_QUARANTINED, ListedFile
+from tasks.records import Reason
+from tasks.store import SiteStore, open_url, protocol_of
+
+#: Where batch tasks write their private part files (store-relative, cleaned after the merge).
+PARTS_DIR = "catalog/_parts"
+
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+DIRECTORY_RECORD_SEQUENCE = 0x00041220
+DEFLATED_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})
+ITEM_TAG = (0xFFFE, 0xE000)
+SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+MAX_FRAGMENTS = 1_000_000
+TEXT_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+PN_DELIMITERS = {0x5E, 0x3D}
+
+
+@dataclass(frozen=True)
+class Column:
+    r"""One catalogue column read from a top-level data element.
+
+    Parameters
+    ----------
+    name
+        Column name (docs/tables.md).
+    tag
+        DICOM tag.
+    vr
+        Dictionary VR (used for implicit VR and ``UN`` elements).
+    kind
+        ``text`` (one string, multiple values joined by ``\\``), ``int``, ``float`` or
+        ``floats`` (a list of ``count`` numbers).
+    count
+        Expected number of values for ``floats``.
+    """
+
+    name: str
+    tag: int
+    vr: str
+    kind: str
+    count: int = 0
+
+
+HEADER_COLUMNS: tuple[Column, ...] = (
+    Column("sop_instance_uid", 0x00080018, "UI", "text"),
+    Column("sop_class_uid", 0x00080016, "UI", "text"),
+    Column("series_instance_uid", 0x0020000E, "UI", "text"),
+    Column("study_instance_uid", 0x0020000D, "UI", "text"),
+    Column("frame_of_reference_uid", 0x00200052, "UI", "text"),
+    Column("patient_id", 0x00100020, "LO", "text"),
+    Column("patient_name", 0x00100010, "PN", "text"),
+    Column("patient_birth_date", 0x00100030, "DA", "text"),
+    Column("patient_sex", 0x00100040, "CS", "text"),
+    Column("patient_age", 0x00101010, "AS", "text"),
+    Column("accession_number", 0x00080050, "SH", "text"),
+    Column("study_date", 0x00080020, "DA", "text"),
+    Column("study_time", 0x00080030, "TM", "text"),
+    Column("series_date", 0x00080021, "DA", "text"),
+    Column("series_time", 0x00080031, "TM", "text"),
+    Column("acquisition_time", 0x00080032, "TM", "text"),
+    Column("modality", 0x00080060, "CS", "text"),
+    Column("manufacturer", 0x00080070, "LO", "text"),
+    Column("model", 0x00081090, "LO", "text"),
+    Column("body_part_examined", 0x00180015, "CS", "text"),
+    Column("series_description", 0x0008103E, "LO", "text"),
+    Column("image_type", 0x00080008, "CS", "text"),
+    Column("series_number", 0x00200011, "IS", "int"),
+    Column("instance_number", 0x00200013, "IS", "int"),
+    Column("rows", 0x00280010, "US", "int"),
+    Column("columns", 0x00280011, "US", "int"),
+    Column("number_of_frames", 0x00280008, "IS", "int"),
+    Column("samples_per_pixel", 0x00280002, "US", "int"),
+    Column("bits_allocated", 0x00280100, "US", "int"),
+    Column("pixel_spacing", 0x00280030, "DS", "floats", 2),
+    Column("slice_thickness", 0x00180050, "DS", "float"),
+    Column("rescale_slope", 0x00281053, "DS", "float"),
+    Column("rescale_intercept", 0x00281052, "DS", "float"),
+    Column("image_position", 0x00200032, "DS", "floats", 3),
+    Column("image_orientation", 0x00200037, "DS", "floats", 6),
+    Column("burned_in_annotation", 0x00280301, "CS", "text"),
+)
+
+META_COLUMNS: tuple[Column, ...] = (
+    Column("media_sop_class_uid", 0x00020002, "UI", "text"),
+    Column("media_sop_instance_uid", 0x00020003, "UI", "text"),
+    Column("transfer_syntax_uid", 0x00020010, "UI", "text"),
+)
+_COLUMN_BY_TAG = {c.tag: c for c in HEADER_COLUMNS}
+_COLUMN_BY_TAG_NAMES = tuple(c.name for c in HEADER_COLUMNS)
+_META_BY_TAG = {c.tag: c for c in META_COLUMNS}
+
+_FLOATS = pa.list_(pa.float64())
+_ARROW_TYPES = {"text": pa.string(), "int": pa.int64(), "float": pa.float64(), "floats": _FLOATS}
+
+#: Schema of ``catalog/instances.parquet`` and of the batch part files (docs/tables.md).
+_HEADER_TYPES = {c.name: _ARROW_TYPES[c.kind] for c in HEADER_COLUMNS}
+_COLUMN_ORDER = (
+    "path",
+    "size",
+    "mtime",
+    "status",
+    "reason",
+    "detail",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "series_instance_uid",
+    "study_instance_uid",
+    "frame_of_reference_uid",
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "patient_age",
+    "accession_number",
+    "study_date",
+    "study_time",
+    "series_date",
+    "series_time",
+    "acquisition_time",
+    "modality",
+    "manufacturer",
+    "model",
+    "body_part_examined",
+    "series_description",
+    "image_type",
+    "series_number",
+    "instance_number",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "samples_per_pixel",
+    "bits_allocated",
+    "transfer_syntax_uid",
+    "pixel_spacing",
+    "slice_thickness",
+    "rescale_slope",
+    "rescale_intercept",
+    "image_position",
+    "image_orientation",
+    "burned_in_annotation",
+    "frame_positions",
+)
+_OTHER_TYPES = {
+    "path": pa.string(),
+    "size": pa.int64(),
+    "mtime": pa.string(),
+    "status": pa.string(),
+    "reason": pa.string(),
+    "detail": pa.string(),
+    "transfer_syntax_uid": pa.string(),
+    "frame_positions": pa.list_(_FLOATS),
+}
+
+#: Schema of ``catalog/instances.parquet`` and of the batch part files (docs/tables.md).
+INSTANCE_SCHEMA = pa.schema(
+    [(name, _HEADER_TYPES.get(name) or _OTHER_TYPES[name]) for name in _COLUMN_ORDER]
+)
+INSTANCE_COLUMNS: tuple[str, ...] = tuple(INSTANCE_SCHEMA.names)
+
+
+def empty_row(listed: ListedFile) -> dict[str, Any]:
+    """Return a catalogue row for ``listed`` with every header column null."""
+    row: dict[str, Any] = dict.fromkeys(INSTANCE_COLUMNS)
+    row.update(path=listed.path, size=listed.size, mtime=listed.mtime, status=STATUS_OK)
+    row.update(reason="", detail="")
+    return row
+
+
+def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """Build an instances table (sorted by path) from catalogue rows."""
+    ordered = sorted(rows, key=lambda r: r["path"])
+    return pa.Table.from_pylist(ordered, schema=INSTANCE_SCHEMA)
+
+
+# --- decoding raw elements ---------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _encodings(charset: tuple[str, ...] | str) -> tuple[str, ...]:
+    values = [charset] if isinstance(charset, str) else list(charset)
+    try:
+        return tuple(convert_encodings(values))
+    except Exception:
+        return ("iso8859",)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _decode_text(raw: bytes, vr: str, encodings: tuple[str, ...]) -> str:
+    if vr in TEXT_VRS:
+        delimiters = PN_DELIMITERS if vr == "PN" else {0x5C}
+        try:
+            text = decode_bytes(raw, list(encodings), delimiters)
+        except Exception:
+            text = raw.decode("latin-1")
+    else:
+        text = raw.decode("latin-1")
+    if "\\" in text:
+        return "\\".join(part.strip(" \x00") for part in text.split("\\")).strip("\\")
+    return text.strip(" \x00")
+
+
+def _decode_numbers(raw: bytes, vr: str, little: bool) -> list[float]:
+    fmt = "<" if little else ">"
+    if vr in ("US", "SS", "UL", "SL", "FL", "FD"):
+        code = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}[vr]
+        width = struct.calcsize(code)
+        n = len(raw) // width
+        return [float(v) for v in struct.unpack(f"{fmt}{n}{code}", raw[: n * width])]
+    text = raw.decode("latin-1").strip(" \x00")
+    if not text:
+        return []
+    return [float(part) for part in text.split("\\")]
+
+
+def _element_value(elem: Any, column: Column, encodings: tuple[str, ...]) -> Any:
+    """Decode one element for ``column``; return None for absent, empty or invalid values."""
+    if getattr(elem, "is_raw", False):
+        raw = elem.value
+        if raw is None:
+            return None
+        vr = elem.VR if elem.VR and elem.VR not in ("UN", "OB") else column.vr
+        little = elem.is_little_endian
+        if column.kind == "text":
+            text = _decode_text(raw, vr, encodings)
+            return text or None
+        numbers = _decode_numbers(raw, vr, little)
+    else:
+        value = elem.value
+        if value is None or value == "":
+            return None
+        if column.kind == "text":
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                return str(value).strip(" \x00") or None
+            return "\\".join(str(v).strip(" \x00") for v in value) or None
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            value = [value]
+        numbers = [float(v) for v in value]
+    if column.kind == "floats":
+        if len(numbers) != column.count:
+            return None
+        checked = [_finite(v) for v in numbers]
+        return None if any(v is None for v in checked) else checked
+    if not numbers:
+        return None
+    first = _finite(numbers[0])
+    if first is None:
+        return None
+    if column.kind == "int":
+        return int(first) if first == int(first) else None
+    return first
+
+
+def header_values(ds: Dataset) -> dict[str, Any]:
+    """Return the catalogue header columns of a dataset read by pydicom.
+
+    Values that are absent, empty or invalid (e.g. a non-numeric ``IS``) are None; a bad value
+    never raises.
+
+    Parameters
+    ----------
+    ds
+        Dataset (typically read with ``stop_before_pixels``).
+
+    Returns
+    -------
+    dict
+        Column name to value.
+    """
+    charset = getattr(ds, "original_character_set", None) or "iso8859"
+    encodings = _encodings(tuple(charset) if not isinstance(charset, str) else charset)
+    out: dict[str, Any] = dict.fromkeys(_COLUMN_BY_TAG_NAMES)
+    for tag, elem in ds.items():
+        column = _COLUMN_BY_TAG.get(tag)
+        if column is not None:
+            try:
+                out[column.name] = _element_value(elem, column, encodings)
+            except Exception:
+                out[column.name] = None
+    meta = getattr(ds, "file_meta", None)
+    meta_values = file_meta_values(meta) if meta is not None else {}
+    if not out["sop_instance_uid"]:
+        out["sop_instance_uid"] = meta_values.get("media_sop_instance_uid")
+    if not out["sop_class_uid"]:
+        out["sop_class_uid"] = meta_values.get("media_sop_class_uid")
+    out["transfer_syntax_uid"] = meta_values.get("transfer_syntax_uid")
+    if (out.get("number_of_frames") or 1) > 1 or 0x52009230 in ds:
+        out.update(_multiframe_geometry(ds, out))
+    return out
+
+
+def file_meta_values(meta: Dataset) -> dict[str, str | None]:
+    """Return the media storage SOP class/instance UIDs and transfer syntax of a file meta group."""
+    out: dict[str, str | None] = dict.fromkeys(c.name for c in META_COLUMNS)
+    for tag, elem in meta.items():
+        column = _META_BY_TAG.get(tag)
+        if column is not None:
+            try:
+                out[column.name] = _element_value(elem, column, ("iso8859",))
+            except Exception:
+                out[column.name] = None
+    return out
+
+
+def _floats(value: Any, count: int) -> list[float] | None:
+    try:
+        numbers = [float(v) for v in value]
+    except Exception:
+        return None
+    if len(numbers) != count or not all(math.isfinite(v) for v in numbers):
+        return None
+    return numbers
+
+
+def _first_item(ds: Dataset | None, keyword: str) -> Dataset | None:
+    if ds is None:
+        return None
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _multiframe_geometry(ds: Dataset, values: dict[str, Any]) -> dict[str, Any]:
+    """Geometry of an enhanced multi-frame instance from its functional groups."""
+    out: dict[str, Any] = {}
+    try:
+        shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+        first = per_frame[0] if per_frame else None
+
+        def group(item_name: str) -> Dataset | None:
+            return _first_item(shared, item_name) or _first_item(first, item_name)
+
+        orientation = group("PlaneOrientationSequence")
+        if orientation is not None and values.get("image_orientation") is None:
+            out["image_orientation"] = _floats(orientation.get("ImageOrientationPatient", []), 6)
+        measures = group("PixelMeasuresSequence")
+        if measures is not None:
+            if values.get("pixel_spacing") is None:
+                out["pixel_spacing"] = _floats(measures.get("PixelSpacing", []), 2)
+            if values.get("slice_thickness") is None and measures.get("SliceThickness"):
+                out["slice_thickness"] = float(measures.SliceThickness)
+        positions = []
+        for item in per_frame:
+            plane = _first_item(item, "PlanePositionSequence")
+            pos = _floats(plane.get("ImagePositionPatient", []), 3) if plane is not None else None
+            if pos is None:
+                positions = []
+                break
+            positions.append(pos)
+        if positions:
+            out["frame_positions"] = positions
+            if values.get("image_position") is None:
+                out["image_position"] = positions[0]
+    except Exception:
+        return {}
+    return out
+
+
+# --- completeness ------------------------------------------------------------------------------
+
+
+class _StopAtPixels:
+    """``stop_when`` callback for pydicom that records whether it stopped at Pixel Data."""
+
+    def __init__(self) -> None:
+        self.tag: int | None = None
+
+    def __call__(self, tag: int, vr: str | None, length: int) -> bool:
+        if tag in PIXEL_TAGS:
+            self.tag = int(tag)
+            return True
+        return False
+
+
+def _pixel_data_problem(fp: BinaryIO, size: int, implicit: bool, little: bool) -> str:
+    """Check the Pixel Data element at the current position against the file size.
+
+    Returns
+    -------
+    str
+        Empty when complete, else a short explanation (no identifying values).
+    """
+    start = fp.tell()
+    header_len = 8 if implicit else 12
+    header = fp.read(header_len)
+    if len(header) < header_len:
+        return "Pixel Data element header cut off"
+    endian = "<" if little else ">"
+    (length,) = struct.unpack(f"{endian}I", header[-4:])
+    value_start = start + header_len
+    if length != 0xFFFFFFFF:
+        present = size - value_start
+        if length > present:
+            return f"Pixel Data declares {length} bytes, {max(present, 0)} present"
+        return ""
+    # Encapsulated: walk the item headers up to the sequence delimiter.
+    pos = value_start
+    for _ in range(MAX_FRAGMENTS):
+        fp.seek(pos)
+        item = fp.read(8)
+        if len(item) < 8:
+            return "encapsulated Pixel Data ends before its sequence delimiter"
+        group, element, item_len = struct.unpack(f"{endian}HHI", item)
+        if (group, element) == SEQUENCE_DELIMITER:
+            return ""
+        if (group, element) != ITEM_TAG or item_len == 0xFFFFFFFF:
+            return "encapsulated Pixel Data is malformed"
+        pos += 8 + item_len
+        if pos > size:
+            return f"encapsulated Pixel Data fragment runs {pos - size} bytes past the end"
+    return "encapsulated Pixel Data has too many fragments"
+
+
+def _header_past_end(ds: Dataset, size: int) -> bool:
+    """Whether a top-level element's value was declared longer than what the file holds."""
+    for tag in list(ds.keys()):
+        try:
+            elem = ds.get_item(tag)
+        except Exception:
+            return True
+        tell = getattr(elem, "value_tell", None)
+        length = getattr(elem, "length", None)
+        if tell is None or length is None or length == 0xFFFFFFFF:
+            continue
+        if tell + length > size:
+            return True
+    return False
+
+
+# --- one file ----------------------------------------------------------------------------------
+
+
+def _quarantine(row: dict[str, Any], reason: Reason, detail: str) -> dict[str, Any]:
+    row.update(status=STATUS_QUARANTINED, reason=str(reason), detail=detail)
+    return row
+
+
+def _parse_open_file(fp: BinaryIO, row: dict[str, Any], size: int) -> dict[str, Any]:
+    head = fp.read(132)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return _quarantine(row, Reason.NOT_DICOM, "no DICM prefix at byte 128")
+    fp.seek(0)
+    stop = _StopAtPixels()
+    try:
+        ds = read_partial(fp, stop_when=stop, defer_size=None, force=False)
+    except zlib.error:
+        return _quarantine(row, Reason.TRUNCATED_FILE, "deflated data set is incomplete")
+    except Exception as exc:
+        try:
+            at_end = fp.tell() >= size
+        except Exception:
+            at_end = False
+        if at_end or isinstance(exc, EOFError):
+            return _quarantine(row, Reason.TRUNCATED_FILE, "header cut inside an element")
+        detail = f"header not parsable ({type(exc).__name__})"
+        return _quarantine(row, Reason.UNREADABLE_HEADER, detail)
+
+    meta_values = file_meta_values(ds.file_meta) if ds.file_meta is not None else {}
+    if (
+        meta_values.get("media_sop_class_uid") == DICOMDIR_SOP_CLASS
+        or DIRECTORY_RECORD_SEQUENCE in ds
+    ):
+        return _quarantine(row, Reason.DICOMDIR, "media storage directory, not an instance")
+
+    deflated = meta_values.get("transfer_syntax_uid") in DEFLATED_SYNTAXES
+    implicit, little = ds.original_encoding
+    if stop.tag is not None:
+        if not deflated:
+            problem = _pixel_data_problem(fp, size, bool(implicit), little is not False)
+            if problem:
+                return _quarantine(row, Reason.TRUNCATED_FILE, problem)
+    else:
+        if not deflated and _header_past_end(ds, size):
+            return _quarantine(row, Reason.TRUNCATED_FILE, "a header element runs past the end")
+        if 0x00280010 in ds and 0x00280011 in ds:
+            return _quarantine(row, Reason.TRUNCATED_FILE, "image header without Pixel Data")
+
+    row.update(header_values(ds))
+    missing = [
+        name
+        for name in ("sop_instance_uid", "series_instance_uid", "study_instance_uid")
+        if not row.get(name)
+    ]
+    if missing:
+        return _quarantine(row, Reason.MISSING_UIDS, "missing " + ", ".join(missing))
+    return row
+
+
+def read_instance(opener: Callable[[str], BinaryIO], full_path: str, listed: ListedFile) -> dict:
+    """Read one file's header and return its catalogue row; never raises.
+
+    Parameters
+    ----------
+    opener
+        Opens a path for binary reading (builtin ``open`` or an fsspec filesystem's ``open``).
+    full_path
+        Path of the file for ``opener``.
+    listed
+        The listing entry (source-relative path, size, change token).
+
+    Returns
+    -------
+    dict
+        A row with every column of :data:`INSTANCE_SCHEMA`.
+    """
+    row = empty_row(listed)
+    if listed.size == 0:
+        return _quarantine(row, Reason.EMPTY_FILE, "0 bytes")
+    try:
+        with opener(full_path) as fp:
+            return _parse_open_file(fp, row, listed.size)
+    except FileNotFoundError:
+        return _quarantine(empty_row(listed), Reason.UNREADABLE_HEADER, "file vanished")
+    except Exception as exc:
+        return _quarantine(
+            empty_row(listed), Reason.UNREADABLE_HEADER, f"read failed ({type(exc).__name__})"
+        )
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom warnings and log records (they may quote header values) and validation."""
+    logger = logging.getLogger("pydicom")
+    disabled = logger.disabled
+    mode = pydicom_config.settings.reading_validation_mode
+    logger.disabled = True
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = disabled
+        pydicom_config.settings.reading_validation_mode = mode
+
+
+def parse_files(source_url: str, files: Sequence[ListedFile]) -> list[dict[str, Any]]:
+    """Read the headers of ``files`` under ``source_url``; one row per file, in input order.
+
+    Parameters
+    ----------
+    source_url
+        fsspec URL of the source root.
+    files
+        Listing entries (paths relative to the root).
+
+    Returns
+    -------
+    list of dict
+        Catalogue rows.
+    """
+    fs, root = open_url(source_url)
+    if fs.isfile(root):
+        root = root.rsplit("/", 1)[0]
+    local = protocol_of(fs) in ("file", "local")
+
+    def opener(path: str) -> BinaryIO:
+        if local:
+            return open(path, "rb")
+        return fs.open(path, "rb", block_size=2**16, cache_type="readahead")
+
+    with quiet_pydicom():
+        return [read_instance(opener, f"{root}/{f.path}", f) for f in files]
+
+
+# --- the batch task ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a batch task returns: counts only, never rows or identifying values.
+
+    Parameters
+    ----------
+    key
+        Batch content key.
+    part
+        Store-relative key of the private part file holding the batch's rows.
+    files
+        Number of files parsed.
+    statuses, reasons
+        Counts by row status and by quarantine reason.
+    seconds
+        Wall time of the batch.
+    """
+
+    key: str
+    part: str
+    files: int
+    statuses: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def part_key(batch_key: str) -> str:
+    """Return the store-relative key of a batch's part file."""
+    return f"{PARTS_DIR}/{batch_key}.parquet"
+
+
+def parse_batch_to_part(
+    key: str, files: Sequence[ListedFile], source_url: str, store_url: str, site: str
+) -> BatchResult:
+    """Parse a batch of files and write their rows to a private part file in the store.
+
+    Parameters
+    ----------
+    key
+        Batch content key (names the part file).
+    files
+        Listing entries of the batch.
+    source_url
+        Source root URL.
+    store_url, site
+        The site store.
+
+    Returns
+    -------
+    BatchResult
+        Counts and the part key.
+    """
+    started = time.perf_counter()
+    rows = parse_files(source_url, files)
+    store = SiteStore(store_url, site)
+    store.write_table(part_key(key), rows_to_table(rows))
+    return BatchResult(
+        key=key,
+        part=part_key(key),
+        files=len(rows),
+        statuses=dict(sorted(Counter(r["status"] for r in rows).items())),
+        reasons=dict(sorted(Counter(r["reason"] for r in rows if r["reason"]).items())),
+        seconds=round(time.perf_counter() - started, 4),
+    )
+
+
+@task(
+    name="parse-dicom-batch",
+    task_run_name="parse-{key}",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def parse_batch(
+    key: str, files: Sequence[ListedFile], source_url: str, store_url: str, site: str
+) -> BatchResult:
+    """Prefect task: parse one batch into a private part file; return counts only.
+
+    See :func:`parse_batch_to_part`.
+    """
+    return parse_batch_to_part(key, files, source_url, store_url, site)

@@ -1,0 +1,238 @@
+"""Listing a DICOM source and diffing it against the catalogue (incremental ingest).
+
+A source is any fsspec URL (local folder, ``file://``, ``s3://bucket/prefix``). Each file is
+listed with its size and a change token: the modification time for local files, the ETag for
+object stores. A re-run compares the listing with ``catalog/instances.parquet`` and parses only
+new or changed files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import fsspec
+
+from tasks.errors import OncoflowError
+from tasks.store import open_url, protocol_of
+
+#: Status values of ``catalog/instances.parquet`` rows.
+STATUS_OK = "ok"
+STATUS_QUARANTINED = "quarantined"
+STATUS_DELETED = "deleted"
+
+
+@dataclass(frozen=True, order=True)
+class ListedFile:
+    """One file under the source root.
+
+    Parameters
+    ----------
+    path
+        Path relative to the source root, ``/`` separated (private: may contain names).
+    size
+        Size in bytes.
+    mtime
+        Change token: modification time (local) or ETag (object stores).
+    """
+
+    path: str
+    size: int
+    mtime: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of files parsed by one task.
+
+    Parameters
+    ----------
+    key
+        Content key: a hash of the files' paths, sizes and change tokens (not identifying).
+    files
+        The files, sorted by path.
+    """
+
+    key: str
+    files: tuple[ListedFile, ...]
+
+
+@dataclass
+class ListingDiff:
+    """How a listing differs from the catalogue.
+
+    Attributes
+    ----------
+    new, changed
+        Files to parse (not in the catalogue, or with another size or change token).
+    unchanged
+        Paths whose catalogue rows stay as they are.
+    deleted
+        Paths in the catalogue (not yet marked deleted) that are gone from the source.
+    """
+
+    new: list[ListedFile] = field(default_factory=list)
+    changed: list[ListedFile] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    @property
+    def to_parse(self) -> list[ListedFile]:
+        """Files to parse, sorted by path."""
+        return sorted(self.new + self.changed)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing needs parsing and nothing was deleted."""
+        return not (self.new or self.changed or self.deleted)
+
+
+def _change_token(info: dict, protocol: str) -> str:
+    """Return the change token of an fsspec ``info`` dict (ETag, else mtime, else '')."""
+    for key in ("ETag", "etag", "md5Hash", "generation"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is not None and value != "":
+            if isinstance(value, float):
+                return f"{value:.6f}"
+            if hasattr(value, "isoformat"):
+                return value.isoformat()
+            return str(value)
+    return ""
+
+
+def resolve_source(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve a source URL and check that it exists and is not empty.
+
+    Parameters
+    ----------
+    url
+        fsspec URL of the source root.
+
+    Returns
+    -------
+    tuple
+        Filesystem and root path.
+
+    Raises
+    ------
+    OncoflowError
+        When the source does not exist, cannot be reached, or holds nothing.
+    """
+    fs, root = open_url(url)
+    try:
+        if fs.isfile(root):
+            return fs, root
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        raise OncoflowError(f"source not found: {url}") from None
+    except PermissionError:
+        raise OncoflowError(f"source not readable (permission denied): {url}") from None
+    except Exception as exc:
+        raise OncoflowError(f"source unreachable: {url} ({type(exc).__name__})") from None
+    if not entries:
+        raise OncoflowError(f"source is empty: {url}")
+    return fs, root
+
+
+def list_source(url: str) -> list[ListedFile]:
+    """List every file under a source, sorted by relative path.
+
+    Parameters
+    ----------
+    url
+        fsspec URL of the source root (a folder/prefix, or a single file).
+
+    Returns
+    -------
+    list of ListedFile
+        One entry per file; directory markers of object stores are skipped.
+
+    Raises
+    ------
+    OncoflowError
+        When the source cannot be listed or holds no files.
+    """
+    fs, root = resolve_source(url)
+    protocol = protocol_of(fs)
+    try:
+        if fs.isfile(root):
+            info = fs.info(root)
+            name = root.rsplit("/", 1)[-1]
+            return [ListedFile(name, int(info.get("size") or 0), _change_token(info, protocol))]
+        found = fs.find(root, detail=True, withdirs=False)
+    except Exception as exc:
+        raise OncoflowError(f"cannot list source {url} ({type(exc).__name__})") from None
+    prefix = root.rstrip("/") + "/"
+    files = []
+    for full, info in found.items():
+        if info.get("type") == "directory" or full.endswith("/"):
+            continue
+        rel = full[len(prefix) :] if full.startswith(prefix) else full.rsplit("/", 1)[-1]
+        files.append(ListedFile(rel, int(info.get("size") or 0), _change_token(info, protocol)))
+    if not files:
+        raise OncoflowError(f"source holds no files: {url}")
+    files.sort()
+    return files
+
+
+def diff_listing(
+    listing: Sequence[ListedFile], catalogue: Iterable[tuple[str, int, str, str]]
+) -> ListingDiff:
+    """Compare a listing with the catalogue's (path, size, mtime, status) rows.
+
+    Parameters
+    ----------
+    listing
+        Current files under the source.
+    catalogue
+        Rows of the existing catalogue as (path, size, mtime, status) tuples.
+
+    Returns
+    -------
+    ListingDiff
+        New, changed, unchanged and newly deleted files.
+    """
+    known = {path: (size, mtime, status) for path, size, mtime, status in catalogue}
+    diff = ListingDiff()
+    listed = set()
+    for f in listing:
+        listed.add(f.path)
+        old = known.get(f.path)
+        if old is None or old[2] == STATUS_DELETED:
+            diff.new.append(f)
+        elif old[0] != f.size or old[1] != f.mtime:
+            diff.changed.append(f)
+        else:
+            diff.unchanged.append(f.path)
+    diff.deleted = sorted(
+        p for p, (_, _, status) in known.items() if p not in listed and status != STATUS_DELETED
+    )
+    return diff
+
+
+def batch_key(files: Sequence[ListedFile]) -> str:
+    """Return a content key for a batch (hash of paths, sizes and change tokens)."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.path}\t{f.size}\t{f.mtime}\n".encode("utf-8", "surrogateescape"))
+    return "b" + digest.hexdigest()[:20]
+
+
+def make_batches(files: Sequence[ListedFile], batch_size: int) -> list[Batch]:
+    """Split files (sorted by path) into batches of at most ``batch_size``.
+
+    The split depends only on the sorted file list, so batch keys are stable across runs.
+    """
+    ordered = sorted(files)
+    size = max(1, batch_size)
+    chunks = [tuple(ordered[i : i + size]) for i in range(0, len(ordered), size)]
+    return [Batch(key=batch_key(chunk), files=chunk) for chunk in chunks]
+
+
+def item_ref(item: str) -> str:
+    """Return an opaque short reference for a path or key (for artifacts and logs)."""
+    return hashlib.sha256(item.encode("utf-8", "surrogateescape")).hexdigest()[:12]
