@@ -40,13 +40,17 @@ class TokenFactory:
 
     def __init__(self, rng: np.random.Generator) -> None:
         self.rng = rng
-        self._used: list[str] = []
+        self._words: set[str] = set()
+        self._word_parts: set[str] = set()  # every substring of 7+ letters of accepted words
+        self._numbers: set[str] = set()
 
-    def _accept(self, token: str) -> bool:
+    def _accept_word(self, token: str) -> bool:
         low = token.lower()
-        if any(low in u or u in low for u in self._used):
+        parts = {low[i:j] for i in range(len(low)) for j in range(i + 7, len(low) + 1)}
+        if low in self._word_parts or parts & self._words:
             return False
-        self._used.append(low)
+        self._words.add(low)
+        self._word_parts |= parts
         return True
 
     def word(self) -> str:
@@ -57,15 +61,20 @@ class TokenFactory:
                 for _ in range(3)
             ]
             token = "".join(parts)[:11].capitalize()
-            if len(token) >= 7 and self._accept(token):
+            if len(token) >= 7 and self._accept_word(token):
                 return token
 
     def number(self, prefix: str, digits: int = 8) -> str:
-        """``prefix`` followed by ``digits`` random digits (first digit non-zero)."""
+        """Return ``prefix`` followed by ``digits`` random digits (first digit non-zero).
+
+        Prefixes differ in letters and digit counts are fixed per prefix, so exact uniqueness
+        is enough to keep number tokens from being substrings of one another.
+        """
         while True:
             n = int(self.rng.integers(10 ** (digits - 1), 10**digits))
             token = f"{prefix}{n}"
-            if self._accept(token):
+            if token not in self._numbers:
+                self._numbers.add(token)
                 return token
 
     def house_number(self) -> int:

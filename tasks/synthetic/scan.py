@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -31,8 +32,8 @@ def searchable_bytes(path: str | Path) -> bytes:
         return data
     try:
         meta = read_file_meta_info(path)
-    except Exception:  # any unreadable meta: the raw bytes are all there is
-        return data
+    except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError):
+        return data  # unreadable meta: the raw bytes are all there is
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         return data
     start = _META_START + _GROUP_LENGTH_ELEMENT + int(meta.FileMetaInformationGroupLength)
