@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tasks.harmonise.config import HarmoniseConfig
 from tasks.harmonise.quarantine import Quarantined
@@ -255,8 +256,79 @@ def slice_spacing(offsets: np.ndarray, config: HarmoniseConfig, fallback: float)
     )
 
 
+NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
+def _native_layout(ds: Dataset) -> tuple[np.dtype, int] | None:
+    """Return (stored dtype, BitsStored) when the pixel data can be read without decoding."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in NATIVE_LITTLE_ENDIAN:
+        return None
+    if "PixelData" not in ds or ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        return None
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    stored = int(ds.get("BitsStored", bits) or bits)
+    if bits not in (8, 16, 32) or not 0 < stored <= bits:
+        return None
+    kind = "i" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "u"
+    return np.dtype(f"<{kind}{bits // 8}"), stored
+
+
+def _native_frames(ds: Dataset, layout: tuple[np.dtype, int], plane: Plane) -> np.ndarray | None:
+    """View the stored frames of native pixel data as (frames, rows, columns), or None."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    count = frames * plane.rows * plane.columns
+    raw = ds.PixelData
+    if len(raw) < count * layout[0].itemsize:
+        return None
+    return np.frombuffer(raw, layout[0], count=count).reshape(frames, plane.rows, plane.columns)
+
+
+def _fix_bits(values: np.ndarray, stored: int) -> None:
+    """In place: keep only the low ``stored`` bits (sign-extended for signed data)."""
+    spare = values.dtype.itemsize * 8 - stored
+    if spare <= 0:
+        return
+    if np.issubdtype(values.dtype, np.signedinteger):
+        np.left_shift(values, spare, out=values)
+        np.right_shift(values, spare, out=values)
+    else:
+        np.bitwise_and(values, (1 << stored) - 1, out=values)
+
+
 def _pixels(datasets: Sequence[Dataset], planes: Sequence[Plane]) -> np.ndarray:
-    """Stack the stored values of the planes, in the given order, as (planes, rows, columns)."""
+    """Stack the stored values of the planes, in the given order, as (planes, rows, columns).
+
+    Uncompressed little-endian data with one layout for the whole series is copied straight
+    from the pixel data into the volume; anything else is decoded by pydicom.
+    """
+    layouts = {_native_layout(datasets[p.dataset]) for p in planes}
+    layout = layouts.pop() if len(layouts) == 1 else None
+    decoded: dict[int, np.ndarray] = {}
+    out = None
+    for k, plane in enumerate(planes):
+        arr = decoded.get(plane.dataset)
+        if arr is None:
+            ds = datasets[plane.dataset]
+            arr = _native_frames(ds, layout, plane) if layout is not None else None
+            if arr is None:
+                return _decoded_pixels(datasets, planes)
+            decoded[plane.dataset] = arr
+        if (plane.frame or 0) >= len(arr):
+            raise Quarantined(Reason.UNSUPPORTED_IMAGE, "fewer frames than frame descriptions")
+        frame = arr[plane.frame or 0]
+        if out is None:
+            out = np.empty((len(planes), plane.rows, plane.columns), dtype=frame.dtype)
+        out[k] = frame
+        if plane.frame is None:
+            decoded.pop(plane.dataset, None)
+    assert out is not None and layout is not None
+    _fix_bits(out, layout[1])
+    return out
+
+
+def _decoded_pixels(datasets: Sequence[Dataset], planes: Sequence[Plane]) -> np.ndarray:
+    """Stack the planes' values decoded by pydicom (compressed or unusual layouts)."""
     decoded: dict[int, np.ndarray] = {}
     out = None
     for k, plane in enumerate(planes):
@@ -276,6 +348,8 @@ def _pixels(datasets: Sequence[Dataset], planes: Sequence[Plane]) -> np.ndarray:
             raise Quarantined(Reason.UNSUPPORTED_IMAGE, "pixel data does not match the matrix")
         if out is None:
             out = np.empty((len(planes), plane.rows, plane.columns), dtype=frame.dtype)
+        elif frame.dtype != out.dtype:
+            out = out.astype(np.result_type(out.dtype, frame.dtype))
         out[k] = frame
         if plane.frame is None:
             decoded.pop(plane.dataset, None)
@@ -294,7 +368,19 @@ def rescale(stored: np.ndarray, planes: Sequence[Plane]) -> np.ndarray:
     integral = np.all(slopes == np.rint(slopes)) and np.all(intercepts == np.rint(intercepts))
     if integral and np.issubdtype(stored.dtype, np.integer):
         if np.all(slopes == 1) and np.all(intercepts == intercepts[0]):
-            values = stored.astype(np.int32) + int(intercepts[0])
+            shift = int(intercepts[0])
+            lo, hi = int(stored.min()) + shift, int(stored.max()) + shift
+            i16 = np.iinfo(np.int16)
+            if i16.min <= lo and hi <= i16.max and stored.dtype.itemsize <= 2:
+                # In place: the stored values fit int16 (checked above), so add in int16.
+                # Add in int16 (in place, modulo 2**16): exact because the result fits.
+                if stored.dtype in (np.int16, np.uint16):
+                    values16 = stored.view(np.int16)
+                else:
+                    values16 = stored.astype(np.int16)
+                values16 += np.int16(shift)
+                return values16
+            values = stored.astype(np.int32) + shift
         else:
             values = stored.astype(np.int64) * slopes.astype(np.int64)[:, None, None]
             values += intercepts.astype(np.int64)[:, None, None]

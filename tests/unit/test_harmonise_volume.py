@@ -238,3 +238,44 @@ def test_unsupported_inputs_are_quarantined() -> None:
     assert info.value.reason == Reason.UNSUPPORTED_IMAGE
     with pytest.raises(Quarantined):
         read_volume([], CFG)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_bits_stored_below_bits_allocated(signed: bool) -> None:
+    g = Geometry(size=(6, 5, 3))
+    datasets = image_series(np.zeros((3, 5, 6)), g, intercept=0.0, dtype=np.uint16)
+    rng = np.random.default_rng(9)
+    expected = []
+    for ds in datasets:
+        low = rng.integers(0, 4096, size=(5, 6)).astype(np.uint16)
+        garbage = rng.integers(0, 16, size=(5, 6)).astype(np.uint16) << 12
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+        ds.PixelData = (low | garbage).tobytes()
+        value = low.astype(np.int32)
+        if signed:
+            value = np.where(value >= 2048, value - 4096, value)
+        expected.append(value)
+    datasets = reread(datasets)
+    image = read_volume(datasets, CFG).image
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), np.stack(expected))
+    # The same values as pydicom's own decoder.
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(image), np.stack([ds.pixel_array for ds in datasets])
+    )
+
+
+def test_compressed_series_decodes_to_the_same_volume() -> None:
+    from pydicom.uid import RLELossless
+
+    g = GEOMETRIES["oblique"]
+    hu = np.random.default_rng(6).integers(-1024, 3000, size=g.size[::-1]).astype(float)
+    native = reread(image_series(hu, g))
+    compressed = reread(image_series(hu, g))
+    for ds in compressed:
+        ds.compress(RLELossless)
+    compressed = reread(compressed)
+    assert compressed[0].file_meta.TransferSyntaxUID == RLELossless
+    a = read_volume(native, CFG).image
+    b = read_volume(compressed, CFG).image
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(b), hu)
