@@ -379,7 +379,10 @@ def _quiet_consoles() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn every error into one line and a non-zero exit code."""
+    from flows.runtime import apply_prefect_defaults
+
     _quiet_consoles()
+    apply_prefect_defaults()  # before Prefect is imported, so its settings see them
     from tasks.errors import OncoflowError
 
     try:

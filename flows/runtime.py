@@ -32,7 +32,7 @@ THREAD_ENV = {
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "radiomics,distributed",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
@@ -107,7 +107,9 @@ def ensure_prefect_api() -> PrefectApi:
     logging.getLogger("prefect.server.api.server").setLevel(logging.WARNING)
     server = SubprocessASGIServer()
     try:
-        server.start()
+        server.start(
+            timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+        )
     except Exception as exc:
         raise OncoflowError(f"could not start a temporary Prefect server: {exc}") from None
     # Child processes (Dask workers) read the environment; this process's Prefect already
