@@ -91,7 +91,10 @@ def generate_cohort(
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise OncoflowError(f"output folder is not empty: {root}")
     tokens = TokenFactory(np.random.default_rng([seed, 0x5EED]))
-    site_truths = [_generate_site(root, index, patients, seed, tokens) for index in range(sites)]
+    site_truths = {
+        site_name(index): _generate_site(root, index, patients, seed, tokens)
+        for index in range(sites)
+    }
     truth = CohortTruth(
         generator=GENERATOR, seed=seed, n_sites=sites, patients_per_site=patients, sites=site_truths
     )

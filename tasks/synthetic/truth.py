@@ -171,13 +171,13 @@ class SiteTruth(BaseModel):
 
 
 class CohortTruth(BaseModel):
-    """The answer key of a generated cohort."""
+    """The answer key of a generated cohort; ``sites`` maps site name to its truth."""
 
     generator: str
     seed: int
     n_sites: int
     patients_per_site: int
-    sites: list[SiteTruth]
+    sites: dict[str, SiteTruth]
 
     @classmethod
     def load(cls, path: str | Path) -> CohortTruth:
@@ -185,8 +185,5 @@ class CohortTruth(BaseModel):
         return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
     def site(self, name: str) -> SiteTruth:
-        """Return the site called ``name``."""
-        for site in self.sites:
-            if site.site == name:
-                return site
-        raise KeyError(name)
+        """Return the site called ``name`` (KeyError if absent)."""
+        return self.sites[name]

@@ -73,7 +73,7 @@ def test_another_seed_gives_other_data(tmp_path: Path) -> None:
     b = generate_cohort(tmp_path / "b", sites=1, patients=1, seed=2)
     ha, hb = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
     assert not set(ha.values()) & set(hb.values()) - {hashlib.sha256(b"").hexdigest()}
-    pa, pb = a.sites[0].patients[0], b.sites[0].patients[0]
+    pa, pb = a.site("site-a").patients[0], b.site("site-a").patients[0]
     assert not set(pa.planted_values) & set(pb.planted_values)
     assert pa.lesions[0].centre_mm != pb.lesions[0].centre_mm
 
@@ -87,8 +87,9 @@ def test_refuses_a_non_empty_output_folder(tmp_path: Path) -> None:
 def test_truth_round_trips_and_accounts_for_every_file(cohort: tuple[Path, CohortTruth]) -> None:
     out, truth = cohort
     assert CohortTruth.load(out / "truth.json") == truth
-    assert [s.site for s in truth.sites] == ["site-a", "site-b", "site-c"]
-    for site in truth.sites:
+    assert list(truth.sites) == ["site-a", "site-b", "site-c"]
+    assert all(truth.site(name).site == name for name in truth.sites)
+    for site in truth.sites.values():
         on_disk = {
             p.relative_to(out / site.site).as_posix()
             for p in (out / site.site).rglob("*")
@@ -109,7 +110,7 @@ def test_truth_round_trips_and_accounts_for_every_file(cohort: tuple[Path, Cohor
 def test_every_file_reads_back_with_pydicom(cohort: tuple[Path, CohortTruth]) -> None:
     out, truth = cohort
     seen_ts = set()
-    for site in truth.sites:
+    for site in truth.sites.values():
         for series in site.series():
             for rel, uid in zip(series.files, series.sop_instance_uids, strict=True):
                 ds = pydicom.dcmread(out / site.site / rel)
@@ -166,7 +167,7 @@ def test_image_volumes_match_truth_geometry_and_lesions_in_simpleitk(
 ) -> None:
     out, truth = cohort
     checked = 0
-    for site in truth.sites:
+    for site in truth.sites.values():
         for series in _image_series(site):
             if series.geometry is None or series.ingest_status != "ok":
                 continue
@@ -194,7 +195,7 @@ def test_image_volumes_match_truth_geometry_and_lesions_in_simpleitk(
 
 def test_pet_suv_is_computable_by_hand_from_the_headers(cohort: tuple[Path, CohortTruth]) -> None:
     out, truth = cohort
-    for site in truth.sites:
+    for site in truth.sites.values():
         for series in site.series():
             if series.role != "pet":
                 continue
@@ -219,7 +220,7 @@ def test_pet_suv_is_computable_by_hand_from_the_headers(cohort: tuple[Path, Coho
 
 def test_seg_reads_with_highdicom_and_matches_the_lesions(cohort: tuple[Path, CohortTruth]) -> None:
     out, truth = cohort
-    for site in truth.sites:
+    for site in truth.sites.values():
         uids = {s.series_instance_uid: s for s in site.series()}
         for series in site.series():
             if series.kind != "seg":
@@ -247,7 +248,7 @@ def test_seg_reads_with_highdicom_and_matches_the_lesions(cohort: tuple[Path, Co
 
 def test_rtstruct_contours_lie_on_the_lesion_surface(cohort: tuple[Path, CohortTruth]) -> None:
     out, truth = cohort
-    for site in truth.sites:
+    for site in truth.sites.values():
         uids = {s.series_instance_uid: s for s in site.series()}
         for series in site.series():
             if series.kind != "rtstruct":
@@ -280,13 +281,13 @@ def test_every_planted_value_is_in_that_patients_bytes_and_only_there(
 ) -> None:
     out, truth = cohort
     blobs = {}
-    for site in truth.sites:
+    for site in truth.sites.values():
         for patient in site.patients:
             folder = out / site.site / patient.directory
             blobs[patient.patient_id] = b"\0".join(
                 searchable_bytes(p) for p in sorted(folder.rglob("*")) if p.is_file()
             )
-    for site in truth.sites:
+    for site in truth.sites.values():
         for patient in site.patients:
             blob = blobs[patient.patient_id]
             missing = [v for v in patient.planted_values if v.encode("latin-1") not in blob]
@@ -309,7 +310,7 @@ def test_identifiers_sit_in_nested_sequences_and_private_blocks(
     cohort: tuple[Path, CohortTruth],
 ) -> None:
     out, truth = cohort
-    site = truth.sites[0]
+    site = truth.site("site-a")
     patient = site.patients[0]
     ds = pydicom.dcmread(out / site.site / patient.studies[0].series[0].files[0])
     other = ds.OtherPatientIDsSequence[0]
@@ -344,7 +345,7 @@ def test_identifiers_sit_in_nested_sequences_and_private_blocks(
 
 def test_planted_faults_are_what_truth_says(cohort: tuple[Path, CohortTruth]) -> None:
     out, truth = cohort
-    for site in truth.sites:
+    for site in truth.sites.values():
         root = out / site.site
         kinds = {f.reason for f in site.faults}
         assert {
@@ -442,13 +443,13 @@ def test_planted_faults_are_what_truth_says(cohort: tuple[Path, CohortTruth]) ->
 
 def test_site_profiles_differ_and_counts_are_derived(cohort: tuple[Path, CohortTruth]) -> None:
     _, truth = cohort
-    profiles = [s.profile for s in truth.sites]
+    profiles = [s.profile for s in truth.sites.values()]
     assert len({p.roi_names for p in profiles}) == 3
     assert len({p.manufacturer for p in profiles}) == 3
     oblique = [p for p in profiles if any(0 < abs(v) < 1 for v in p.orientation)]
     assert len(oblique) == 1
     assert math.isclose(np.linalg.norm(oblique[0].orientation[3:]), 1.0)
-    for site in truth.sites:
+    for site in truth.sites.values():
         series = list(site.series())
         assert sum(site.totals.series_ingest["CT"].values()) == sum(
             s.modality == "CT" for s in series
@@ -466,7 +467,7 @@ def test_enhanced_multiframe_mr_matches_its_single_frame_series(
     cohort: tuple[Path, CohortTruth],
 ) -> None:
     out, truth = cohort
-    for site in truth.sites:
+    for site in truth.sites.values():
         by_uid = {s.series_instance_uid: s for s in site.series()}
         enhanced = [s for s in site.series() if s.role == "mr-enhanced"]
         assert len(enhanced) == 1
