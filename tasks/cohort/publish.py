@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -69,7 +68,7 @@ from tasks.store import SiteStore, open_url, sha256_bytes, table_to_parquet_byte
 log = logging.getLogger(__name__)
 
 #: Called on the staged version; returns one line per residual identifier found (no values).
-LeakGate = Callable[[SiteStore, fsspec.AbstractFileSystem, str, list[str]], list[str]]
+LeakGate = Callable[[SiteStore, Callable[[str], bytes], list[str]], list[str]]
 
 
 @dataclass
@@ -260,17 +259,18 @@ def stage_files(
     plan: PublishPlan,
     files: list[PlannedFile],
     retry: Retrier,
-) -> tuple[int, int]:
+) -> tuple[list[str], int]:
     """Upload the files of one series to the staging prefix (reuse verified staged copies).
 
     Returns
     -------
     tuple
-        Number uploaded, number reused.
+        Names uploaded, number reused.
     """
     fs, path = cohort_path(plan.to, plan.cohort)
     staging = f"{path}/{plan.staging_key}"
-    uploaded = reused = 0
+    uploaded: list[str] = []
+    reused = 0
     for planned in files:
         dest = f"{staging}/{planned.name}"
         if planned.name in plan.staged and sha256_of(fs, dest, retry) == planned.sha256:
@@ -283,26 +283,41 @@ def stage_files(
         if sha256_bytes(data) != planned.sha256:
             raise OncoflowError(f"{planned.name}: source changed since it was planned")
         retry(f"uploading {planned.name}", put_bytes, fs, dest, data)
-        uploaded += 1
+        uploaded.append(planned.name)
     return uploaded, reused
 
 
 def default_leak_gate(
-    store: SiteStore, fs: fsspec.AbstractFileSystem, staging: str, names: list[str]
-) -> list[str] | None:
-    """Run the de-identification leak gate when it is installed.
+    store: SiteStore, read: Callable[[str], bytes], names: list[str]
+) -> list[str]:
+    """Run the de-identification leak gate over the staged version.
 
-    Returns None when ``tasks.deid.scan_phi`` is not available yet (the publish result then
-    says ``leak_gate: unavailable``). NOTE: wire the scanner's entry point here once it lands.
+    Every staged object (tables, manifest, NIfTI, DICOM) is scanned for the identifying values
+    of the site's private catalogue and for identifier patterns (the scanner of
+    :mod:`tasks.deid.scan_phi`). Findings name the object and the attribute, never the value.
+
+    Parameters
+    ----------
+    store
+        The site store (its private catalogue gives the identifiers to look for).
+    read
+        Returns the bytes of a staged object by name (with retries).
+    names
+        Names of the staged objects.
+
+    Raises
+    ------
+    OncoflowError
+        When the site has no private catalogue to take identifiers from.
     """
-    try:
-        scanner = importlib.import_module("tasks.deid.scan_phi")
-    except ImportError:
-        return None
-    scan = getattr(scanner, "scan_published", None) or getattr(scanner, "scan_prefix", None)
-    if scan is None:
-        return None
-    return list(scan(store, fs, staging, names))
+    from tasks.deid.scan_phi import Finding, IdentifierMatcher, catalogue_identifiers, scan_bytes
+
+    matcher = IdentifierMatcher(catalogue_identifiers(store))
+    findings: set[Finding] = set()
+    for name in names:
+        for attribute, kind in scan_bytes(name, read(name), matcher):
+            findings.add(Finding(name, attribute, kind))
+    return [f.line() for f in sorted(findings)]
 
 
 def finalize(
@@ -311,7 +326,7 @@ def finalize(
     retry: Retrier,
     *,
     date_published: str | None = None,
-    leak_gate: Callable[..., list[str] | None] = default_leak_gate,
+    leak_gate: LeakGate = default_leak_gate,
 ) -> PublishResult:
     """Stage the tables, manifest and checksums, verify, gate and commit a new version.
 
@@ -348,14 +363,17 @@ def finalize(
         if sha256_of(fs, f"{staging}/{name}", retry) != sha256_bytes(data):
             raise OncoflowError(f"staged {name} failed verification")
 
-    hits = leak_gate(store, fs, staging, sorted(all_sums))
+    def read_staged(name: str) -> bytes:
+        return retry(f"reading {name}", fs.cat_file, f"{staging}/{name}")
+
+    hits = leak_gate(store, read_staged, sorted(all_sums))
     if hits:
         retry("removing staging", remove_prefix, fs, staging)
         raise OncoflowError(
             f"leak gate found {len(hits)} residual identifier(s) in cohort {plan.cohort}; "
             f"nothing was published (first: {hits[0]})"
         )
-    gate = "unavailable" if hits is None else "passed"
+    gate = "passed"
 
     if read_marker(fs, vpath, retry) is not None:
         raise OncoflowError(f"{plan.cohort}/v{number} appeared during publishing: run again")
@@ -400,6 +418,7 @@ def _commit_marker(fs: fsspec.AbstractFileSystem, vpath: str, data: bytes, retry
     try:
         retry("writing the commit marker", create_exclusive, fs, f"{vpath}/{MARKER}", data)
     except FileExistsError:
+        fs.invalidate_cache(vpath)
         existing = retry("reading the commit marker", fs.cat_file, f"{vpath}/{MARKER}")
         if existing != data:
             raise OncoflowError(
@@ -414,7 +433,7 @@ def publish_cohort(
     *,
     policy: RetryPolicy | None = None,
     date_published: str | None = None,
-    leak_gate: Callable[..., list[str] | None] = default_leak_gate,
+    leak_gate: LeakGate = default_leak_gate,
 ) -> PublishResult:
     """Publish a cohort version in this process (plan, clean, stage, gate, commit).
 
@@ -445,9 +464,9 @@ def publish_cohort(
         return done
     uploaded = reused = 0
     for series in sorted(plan.files):
-        up, re_ = stage_files(store, plan, plan.files[series], retry)
-        uploaded += up
-        reused += re_
+        names, count = stage_files(store, plan, plan.files[series], retry)
+        uploaded += len(names)
+        reused += count
     result = finalize(store, plan, retry, date_published=date_published, leak_gate=leak_gate)
     result.uploaded, result.reused, result.cleaned = uploaded, reused, cleaned
     return result

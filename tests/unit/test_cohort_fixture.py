@@ -95,6 +95,31 @@ def dicom_bytes(modality: str, series: str, study: str, index: int, sop_class=CT
     return buf.getvalue()
 
 
+def mrn(site: str, patient: int) -> str:
+    """The (private) hospital patient ID of a fixture patient: a canary for leak tests."""
+    digits = int(hashlib.sha256(f"{site}-mrn-{patient}".encode()).hexdigest()[:8], 16) % 10**7
+    return f"MRN{digits:07d}{patient}"
+
+
+def catalogue(site: str, series: tuple[SeriesSpec, ...]) -> list[dict]:
+    """Private catalogue rows: the identifiers the leak gate searches the published files for."""
+    return [
+        {
+            "path": f"src/{i}/{k}.dcm",
+            "status": "ok",
+            "patient_id": mrn(site, spec.patient),
+            "patient_name": f"Testperson^Canary{spec.patient}x",
+            "patient_birth_date": "19600101",
+            "accession_number": f"ACC{i:06d}77",
+            "sop_instance_uid": f"1.2.826.0.1.3680043.99.{i}.{k}",
+            "series_instance_uid": f"1.2.826.0.1.3680043.99.{i}",
+            "study_instance_uid": f"1.2.826.0.1.3680043.98.{i}",
+        }
+        for i, spec in enumerate(series)
+        for k in range(2)
+    ]
+
+
 def build_site(
     url: str,
     site: str = "site-a",
@@ -205,6 +230,7 @@ def build_site(
                     "referenced_series": [uid],
                 }
             )
+    store.write_table("catalog/instances.parquet", pa.Table.from_pylist(catalogue(site, series)))
     store.write_table("harmonised/series.parquet", pa.Table.from_pylist(harmonised))
     store.write_table("deid/series.parquet", pa.Table.from_pylist(deid))
     store.write_table(

@@ -14,7 +14,7 @@ from tasks.cohort.spec import parse_spec
 from tasks.cohort.storage import RetryPolicy
 from tasks.cohort.verify import verify_url
 from tasks.errors import OncoflowError
-from tests.unit.test_cohort_fixture import PARAMS_HASH, build_site
+from tests.unit.test_cohort_fixture import PARAMS_HASH, build_site, mrn
 
 SPEC = {
     "name": "lung",
@@ -27,12 +27,7 @@ SPEC = {
 FAST = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01, seed=1)
 
 
-def no_gate(*_args):
-    return []
-
-
 def publish(store, to, spec=SPEC, **kw):
-    kw.setdefault("leak_gate", no_gate)
     return publish_cohort(store, parse_spec(spec), to, policy=FAST, date_published="2026-01-02",
                           **kw)
 
@@ -136,8 +131,8 @@ def test_leftovers_of_a_killed_run_are_cleaned(store, tmp_path: Path) -> None:
 def test_leak_gate_hit_commits_nothing(store, tmp_path: Path) -> None:
     out = tmp_path / "pub"
 
-    def gate(_store, fs, staging, names):
-        assert "series.parquet" in names and fs.exists(f"{staging}/series.parquet")
+    def gate(_store, read, names):
+        assert "series.parquet" in names and read("series.parquet")[:4] == b"PAR1"
         return ["series.parquet: a patient identifier"]
 
     with pytest.raises(OncoflowError, match="leak gate found 1 residual identifier"):
@@ -152,6 +147,22 @@ def test_changed_source_after_harmonise_is_refused(store, tmp_path: Path) -> Non
     with pytest.raises(OncoflowError, match="source changed since it was planned"):
         publish(store, str(tmp_path / "pub"))
     assert not (tmp_path / "pub/lung/v1").exists()
+
+
+def test_leak_gate_finds_a_catalogue_identifier_in_a_published_table(tmp_path: Path) -> None:
+    store = build_site(str(tmp_path / "store"))
+    table = store.read_table("harmonised/series.parquet")
+    makers = table.column("manufacturer").to_pylist()
+    makers[1] = f"ACME for {mrn('site-a', 1)}"
+    table = table.set_column(table.column_names.index("manufacturer"), "manufacturer",
+                             pa.array(makers))
+    store.write_table("harmonised/series.parquet", table)
+    out = tmp_path / "pub"
+    with pytest.raises(OncoflowError) as err:
+        publish(store, str(out))
+    assert str(err.value).endswith("(first: series.parquet: manufacturer: identifier)")
+    assert mrn("site-a", 1) not in str(err.value)
+    assert tree(out) == []  # staging removed, nothing committed
 
 
 def test_identifier_shaped_keys_are_refused(tmp_path: Path) -> None:

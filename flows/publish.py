@@ -1,0 +1,224 @@
+"""Flow ``publish-cohort``: a cohort spec to an immutable, verified version on object storage.
+
+Plans the cohort in the flow (selection, tables, content hash), stops when the latest version
+already has this content, stages every series' files with one Dask task per series, then
+verifies, runs the leak gate and commits (``tasks.cohort.publish`` explains the protocol). A new
+version emits the Prefect event ``oncoflow.cohort.published`` and a link artifact to its
+manifest. Any series that cannot be staged fails the run and nothing is committed: a cohort is
+published whole or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact
+from prefect.events import emit_event
+from prefect.futures import as_completed
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flows.reporting import Progress, artifact_key, markdown_table, post_summary
+from flows.runtime import RuntimeOptions, task_runner
+from tasks.cohort.publish import (
+    PublishPlan,
+    PublishResult,
+    finalize,
+    plan_publication,
+    prepare_target,
+    stage_files,
+)
+from tasks.cohort.select import PlannedFile
+from tasks.cohort.spec import load_spec
+from tasks.cohort.storage import Retrier, RetryPolicy
+from tasks.errors import OncoflowError, StageFailed
+from tasks.records import Stage, StageSummary, Status, UnitResult
+from tasks.store import SiteStore, validate_site
+
+EVENT = "oncoflow.cohort.published"
+
+
+class PublishParams(BaseModel):
+    """One publication of a cohort by a site (the Prefect UI form; no identifiers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site: str = Field(description="Site code: lowercase letters, digits, dashes.")
+    store: str = Field(description="Site store URL (path, file://, s3://bucket/prefix).")
+    cohort: str = Field(description="Cohort spec YAML file (see deployments/cohorts/).")
+    to: str = Field(description="Publication root URL, e.g. s3://bucket/cohorts.")
+    retry_attempts: int = Field(8, ge=1, le=50, description="Attempts per storage call.")
+    retry_base_delay: float = Field(
+        0.2, ge=0.0, le=60.0, description="Backoff base in seconds (doubles, full jitter)."
+    )
+    date_published: str | None = Field(
+        None, description="ISO date for the manifest (default: today)."
+    )
+
+    @model_validator(mode="after")
+    def _valid_site(self) -> PublishParams:
+        validate_site(self.site)
+        return self
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """Retry policy for storage calls."""
+        return RetryPolicy(attempts=self.retry_attempts, base_delay=self.retry_base_delay)
+
+
+def build_params(site: str, store: str, cohort: str, to: str) -> PublishParams:
+    """Build :class:`PublishParams` from CLI values (one-line error when invalid)."""
+    try:
+        return PublishParams(site=site, store=store, cohort=cohort, to=to)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise OncoflowError(f"{loc}: {msg}" if loc else msg) from None
+
+
+@task(name="stage-series", task_run_name="stage-{series}")
+def stage_series_task(
+    store_url: str,
+    site: str,
+    plan: PublishPlan,
+    series: str,
+    files: list[PlannedFile],
+    policy: RetryPolicy,
+) -> UnitResult:
+    """Upload one series' files to the staging prefix (a record, never an exception)."""
+    try:
+        uploaded, reused = stage_files(SiteStore(store_url, site), plan, files, Retrier(policy))
+    except Exception as exc:
+        detail = str(exc).splitlines()[0][:200] if isinstance(exc, OncoflowError) else ""
+        return UnitResult(series, Status.FAILED, error_class=type(exc).__name__, detail=detail)
+    return UnitResult(
+        series,
+        Status.OK,
+        detail=f"uploaded {len(uploaded)}, reused {reused}",
+        outputs=tuple(uploaded),
+        computed=bool(uploaded),
+    )
+
+
+def _slim(plan: PublishPlan, files: list[PlannedFile]) -> PublishPlan:
+    """Return the part of a plan a staging task needs (no tables, its own staged names)."""
+    names = {f.name for f in files}
+    return dataclasses.replace(
+        plan,
+        description={},
+        files={},
+        tables={},
+        schemas={},
+        staged={k: v for k, v in plan.staged.items() if k in names},
+    )
+
+
+def _announce(result: PublishResult, counts: dict[str, Any]) -> None:
+    """Emit the published event and the link artifact of a new version."""
+    emit_event(
+        event=EVENT,
+        resource={
+            "prefect.resource.id": f"oncoflow.cohort.{result.site}.{result.cohort}",
+            "prefect.resource.name": result.cohort,
+            "oncoflow.site": result.site,
+            "oncoflow.version": result.version,
+        },
+        payload={
+            "site": result.site,
+            "cohort": result.cohort,
+            "version": result.version,
+            "url": result.url,
+            "manifest": f"{result.url}/manifest.json",
+            "content_hash": result.content_hash,
+            "series": counts.get("series", 0),
+            "patients": counts.get("patients", 0),
+        },
+    )
+
+
+@flow(name="publish-cohort", flow_run_name="publish-{params.site}", log_prints=False)
+def publish_flow(params: PublishParams) -> dict[str, Any]:
+    """Publish a cohort version of one site (or do nothing when the content is unchanged).
+
+    Parameters
+    ----------
+    params
+        Site, store, cohort spec, publication root, retry settings.
+
+    Returns
+    -------
+    dict
+        The publish result (version, URL, content hash, counts of files).
+
+    Raises
+    ------
+    StageFailed
+        When a series could not be staged (nothing is committed).
+    """
+    store = SiteStore(params.store, params.site)
+    spec = load_spec(params.cohort)
+    retry = Retrier(params.policy)
+    plan = plan_publication(store, spec, params.to)
+    done, cleaned = prepare_target(plan, retry)
+    results: list[UnitResult] = []
+    if done is None:
+        progress = Progress(len(plan.files), "series staged")
+        futures = {
+            stage_series_task.submit(
+                params.store, params.site, _slim(plan, files), series, files, params.policy
+            ): series
+            for series, files in sorted(plan.files.items())
+        }
+        for future in as_completed(list(futures)):
+            try:
+                results.append(future.result())
+            except Exception as exc:  # worker lost for good
+                results.append(UnitResult(futures[future], Status.FAILED, type(exc).__name__))
+            progress.advance()
+        results.sort(key=lambda r: r.key)
+        failed = [r for r in results if r.status == Status.FAILED]
+        if failed:
+            first = failed[0]
+            raise StageFailed(
+                f"{len(failed)} of {len(results)} series could not be staged "
+                f"({first.error_class}: {first.detail or 'see the task logs'}); "
+                "nothing was published, run again to resume"
+            )
+        result = finalize(store, plan, retry, date_published=params.date_published)
+        result.cleaned = cleaned
+        result.uploaded = sum(len(r.outputs) for r in results)
+        result.reused = sum(len(files) for files in plan.files.values()) - result.uploaded
+    else:
+        result = done
+    counts = plan.description["counts"]
+    extra = {k: v for k, v in result.to_dict().items() if k not in ("stage", "site")}
+    summary = StageSummary.from_results(
+        Stage.PUBLISH, params.site, results, **extra, series=counts["series"]
+    )
+    post_summary(
+        summary,
+        f"Cohort {result.cohort} {result.version}"
+        + (" published" if result.created else " unchanged"),
+        {
+            "Counts by modality": markdown_table(
+                [{"modality": k, "series": v} for k, v in counts["by_modality"]["series"].items()],
+                ["modality", "series"],
+            )
+        },
+    )
+    create_link_artifact(
+        link=f"{result.url}/manifest.json",
+        link_text=f"{result.cohort} {result.version} manifest",
+        key=artifact_key(params.site, "publish", result.cohort),
+        description="Croissant manifest of the published cohort version",
+    )
+    if result.created:
+        _announce(result, counts)
+    return result.to_dict()
+
+
+def publish(params: PublishParams, runtime: RuntimeOptions) -> dict[str, Any]:
+    """Run the publish flow on the configured task runner (what the CLI and tests call)."""
+    return publish_flow.with_options(task_runner=task_runner(runtime))(params)
