@@ -60,6 +60,18 @@ def emit(summary: Any, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if isinstance(data.get("stages"), list):  # a pipeline run: one row per stage run
+        table = Table(title=f"site {data.get('site', '')}")
+        for column in ("stage", "outcomes", "quarantine / failure reasons"):
+            table.add_column(column)
+        for stage in data["stages"]:
+            table.add_row(
+                str(stage.get("stage")),
+                ", ".join(f"{k} {v}" for k, v in stage.get("counts", {}).items()) or "-",
+                ", ".join(f"{k} {v}" for k, v in stage.get("reasons", {}).items()) or "-",
+            )
+        Console().print(table)
+        return
     table = Table(show_header=False, box=None)
     for key, value in data.items():
         if isinstance(value, dict):
