@@ -135,6 +135,8 @@ class StudyIdentity:
     requesting_physician: str
     performing_physician: str
     operator: str
+    placer_order: str
+    filler_order: str
 
     @property
     def date(self) -> str:
@@ -162,6 +164,8 @@ class StudyIdentity:
             self.requesting_physician,
             self.performing_physician,
             self.operator,
+            self.placer_order,
+            self.filler_order,
         ]
 
 
@@ -185,6 +189,11 @@ class PatientIdentity:
     ethnic_group: str
     occupation: str
     record_locator: str
+    country: str
+    region: str
+    religion: str
+    responsible_person: str
+    location: str
     referring_physician: str
     referring_address: str
     referring_telephone: str
@@ -214,6 +223,11 @@ class PatientIdentity:
             ethnic_group=tokens.word(),
             occupation=tokens.word(),
             record_locator=tokens.number("MRL-"),
+            country=f"Republic of {tokens.word()}",
+            region=f"{tokens.word()} Province",
+            religion=tokens.word(),
+            responsible_person=tokens.person(),
+            location=f"Ward {tokens.word()} bed {tokens.house_number()}",
             referring_physician=tokens.person(),
             referring_address=f"{tokens.house_number()} {tokens.word()} Street",
             referring_telephone=tokens.number("+31 20 "),
@@ -236,6 +250,8 @@ class PatientIdentity:
             requesting_physician=tokens.person(),
             performing_physician=tokens.person(),
             operator=tokens.person(),
+            placer_order=tokens.number("PO-", 9),
+            filler_order=tokens.number("FO-", 9),
         )
         self.studies.append(study)
         return study
@@ -279,6 +295,11 @@ class PatientIdentity:
             self.ethnic_group,
             self.occupation,
             self.record_locator,
+            self.country,
+            self.region,
+            self.religion,
+            self.responsible_person,
+            self.location,
             self.referring_physician,
             self.referring_address,
             self.referring_telephone,
@@ -349,6 +370,12 @@ def apply_identity(
     ds.EthnicGroup = patient.ethnic_group
     ds.Occupation = patient.occupation
     ds.MedicalRecordLocator = patient.record_locator
+    ds.CountryOfResidence = patient.country
+    ds.RegionOfResidence = patient.region
+    ds.PatientReligiousPreference = patient.religion
+    ds.ResponsiblePerson = patient.responsible_person
+    ds.ResponsiblePersonRole = "PARENT"
+    ds.CurrentPatientLocation = patient.location
     ds.PatientComments = note
     ds.AdditionalPatientHistory = (
         f"History taken from {patient.given} {patient.family} on {study.date}"
@@ -378,6 +405,8 @@ def apply_identity(
     date_text, time_text = dicom_date(series_start), dicom_time(series_start)
     ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date_text
     ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time_text
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date_text, time_text
+    ds.AcquisitionDateTime = date_text + time_text
     ds.SeriesDescription = series_description
     ds.ProtocolName = f"{series_description} ({patient.given[0]}. {patient.family})"
     ds.PerformingPhysicianName = study.performing_physician
@@ -391,6 +420,8 @@ def apply_identity(
     request.ScheduledProcedureStepID = study.scheduled_step_id
     request.RequestedProcedureDescription = f"Staging for {patient.family}"
     request.AccessionNumber = study.accession
+    request.PlacerOrderNumberImagingServiceRequest = study.placer_order
+    request.FillerOrderNumberImagingServiceRequest = study.filler_order
     issuer = Dataset()
     issuer.LocalNamespaceEntityID = site.issuer
     request.IssuerOfAccessionNumberSequence = Sequence([issuer])
@@ -404,6 +435,7 @@ def apply_identity(
     ds.InstitutionAddress = site.institution_address
     ds.InstitutionalDepartmentName = site.department
     ds.StationName = site.station_names[modality]
+    ds.PerformedStationName = site.station_names[modality]
     ds.DeviceSerialNumber = site.device_serials[modality]
     _apply_private(ds, patient, study)
 

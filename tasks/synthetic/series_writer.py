@@ -96,6 +96,7 @@ class StudyContext:
         self.planted += [
             dicom_date(start),
             dicom_time(start),
+            dicom_date(start) + dicom_time(start),
             self.site.identity.station_names[modality],
             self.site.identity.device_serials[modality],
         ]
