@@ -108,6 +108,26 @@ def _run_stage(stage: StageName, p: SitePipelineParams) -> list[StageSummary]:
     return [publish_cohort(build_params(p.site, p.store, p.cohort, p.to), rt)]
 
 
+WORK_KEYS = ("_parsed", "_computed", "_skipped", "_reused", "_unchanged", "_written")
+
+
+def stage_rows(summaries: list[StageSummary]) -> list[dict[str, Any]]:
+    """One row per stage run: outcome counts and how much work was done or reused."""
+    rows = []
+    for s in summaries:
+        row: dict[str, Any] = {"stage": str(s.stage)}
+        row.update({k: s.counts.get(k, 0) for k in ("ok", "quarantined", "failed")})
+        row.update(
+            {
+                k: v
+                for k, v in sorted(s.extra.items())
+                if k.endswith(WORK_KEYS) and isinstance(v, int) and not isinstance(v, bool)
+            }
+        )
+        rows.append(row)
+    return rows
+
+
 def report_markdown(site: str, summaries: list[StageSummary]) -> str:
     """Render the run report: one row per stage run with its outcome counts and reasons."""
     rows = [
@@ -140,7 +160,7 @@ def site_pipeline(params: SitePipelineParams) -> dict[str, Any]:
     dict
         ``{"site": ..., "stages": [stage summaries as dicts]}``.
     """
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     summaries: list[StageSummary] = []
     with tags(f"site:{params.site}"), dask_cluster(params.runtime):
@@ -151,6 +171,11 @@ def site_pipeline(params: SitePipelineParams) -> dict[str, Any]:
         markdown=report_markdown(params.site, summaries),
         key=artifact_key(params.site, "pipeline-report"),
         description=f"Site pipeline report ({flow_run.get_name() or params.site})",
+    )
+    create_table_artifact(
+        table=stage_rows(summaries),
+        key=artifact_key(params.site, "pipeline-stages"),
+        description="Per stage: outcomes, and work done or reused",
     )
     return {"site": params.site, "stages": [s.to_dict() for s in summaries]}
 
