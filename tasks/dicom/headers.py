@@ -43,6 +43,7 @@ from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
+from pydicom.uid import UID
 
 from tasks.dicom.listing import STATUS_OK, STATUS_QUARANTINED, ListedFile
 from tasks.records import Reason
@@ -58,6 +59,7 @@ DEFLATED_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"
 ITEM_TAG = (0xFFFE, 0xE000)
 SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
 MAX_FRAGMENTS = 1_000_000
+PIXEL_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"})
 TEXT_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 PN_DELIMITERS = {0x5E, 0x3D}
 
@@ -245,8 +247,11 @@ def _decode_text(raw: bytes, vr: str, encodings: tuple[str, ...]) -> str:
     else:
         text = raw.decode("latin-1")
     if "\\" in text:
-        return "\\".join(part.strip(" \x00") for part in text.split("\\")).strip("\\")
-    return text.strip(" \x00")
+        text = "\\".join(part.strip(" \x00") for part in text.split("\\")).strip("\\")
+    else:
+        text = text.strip(" \x00")
+    # pydicom drops empty trailing component groups of a person name ("Wang^XiaoDong=王^小东=")
+    return text.rstrip("=") if vr == "PN" else text
 
 
 def _decode_numbers(raw: bytes, vr: str, little: bool) -> list[float]:
@@ -408,6 +413,16 @@ def _multiframe_geometry(ds: Dataset, values: dict[str, Any]) -> dict[str, Any]:
 # --- completeness ------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=256)
+def expects_pixel_data(sop_class_uid: str) -> bool:
+    """Whether instances of a SOP class carry Pixel Data (image storage classes and SEG)."""
+    try:
+        name = UID(sop_class_uid).name if sop_class_uid else ""
+    except Exception:
+        return False
+    return name.endswith("Image Storage") or name == "Segmentation Storage"
+
+
 class _StopAtPixels:
     """``stop_when`` callback for pydicom that records whether it stopped at Pixel Data."""
 
@@ -421,7 +436,7 @@ class _StopAtPixels:
         return False
 
 
-def _pixel_data_problem(fp: BinaryIO, size: int, implicit: bool, little: bool) -> str:
+def _pixel_data_problem(fp: BinaryIO, size: int, little: bool) -> str:
     """Check the Pixel Data element at the current position against the file size.
 
     Returns
@@ -430,12 +445,17 @@ def _pixel_data_problem(fp: BinaryIO, size: int, implicit: bool, little: bool) -
         Empty when complete, else a short explanation (no identifying values).
     """
     start = fp.tell()
-    header_len = 8 if implicit else 12
-    header = fp.read(header_len)
-    if len(header) < header_len:
+    header = fp.read(12)
+    if len(header) < 8:
         return "Pixel Data element header cut off"
+    # Some writers switch to implicit VR inside an explicit-VR file (pydicom reads on): look at
+    # the bytes rather than trusting the transfer syntax.
+    explicit = header[4:6] in PIXEL_VRS and header[6:8] == b"\x00\x00"
+    if explicit and len(header) < 12:
+        return "Pixel Data element header cut off"
+    header_len = 12 if explicit else 8
     endian = "<" if little else ">"
-    (length,) = struct.unpack(f"{endian}I", header[-4:])
+    (length,) = struct.unpack(f"{endian}I", header[header_len - 4 : header_len])
     value_start = start + header_len
     if length != 0xFFFFFFFF:
         present = size - value_start
@@ -512,16 +532,17 @@ def _parse_open_file(fp: BinaryIO, row: dict[str, Any], size: int) -> dict[str, 
         return _quarantine(row, Reason.DICOMDIR, "media storage directory, not an instance")
 
     deflated = meta_values.get("transfer_syntax_uid") in DEFLATED_SYNTAXES
-    implicit, little = ds.original_encoding
+    _, little = ds.original_encoding
     if stop.tag is not None:
         if not deflated:
-            problem = _pixel_data_problem(fp, size, bool(implicit), little is not False)
+            problem = _pixel_data_problem(fp, size, little is not False)
             if problem:
                 return _quarantine(row, Reason.TRUNCATED_FILE, problem)
     else:
         if not deflated and _header_past_end(ds, size):
             return _quarantine(row, Reason.TRUNCATED_FILE, "a header element runs past the end")
-        if 0x00280010 in ds and 0x00280011 in ds:
+        sop_class = meta_values.get("media_sop_class_uid") or ""
+        if (0x00280010 in ds and 0x00280011 in ds) or expects_pixel_data(sop_class):
             return _quarantine(row, Reason.TRUNCATED_FILE, "image header without Pixel Data")
 
     row.update(header_values(ds))
