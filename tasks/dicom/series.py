@@ -305,6 +305,8 @@ def mark_duplicates(rows: list[dict[str, Any]]) -> None:
         if row["status"] != STATUS_OK:
             continue
         uid = row.get("sop_instance_uid")
+        if not uid:
+            continue
         if uid in seen:
             row.update(
                 status=STATUS_QUARANTINED,

@@ -1,0 +1,95 @@
+import os
+import re
+
+import pytest
+
+from tasks.dicom.listing import (
+    ListedFile,
+    diff_listing,
+    item_ref,
+    list_source,
+    make_batches,
+    resolve_source,
+)
+from tasks.errors import OncoflowError
+
+
+def test_list_source_recursive_sorted_with_size_and_mtime(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "2.dcm").write_bytes(b"xx")
+    (tmp_path / "a.dcm").write_bytes(b"x")
+    (tmp_path / "empty-dir").mkdir()
+    os.utime(tmp_path / "a.dcm", (1_700_000_000.5, 1_700_000_000.5))
+    files = list_source(str(tmp_path))
+    assert [(f.path, f.size) for f in files] == [("a.dcm", 1), ("b/2.dcm", 2)]
+    assert files[0].mtime == "1700000000.500000"
+    assert list_source(f"file://{tmp_path}") == files
+
+
+def test_single_file_source(tmp_path):
+    (tmp_path / "one.dcm").write_bytes(b"abc")
+    (f,) = list_source(str(tmp_path / "one.dcm"))
+    assert (f.path, f.size) == ("one.dcm", 3)
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda p: p / "nope", "source not found"),
+        (lambda p: p, "source is empty"),
+    ],
+)
+def test_unusable_sources(tmp_path, make, needle):
+    with pytest.raises(OncoflowError, match=needle) as info:
+        resolve_source(str(make(tmp_path)))
+    assert "\n" not in str(info.value)
+
+
+def test_source_with_only_empty_folders_has_no_files(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    with pytest.raises(OncoflowError, match="no files"):
+        list_source(str(tmp_path))
+
+
+def test_diff_listing():
+    catalogue = [
+        ("same", 10, "t1", "ok"),
+        ("grown", 10, "t1", "quarantined"),
+        ("touched", 10, "t1", "ok"),
+        ("gone", 10, "t1", "ok"),
+        ("gone-before", 10, "t1", "deleted"),
+        ("back", 10, "t1", "deleted"),
+    ]
+    listing = [
+        ListedFile("back", 10, "t1"),
+        ListedFile("grown", 11, "t1"),
+        ListedFile("new", 1, "t2"),
+        ListedFile("same", 10, "t1"),
+        ListedFile("touched", 10, "t2"),
+    ]
+    diff = diff_listing(listing, catalogue)
+    assert [f.path for f in diff.new] == ["back", "new"]
+    assert [f.path for f in diff.changed] == ["grown", "touched"]
+    assert diff.unchanged == ["same"]
+    assert diff.deleted == ["gone"]
+    assert [f.path for f in diff.to_parse] == ["back", "grown", "new", "touched"]
+    assert not diff.is_empty
+    assert diff_listing([ListedFile("same", 10, "t1")], [("same", 10, "t1", "ok")]).is_empty
+
+
+def test_batches_are_stable_and_content_keyed():
+    files = [ListedFile(f"f{i:03d}", i, "t") for i in range(10)]
+    batches = make_batches(list(reversed(files)), 4)
+    assert [len(b.files) for b in batches] == [4, 4, 2]
+    assert [b.files[0].path for b in batches] == ["f000", "f004", "f008"]
+    assert [b.key for b in make_batches(files, 4)] == [b.key for b in batches]
+    changed = [*files[:9], ListedFile("f009", 9, "t-new")]
+    assert [b.key for b in make_batches(changed, 4)][:2] == [b.key for b in batches][:2]
+    assert make_batches(changed, 4)[2].key != batches[2].key
+    assert all(re.fullmatch(r"b[0-9a-f]{20}", b.key) for b in batches)
+
+
+def test_item_ref_is_opaque_and_stable():
+    ref = item_ref("MRN-123_Doe/20200101/1/IM0001.dcm")
+    assert len(ref) == 12 and "Doe" not in ref
+    assert ref == item_ref("MRN-123_Doe/20200101/1/IM0001.dcm")
