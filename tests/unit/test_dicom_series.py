@@ -159,14 +159,27 @@ def test_result_does_not_depend_on_row_order(tmp_path):
 
 
 def test_kinds_from_sop_class_and_frames():
-    base = {"status": "ok", "reason": "", "detail": "", "instance_number": 1}
+    def row(path, uid, sop, **extra):
+        base = {"status": "ok", "reason": "", "detail": "", "instance_number": 1}
+        return {**base, "path": path, "series_instance_uid": uid, "sop_instance_uid": path,
+                "sop_class_uid": "1.2.840.10008.5.1.4.1.1." + sop, **extra}  # fmt: skip
+
+    axial = [1, 0, 0, 0, 1, 0]
     rows = [
-        {**base, "path": "rt", "series_instance_uid": "1", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.481.3"},
-        {**base, "path": "seg", "series_instance_uid": "2", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.66.4", "number_of_frames": 4, "rows": 8},
-        {**base, "path": "sc", "series_instance_uid": "3", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.7", "rows": 8},
-        {**base, "path": "mf", "series_instance_uid": "4", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4.1", "number_of_frames": 3, "rows": 8, "image_orientation": [1, 0, 0, 0, 1, 0], "frame_positions": [[0, 0, 0], [0, 0, 2], [0, 0, 6]]},
-        {**base, "path": "sr", "series_instance_uid": "5", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.11"},
-    ]  # fmt: skip
+        row("rt", "1", "481.3"),
+        row("seg", "2", "66.4", number_of_frames=4, rows=8),
+        row("sc", "3", "7", rows=8),
+        row(
+            "mf",
+            "4",
+            "4.1",
+            number_of_frames=3,
+            rows=8,
+            image_orientation=axial,
+            frame_positions=[[0, 0, 0], [0, 0, 2], [0, 0, 6]],
+        ),
+        row("sr", "5", "88.11"),
+    ]
     build = build_series(rows)
     kinds = {s["series_key"]: (s["kind"], s["reason"]) for s in build.series}
     assert kinds == {
