@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.reporting import artifact_key, markdown_table
 from flows.runtime import RuntimeOptions, dask_cluster
-from tasks.records import StageSummary
+from tasks.records import Stage, StageSummary
 from tasks.store import validate_site
 
 StageName = Literal["ingest", "deidentify", "harmonise", "extract", "publish"]
@@ -102,10 +102,13 @@ def _run_stage(stage: StageName, p: SitePipelineParams) -> list[StageSummary]:
         from flows.extract import build_params, extract_radiomics
 
         return [extract_radiomics(build_params(p.site, p.store, spec), rt) for spec in p.params]
-    from flows.publish import build_params, publish_cohort
+    from flows.publish import build_params, publish
 
     assert p.cohort and p.to  # checked by the model
-    return [publish_cohort(build_params(p.site, p.store, p.cohort, p.to), rt)]
+    result = publish(build_params(p.site, p.store, p.cohort, p.to), rt)
+    outcome = "published" if result.get("created") else "unchanged"
+    extra = {k: v for k, v in result.items() if k not in ("stage", "site")}
+    return [StageSummary(stage=Stage.PUBLISH, site=p.site, counts={outcome: 1}, extra=extra)]
 
 
 WORK_KEYS = ("_parsed", "_computed", "_skipped", "_reused", "_unchanged", "_written")
