@@ -138,7 +138,11 @@ def extract_roi_task(
 def _collect_rows(
     store: SiteStore, units: list[RoiUnit], outcomes: dict[str, RoiOutcome]
 ) -> list[FeatureRow]:
-    """Read the cached parts of every finished unit and build table rows."""
+    """Read the cached parts of every finished unit and build table rows.
+
+    An ``ok`` outcome whose parts cannot be found any more is replaced in ``outcomes`` by a
+    failed one.
+    """
     keys = sorted({k for o in outcomes.values() if o.status == Status.OK for k in o.parts})
     parts = read_parts(store, keys)
     rows = []
@@ -148,8 +152,18 @@ def _collect_rows(
             continue
         features: dict[str, float] = {}
         if outcome.status == Status.OK:
-            for key in outcome.parts:
-                features.update(parts[key].features or {})
+            if not all(key in parts for key in outcome.parts):
+                # a part vanished between the task and now (pruned cache): report, never guess
+                outcome = RoiOutcome(
+                    unit.key,
+                    Status.FAILED,
+                    error_class="CacheMiss",
+                    detail="a cached result disappeared: re-run the extraction",
+                )
+                outcomes[unit.key] = outcome
+            else:
+                for key in outcome.parts:
+                    features.update(parts[key].features or {})
         rows.append(
             FeatureRow(
                 unit=unit,
@@ -234,7 +248,9 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     selected = {u.key for u in units}
     others = [u for u in every_unit if u.key not in selected]
     kept = _cached_outcomes(store, others, radiomics_params) if others else {}
-    rows = _collect_rows(store, every_unit, {**kept, **outcomes})
+    merged = {**kept, **outcomes}
+    rows = _collect_rows(store, every_unit, merged)  # may turn an outcome into a failure
+    outcomes = {key: merged[key] for key in outcomes}
     table, metadata = build_features_table(params.site, rows, radiomics_params)
     key = features_key(params_hash)
     written = store.write_table(key, table, metadata)

@@ -173,13 +173,35 @@ class CachedPart:
         )
 
 
-def read_parts(store: SiteStore, keys: list[str]) -> dict[str, CachedPart]:
-    """Read the cached parts that exist among ``keys`` (one batched call; missing ones omitted)."""
+def read_parts(store: SiteStore, keys: list[str], attempts: int = 3) -> dict[str, CachedPart]:
+    """Read the cached parts that exist among ``keys``; missing ones are left out.
+
+    One batched call first; objects whose read failed for another reason than "not found"
+    (a dropped connection under load, throttling) are read again one by one, so a transient
+    error never passes for a cache miss.
+    """
     if not keys:
         return {}
     paths = {store.path(k): k for k in keys}
-    found = store.fs.cat(list(paths), on_error="omit")
-    return {paths[p]: CachedPart.from_bytes(data) for p, data in found.items() if p in paths}
+    raw = store.fs.cat(list(paths), on_error="return")
+    found: dict[str, CachedPart] = {}
+    for path, key in paths.items():
+        data = raw.get(path, FileNotFoundError(path))
+        for attempt in range(attempts):
+            if isinstance(data, FileNotFoundError):
+                break
+            if not isinstance(data, BaseException):
+                found[key] = CachedPart.from_bytes(data)
+                break
+            if attempt == attempts - 1:
+                raise data
+            try:
+                data = store.fs.cat_file(path)
+            except FileNotFoundError as exc:
+                data = exc
+            except Exception as exc:  # retried above; re-raised after the last attempt
+                data = exc
+    return found
 
 
 def write_part(store: SiteStore, key: str, part: CachedPart) -> bool:

@@ -1,0 +1,198 @@
+"""Benchmark: ``oncoflow extract`` against the pyradiomics CLI on the same ROIs, in one run.
+
+Baseline: ``pyradiomics cases.csv --jobs N -p params.yaml`` (best of N in --jobs, default 1 and
+2). Contender: ``oncoflow extract --site bench --store STORE --params ct --workers 2``. Both use
+the CT preset (Original + LoG sigma 1/2/3 mm + Wavelet) on the same ≥ 8 ROIs of varied size.
+
+Start-up is measured separately: the pyradiomics CLI on one tiny case, and ``oncoflow extract``
+on a fully cached rerun (nothing computed: Prefect server, Dask cluster, flow and table
+overhead only). Both commands are warmed up once first (byte-code, Prefect database). The
+script also checks that both produce the same feature values.
+
+Usage::
+
+    uv run python benchmarks/radiomics.py [--scale 1.0] [--jobs 1,2] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tasks.radiomics.params import Preset
+from tasks.radiomics.samples import SampleRoi, SampleSeries, series_key, write_harmonised_sample
+from tasks.store import SiteStore
+
+BIN = Path(sys.executable).parent
+SITE = "bench"
+#: (x, y, z) voxels and the lesion radius in mm; two ROIs per image (lesion + a smaller node).
+SIZES = [
+    ((112, 112, 56), 22.0),
+    ((128, 128, 64), 26.0),
+    ((144, 144, 72), 30.0),
+    ((160, 160, 80), 34.0),
+    ((176, 176, 88), 38.0),
+]
+
+
+def build_cohort(root: Path, scale: float) -> tuple[SiteStore, list[tuple[str, str]]]:
+    """Write the benchmark images under ``root`` and return the store and (image, mask) paths."""
+    specs = []
+    for i, (size, radius) in enumerate(SIZES):
+        scaled = tuple(max(16, round(s * scale)) for s in size)
+        specs.append(
+            SampleSeries(
+                series_key(100 + i),
+                "CT",
+                size=scaled,  # type: ignore[arg-type]
+                spacing=(1.0, 1.0, 2.0),
+                rois=(SampleRoi("gtv", radius * scale), SampleRoi("node", radius * scale / 2)),
+                seed=100 + i,
+            )
+        )
+    store = SiteStore(str(root), SITE)
+    write_harmonised_sample(store, specs)
+    cases = [
+        (
+            store.path(f"harmonised/{s.series}/image.nii.gz"),
+            store.path(f"harmonised/{s.series}/mask-{r.name}.nii.gz"),
+        )
+        for s in specs
+        for r in s.rois
+    ]
+    return store, cases
+
+
+def write_cases(path: Path, cases: list[tuple[str, str]]) -> Path:
+    """Write a pyradiomics batch CSV (``Image,Mask``)."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["Image", "Mask"])
+        writer.writerows(cases)
+    return path
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+    """Run a command and return its wall time (perf_counter) and the completed process."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
+    return elapsed, proc
+
+
+def pyradiomics_cli(cases_csv: Path, out: Path, jobs: int, env: dict[str, str]) -> float:
+    """Time ``pyradiomics cases.csv --jobs N -p ct.yaml -o out.csv -f csv``."""
+    out.unlink(missing_ok=True)
+    cmd = [str(BIN / "pyradiomics"), str(cases_csv), "--jobs", str(jobs)]
+    cmd += ["-p", str(Preset.CT.path), "-o", str(out), "-f", "csv"]
+    return timed(cmd, env)[0]
+
+
+def oncoflow_extract(store: SiteStore, workers: int, env: dict[str, str]) -> tuple[float, dict]:
+    """Time ``oncoflow extract --site bench --store STORE --params ct --workers N --json``."""
+    cmd = [str(BIN / "oncoflow"), "extract", "--site", SITE, "--store", store.url]
+    cmd += ["--params", "ct", "--workers", str(workers), "--json"]
+    elapsed, proc = timed(cmd, env)
+    return elapsed, json.loads(proc.stdout)
+
+
+def max_relative_difference(store: SiteStore, table_key: str, cli_csv: Path) -> float:
+    """Largest relative difference between oncoflow's table and the CLI's CSV output."""
+    table = pq.read_table(io.BytesIO(store.read_bytes(table_key))).to_pylist()
+    ours = {(store.path(f"harmonised/{r['series']}/image.nii.gz"), r["roi"]): r for r in table}
+    worst = 0.0
+    with cli_csv.open() as fh:
+        for row in csv.DictReader(fh):
+            roi = Path(row["Mask"]).name.removeprefix("mask-").removesuffix(".nii.gz")
+            mine = ours[(row["Image"], roi)]
+            for name, text in row.items():
+                if name in ("Image", "Mask") or name.startswith("diagnostics_"):
+                    continue
+                ref, got = float(text), mine[name]
+                if math.isnan(ref) and math.isnan(got):
+                    continue
+                worst = max(worst, abs(got - ref) / max(abs(ref), 1e-300))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="image size factor")
+    parser.add_argument("--jobs", default="1,2", help="pyradiomics --jobs values to try")
+    parser.add_argument("--workers", type=int, default=2, help="oncoflow Dask workers")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="oncoflow-bench-radiomics-"))
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(work / "prefect"),  # own Prefect database, migrated by the warm-up
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    try:
+        store, cases = build_cohort(work / "store", args.scale)
+        cases_csv = write_cases(work / "cases.csv", cases)
+        tiny_store, tiny = build_cohort(work / "tiny", 0.2)
+        tiny_csv = write_cases(work / "tiny.csv", tiny[:1])
+        print(f"{len(cases)} ROIs, images {SIZES[0][0]}..{SIZES[-1][0]} voxels x {args.scale}")
+
+        # warm-up (not timed): byte-code caches, Prefect database migration
+        pyradiomics_cli(tiny_csv, work / "warm.csv", 1, env)
+        oncoflow_extract(tiny_store, args.workers, env)
+
+        cli_startup = pyradiomics_cli(tiny_csv, work / "tiny-out.csv", 1, env)
+        cli_times = {}
+        for jobs in (int(j) for j in args.jobs.split(",")):
+            cli_times[jobs] = pyradiomics_cli(cases_csv, work / f"cli-{jobs}.csv", jobs, env)
+            print(f"pyradiomics CLI --jobs {jobs}: {cli_times[jobs]:7.1f} s")
+        best_jobs = min(cli_times, key=cli_times.get)
+        cli_best = cli_times[best_jobs]
+
+        cold, summary = oncoflow_extract(store, args.workers, env)
+        print(f"oncoflow extract --workers {args.workers}: {cold:7.1f} s  {summary['counts']}")
+        warm, again = oncoflow_extract(store, args.workers, env)
+        assert again["parts_computed"] == 0 and again["table_written"] is False
+        diff = max_relative_difference(store, summary["table"], work / f"cli-{best_jobs}.csv")
+
+        print()
+        print("| run | wall (s) | start-up (s) | work = wall - start-up (s) |")
+        print("|---|---|---|---|")
+        for jobs, t in sorted(cli_times.items()):
+            print(f"| pyradiomics CLI --jobs {jobs} | {t:.1f} | {cli_startup:.1f} | "
+                  f"{t - cli_startup:.1f} |")  # fmt: skip
+        print(f"| oncoflow extract --workers {args.workers} | {cold:.1f} | {warm:.1f} | "
+              f"{cold - warm:.1f} |")  # fmt: skip
+        print()
+        print(f"start-up: pyradiomics CLI (one tiny case) {cli_startup:.1f} s; "
+              f"oncoflow (fully cached rerun) {warm:.1f} s")  # fmt: skip
+        print(f"max relative difference oncoflow vs CLI features: {diff:.1e}")
+        ratio = cli_best / cold
+        work_ratio = (cli_best - cli_startup) / max(cold - warm, 1e-9)
+        print(
+            f"throughput ratio (baseline: pyradiomics CLI --jobs {best_jobs}): "
+            f"{ratio:.2f}x end to end, {work_ratio:.2f}x excluding start-up (target >= 1.3x)"
+        )
+    finally:
+        if args.keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
