@@ -381,6 +381,60 @@ def demo(
         print_demo(result)
 
 
+@app.command()
+def publish(
+    site: Site,
+    store: Store,
+    cohort: Annotated[
+        str, typer.Option("--cohort", help="Cohort spec (YAML), see deployments/cohorts/.")
+    ],
+    to: Annotated[str, typer.Option("--to", help="Publication root URL, e.g. s3://bucket/x.")],
+    workers: Workers = 2,
+    dask_address: DaskAddress = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Publish a cohort as an immutable, verified version <TO>/<cohort>/v<N>/."""
+    from flows.publish import build_params
+    from flows.publish import publish as publish_cohort
+
+    result = publish_cohort(
+        build_params(site, store, cohort, to), runtime=runtime_options(workers, dask_address)
+    )
+    emit(result, as_json)
+
+
+@app.command()
+def verify(
+    url: Annotated[str, typer.Argument(help="A published version, or a cohort (all versions).")],
+    as_json: JsonOut = False,
+) -> None:
+    """Check a published version: commit marker, manifest and every checksum."""
+    from tasks.cohort.verify import verify_url
+    from tasks.errors import OncoflowError
+
+    report = verify_url(url)
+    emit(report, as_json)
+    if not report.ok:
+        raise OncoflowError(f"verification failed: {report.problems[0]}")
+
+
+@app.command()
+def federate(
+    sources: Annotated[
+        list[str], typer.Argument(help="Site publication URLs (root, cohort or version).")
+    ],
+    out: Annotated[str, typer.Option("--out", help="Hub output URL.")],
+    k: Annotated[int, typer.Option("--k", min=2, help="Counts below k are suppressed.")] = 10,
+    no_combat: Annotated[bool, typer.Option("--no-combat", help="Skip federated ComBat.")] = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Build the hub catalogue (suppressed counts) and federated ComBat adjustments."""
+    from flows.federate import FederateParams
+    from flows.federate import federate as federate_hub
+
+    emit(federate_hub(FederateParams(sources=sources, out=out, k=k, combat=not no_combat)), as_json)
+
+
 def _quiet_consoles() -> None:
     """Keep Prefect's and Dask's INFO chatter off the terminal (it still reaches the UI)."""
     if os.environ.get("ONCOFLOW_VERBOSE"):

@@ -67,6 +67,9 @@ from tasks.store import SiteStore, open_url, sha256_bytes, table_to_parquet_byte
 
 log = logging.getLogger(__name__)
 
+#: Federated ComBat summary statistics of the cohort (when the spec asks for them).
+COMBAT_SUMMARY = "combat-summary.json"
+
 #: Called on the staged version; returns one line per residual identifier found (no values).
 LeakGate = Callable[[SiteStore, Callable[[str], bytes], list[str]], list[str]]
 
@@ -178,6 +181,18 @@ def plan_publication(store: SiteStore, spec: CohortSpec, to: str) -> PublishPlan
             selection.features, selection.features_metadata
         )
         schemas["features.parquet"] = selection.features.schema
+    if spec.combat is not None and selection.features is not None:
+        from tasks.federation.combat import cohort_summary
+
+        summary = cohort_summary(
+            store.site,
+            selection.series,
+            selection.features,
+            spec.combat.roi,
+            spec.combat.categorical,
+            spec.combat.continuous,
+        )
+        tables[COMBAT_SUMMARY] = json.dumps(summary.to_dict(), sort_keys=True).encode()
     description = describe(spec, store.site, selection.series, selection.features)
     plan = PublishPlan(
         site=store.site,

@@ -14,11 +14,15 @@ Example (``deployments/cohorts/lung-ct.yaml``)::
       date_to: "2030-12-31"
       roi: [gtv]
       site: [site-a]
-    features: default          # a params hash or a preset name; omit for no features
+    features: ct               # a params hash or a preset name; omit for no features
     include:
       images: true
       masks: true
       dicom: false              # de-identified DICOM and the DICOM SEG that reference it
+    combat:                     # optional: publish ComBat summary statistics (no rows)
+      roi: gtv
+      categorical: [sex]
+      continuous: [age]
 
 Dates are compared with the *shifted* acquisition dates of the de-identified catalogue.
 """
@@ -102,6 +106,25 @@ class Include(BaseModel):
     dicom: bool = Field(False, description="De-identified DICOM and referencing DICOM SEG.")
 
 
+class CombatSpec(BaseModel):
+    """Publish the summary statistics federated ComBat needs (no rows) for one ROI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    roi: str = Field(description="ROI whose feature rows are summarised, e.g. gtv.")
+    categorical: list[str] = Field(
+        default_factory=list, description="Categorical covariates to preserve, e.g. sex."
+    )
+    continuous: list[str] = Field(
+        default_factory=list, description="Continuous covariates to preserve, e.g. age."
+    )
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, value: str) -> str:
+        return value.lower()
+
+
 class CohortSpec(BaseModel):
     """A validated cohort specification (see the module docstring for the YAML form)."""
 
@@ -117,6 +140,9 @@ class CohortSpec(BaseModel):
         None, description="Feature table: a params hash or a preset name (None: no features)."
     )
     include: Include = Field(default_factory=Include)
+    combat: CombatSpec | None = Field(
+        None, description="Also publish ComBat summary statistics (needs a feature table)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -144,6 +170,12 @@ class CohortSpec(BaseModel):
         if value is not None and not (PARAMS_HASH.match(value) or PRESET.match(value)):
             raise ValueError("must be a params hash (hex) or a preset name")
         return value
+
+    @model_validator(mode="after")
+    def _combat_needs_features(self) -> CohortSpec:
+        if self.combat is not None and self.features is None:
+            raise ValueError("combat needs a feature table (features)")
+        return self
 
     @property
     def licence_url(self) -> str:

@@ -28,12 +28,14 @@ pass values that float32 represents exactly, e.g. whole years, to compare the tw
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.errors import OncoflowError
 
@@ -222,6 +224,67 @@ def site_summary(
     )
 
 
+def age_in_years(value: str | None) -> float | None:
+    """Years from a DICOM age string (``063Y``, ``018M``, ``006W``, ``030D``), None if absent."""
+    if not value or len(value) < 2 or not value[:-1].isdigit():
+        return None
+    per_year = {"Y": 1.0, "M": 12.0, "W": 52.0, "D": 365.0}.get(value[-1].upper())
+    return int(value[:-1]) / per_year if per_year else None
+
+
+def cohort_summary(
+    site: str,
+    series: pa.Table,
+    features: pa.Table,
+    roi: str,
+    categorical: Sequence[str] = (),
+    continuous: Sequence[str] = (),
+    feature_pattern: str = r"^[a-z][A-Za-z0-9-]*_[A-Za-z0-9]+_[A-Za-z0-9]+$",
+) -> SiteSummary:
+    """Summarise a published cohort's feature rows of one ROI for federated ComBat.
+
+    Covariates are columns of the published series table (``age`` is derived from
+    ``age_at_study`` in years) or numeric columns of the feature table. Feature columns with a
+    missing or infinite value in any row are left out (the hub keeps the features every site
+    has).
+    """
+    rows = features.filter(pc.equal(features.column("roi"), roi))
+    if rows.num_rows < 2:
+        raise OncoflowError(f"ComBat: site {site} has {rows.num_rows} row(s) for ROI {roi!r}")
+    by_series = {r["series"]: r for r in series.to_pylist()}
+    covariates: dict[str, list[Any]] = {}
+    for name in [*categorical, *continuous]:
+        if name in rows.column_names:
+            covariates[name] = rows.column(name).to_pylist()
+            continue
+        values = []
+        for key in rows.column("series").to_pylist():
+            row = by_series.get(key, {})
+            values.append(age_in_years(row.get("age_at_study")) if name == "age" else row.get(name))
+        if any(v is None for v in values):
+            raise OncoflowError(f"ComBat: covariate {name} is missing for some series")
+        covariates[name] = values
+    pattern = re.compile(feature_pattern)
+    names = []
+    for name in rows.column_names:
+        if not pattern.match(name) or name in covariates:
+            continue
+        column = rows.column(name)
+        if not pa.types.is_floating(column.type) and not pa.types.is_integer(column.type):
+            continue
+        values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        if np.isfinite(values).all():
+            names.append(name)
+    table = pa.table(
+        {
+            **{n: rows.column(n) for n in names},
+            **{c: pa.array([str(v) for v in covariates[c]]) for c in categorical},
+            **{c: pa.array(covariates[c], pa.float64()) for c in continuous},
+        }
+    )
+    return site_summary(site, table, names, categorical, continuous)
+
+
 def _it_sol(
     n: int,
     ss: np.ndarray,
@@ -244,6 +307,31 @@ def _it_sol(
             return g_new, d_new
 
 
+def common_features(summaries: Sequence[SiteSummary]) -> list[SiteSummary]:
+    """Restrict every summary to the features all sites have (in the first site's order)."""
+    shared = set.intersection(*(set(s.features) for s in summaries))
+    keep = [f for f in summaries[0].features if f in shared]
+    out = []
+    for s in summaries:
+        idx = [s.features.index(f) for f in keep]
+        zty = np.asarray(s.zty).reshape(len(s.columns), -1)[:, idx]
+        out.append(
+            SiteSummary(
+                site=s.site,
+                n=s.n,
+                features=keep,
+                columns=s.columns,
+                categorical=s.categorical,
+                continuous=s.continuous,
+                gram=s.gram,
+                zty=zty.tolist(),
+                ssq=[s.ssq[i] for i in idx],
+                mean=[s.mean[i] for i in idx],
+            )
+        )
+    return out
+
+
 def estimate(
     summaries: Sequence[SiteSummary], empirical_bayes: bool = True
 ) -> dict[str, SiteAdjustment]:
@@ -264,14 +352,14 @@ def estimate(
     """
     if len(summaries) < 2:
         raise OncoflowError("federated ComBat needs at least two sites")
-    first = summaries[0]
     sites = [s.site for s in summaries]
     if len(set(sites)) != len(sites):
         raise OncoflowError("each site must send one ComBat summary")
+    summaries = common_features(summaries)
+    first = summaries[0]
     for s in summaries:
-        same = (s.features, s.categorical, s.continuous)
-        if same != (first.features, first.categorical, first.continuous):
-            raise OncoflowError(f"site {s.site} summarised other features or covariates")
+        if (s.categorical, s.continuous) != (first.categorical, first.continuous):
+            raise OncoflowError(f"site {s.site} summarised other covariates")
     if len(first.features) < 2:
         raise OncoflowError("ComBat's empirical Bayes needs at least two features")
     order = sorted(summaries, key=lambda s: s.site)

@@ -17,7 +17,7 @@ BASE = {"name": "lung-ct", "title": "Lung", "description": "d", "licence": "CC-B
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_shipped_examples_are_valid(path: Path) -> None:
     spec = load_spec(path)
-    assert spec.name == path.stem
+    assert spec.title and spec.licence_url.startswith("https://")
 
 
 def test_defaults_and_normalisation() -> None:

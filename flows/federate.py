@@ -1,0 +1,150 @@
+"""Flow ``federate-hub``: the hub's catalogue of suppressed counts and federated ComBat.
+
+Reads the committed cohort versions the sites published (manifests and ComBat summaries only;
+never a table row), then writes under ``OUT``:
+
+* ``catalogue.json``: counts by site, modality, body part and ROI, with small counts shown as
+  ``<k`` and complementary suppression (``tasks.federation.counts``);
+* ``combat/<cohort>/<site>.json``: for every cohort that at least two sites published with
+  ComBat summary statistics, each site's adjustment (``tasks.federation.combat``), which the
+  site applies to its own rows with ``apply_adjustment``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+from prefect import flow, task
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.reporting import artifact_key, markdown_table
+from flows.runtime import ensure_prefect_api
+from tasks.cohort.storage import Retrier, RetryPolicy, put_bytes
+from tasks.errors import OncoflowError
+from tasks.federation.combat import SiteSummary, estimate
+from tasks.federation.counts import SourceCounts, federated_catalogue
+from tasks.federation.sources import PublishedVersion, read_version, version_paths
+from tasks.store import open_url, unstrip
+
+CATALOGUE = "catalogue.json"
+
+
+class FederateParams(BaseModel):
+    """One hub run (the Prefect UI form; URLs and settings only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(
+        min_length=1, description="Site publication URLs (root, cohort or version)."
+    )
+    out: str = Field(description="Hub output URL (catalogue.json, combat/...).")
+    k: int = Field(10, ge=2, le=1000, description="Counts below k are suppressed.")
+    combat: bool = Field(True, description="Estimate federated ComBat where summaries exist.")
+
+
+@task(name="read-published", task_run_name="read-{url}")
+def read_source_task(url: str) -> list[PublishedVersion]:
+    """Read the committed versions a source URL names."""
+    retry = Retrier(RetryPolicy())
+    fs, paths = version_paths(url, retry)
+    return [read_version(fs, p, retry) for p in paths]
+
+
+def _combat(versions: list[PublishedVersion]) -> dict[str, dict[str, Any]]:
+    """Per cohort published with summaries by two sites or more: each site's adjustment."""
+    by_cohort: dict[str, list[SiteSummary]] = defaultdict(list)
+    for v in versions:
+        if v.combat_summary is not None:
+            by_cohort[str(v.manifest.get("cohort"))].append(SiteSummary.from_dict(v.combat_summary))
+    out = {}
+    for cohort, summaries in sorted(by_cohort.items()):
+        if len(summaries) >= 2:
+            out[cohort] = {s: a.to_dict() for s, a in estimate(summaries).items()}
+    return out
+
+
+def _table_markdown(table: dict[str, Any]) -> str:
+    columns = table.get("columns", [])
+    rows = [
+        {"site": r["site"], "cohort": r["cohort"], **r.get("values", {}), "total": r["total"]}
+        for r in table["rows"]
+    ]
+    rows.append({"site": "all", "cohort": "", **table.get("totals", {}), "total": table["total"]})
+    return markdown_table(rows, ["site", "cohort", *columns, "total"])
+
+
+@flow(name="federate-hub", flow_run_name="federate-{params.k}", log_prints=False)
+def federate_flow(params: FederateParams) -> dict[str, Any]:
+    """Build the federated catalogue (and ComBat adjustments) from published versions.
+
+    Returns
+    -------
+    dict
+        Sources read, suppression threshold, output keys, cohorts harmonised with ComBat.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    futures = [read_source_task.submit(url) for url in params.sources]
+    versions = [v for f in futures for v in f.result()]
+    seen: dict[str, str] = {}
+    for v in versions:
+        key = f"{v.manifest.get('site')}/{v.manifest.get('cohort')}"
+        if key in seen:
+            raise OncoflowError(f"{key} is published twice in the inputs: give each once")
+        seen[key] = v.url
+    sources = [SourceCounts.from_manifest(v.manifest, v.url) for v in versions]
+    catalogue = federated_catalogue(sources, k=params.k)
+    retry = Retrier(RetryPolicy())
+    fs, root = open_url(params.out)
+    data = (json.dumps(catalogue, indent=2, sort_keys=True) + "\n").encode()
+    retry("writing the catalogue", put_bytes, fs, f"{root}/{CATALOGUE}", data)
+    written = [CATALOGUE]
+    combat = _combat(versions) if params.combat else {}
+    for cohort, adjustments in combat.items():
+        for site, adjustment in sorted(adjustments.items()):
+            key = f"combat/{cohort}/{site}.json"
+            blob = json.dumps(adjustment, sort_keys=True).encode()
+            retry("writing a ComBat adjustment", put_bytes, fs, f"{root}/{key}", blob)
+            written.append(key)
+    sections = [
+        f"# Federated catalogue\n\nk = {params.k}; `<{params.k}`: a count from 1 to "
+        f"{params.k - 1}; `*`: suppressed to protect a small count."
+    ]
+    for name, table in catalogue["tables"].items():
+        if name != "patients":
+            sections.append(f"## By {name.replace('_', ' ')} ({table['unit']})")
+            sections.append(_table_markdown(table))
+    patients = catalogue["tables"]["patients"]
+    sections.append("## Patients")
+    sections.append(
+        markdown_table(
+            [*patients["rows"], {"site": "all", "cohort": "", "total": patients["total"]}],
+            ["site", "cohort", "total"],
+        )
+    )
+    create_markdown_artifact(
+        markdown="\n\n".join(sections),
+        key=artifact_key("hub", "catalogue"),
+        description="Federated catalogue with suppressed counts",
+    )
+    return {
+        "stage": "federate",
+        "sources": len(sources),
+        "k": params.k,
+        "out": unstrip(fs, root),
+        "written": written,
+        "combat_cohorts": sorted(combat),
+    }
+
+
+def federate(params: FederateParams) -> dict[str, Any]:
+    """Run the hub flow (what the CLI and tests call); reads are light, no Dask cluster."""
+    ensure_prefect_api()
+    return federate_flow(params)
+
+
+def run_federation(sources: list[str], out: str, k: int = 10) -> dict[str, Any]:
+    """Federate site publications into ``out`` (the demo's and scripts' entry point)."""
+    return federate(FederateParams(sources=sources, out=out, k=k))
