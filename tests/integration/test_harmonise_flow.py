@@ -1,0 +1,132 @@
+"""The harmonise-series flow on real Prefect + Dask (2 workers) over S3 (moto server mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from flows.harmonise import build_params, harmonise
+from flows.runtime import RuntimeOptions, dask_cluster
+from tasks.harmonise.series import nifti_bytes
+from tasks.records import Stage
+from tasks.store import SiteStore
+from tests.unit.test_harmonise_series import cases
+
+pytestmark = pytest.mark.integration
+
+CONTRACT = [
+    "series", "study", "patient", "modality", "body_part", "manufacturer", "acquisition_date",
+    "age_at_study", "sex", "image", "image_sha256", "size", "spacing", "rois", "masks",
+    "mask_sha256", "intensity", "status", "reason",
+]  # fmt: skip
+
+
+async def _artifacts(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+
+
+def read_nifti(store: SiteStore, key: str) -> sitk.Image:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".nii.gz") as fh:
+        fh.write(store.read_bytes(key))
+        fh.flush()
+        return sitk.ReadImage(fh.name)
+
+
+def rerun(store: SiteStore, url: str, runtime: RuntimeOptions):
+    """Run again on unchanged input; return the objects' modification times before, summary."""
+    before = {p: store.fs.info(p)["LastModified"] for p in store.fs.find(store.path("harmonised"))}
+    return before, harmonise(build_params("site-h", url), runtime)
+
+
+def test_harmonise_flow_on_s3(prefect_api: str, s3_bucket: str) -> None:
+    from tests.harmonise_dicom import deid_store
+
+    store = SiteStore(s3_bucket, "site-h")
+    keys = deid_store(store, cases())
+
+    runtime = RuntimeOptions(workers=2)
+    with dask_cluster(runtime):  # one cluster for both runs
+        summary = harmonise(build_params("site-h", s3_bucket), runtime)
+        before, again = rerun(store, s3_bucket, runtime)
+    assert summary.counts == {"ok": 2, "quarantined": 1}
+    assert summary.reasons == {"missing-slice": 1}
+    assert summary.extra["series_computed"] == 2 and summary.extra["masks"] == 2
+
+    table = store.read_table("harmonised/series.parquet")
+    assert table.column_names == CONTRACT
+    rows = {r["series"]: r for r in table.to_pylist()}
+    assert table.column("series").to_pylist() == sorted(rows)
+    ct, pet, gap = rows[keys["ct"]], rows[keys["pet"]], rows[keys["gap"]]
+    assert (ct["intensity"], ct["rois"], ct["status"]) == ("HU", ["gtv"], "ok")
+    assert (pet["intensity"], pet["rois"], pet["age_at_study"]) == ("SUVbw", ["gtv"], "061Y")
+    assert (gap["status"], gap["reason"], gap["image"]) == ("quarantined", "missing-slice", None)
+
+    # Outputs read back independently: hashes match, image and mask share the grid.
+    image_bytes = store.read_bytes(ct["image"])
+    import hashlib
+
+    assert hashlib.sha256(image_bytes).hexdigest() == ct["image_sha256"]
+    image = read_nifti(store, ct["image"])
+    mask = read_nifti(store, ct["masks"][0])
+    assert image.GetSize() == tuple(ct["size"]) == mask.GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(mask)).tolist()) == {0, 1}
+    assert nifti_bytes(image) == image_bytes  # deterministic encoding round trip
+    prov = json.loads(store.read_bytes(f"harmonised/{keys['ct']}/provenance.json"))
+    assert prov["outputs"]["row"]["image_sha256"] == ct["image_sha256"]
+    assert not [p for p in store.fs.find(store.path("harmonised")) if ".tmp-" in p]
+
+    quarantine = {(r["item"], r["reason"]) for r in store.quarantine_rows(Stage.HARMONISE)}
+    assert quarantine == {
+        (keys["gap"], "missing-slice"),
+        (keys["orphan-rt"], "missing-referenced-series"),
+    }
+
+    summary_art = asyncio.run(_artifacts("site-h-harmonise-summary"))
+    assert summary_art, "QC report artifact missing"
+    markdown = summary_art[0].data
+    assert "QC report" in markdown and markdown.count("data:image/png;base64,") == 2
+    for leak in ("Pseudo^One", "P-0001", "PSN-0001", "20190312"):
+        assert leak not in markdown
+    outcomes = asyncio.run(_artifacts("site-h-harmonise-outcomes"))
+    table_rows = json.loads(outcomes[0].data)
+    assert sorted(r["status"] for r in table_rows) == ["ok", "ok", "quarantined"]
+
+    # The re-run on unchanged input skipped every series and rewrote nothing.
+    assert again.extra["series_skipped"] == 2 and again.extra["series_computed"] == 0
+    assert again.extra["table_written"] is False
+    store.fs.invalidate_cache()
+    after = {p: store.fs.info(p)["LastModified"] for p in store.fs.find(store.path("harmonised"))}
+    assert after == before
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gantry_tilt: sideways\n")
+    for args, needle in [
+        (["--store", str(tmp_path), "--config", str(bad)], "gantry_tilt"),
+        (["--store", str(tmp_path)], "run `oncoflow deidentify` first"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "harmonise", "--site", "site-x", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
