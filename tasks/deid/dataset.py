@@ -21,6 +21,7 @@ group (no source application entity or private meta information).
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -56,6 +57,9 @@ STANDARD_SCHEMES = frozenset(
     {"DCM", "SCT", "SRT", "LN", "UCUM", "FMA", "RADLEX", "NCIT", "NCIt", "UMLS", "ICD10", "99SDM"}
 )
 CODE_KEYWORDS = frozenset({"CodeValue", "CodeMeaning", "LongCodeValue", "URNCodeValue"})
+#: Text VRs of kept elements that are still checked for the patient's identifier words.
+_KEPT_TEXT_VRS = frozenset({"LO", "SH", "CS", "UC"})
+_WORD = re.compile(r"[A-Za-z0-9]+")
 #: VRs whose dummy value is text.
 _DUMMY_TEXT = {"PN": "ANONYMOUS", "AE": "ANONYMOUS", "CS": "ANONYMIZED", "AS": "000Y"}
 _DUMMY_OTHER = {"DA": "19000101", "TM": "000000", "DT": "19000101000000"}
@@ -171,6 +175,8 @@ def collect_forbidden_tokens(ds: Dataset, extra: tuple[str, ...] = ()) -> frozen
                     visit(item)
             elif elem.VR == "PN":
                 names.extend(str(v) for v in _values(elem))
+            elif elem.VR in ("DA", "DT"):
+                others.extend(str(v)[:8] for v in _values(elem))
             elif elem.keyword in IDENTIFIER_KEYWORDS:
                 others.extend(str(v) for v in _values(elem))
 
@@ -257,7 +263,10 @@ class _Walker:
         else:
             action = resolve(tag, vr, self.ctx.options)
         if action is Action.KEEP:
-            pass
+            if vr in _KEPT_TEXT_VRS and self.forbidden and self.has_forbidden(elem):
+                cleaned = [clean_descriptor(str(v), self.forbidden) for v in _values(elem)]
+                _set_values(elem, [c for c in cleaned if c])
+                action = Action.CLEAN
         elif action is Action.REMOVE:
             del ds[tag]
         elif action is Action.EMPTY:
@@ -294,6 +303,12 @@ class _Walker:
         elif action is Action.SHIFT:
             action = self.shift(ds, elem, keyword, done)
         self.note(keyword, action)
+
+    def has_forbidden(self, elem: DataElement) -> bool:
+        """Whether a kept text value contains an identifier word of the patient."""
+        return any(
+            w.lower() in self.forbidden for v in _values(elem) for w in _WORD.findall(str(v))
+        )
 
     def recurse(self, elem: DataElement) -> None:
         for item in elem.value or []:

@@ -35,7 +35,7 @@ _VOCABULARY_TEXT = """
     series sharp short shoulder sinus skin skull slice slices small smooth soft spectral spine
     spinal spiral spleen standard static std stir stomach study suv supine survey swi t1 t1w
     t2 t2w target tha thick thin thorax thoracic thyroid tissue tof topogram total trachea tse
-    tumor tumour uterus vein venous vertebra vessel vibe view vol volume w water wb whole with
+    tumor tumour upper uterus vein venous vertebra vessel vibe view vol volume w water wb whole with
     without wo xray
     """
 VOCABULARY = frozenset(_VOCABULARY_TEXT.split())

@@ -63,9 +63,12 @@ PRIVATE_COLUMN_NAMES = frozenset(IDENTIFIER_COLUMNS) | {"birth_date", "mrn", "pa
 _DUMMY_NAMES = frozenset({"", "ANONYMOUS", "ANONYMIZED"})
 #: Words too generic to count as identifiers even when a catalogue value is one of them.
 GENERIC_WORDS = frozenset(
-    "anonymous anonymized anonymised anonymize patient unknown none null test phantom yes no "
-    "male female other option profile retain basic clean name id".split()
-)
+    {
+        "anonymous", "anonymized", "anonymised", "anonymize", "patient", "unknown", "none",
+        "null", "test", "phantom", "yes", "no", "male", "female", "other", "option", "profile",
+        "retain", "basic", "clean", "name", "id",
+    }
+)  # fmt: skip
 #: Elements written by the profile itself (skipped by the scan).
 _OWN_ELEMENTS = frozenset({"DeidentificationMethod", "DeidentificationMethodCodeSequence"})
 #: Text attributes the pattern checks skip (technical values, the profile's own record).
@@ -513,3 +516,30 @@ def scan_phi(
         for attribute, kind in scan_bytes(name, data, matcher):
             found.add(Finding(prefix + name, attribute, kind))
     return sorted(found)
+
+
+def scan_target(path: str, store_url: str | None = None, site: str | None = None) -> list[Finding]:
+    """Scan ``path`` as the ``scan-phi`` command does.
+
+    With a site store, the catalogue's identifiers are searched too and files under the store
+    are named store-relative (``deid/dicom/...``); otherwise names are relative to ``path``.
+
+    Raises
+    ------
+    OncoflowError
+        When only one of ``store_url`` and ``site`` is given, or nothing exists at ``path``.
+    """
+    if bool(store_url) != bool(site):
+        raise OncoflowError("--store and --site go together")
+    identifiers: list[str] = []
+    prefix = ""
+    if store_url and site:
+        store = SiteStore(store_url, site)
+        identifiers = catalogue_identifiers(store)
+        fs, target = open_url(path)
+        if target == store.root or target.startswith(store.root + "/"):
+            relative = target[len(store.root) :].strip("/")
+            if not fs.isdir(target):
+                relative = relative.rsplit("/", 1)[0] if "/" in relative else ""
+            prefix = f"{relative}/" if relative else ""
+    return scan_phi(path, identifiers, prefix)

@@ -24,6 +24,8 @@ def default_block_name(site: str) -> str:
 
 
 def _from_block(name: str) -> str | None:
+    if not os.environ.get("PREFECT_API_URL"):
+        return None  # no Prefect server configured: no block to read (and no slow fallback)
     try:
         from prefect.blocks.system import Secret
 
@@ -36,8 +38,9 @@ def _from_block(name: str) -> str | None:
 def load_site_secret(site: str) -> bytes:
     """Return the site secret as bytes, or raise a one-line :class:`OncoflowError`.
 
-    Looks at ``ONCOFLOW_SITE_SECRET`` first, then at the Prefect Secret block named by
-    ``ONCOFLOW_SITE_SECRET_BLOCK`` (default ``oncoflow-site-secret-<site>``).
+    Looks at ``ONCOFLOW_SITE_SECRET`` first, then (when ``PREFECT_API_URL`` is set, as it is
+    inside every flow run) at the Prefect Secret block named by ``ONCOFLOW_SITE_SECRET_BLOCK``
+    (default ``oncoflow-site-secret-<site>``).
 
     Parameters
     ----------
