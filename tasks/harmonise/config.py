@@ -18,7 +18,7 @@ DEFAULT_ROI_MAP: dict[str, list[str]] = {
     "gtv": [
         r"gtv([ _-]?\d+)?",
         r"gtv[ _-]?(p|primary|t|tumou?r)",
-        r"tumou?r",
+        r"tumou?r([ _-]?\d+)?",
         r"lesion([ _-]?\d+)?",
     ],
 }
@@ -100,14 +100,21 @@ class HarmoniseConfig(BaseModel):
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_ROI_MAP.items()},
         title="ROI name map",
         description="Normalised ROI name → regular expressions (case-insensitive, full match). "
-        "ROIs matching none are ignored; several ROIs with one name are merged.",
+        "ROIs matching none are ignored.",
         json_schema_extra={"position": 10},
+    )
+    roi_duplicates: Literal["number", "merge"] = Field(
+        "number",
+        title="Several ROIs with one name",
+        description="number: GTV-1, GTV-2 become gtv, gtv-2 (one mask per lesion); "
+        "merge: one mask, their union.",
+        json_schema_extra={"position": 11},
     )
     allow_partial_outside: bool = Field(
         False,
         title="Allow masks partly outside the image",
         description="Keep (clipped) masks that extend beyond the image; otherwise quarantine.",
-        json_schema_extra={"position": 11},
+        json_schema_extra={"position": 12},
     )
 
     @field_validator("target_spacing")

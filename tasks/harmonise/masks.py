@@ -201,6 +201,38 @@ def rasterise_contours(
     }
 
 
+def group_rois(
+    numbered_names: list[tuple[int, str]], config: HarmoniseConfig
+) -> tuple[dict[str, list[int]], int]:
+    """Map source ROIs (number, name) to output ROI names.
+
+    Names go through the ROI map. With ``roi_duplicates = "number"`` several source ROIs with
+    one normalised name become ``<name>``, ``<name>-2``, ... in ROI/segment number order (e.g.
+    ``GTV-1``, ``GTV-2`` → ``gtv``, ``gtv-2``); with ``"merge"`` they form one mask.
+
+    Returns
+    -------
+    tuple
+        Output name → source numbers (sorted by name), and the number of unmapped ROIs.
+    """
+    by_target: dict[str, list[int]] = defaultdict(list)
+    ignored = 0
+    for number, name in sorted(numbered_names):
+        target = config.normalise_roi(name)
+        if target is None:
+            ignored += 1
+        else:
+            by_target[target].append(number)
+    groups: dict[str, list[int]] = {}
+    for target, numbers in by_target.items():
+        if config.roi_duplicates == "merge":
+            groups[target] = numbers
+        else:
+            for i, number in enumerate(numbers):
+                groups[target if i == 0 else f"{target}-{i + 1}"] = [number]
+    return dict(sorted(groups.items())), ignored
+
+
 def _check_extent(roi: str, outside: int, total: int, config: HarmoniseConfig) -> None:
     if total and outside == total:
         raise Quarantined(Reason.MASK_OUTSIDE_IMAGE, f"{roi}: entirely outside the image")
@@ -263,14 +295,8 @@ def rtstruct_masks(
         int(rc.ReferencedROINumber): rc.get("ContourSequence", [])
         for rc in ds.get("ROIContourSequence", [])
     }
-    groups: dict[str, list[int]] = defaultdict(list)
-    for number, name in sorted(names.items()):
-        target = config.normalise_roi(name)
-        if target is None:
-            result.ignored += 1
-        else:
-            groups[target].append(number)
-    for roi, numbers in sorted(groups.items()):
+    groups, result.ignored = group_rois(sorted(names.items()), config)
+    for roi, numbers in groups.items():
         try:
             if any(roi_for.get(n, frame_of_reference) != frame_of_reference for n in numbers):
                 raise Quarantined(
@@ -366,16 +392,12 @@ def seg_masks(
         raise Quarantined(
             Reason.UNSUPPORTED_IMAGE, f"segmentation cannot be read ({type(exc).__name__})"
         ) from None
-    groups: dict[str, list[int]] = defaultdict(list)
-    for number in seg.segment_numbers:
-        label = seg.get_segment_description(number).segment_label
-        target = config.normalise_roi(str(label))
-        if target is None:
-            result.ignored += 1
-        else:
-            groups[target].append(int(number))
+    labels = [
+        (int(n), str(seg.get_segment_description(n).segment_label)) for n in seg.segment_numbers
+    ]
+    groups, result.ignored = group_rois(sorted(labels), config)
     same_for = str(seg.get("FrameOfReferenceUID", "") or "") == frame_of_reference
-    for roi, numbers in sorted(groups.items()):
+    for roi, numbers in groups.items():
         try:
             if not same_for:
                 raise Quarantined(
@@ -452,22 +474,15 @@ def nifti_mask(data: bytes, roi: str, reference: sitk.Image, config: HarmoniseCo
     return Mask(name, _mask_image(array, reference), params)
 
 
-def merge(masks: list[Mask]) -> list[Mask]:
-    """Merge masks that share a normalised ROI name (union), sorted by name."""
-    by_roi: dict[str, list[Mask]] = defaultdict(list)
+def unique_rois(masks: list[Mask]) -> tuple[list[Mask], int]:
+    """Keep the first mask of each ROI name (callers order sources by preference).
+
+    Returns
+    -------
+    tuple
+        Masks sorted by ROI name, and how many later duplicates were dropped.
+    """
+    kept: dict[str, Mask] = {}
     for mask in masks:
-        by_roi[mask.roi].append(mask)
-    merged = []
-    for roi, group in sorted(by_roi.items()):
-        if len(group) == 1:
-            merged.append(group[0])
-            continue
-        union = group[0].image
-        for other in group[1:]:
-            union = sitk.Or(union, other.image)
-        params = {
-            "merged": [m.parameters for m in group],
-            "voxels": int(sitk.GetArrayViewFromImage(union).sum()),
-        }
-        merged.append(Mask(roi, union, params))
-    return merged
+        kept.setdefault(mask.roi, mask)
+    return [kept[k] for k in sorted(kept)], len(masks) - len(kept)

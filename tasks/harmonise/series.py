@@ -28,10 +28,10 @@ from tasks.harmonise.masks import (
     Mask,
     MaskProblem,
     MaskSet,
-    merge,
     nifti_mask,
     rtstruct_masks,
     seg_masks,
+    unique_rois,
 )
 from tasks.harmonise.provenance import Step, code_version, content_key, provenance_json
 from tasks.harmonise.qc import qc_png
@@ -52,6 +52,7 @@ META_COLUMNS = (
     "sex",
 )
 PROVENANCE = "provenance.json"
+KIND_PREFERENCE = {"seg": 0, "rtstruct": 1, "nifti": 2}
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,9 @@ def _build_masks(
 ) -> tuple[list[Mask], list[MaskProblem]]:
     masks: list[Mask] = []
     problems: list[MaskProblem] = []
-    for ref in unit.segmentations:
+    # SEG first (voxel-exact), then RTSTRUCT, then NIfTI: the first mask of a name is kept.
+    refs = sorted(unit.segmentations, key=lambda r: (KIND_PREFERENCE.get(r.kind, 9), r.series))
+    for ref in refs:
         hashes = {k: sha256_bytes(data[k]) for k in ref.keys}
         for key in ref.keys:
             try:
@@ -234,7 +237,12 @@ def _build_masks(
                     inputs={key: hashes[key]},
                 )
             )
-    return merge(masks), problems
+    kept, dropped = unique_rois(masks)
+    if dropped:
+        steps.append(
+            Step("select-masks", {"duplicates_dropped": dropped, "kept": [m.roi for m in kept]})
+        )
+    return kept, problems
 
 
 def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig) -> SeriesOutcome:

@@ -13,10 +13,10 @@ from tasks.harmonise.config import HarmoniseConfig
 from tasks.harmonise.masks import (
     Mask,
     fill_polygon,
-    merge,
     nifti_mask,
     rtstruct_masks,
     seg_masks,
+    unique_rois,
 )
 from tasks.harmonise.series import nifti_bytes
 from tasks.harmonise.volume import read_volume, resample_to_spacing
@@ -99,7 +99,7 @@ def test_fill_polygon_pixel_centres_and_holes() -> None:
     assert not plane[20, 20]
 
 
-def test_roi_map_merges_and_ignores() -> None:
+def test_roi_map_numbers_merges_and_ignores() -> None:
     g = Geometry(size=(30, 30, 10), spacing=(1.0, 1.0, 2.0), origin=(-15, -15, 0))
     datasets, vol = image_of(g)
     a = sphere_contours(g, g.physical(np.array([8.0, 8.0, 5.0])), 4.0)
@@ -107,13 +107,19 @@ def test_roi_map_merges_and_ignores() -> None:
     rt = reread(rtstruct(datasets, {"GTV-1": a, "gtv 2": b, "Spinal Cord": a, "Tumour": b}))
     result = rtstruct_masks(rt, vol.image, vol.frame_of_reference, CFG)
     assert result.ignored == 1
-    assert [m.roi for m in result.masks] == ["gtv"]
-    assert result.masks[0].parameters["roi_numbers"] == [1, 2, 4]
-    arr = sitk.GetArrayFromImage(result.masks[0].image)
-    assert arr[5, 8, 8] == 1 and arr[5, 20, 20] == 1
+    # Three ROIs map to "gtv": one mask each, numbered in ROI-number order.
+    assert [m.roi for m in result.masks] == ["gtv", "gtv-2", "gtv-3"]
+    assert [m.parameters["roi_numbers"] for m in result.masks] == [[1], [2], [4]]
+    first, second = (sitk.GetArrayFromImage(m.image) for m in result.masks[:2])
+    assert first[5, 8, 8] == 1 and first[5, 20, 20] == 0 and second[5, 20, 20] == 1
+    merged = HarmoniseConfig(roi_duplicates="merge")
+    (union,) = rtstruct_masks(rt, vol.image, vol.frame_of_reference, merged).masks
+    assert union.roi == "gtv" and union.parameters["roi_numbers"] == [1, 2, 4]
+    arr = sitk.GetArrayFromImage(union.image)
+    assert arr[5, 8, 8] == 1 and arr[5, 20, 20] == 1  # union, not XOR, across ROIs
     custom = HarmoniseConfig(roi_map={"cord": [r"spinal\s*cord"], "gtv": [r"gtv.*"]})
     names = [m.roi for m in rtstruct_masks(rt, vol.image, vol.frame_of_reference, custom).masks]
-    assert names == ["cord", "gtv"]
+    assert names == ["cord", "gtv", "gtv-2"]  # GTV-1, gtv 2 (Tumour is not mapped)
 
 
 def test_rtstruct_problems_have_reasons() -> None:
@@ -124,8 +130,10 @@ def test_rtstruct_problems_have_reasons() -> None:
     edge = [c + np.array([12.0, 0.0, 0.0]) for c in inside]  # crosses the x border
     tiny = [np.array([[0.1, 0.1, 10.0], [0.3, 0.1, 10.0], [0.2, 0.3, 10.0]])]  # no voxel centre
     rt = reread(rtstruct(datasets, {"GTV": far, "Tumor": edge, "Lesion": tiny}))
-    # Three ROIs map to one name: the far one makes the merged mask quarantined.
-    result = rtstruct_masks(rt, vol.image, vol.frame_of_reference, CFG)
+    # Three ROIs merged into one name: the far one makes the merged mask quarantined.
+    result = rtstruct_masks(
+        rt, vol.image, vol.frame_of_reference, HarmoniseConfig(roi_duplicates="merge")
+    )
     assert [(p.roi, p.reason) for p in result.problems] == [("gtv", Reason.MASK_OUTSIDE_IMAGE)]
     separate = HarmoniseConfig(roi_map={"a": ["gtv"], "b": ["tumor"], "c": ["lesion"]})
     result = rtstruct_masks(rt, vol.image, vol.frame_of_reference, separate)
@@ -212,10 +220,7 @@ def test_label_safe_resampling_and_merge() -> None:
         assert out.GetPixelID() == sitk.sitkUInt8
         vol_ratio = sitk.GetArrayFromImage(out).sum() * 1.0 / (arr.sum() * 3.0)
         assert vol_ratio == pytest.approx(1.0, rel=0.1)
-    a = Mask("gtv", label, {})
-    b_arr = np.zeros_like(arr)
-    b_arr[8, 0:2, 0:2] = 1
-    b = sitk.GetImageFromArray(b_arr)
-    b.CopyInformation(label)
-    (merged,) = merge([a, Mask("gtv", b, {})])
-    assert sitk.GetArrayFromImage(merged.image).sum() == arr.sum() + 4
+    a = Mask("gtv", label, {"from": "seg"})
+    kept, dropped = unique_rois([Mask("node", label), a, Mask("gtv", label, {"from": "rt"})])
+    assert [m.roi for m in kept] == ["gtv", "node"] and dropped == 1
+    assert kept[0].parameters == {"from": "seg"}

@@ -290,3 +290,27 @@ def test_qc_png_is_an_image() -> None:
     assert picture.size == (90, 120)  # 30 mm wide, 40 mm high
     assert qc_png(image, [Mask("gtv", mask)], max_size=120) == png
     assert thumbnail_data_uri(png).startswith("data:image/png;base64,")
+
+
+def test_seg_preferred_over_rtstruct_for_the_same_roi(tmp_path: Path) -> None:
+    site = SiteStore(str(tmp_path / "s"), "site-a")
+    ct, rt = ct_with_rtstruct("both")
+    box = np.zeros(G.size[::-1], np.uint8)
+    box[4:7, 10:15, 11:17] = 1
+    seg = segmentation(ct, {"GTV-1": box})
+    keys = deid_store(
+        site,
+        {
+            "ct": {"datasets": ct},
+            "rt": {"datasets": [rt], "kind": "rtstruct", "refs": ["ct"]},
+            "seg": {"datasets": [seg], "kind": "seg", "refs": ["ct"]},
+        },
+    )
+    outcomes, _ = run_all(site)
+    row = outcomes[keys["ct"]].row
+    assert row["rois"] == ["gtv"]
+    mask = sitk.ReadImage(site.path(row["masks"][0]))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), box)
+    prov = json.loads(site.read_bytes(f"harmonised/{keys['ct']}/provenance.json"))
+    names = [s["name"] for s in prov["steps"]]
+    assert names == ["read-series", "seg-masks", "rtstruct-masks", "select-masks", "intensity"]
