@@ -89,7 +89,8 @@ def test_deploy_from_prefect_yaml_and_run_through_a_worker(tmp_path, synth_cohor
                 _run_and_wait(
                     server.api_url,
                     "site-pipeline-scheduled/site-a-nightly",
-                    {"site_config": str(config)},
+                    # the nightly deployment, shortened to its first two stages to keep CI fast
+                    {"site_config": str(config), "stages": ["ingest", "deidentify"]},
                     timeout=600,
                 )
             )
@@ -106,8 +107,10 @@ def test_deploy_from_prefect_yaml_and_run_through_a_worker(tmp_path, synth_cohor
     keys = {a.key for a in artifacts}
     assert "site-a-pipeline-report" in keys
     report = next(a for a in artifacts if a.key == "site-a-pipeline-report").data
-    for stage in ("ingest", "deidentify", "harmonise", "extract"):
+    for stage in ("ingest", "deidentify"):
         assert f"| {stage} |" in report
+    assert "| harmonise |" not in report
     # the stages wrote their outputs
     assert (store / "site-a" / "catalog" / "series.parquet").exists()
-    assert list((store / "site-a" / "features").glob("*.parquet"))
+    assert (store / "site-a" / "deid" / "series.parquet").exists()
+    assert not (store / "site-a" / "harmonised").exists()
