@@ -1,0 +1,285 @@
+"""Synth → ingest on real Prefect + Dask LocalCluster: truth, incremental runs, privacy."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from flows.ingest import IngestParams, ingest_dicom
+from flows.runtime import RuntimeOptions
+from tasks.dicom.catalog import connect_catalog
+from tasks.records import StageSummary
+from tasks.store import SiteStore
+from tasks.synthetic.truth import CohortTruth, SiteTruth
+
+pytestmark = pytest.mark.integration
+
+SITE = "site-a"
+TABLES = ("catalog/instances.parquet", "catalog/series.parquet", "quarantine.parquet")
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` (and the set of paths)."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def table_state(store: SiteStore) -> dict[str, tuple[bytes, int]]:
+    """Bytes and modification time of each catalogue table."""
+    return {
+        key: (store.read_bytes(key), Path(store.path(key)).stat().st_mtime_ns) for key in TABLES
+    }
+
+
+@dataclass
+class Ingested:
+    source: Path
+    store: SiteStore
+    truth: SiteTruth
+    summary: StageSummary
+    hashes: dict[str, str]
+    tables: dict[str, tuple[bytes, int]]
+
+
+def run(source: Path, store: SiteStore, workers: int = 2, batch_size: int = 40) -> StageSummary:
+    params = IngestParams(
+        source=str(source), site=store.site, store=store.url, batch_size=batch_size
+    )
+    return ingest_dicom(params, RuntimeOptions(workers=workers))
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, synth_cohort, prefect_api) -> Ingested:
+    root = tmp_path_factory.mktemp("ingest")
+    source = root / "source"
+    shutil.copytree(synth_cohort / SITE, source)
+    hashes = tree_hashes(source)
+    truth = CohortTruth.load(synth_cohort / "truth.json").site(SITE)
+    store = SiteStore(str(root / "store"), SITE)
+    summary = run(source, store)
+    return Ingested(source, store, truth, summary, hashes, table_state(store))
+
+
+def test_summary_counts_match_truth(ingested):
+    truth, extra = ingested.truth.totals, ingested.summary.extra
+    assert extra["files_listed"] == truth.files_written
+    assert extra["files_new"] == extra["files_parsed"] == truth.files_written
+    assert extra["files_unchanged"] == extra["files_deleted"] == extra["files_failed"] == 0
+    assert extra["batches"] == math.ceil(truth.files_written / 40) > 2
+    assert ingested.summary.counts == {
+        "ok": truth.instances_ok,
+        "quarantined": truth.files_written - truth.instances_ok,
+    }
+    assert sorted(extra["tables_written"]) == sorted(TABLES)
+    assert not ingested.store.exists("catalog/_parts")
+
+
+def test_every_file_has_the_planted_outcome(ingested):
+    rows = ingested.store.read_table("catalog/instances.parquet").to_pylist()
+    got = {r["path"]: r["reason"] or r["status"] for r in rows}
+    assert got == ingested.truth.file_outcomes
+
+
+def test_series_match_truth(ingested):
+    series = ingested.store.read_table("catalog/series.parquet").to_pylist()
+    main = [s for s in series if not s["series_key"].endswith(":localizer")]
+    by_modality: dict[str, Counter] = {}
+    for s in main:
+        by_modality.setdefault(s["modality"], Counter())[s["status"]] += 1
+    assert {m: dict(c) for m, c in by_modality.items()} == ingested.truth.totals.series_ingest
+    rows = {s["series_instance_uid"]: s for s in main}
+    for expected in ingested.truth.series():
+        row = rows[expected.series_instance_uid]
+        assert row["status"] == expected.ingest_status, expected.role
+        assert sorted(row["paths"]) == sorted(expected.files), expected.role
+        kinds = {expected.kind} | (
+            {"multiframe"} if row["n_frames"] > row["n_instances"] else set()
+        )
+        assert row["kind"] in kinds, expected.role
+        if expected.geometry and row["status"] == "ok" and row["n_instances"] > 1:
+            assert row["slice_spacing"] == pytest.approx(expected.geometry.spacing[2], abs=1e-3)
+            offsets = expected.geometry.slice_offsets_mm
+            assert len(row["paths"]) == len(offsets)
+
+
+def test_every_ingest_fault_is_quarantined_with_its_reason(ingested):
+    rows = {(r["item"], r["kind"], r["reason"]) for r in ingested.store.quarantine_rows("ingest")}
+    expected = set()
+    for fault in ingested.truth.faults:
+        if fault.stage != "ingest":
+            continue
+        if fault.scope == "file":
+            expected |= {(path, "file", fault.reason) for path in fault.paths}
+        else:
+            expected.add((fault.series_instance_uid, "series", fault.reason))
+    assert expected <= rows
+    assert rows == expected  # nothing else was rejected
+    reasons = Counter(r for _, _, r in rows)
+    assert ingested.summary.reasons == dict(sorted(reasons.items()))
+
+
+def test_duckdb_views_answer_queries(ingested):
+    con = connect_catalog(ingested.store)
+    ct_ok = con.execute(
+        "SELECT count(*) FROM series WHERE modality = 'CT' AND status = 'ok' "
+        "AND series_key NOT LIKE '%:localizer'"
+    ).fetchone()[0]
+    assert ct_ok == ingested.truth.totals.series_ingest["CT"]["ok"]
+    per_patient = con.execute(
+        "SELECT count(DISTINCT patient_id) FROM instances WHERE status = 'ok'"
+    ).fetchone()[0]
+    assert per_patient == len(ingested.truth.patients)
+    con.close()
+
+
+def test_other_worker_count_and_batch_size_give_identical_tables(ingested, tmp_path):
+    other = SiteStore(str(tmp_path / "store"), SITE)
+    summary = run(ingested.source, other, workers=1, batch_size=1000)
+    assert summary.extra["batches"] == 1
+    for key in TABLES:
+        assert other.read_bytes(key) == ingested.tables[key][0], key
+
+
+def test_rerun_parses_nothing_and_writes_nothing(ingested):
+    summary = run(ingested.source, ingested.store)
+    extra = summary.extra
+    assert extra["files_parsed"] == extra["files_new"] == extra["files_changed"] == 0
+    assert extra["files_unchanged"] == ingested.truth.totals.files_written
+    assert extra["tables_written"] == [] and extra["batches"] == 0
+    assert "startup_seconds" not in extra["timings"]  # no Dask cluster for nothing to parse
+    assert table_state(ingested.store) == ingested.tables
+    assert summary.counts == ingested.summary.counts
+    assert summary.reasons == ingested.summary.reasons
+
+
+def _copy_series_with_new_uids(files: list[Path], target: Path) -> list[Path]:
+    series_uid = generate_uid()
+    written = []
+    for i, path in enumerate(sorted(files)):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesNumber = 77
+        out = target / f"IM{i + 1:04d}.dcm"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out, enforce_file_format=True)
+        written.append(out)
+    return written
+
+
+def test_new_series_parses_only_its_files_then_a_deleted_slice_is_marked(ingested):
+    ct = next(s for s in ingested.truth.series() if s.role == "ct")
+    new = _copy_series_with_new_uids(
+        [ingested.source / f for f in ct.files], ingested.source / "incoming" / "77"
+    )
+    before = ingested.store.read_table("catalog/instances.parquet").to_pylist()
+    summary = run(ingested.source, ingested.store)
+    extra = summary.extra
+    assert extra["files_new"] == extra["files_parsed"] == len(new)
+    assert extra["files_unchanged"] == ingested.truth.totals.files_written
+    assert summary.counts["ok"] == ingested.truth.totals.instances_ok + len(new)
+    after = ingested.store.read_table("catalog/instances.parquet").to_pylist()
+    old_paths = {r["path"] for r in before}
+    assert [r for r in after if r["path"] in old_paths] == before
+    series = ingested.store.read_table("catalog/series.parquet").to_pylist()
+    added = [s for s in series if s["paths"][0].startswith("incoming/")]
+    assert len(added) == 1 and added[0]["status"] == "ok"
+    assert added[0]["n_instances"] == len(new)
+
+    # delete a middle slice: the file is marked deleted, the series now misses a slice
+    middle = new[len(new) // 2]
+    middle.unlink()
+    summary = run(ingested.source, ingested.store)
+    assert summary.extra["files_deleted"] == 1 and summary.extra["files_parsed"] == 0
+    assert "startup_seconds" not in summary.extra["timings"]
+    rows = {
+        r["path"]: r for r in ingested.store.read_table("catalog/instances.parquet").to_pylist()
+    }
+    gone = rows[middle.relative_to(ingested.source).as_posix()]
+    assert gone["status"] == "deleted"
+    series = ingested.store.read_table("catalog/series.parquet").to_pylist()
+    added = [s for s in series if s["paths"][0].startswith("incoming/")]
+    assert [(s["status"], s["reason"]) for s in added] == [("quarantined", "missing-slice")]
+    assert summary.counts["deleted"] == 1
+
+
+def test_source_was_never_modified(ingested):
+    current = tree_hashes(ingested.source)
+    added = {p for p in current if p.startswith("incoming/")}
+    assert {p: h for p, h in current.items() if p not in added} == ingested.hashes
+
+
+def _haystack(site: str) -> list[str]:
+    """Everything Prefect recorded about this site's ingest runs: names, parameters,
+    artifacts, logs."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogHandler
+
+    async def collect() -> list[str]:
+        await APILogHandler.aflush()
+        out: list[str] = []
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    name=FlowRunFilterName(any_=[f"ingest-{site}", f"parse-{site}"])
+                )
+            )
+            ids = [r.id for r in runs]
+            assert ids
+            out += [f"{r.name} {r.parameters}" for r in runs]
+            tasks = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids))
+            )
+            assert any(t.name.startswith("parse-b") for t in tasks)
+            out += [t.name for t in tasks]
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
+            )
+            kinds = {a.type for a in artifacts}
+            assert {"markdown", "table", "progress"} <= kinds, kinds
+            out += [f"{a.key} {a.description} {a.data}" for a in artifacts]
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids))
+            )
+            out += [log.message for log in logs]
+        return out
+
+    return anyio.run(collect)
+
+
+def test_prefect_records_no_identifiers(ingested):
+    haystack = "\n".join(_haystack(SITE))
+    assert "quarantine" in haystack and "missing-slice" in haystack
+    planted = set(ingested.truth.planted_values)
+    for patient in ingested.truth.patients:
+        planted |= set(patient.planted_values) | {patient.patient_id, patient.directory}
+        for study in patient.studies:
+            for series in study.series:
+                planted |= {series.series_instance_uid, series.study_instance_uid}
+                planted |= set(series.sop_instance_uids)
+    planted |= set(ingested.truth.file_outcomes)  # source paths hold names and MRNs
+    leaked = sorted(v for v in planted if len(v) >= 6 and v in haystack)
+    assert leaked == []
