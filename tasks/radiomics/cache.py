@@ -183,6 +183,10 @@ def read_parts(store: SiteStore, keys: list[str], attempts: int = 3) -> dict[str
     if not keys:
         return {}
     paths = {store.path(k): k for k in keys}
+    # s3fs answers size/exists from its listing cache, which does not know objects written
+    # since by other processes (the workers): forget the listings of these folders first.
+    for parent in sorted({p.rsplit("/", 1)[0] for p in paths}):
+        store.fs.invalidate_cache(parent)
     raw = store.fs.cat(list(paths), on_error="return")
     found: dict[str, CachedPart] = {}
     for path, key in paths.items():
