@@ -41,8 +41,11 @@ def s3_endpoint() -> Iterator[str]:
     The endpoint and dummy credentials are exported so that s3fs in this process and in Dask
     worker processes started later use it.
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
