@@ -1,24 +1,32 @@
 """PACS flows: ``pull-dicomweb`` (QIDO-RS search, one WADO-RS task per series, normal ingest).
 
 The pull lands complete series in the site's raw zone and then runs the normal ingest on the
-raw zone (``STORE/<site>/raw``), so PACS data feeds the same catalogue and stages as a folder
-or S3 source. The C-STORE receiver (``oncoflow receive``) lives in :mod:`tasks.pacs.receiver`.
+PACS part of the raw zone (``STORE/<site>/raw/pacs``), so PACS data feeds the same catalogue
+and stages as a folder or S3 source. The C-STORE receiver (``oncoflow receive``) lives in
+:mod:`tasks.pacs.receiver`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+import json
+import logging
+import signal
+import sys
+from dataclasses import asdict
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
 from pydantic import BaseModel, Field, field_validator
 
 from flows.reporting import Progress, artifact_key, markdown_table, post_table
-from flows.runtime import RuntimeOptions, dask_cluster, task_runner
+from flows.runtime import RuntimeOptions, dask_cluster, ensure_prefect_api, task_runner
 from tasks.errors import StageFailed
 from tasks.pacs.credentials import load_credentials
 from tasks.pacs.dicomweb import (
-    RAW,
+    PACS_ZONE,
     PullState,
     SeriesPull,
     StudyPlan,
@@ -32,8 +40,11 @@ from tasks.pacs.dicomweb import (
     parse_source,
     plan_pull,
     pull_series_task,
+    read_plan,
     study_date_filter,
+    write_plan,
 )
+from tasks.pacs.receiver import ReceiverStats, StorageReceiver
 from tasks.records import Stage, StageSummary
 from tasks.store import SiteStore, validate_site
 
@@ -108,20 +119,50 @@ class PullParams(BaseModel):
 StudyOutcome = Literal["pulled", "skipped", "failed"]
 
 
-def _wait_all(futures: list, progress: Progress) -> list[SeriesPull | str]:
-    """Wait on every future; return the pull record or a one-line error per series."""
-    out: list[SeriesPull | str] = []
-    for future in futures:
-        future.wait()
-        state = future.state
-        if state.is_completed():
-            out.append(future.result())
-        else:
-            try:
-                future.result(raise_on_failure=True)
-                out.append("failed")
-            except Exception as exc:
-                out.append(describe_error(exc))
+@flow(name="pull-dicomweb-series", flow_run_name="pull-series-{site}", log_prints=False)
+def pull_series_flow(
+    site: str,
+    store: str,
+    base_url: str,
+    plan: str,
+    secret_block: str | None = None,
+    timeout_seconds: float = 60.0,
+    retries: int = 3,
+    retry_delay_seconds: float = 2.0,
+) -> dict[str, dict[str, Any]]:
+    """Pull the series of a plan in parallel, one task per series, and wait on all of them.
+
+    Parameters
+    ----------
+    site, store
+        The site store; the plan (it holds UIDs) is read from its private zone.
+    base_url
+        DICOMweb base URL.
+    plan
+        Store-relative key of the plan written by ``pull-dicomweb``.
+
+    Returns
+    -------
+    dict
+        Per series key: the :class:`SeriesPull` fields, or ``{"error": <one line>}``.
+    """
+    site_store = SiteStore(store, site)
+    jobs = read_plan(site_store, plan)
+    task = pull_series_task.with_options(
+        retries=retries,
+        retry_delay_seconds=[retry_delay_seconds * 2**i for i in range(retries)] or 0,
+    )
+    progress = Progress(len(jobs), "series pulled over DICOMweb")
+    futures = {
+        task.submit(job, base_url, store, site, secret_block, timeout_seconds): job for job in jobs
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for future in as_completed(list(futures)):
+        job = futures[future]
+        try:
+            out[job.series_key] = asdict(future.result())
+        except Exception as exc:  # retries exhausted: record it, never re-raise
+            out[job.series_key] = {"error": describe_error(exc)}
         progress.advance()
     return out
 
@@ -166,11 +207,20 @@ def _report(summary: StageSummary, studies: list[dict[str, object]]) -> None:
 
 
 @flow(name="pull-dicomweb", flow_run_name="pull-dicomweb-{params.site}", log_prints=False)
-def pull_dicomweb_flow(params: PullParams) -> dict:
+def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None) -> dict:
     """Pull new studies from a DICOMweb server into the raw zone, then ingest the raw zone.
 
-    One task per series; a study's series are committed only when all of them arrived. The
-    watermark advances when the search succeeded; failed studies are retried by UID next run.
+    The search runs here; the series are pulled by the ``pull-dicomweb-series`` subflow on
+    the Dask task runner (one task per series). A study's series are committed only when all
+    of them arrived. The watermark advances when the search succeeded; failed studies are
+    searched again by UID on the next run.
+
+    Parameters
+    ----------
+    params
+        Source, site, store, filters, retries, failure threshold.
+    runtime
+        Dask workers or an existing scheduler for the pull and the ingest.
     """
     store = SiteStore(params.store, params.site)
     base_url = parse_source(params.source)
@@ -192,18 +242,25 @@ def pull_dicomweb_flow(params: PullParams) -> dict:
         delay=params.retry_delay_seconds,
     )
     jobs = [job for plan in plans for job in plan.jobs]
-    task = pull_series_task.with_options(
-        retries=params.retries,
-        retry_delay_seconds=[params.retry_delay_seconds * 2**i for i in range(params.retries)] or 0,
-    )
-    progress = Progress(len(jobs), "series pulled over DICOMweb")
-    futures = [
-        task.submit(
-            job, base_url, params.store, params.site, params.secret_block, params.timeout_seconds
+    results: dict[str, SeriesPull | str] = {}
+    if jobs:
+        plan_key = write_plan(store, jobs)
+        raw_results = pull_series_flow.with_options(
+            task_runner=task_runner(runtime or RuntimeOptions())
+        )(
+            params.site,
+            params.store,
+            base_url,
+            plan_key,
+            params.secret_block,
+            params.timeout_seconds,
+            params.retries,
+            params.retry_delay_seconds,
         )
-        for job in jobs
-    ]
-    results = dict(zip((j.series_key for j in jobs), _wait_all(futures, progress), strict=True))
+        discard(store, plan_key)
+        for job in jobs:
+            got = raw_results.get(job.series_key, {"error": "no result"})
+            results[job.series_key] = str(got["error"]) if "error" in got else SeriesPull(**got)
 
     outcomes: dict[StudyOutcome, int] = {"pulled": 0, "skipped": 0, "failed": 0}
     series_counts = {"pulled": 0, "skipped": 0, "failed": 0}
@@ -250,12 +307,12 @@ def pull_dicomweb_flow(params: PullParams) -> dict:
     )
     _report(summary, rows)
     needs_ingest = committed or not store.exists("catalog/instances.parquet")
-    if params.ingest and needs_ingest and store.exists(RAW):
+    if params.ingest and needs_ingest and store.exists(PACS_ZONE):
         from flows.ingest import IngestParams, ingest_dicom
 
         ingested = ingest_dicom(
-            IngestParams(source=store.uri(RAW), site=params.site, store=params.store),
-            runtime=RuntimeOptions(),
+            IngestParams(source=store.uri(PACS_ZONE), site=params.site, store=params.store),
+            runtime=runtime or RuntimeOptions(),
         )
         summary.extra["ingest"] = ingested.to_dict()
     failed = outcomes["failed"]
@@ -306,8 +363,9 @@ def pull_dicomweb(params: PullParams, runtime: RuntimeOptions) -> StageSummary:
 
     One Dask cluster serves both the per-series pulls and the ingest that follows.
     """
+    ensure_prefect_api()
     with dask_cluster(runtime):
-        result = pull_dicomweb_flow.with_options(task_runner=task_runner(runtime))(params)
+        result = pull_dicomweb_flow(params, runtime)
     extra = {k: v for k, v in result.items() if k not in ("stage", "site", "counts", "reasons")}
     return StageSummary(
         stage=Stage.INGEST,
@@ -316,3 +374,64 @@ def pull_dicomweb(params: PullParams, runtime: RuntimeOptions) -> StageSummary:
         reasons=dict(result["reasons"]),
         extra=extra,
     )
+
+
+def run_receiver(
+    store: str,
+    site: str,
+    port: int,
+    ae_title: str,
+    allow: list[str],
+    host: str = "0.0.0.0",  # a storage SCP listens for the PACS and modalities
+    quiet_seconds: float = 30.0,
+    ingest: bool = True,
+    runtime: RuntimeOptions | None = None,
+) -> ReceiverStats:
+    """Run the C-STORE receiver until SIGTERM or Ctrl-C; ingest each batch of quiet studies.
+
+    One Dask cluster (or ``runtime.dask_address``) serves every ingest run of the process.
+    Studies still arriving when the receiver stops are committed and ingested before exit.
+
+    Returns
+    -------
+    ReceiverStats
+        Counters of the receiver's life.
+    """
+    runtime = runtime or RuntimeOptions()
+    site_store = SiteStore(store, site)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    receiver_log = logging.getLogger("oncoflow.receiver")
+    receiver_log.addHandler(handler)
+    receiver_log.setLevel(logging.INFO)
+
+    def ingest_batch(studies: list[str]) -> None:
+        from flows.ingest import IngestParams, ingest_dicom
+
+        summary = ingest_dicom(
+            IngestParams(source=site_store.uri(PACS_ZONE), site=site, store=store), runtime=runtime
+        )
+        receiver_log.info(
+            "ingested after %d studies arrived: %s", len(studies), json.dumps(summary.counts)
+        )
+
+    receiver = StorageReceiver(
+        site_store,
+        ae_title,
+        allow,
+        port=port,
+        host=host,
+        quiet_seconds=quiet_seconds,
+        on_batch=ingest_batch if ingest else None,
+    )
+    with dask_cluster(runtime) if ingest else contextlib.nullcontext():
+        receiver.start()
+        previous = signal.signal(signal.SIGTERM, lambda *_: receiver.stop())
+        try:
+            receiver.run()
+        except KeyboardInterrupt:
+            receiver.stop()
+            receiver.commit_due(force=True)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return receiver.stats

@@ -2,9 +2,12 @@
 
 Raw-zone layout (private zone, opaque names: every UID is hashed)::
 
-    STORE/<site>/raw/dicomweb/<study-hash>/<series-hash>/<sop-hash>.dcm   committed series
-    STORE/<site>/raw/_staging/dicomweb/<series-hash>-<attempt>/...         series being pulled
-    STORE/<site>/raw/_state/dicomweb.json                                  watermark and state
+    STORE/<site>/raw/pacs/dicomweb/<study-hash>/<series-hash>/<sop-hash>.dcm   committed series
+    STORE/<site>/raw/_staging/dicomweb/<series-hash>-<attempt>/...   series being pulled
+    STORE/<site>/raw/_state/dicomweb.json                            watermark and state
+
+The normal ingest catalogues ``STORE/<site>/raw/pacs`` (:data:`PACS_ZONE`), which holds
+committed series only; work in progress and state live in the ``_``-prefixed prefixes beside it.
 
 A series is written under a staging prefix and moved to its final prefix only when every
 instance listed by QIDO-RS has arrived; a study's series are committed only when all of them
@@ -25,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -40,13 +44,16 @@ from tasks.store import SiteStore
 log = logging.getLogger(__name__)
 
 SCHEME_PREFIX = "dicomweb+"
-RAW = "raw"
-RAW_DICOMWEB = "raw/dicomweb"
+#: What the normal ingest catalogues: committed PACS data only (pull and receiver).
+PACS_ZONE = "raw/pacs"
+RAW_DICOMWEB = "raw/pacs/dicomweb"
 RAW_STAGING_DICOMWEB = "raw/_staging/dicomweb"
 STATE_KEY = "raw/_state/dicomweb.json"
 STATE_VERSION = 1
 #: Ask the server for the stored transfer syntax (no transcoding on the PACS side).
 ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)
+#: QIDO-RS page size (``limit``).
+QIDO_PAGE = 1000
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DATE_PATTERN = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
 # QIDO-RS JSON tags.
@@ -297,6 +304,27 @@ def _value(item: dict[str, Any], tag: str) -> Any:
     return values[0]
 
 
+def search_all(
+    search: Callable[..., list[dict[str, Any]]], key_tag: str, page: int = QIDO_PAGE
+) -> list[dict[str, Any]]:
+    """Run a QIDO-RS search page by page (``limit``/``offset``) and return every match once.
+
+    Paging stops at a short page, or at a page that brings nothing new: some servers ignore
+    ``offset`` with some filters (Orthanc 1.10 with ``ModalitiesInStudy``), and following
+    them blindly would loop for ever.
+    """
+    seen: dict[Any, dict[str, Any]] = {}
+    offset = 0
+    while True:
+        batch = search(limit=page, offset=offset)
+        fresh = [item for item in batch if _value(item, key_tag) not in seen]
+        for item in fresh:
+            seen[_value(item, key_tag)] = item
+        if len(batch) < page or not fresh:
+            return list(seen.values())
+        offset += len(batch)
+
+
 def find_study_uids(
     client: Any, modalities: Iterable[str], study_dates: str | None, attempts: int, delay: float
 ) -> list[str]:
@@ -309,8 +337,9 @@ def find_study_uids(
     uids: set[str] = set()
     for filters in queries:
         found = with_backoff(
-            lambda f=filters: client.search_for_studies(
-                search_filters=f, fields=["StudyInstanceUID"], get_remaining=True
+            lambda f=filters: search_all(
+                partial(client.search_for_studies, search_filters=f, fields=["StudyInstanceUID"]),
+                TAG_STUDY_UID,
             ),
             attempts,
             delay,
@@ -328,10 +357,13 @@ def find_series(
     """List a study's series (QIDO-RS) as ``(series_uid, number_of_instances_or_None)``."""
     try:
         found = with_backoff(
-            lambda: client.search_for_series(
-                study_instance_uid=study_uid,
-                fields=["SeriesInstanceUID", "NumberOfSeriesRelatedInstances"],
-                get_remaining=True,
+            lambda: search_all(
+                partial(
+                    client.search_for_series,
+                    study_instance_uid=study_uid,
+                    fields=["SeriesInstanceUID", "NumberOfSeriesRelatedInstances"],
+                ),
+                TAG_SERIES_UID,
             ),
             attempts,
             delay,
@@ -400,6 +432,24 @@ def plan_pull(
     return plans
 
 
+PLAN_KEY = "raw/_state/pull-plan.json"
+
+
+def write_plan(store: SiteStore, jobs: list[SeriesJob]) -> str:
+    """Write the series to pull into the private zone and return its key.
+
+    The plan holds UIDs, so it is passed to the pulling subflow by key, never as a parameter.
+    """
+    body = json.dumps([asdict(j) for j in jobs], separators=(",", ":")).encode()
+    store.write_bytes(PLAN_KEY, body, skip_unchanged=False)
+    return PLAN_KEY
+
+
+def read_plan(store: SiteStore, key: str) -> list[SeriesJob]:
+    """Read a plan written by :func:`write_plan`."""
+    return [SeriesJob(**item) for item in json.loads(store.read_bytes(key))]
+
+
 # --------------------------------------------------------------------------- retrieve
 
 
@@ -462,11 +512,14 @@ def retrieve_series(
     received: set[str] = set()
     nbytes = 0
     try:
-        listed = client.search_for_instances(
-            study_instance_uid=job.study_uid,
-            series_instance_uid=job.series_uid,
-            fields=["SOPInstanceUID"],
-            get_remaining=True,
+        listed = search_all(
+            partial(
+                client.search_for_instances,
+                study_instance_uid=job.study_uid,
+                series_instance_uid=job.series_uid,
+                fields=["SOPInstanceUID"],
+            ),
+            TAG_SOP_UID,
         )
         expected = {_value(i, TAG_SOP_UID) for i in listed} - {None}
         fs.makedirs(store.path(staging), exist_ok=True)

@@ -3,7 +3,7 @@
 Raw-zone layout (private zone, opaque names)::
 
     STORE/<site>/raw/_incoming/<study-hash>/<series-hash>/<sop-hash>.dcm   study still arriving
-    STORE/<site>/raw/received/<study-hash>/<series-hash>/<sop-hash>.dcm    quiet study, ingested
+    STORE/<site>/raw/pacs/received/<study-hash>/<series-hash>/<sop-hash>.dcm  quiet study
 
 * Atomic writes: pynetdicom hands the dataset to the handler only after the whole C-STORE
   arrived, and the handler writes it to a temporary name and renames it, so a connection
@@ -34,7 +34,7 @@ from tasks.store import TMP_MARK, SiteStore, protocol_of
 log = logging.getLogger("oncoflow.receiver")
 
 RAW_INCOMING = "raw/_incoming"
-RAW_RECEIVED = "raw/received"
+RAW_RECEIVED = "raw/pacs/received"
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -117,7 +117,6 @@ class StorageReceiver:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        ae.maximum_pdu_size = 0  # no limit on what we accept per PDU
         handlers = [
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_REJECTED, self._handle_rejected),
