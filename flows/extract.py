@@ -256,7 +256,7 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     written = store.write_table(key, table, metadata)
     quarantined = [
         QuarantineRecord(
-            item=r.unit.key, kind="roi", stage=Stage.EXTRACT, reason=r.reason, detail=r.detail
+            item=r.unit.key, kind="mask", stage=Stage.EXTRACT, reason=r.reason, detail=r.detail
         )
         for r in rows
         if r.status == str(Status.QUARANTINED)
@@ -323,7 +323,12 @@ def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSu
     StageSummary
         Counts, reasons and extras of the run.
     """
-    load_params(params.params_spec())  # fail in one line before starting any service
+    # fail in one line before starting any service: bad parameters, nothing harmonised
+    load_params(params.params_spec())
+    if not select_units(
+        plan_units(SiteStore(params.store, params.site)), params.series, params.rois
+    ):
+        raise OncoflowError("no (series, ROI) to extract: check the series/ROI filters")
     result = extract_flow.with_options(task_runner=task_runner(runtime))(params)
     data = dict(result)
     return StageSummary(
