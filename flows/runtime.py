@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -148,6 +149,9 @@ def dask_cluster(options: RuntimeOptions) -> Iterator[str]:
 
 
 def _local_cluster_kwargs(options: RuntimeOptions) -> dict[str, object]:
+    # The dashboard is off, but the scheduler's small HTTP server still tries port 8787 first
+    # and warns when a second cluster on the host has it: expected, not worth a warning.
+    warnings.filterwarnings("ignore", message="Port 8787 is already in use")
     return {
         "n_workers": options.workers,
         "threads_per_worker": 1,
