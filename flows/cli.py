@@ -234,6 +234,12 @@ def extract(
     roi: Annotated[
         list[str] | None, typer.Option("--roi", help="Only this ROI name (repeatable).")
     ] = None,
+    modality: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--modality", help="Only this modality (repeatable; default: the preset's own)."
+        ),
+    ] = None,
     max_failure_ratio: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Fail above this share of failed ROIs.")
     ] = 0.1,
@@ -245,7 +251,7 @@ def extract(
     from flows.extract import build_params, extract_radiomics
 
     summary = extract_radiomics(
-        build_params(site, store, params, series, roi, max_failure_ratio),
+        build_params(site, store, params, series, roi, max_failure_ratio, modality),
         runtime=runtime_options(workers, dask_address),
     )
     emit(summary, as_json)

@@ -63,6 +63,11 @@ class ExtractParams(BaseModel):
     rois: list[str] = Field(
         default_factory=list, description="Only these ROI names (empty: every ROI)."
     )
+    modalities: list[str] | None = Field(
+        None,
+        description="Only these modalities (CT, MR, PT). Empty: the preset's own modality, or "
+        "every modality with a parameter file.",
+    )
     max_failure_ratio: float = Field(
         0.1,
         ge=0.0,
@@ -78,6 +83,12 @@ class ExtractParams(BaseModel):
             raise ValueError("give exactly one of preset or params_file")
         return self
 
+    def modality_filter(self) -> list[str]:
+        """Return the modalities to extract: as given, else the preset's, else all (``[]``)."""
+        if self.modalities:
+            return [m.upper() for m in self.modalities]
+        return [self.preset.modality] if self.preset is not None else []
+
     def params_spec(self) -> str:
         """Return the preset name or parameter-file location, as :func:`load_params` takes it."""
         return self.params_file if self.params_file is not None else str(self.preset)
@@ -90,6 +101,7 @@ def build_params(
     series: list[str] | None = None,
     rois: list[str] | None = None,
     max_failure_ratio: float = 0.1,
+    modalities: list[str] | None = None,
 ) -> ExtractParams:
     """Build :class:`ExtractParams` from CLI values; ``params`` is a preset name or a file.
 
@@ -108,6 +120,7 @@ def build_params(
             params_file=None if is_preset else params,
             series=list(series or []),
             rois=list(rois or []),
+            modalities=list(modalities) if modalities else None,
             max_failure_ratio=max_failure_ratio,
         )
     except ValidationError as exc:
@@ -225,9 +238,11 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     store = SiteStore(params.store, params.site)
     params_hash = radiomics_params.params_hash()
     every_unit = plan_units(store)
-    units = select_units(every_unit, params.series, params.rois)
+    units = select_units(every_unit, params.series, params.rois, params.modality_filter())
     if not units:
-        raise OncoflowError("no (series, ROI) to extract: check the series/ROI filters")
+        summary = nothing_to_extract(params, source, params_hash)
+        post_summary(summary, "Radiomics extraction", {"Note": str(summary.extra["note"])})
+        return summary.to_dict()
 
     progress = Progress(len(units), "ROIs extracted")
     futures = {}
@@ -269,6 +284,7 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
         params.site,
         results,
         params=source,
+        modalities=",".join(params.modality_filter()) or "all",
         params_hash=params_hash,
         table=key,
         table_written=written,
@@ -308,6 +324,24 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     return summary.to_dict()
 
 
+def nothing_to_extract(params: ExtractParams, source: str, params_hash: str) -> StageSummary:
+    """Return the summary of a run whose filters select no (series, ROI): nothing is written."""
+    modalities = ",".join(params.modality_filter()) or "all"
+    return StageSummary(
+        stage=Stage.EXTRACT,
+        site=params.site,
+        extra={
+            "params": source,
+            "modalities": modalities,
+            "params_hash": params_hash,
+            "table": None,
+            "rows": 0,
+            "note": f"nothing to extract: no harmonised ROI matches the filters "
+            f"(modalities: {modalities})",
+        },
+    )
+
+
 def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSummary:
     """Validate the parameters, then run :func:`extract_flow` on the Dask task runner.
 
@@ -323,12 +357,12 @@ def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSu
     StageSummary
         Counts, reasons and extras of the run.
     """
-    # fail in one line before starting any service: bad parameters, nothing harmonised
-    load_params(params.params_spec())
-    if not select_units(
-        plan_units(SiteStore(params.store, params.site)), params.series, params.rois
-    ):
-        raise OncoflowError("no (series, ROI) to extract: check the series/ROI filters")
+    # before starting any service: fail in one line on bad parameters or no harmonised table,
+    # and return at once when the filters select nothing
+    radiomics_params, source = load_params(params.params_spec())
+    every_unit = plan_units(SiteStore(params.store, params.site))
+    if not select_units(every_unit, params.series, params.rois, params.modality_filter()):
+        return nothing_to_extract(params, source, radiomics_params.params_hash())
     result = extract_flow.with_options(task_runner=task_runner(runtime))(params)
     data = dict(result)
     return StageSummary(

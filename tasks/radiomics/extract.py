@@ -129,15 +129,20 @@ def plan_units(store: SiteStore) -> list[RoiUnit]:
 
 
 def select_units(
-    units: list[RoiUnit], series: list[str] | None = None, rois: list[str] | None = None
+    units: list[RoiUnit],
+    series: list[str] | None = None,
+    rois: list[str] | None = None,
+    modalities: list[str] | None = None,
 ) -> list[RoiUnit]:
-    """Keep the units of the given series and ROI names (an empty filter keeps everything)."""
+    """Keep the units of the given series, ROI names and modalities (empty filter: all)."""
     wanted_series, wanted_rois = set(series or []), set(rois or [])
+    wanted_modalities = {m.upper() for m in modalities or []}
     return [
         u
         for u in units
         if (not wanted_series or u.series in wanted_series)
         and (not wanted_rois or u.roi in wanted_rois)
+        and (not wanted_modalities or u.modality.upper() in wanted_modalities)
     ]
 
 

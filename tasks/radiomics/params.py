@@ -51,6 +51,11 @@ class Preset(StrEnum):
         """The preset's YAML file."""
         return PRESET_DIR / f"{self.value}.yaml"
 
+    @property
+    def modality(self) -> str:
+        """The DICOM modality the preset is made for (``CT``, ``MR``, ``PT``)."""
+        return {"ct": "CT", "mr": "MR", "pet": "PT"}[self.value]
+
 
 class ImageType(StrEnum):
     """Image types (filters) pyradiomics 3.0.1 provides."""

@@ -176,3 +176,4 @@ def test_units_are_planned_largest_first(store):
     assert len(units) == len(CT.rois) + len(MR.rois)
     assert units[0].series == CT.series  # 36x36x16 > 28x28x12
     assert [u.roi for u in select_units(units, rois=["gtv"])] == ["gtv", "gtv"]
+    assert [u.series for u in select_units(units, modalities=["mr"])] == [MR.series]

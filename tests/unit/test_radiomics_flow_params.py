@@ -17,9 +17,8 @@ def test_form_offers_presets_as_a_dropdown_and_the_filters():
     text = json.dumps(schema)
     assert '"enum": ["ct", "mr", "pet"]' in text
     props = schema["definitions"]["ExtractParams"]["properties"]
-    assert {"site", "store", "preset", "params_file", "series", "rois", "max_failure_ratio"} <= set(
-        props
-    )
+    fields = {"site", "store", "preset", "params_file", "series", "rois", "modalities"}
+    assert fields | {"max_failure_ratio"} <= set(props)
     assert all(props[name].get("description") for name in props)
 
 
@@ -32,6 +31,13 @@ def test_preset_or_file_exactly_one():
         ["2.25.1"],
         ["gtv"],
     )
+    # a preset extracts its own modality unless told otherwise; a file extracts every modality
+    assert build_params("site-a", "/tmp/s", "pet").modality_filter() == ["PT"]
+    assert p.modality_filter() == []
+    assert build_params("site-a", "/tmp/s", "mr", modalities=["mr", "CT"]).modality_filter() == [
+        "MR",
+        "CT",
+    ]
     with pytest.raises(ValueError, match="exactly one"):
         ExtractParams(site="site-a", store="/tmp/s")
     with pytest.raises(ValueError, match="exactly one"):
@@ -79,3 +85,21 @@ def test_cli_errors_in_process(tmp_path, capsys, content, needle):
     assert info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+def test_no_harmonised_table_or_no_matching_roi_needs_no_services(tmp_path):
+    from flows.extract import extract_radiomics
+    from flows.runtime import RuntimeOptions
+    from tasks.radiomics.samples import SampleRoi, SampleSeries, series_key, write_harmonised_sample
+    from tasks.store import SiteStore
+
+    runtime = RuntimeOptions(workers=1)
+    with pytest.raises(OncoflowError, match="run `oncoflow harmonise` first"):
+        extract_radiomics(build_params("site-a", str(tmp_path), "ct"), runtime)
+    store = SiteStore(str(tmp_path), "site-a")
+    ct = SampleSeries(series_key(0), "CT", size=(16, 16, 8), rois=(SampleRoi("gtv", 3.0),))
+    write_harmonised_sample(store, [ct])
+    summary = extract_radiomics(build_params("site-a", str(tmp_path), "mr"), runtime)
+    assert summary.counts == {} and summary.extra["rows"] == 0
+    assert "nothing to extract" in summary.extra["note"] and "MR" in summary.extra["note"]
+    assert not store.exists("features")
