@@ -1,0 +1,193 @@
+"""Automations: applied from deployments/automations/ to a real `prefect server`, then fired.
+
+Starts `prefect server` (SQLite) and a local HTTP endpoint standing in for the hub and for the
+operators' chat; creates the Webhook and notification blocks the automation files name, applies
+the files with `deployments/automations/apply.py` (twice: the second run updates), reads them
+back through the API, then
+* emits the `oncoflow.cohort.published` event exactly as the publish flow does, and
+* runs `oncoflow run` on a missing source, a real failed `site-pipeline` flow run,
+and waits for both automations to call the endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.services import BIN, free_port, prefect_server
+
+REPO = Path(__file__).resolve().parents[2]
+AUTOMATIONS = REPO / "deployments" / "automations"
+pytestmark = pytest.mark.integration
+
+ANNOUNCE = """
+from flows.publish import _announce
+from tasks.cohort.publish import PublishResult
+result = PublishResult(site="site-a", cohort="demo-ct", version="v3",
+    url="s3://publication/site-a/demo-ct/v3", content_hash="ab" * 32, created=True)
+_announce(result, {"series": 7, "patients": 2})
+"""
+
+
+class Inbox(ThreadingHTTPServer):
+    """An HTTP endpoint that records every POST: (path, body)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, bytes]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(handler) -> None:  # noqa: N805 - http.server API
+                length = int(handler.headers.get("Content-Length") or 0)
+                self.received.append((handler.path, handler.rfile.read(length)))
+                handler.send_response(200)
+                handler.end_headers()
+
+            def log_message(handler, *args: object) -> None:  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def wait_for(self, path: str, timeout: float) -> bytes:
+        """Return the first body posted to ``path``; fail after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for got_path, body in list(self.received):
+                if got_path == path:
+                    return body
+            time.sleep(0.25)
+        raise AssertionError(f"nothing posted to {path} in {timeout:.0f}s: {self.received}")
+
+
+def _apply(env: dict[str, str]) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, str(AUTOMATIONS / "apply.py")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_automations_apply_and_fire(tmp_path: Path) -> None:
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.blocks.webhook import Webhook
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    inbox = Inbox()
+    threading.Thread(target=inbox.serve_forever, daemon=True).start()
+    try:
+        with prefect_server(home) as server:
+            env = {**os.environ, **server.env}
+            # before the blocks exist, applying fails with a one-line reason
+            missing = subprocess.run(
+                [sys.executable, str(AUTOMATIONS / "apply.py")],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert missing.returncode == 2
+            assert missing.stderr.strip().startswith("error: ")
+            assert "not found on the server" in missing.stderr
+            assert len(missing.stderr.strip().splitlines()) == 1
+
+            with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+                hub_id = Webhook(
+                    method="POST", url=f"{inbox.url}/hub", allow_private_urls=True
+                ).save("oncoflow-hub")
+                ops_id = CustomWebhookNotificationBlock(
+                    name="operators",
+                    url=f"{inbox.url}/operators",
+                    json_data={"subject": "{{subject}}", "body": "{{body}}"},
+                    allow_private_urls=True,
+                ).save("oncoflow-operators")
+
+            first = _apply(env)
+            second = _apply(env)
+            assert sorted(line.split()[0] for line in first) == ["created"] * 2
+            assert sorted(line.split()[0] for line in second) == ["updated"] * 2
+            assert [line.split()[2] for line in first] == [line.split()[2] for line in second]
+
+            with (
+                temporary_settings(updates={PREFECT_API_URL: server.api_url}),
+                get_client(sync_client=True) as client,
+            ):
+                automations = {a.name: a for a in client.read_automations()}
+            assert sorted(automations) == [
+                "oncoflow-cohort-published-notify-hub",
+                "oncoflow-site-pipeline-failed-notify-operators",
+            ]
+            published = automations["oncoflow-cohort-published-notify-hub"]
+            assert published.enabled
+            assert published.trigger.expect == {"oncoflow.cohort.published"}
+            assert published.actions[0].type == "call-webhook"
+            assert published.actions[0].block_document_id == hub_id
+            failed = automations["oncoflow-site-pipeline-failed-notify-operators"]
+            assert failed.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+            assert failed.actions[0].type == "send-notification"
+            assert failed.actions[0].block_document_id == ops_id
+
+            # a real failed site-pipeline run (missing source; no Dask cluster is started)
+            run = subprocess.Popen(
+                [
+                    str(BIN / "oncoflow"),
+                    "run",
+                    str(tmp_path / "no-such-source"),
+                    "--site",
+                    "site-a",
+                    "--store",
+                    str(tmp_path / "store"),
+                    "--dask-address",
+                    "tcp://127.0.0.1:9",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            # the publish flow's event, emitted by the publish flow's own code
+            subprocess.run(
+                [sys.executable, "-c", ANNOUNCE], cwd=REPO, env=env, check=True, timeout=120
+            )
+            hub = json.loads(inbox.wait_for("/hub", timeout=60))
+            assert hub == {
+                "event": "oncoflow.cohort.published",
+                "site": "site-a",
+                "cohort": "demo-ct",
+                "version": "v3",
+                "manifest": "s3://publication/site-a/demo-ct/v3/manifest.json",
+                "content_hash": "ab" * 32,
+                "series": 7,
+                "patients": 2,
+            }
+            out, _ = run.communicate(timeout=180)
+            assert run.returncode == 2, out
+            operators = json.loads(inbox.wait_for("/operators", timeout=60))
+            assert operators["subject"].startswith("oncoflow: site-pipeline run site-pipeline-")
+            assert operators["subject"].endswith(" Failed")
+            assert "source not found" in operators["body"]
+            assert "\nTags: " in operators["body"]
+            assert "/runs/flow-run/" in operators["body"]
+            # one notification per failed run: site-pipeline-scheduled did not run here
+            time.sleep(2)
+            assert [p for p, _ in inbox.received].count("/operators") == 1
+    finally:
+        inbox.shutdown()
+        inbox.server_close()
