@@ -181,7 +181,14 @@ def _existing(store: SiteStore, series: str, key: str) -> dict[str, Any] | None:
         doc = json.loads(store.read_bytes(prov_key))
     except (FileNotFoundError, ValueError):
         return None
-    return doc if doc.get("key") == key else None
+    if doc.get("key") != key:
+        return None
+    # Every recorded output must still be there (a deleted file means: compute again).
+    names = {k.rsplit("/", 1)[1] for k in doc.get("outputs", {}).get("keys", [])}
+    folder = store.path(output_dir(series))
+    store.fs.invalidate_cache(folder)
+    present = {p.rsplit("/", 1)[1] for p in store.fs.ls(folder, detail=False)}
+    return doc if names <= present else None
 
 
 def _clear(store: SiteStore, series: str) -> None:

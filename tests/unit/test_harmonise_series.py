@@ -314,3 +314,23 @@ def test_seg_preferred_over_rtstruct_for_the_same_roi(tmp_path: Path) -> None:
     prov = json.loads(site.read_bytes(f"harmonised/{keys['ct']}/provenance.json"))
     names = [s["name"] for s in prov["steps"]]
     assert names == ["read-series", "seg-masks", "rtstruct-masks", "select-masks", "intensity"]
+
+
+def test_deleted_output_is_recomputed_and_stale_folders_removed(store) -> None:
+    from flows.harmonise import _remove_stale
+
+    site, keys = store
+    run_all(site)
+    mask = Path(site.path(f"harmonised/{keys['ct']}/mask-gtv.nii.gz"))
+    content = mask.read_bytes()
+    mask.unlink()
+    outcomes, _ = run_all(site)
+    assert outcomes[keys["ct"]].result.computed
+    assert not outcomes[keys["pet"]].result.computed
+    assert mask.read_bytes() == content
+    site.write_bytes("harmonised/2.25.999/image.nii.gz", b"old")
+    site.write_table("harmonised/series.parquet", series_table([]))
+    removed = _remove_stale(site, {keys["ct"], keys["pet"]})
+    assert removed == 1
+    names = sorted(p.name for p in Path(site.path("harmonised")).iterdir())
+    assert names == sorted([keys["ct"], keys["pet"], "series.parquet"])
