@@ -19,7 +19,7 @@ import yaml
 from tests.services import BIN, prefect_server, prefect_worker
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
 def _prefect(server, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -36,7 +36,7 @@ from tests.services import (
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "production-test-secret-0123456789abcdef"
 STAGES = ["ingest", "deidentify", "harmonise", "extract", "publish"]
-pytestmark = [pytest.mark.integration, pytest.mark.production]
+pytestmark = [pytest.mark.integration, pytest.mark.production, pytest.mark.timeout(1800)]
 
 
 def _prefect(server, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
