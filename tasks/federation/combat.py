@@ -307,10 +307,25 @@ def _it_sol(
             return g_new, d_new
 
 
+def _varies(s: SiteSummary, feature: str) -> bool:
+    """Whether a feature varies within a site (not constant up to rounding)."""
+    i = s.features.index(feature)
+    scale = max(1.0, abs(s.mean[i]))
+    return s.ssq[i] / s.n > (1e-9 * scale) ** 2
+
+
 def common_features(summaries: Sequence[SiteSummary]) -> list[SiteSummary]:
-    """Restrict every summary to the features all sites have (in the first site's order)."""
+    """Restrict every summary to the features all sites have and that vary at every site.
+
+    A feature constant at a site has no scale to estimate there (and pooled ComBat would
+    divide rounding noise by rounding noise): it is left out and stays unharmonised.
+    """
     shared = set.intersection(*(set(s.features) for s in summaries))
-    keep = [f for f in summaries[0].features if f in shared]
+    keep = [
+        f for f in summaries[0].features if f in shared and all(_varies(s, f) for s in summaries)
+    ]
+    if len(keep) < 2:
+        raise OncoflowError("ComBat needs at least two features that vary at every site")
     out = []
     for s in summaries:
         idx = [s.features.index(f) for f in keep]
@@ -360,8 +375,6 @@ def estimate(
     for s in summaries:
         if (s.categorical, s.continuous) != (first.categorical, first.continuous):
             raise OncoflowError(f"site {s.site} summarised other covariates")
-    if len(first.features) < 2:
-        raise OncoflowError("ComBat's empirical Bayes needs at least two features")
     order = sorted(summaries, key=lambda s: s.site)
     batches = [s.site for s in order]
     levels = {
