@@ -38,7 +38,7 @@ from tasks.dicom.catalog import (
     read_parts,
     remove_parts,
 )
-from tasks.dicom.headers import PARTS_DIR, parse_batch
+from tasks.dicom.headers import PARTS_DIR, parse_batch, warm_up
 from tasks.dicom.listing import (
     Batch,
     ListedFile,
@@ -175,10 +175,6 @@ def _read_plan(store: SiteStore, key: str) -> list[Batch]:
     ]
 
 
-def _import_parser() -> None:
-    import tasks.dicom.headers  # noqa: F401 - imported for its side effect: warm modules
-
-
 def _start_workers() -> None:
     """Start the Dask cluster now and import the parser on every worker (fixed start-up).
 
@@ -188,7 +184,7 @@ def _start_workers() -> None:
     runner = FlowRunContext.get().task_runner if FlowRunContext.get() else None
     client = getattr(runner, "client", None)
     if client is not None:
-        client.run(_import_parser)
+        client.run(warm_up)
 
 
 @flow(name="parse-dicom-headers", flow_run_name="parse-{site}", log_prints=False)
@@ -330,6 +326,7 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
             parsed_results, failed = outcome["results"], outcome["failed"]
             timings["startup_seconds"] = round(outcome["body_started"] - t_start, 4)
             timings["parse_seconds"] = outcome["parse_seconds"]
+            timings["batch_seconds_sum"] = round(sum(r["seconds"] for r in parsed_results), 4)
         t_merge = time.perf_counter()
         rows = read_parts(store, [r["part"] for r in parsed_results])
         counts = merge_catalog(

@@ -215,6 +215,14 @@ def empty_row(listed: ListedFile) -> dict[str, Any]:
     return row
 
 
+def warm_up() -> None:
+    """Import what parsing a batch needs (pyarrow imports pandas on first table build).
+
+    Called once per Dask worker when the cluster starts, so the import is start-up cost.
+    """
+    rows_to_table([])
+
+
 def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
     """Build an instances table (sorted by path) from catalogue rows."""
     ordered = sorted(rows, key=lambda r: r["path"])

@@ -203,8 +203,11 @@ def _instance_order(row: dict[str, Any]) -> tuple[int, str]:
 
 
 def _same(values: list[Any], tol: float) -> bool:
-    first = np.asarray(values[0], dtype=float)
-    return all(np.allclose(np.asarray(v, dtype=float), first, rtol=0, atol=tol) for v in values)
+    """Whether equal-length number lists all match the first within ``tol``."""
+    if len({len(v) for v in values}) > 1:
+        return False
+    array = np.asarray(values, dtype=float)
+    return bool(np.all(np.abs(array - array[0]) <= tol))
 
 
 def _image_geometry(
