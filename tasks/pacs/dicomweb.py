@@ -39,7 +39,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import OncoflowError
 from tasks.pacs.credentials import DicomwebCredentials, load_credentials
-from tasks.store import SiteStore
+from tasks.store import SiteStore, protocol_of
 
 log = logging.getLogger(__name__)
 
@@ -607,9 +607,15 @@ def commit_series(store: SiteStore, pulled: SeriesPull) -> str:
     final = series_prefix(pulled.study_key, pulled.series_key)
     fs = store.fs
     discard(store, final)
-    parent = store.path(final).rsplit("/", 1)[0]
+    src, dst = store.path(pulled.staging), store.path(final)
+    parent = dst.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    fs.mv(store.path(pulled.staging), store.path(final), recursive=True)
+    if protocol_of(fs) in ("file", "local"):
+        fs.mv(src, dst, recursive=True)  # one rename of the directory
+    else:
+        for path in sorted(fs.find(src)):
+            fs.mv(path, f"{dst}/{path[len(src) + 1 :]}")
+        discard(store, pulled.staging)
     fs.invalidate_cache(parent)
     return final
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import subprocess
@@ -51,8 +52,8 @@ SITE = "site-a"
 
 
 @pytest.fixture(scope="module")
-def dask_address(prefect_api: str) -> Iterator[str]:
-    """One Dask cluster for the module; workers inherit the test DICOMweb credentials."""
+def dask_address(prefect_api: str, s3_endpoint: str) -> Iterator[str]:
+    """One Dask cluster for the module; workers inherit the DICOMweb credentials and S3 endpoint."""
     from distributed import LocalCluster
 
     previous = {k: os.environ.get(k) for k in (ENV_USER, ENV_PASSWORD)}
@@ -175,6 +176,27 @@ def test_pull_everything_then_nothing_then_only_the_new_study(
     assert len(after) == len(before) + 4
     assert_study_in_raw(store, new)
     assert catalogued_series(store) == {**expected, new.series_uids[0]: 4}
+
+
+def test_pull_into_an_s3_store(orthanc: Orthanc, dask_address: str, s3_bucket: str) -> None:
+    study = make_ct_study("PAT-S3", n_series=2, seed=12)
+    orthanc.upload(list(study.files))
+    store_url = f"{s3_bucket}/store"
+    runtime = RuntimeOptions(dask_address=dask_address)
+    summary = pull_dicomweb(params(orthanc, store_url), runtime).to_dict()
+    assert summary["studies"] == {"found": 1, "pulled": 1, "skipped": 0, "failed": 0}
+    store = SiteStore(store_url, SITE)
+    store.fs.invalidate_cache()
+    keys = store.fs.find(store.path(RAW_DICOMWEB))
+    assert len(keys) == 6
+    pulled = {
+        str(pydicom.dcmread(io.BytesIO(store.fs.cat_file(k))).SOPInstanceUID): k for k in keys
+    }
+    assert set(pulled) == set(study.sop_uids)
+    for sop, key in pulled.items():
+        assert key.endswith(f"/{opaque_key(sop)}.dcm") and sop not in key
+    assert store.fs.find(store.path(RAW_STAGING_DICOMWEB)) == []
+    assert catalogued_series(store) == {uid: 3 for uid in study.series_uids}
 
 
 def test_orthanc_stopped_mid_pull_then_a_later_run_completes(

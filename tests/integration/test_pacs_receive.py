@@ -80,6 +80,16 @@ def write_files(study: SyntheticStudy, folder: Path) -> Path:
     return folder
 
 
+def wait_catalogue(
+    store: SiteStore, expected: dict[str, int], log: Path, proc: object, sender: str
+) -> None:
+    """Wait until the catalogue lists exactly ``expected``; on timeout show the receiver's log."""
+    try:
+        wait_for(lambda: catalogued_series(store) == expected, 300, f"catalogue ({sender})", proc)
+    except (TimeoutError, RuntimeError) as exc:
+        raise AssertionError(f"{exc}; receiver log:\n{log.read_text()[-4000:]}") from None
+
+
 def last_json(text: str) -> dict:
     start = text.rindex("\n{\n") + 1
     return json.loads(text[start : text.rindex("}") + 1])
@@ -153,7 +163,7 @@ def test_storescu_and_orthanc_cstore_reach_the_catalogue(
             )
             assert sent.returncode == 0, sent.stderr[-2000:]
             expected = {uid: 3 for uid in from_storescu.series_uids}
-            wait_for(lambda: catalogued_series(store) == expected, 120, "catalogue (storescu)")
+            wait_catalogue(store, expected, log, proc, "storescu")
 
             # 2. Orthanc sends a study with its C-STORE (the receiver is one of its modalities).
             orthanc.upload(list(from_orthanc.files))
@@ -173,7 +183,7 @@ def test_storescu_and_orthanc_cstore_reach_the_catalogue(
                 )
                 assert resp.status_code == 200, resp.text
             expected[from_orthanc.series_uids[0]] = 4
-            wait_for(lambda: catalogued_series(store) == expected, 120, "catalogue (Orthanc)")
+            wait_catalogue(store, expected, log, proc, "Orthanc")
         finally:
             stop(proc, timeout=60)
     output = log.read_text()
