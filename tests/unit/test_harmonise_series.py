@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +71,21 @@ def cases() -> dict[str, dict]:
     }
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The de-identified input store, written once per module (tests get a copy)."""
+    root = tmp_path_factory.mktemp("template")
+    return root, deid_store(SiteStore(str(root), "site-a"), cases())
+
+
+def copy_store(template: tuple[Path, dict[str, str]], target: Path) -> SiteStore:
+    shutil.copytree(template[0], target)
+    return SiteStore(str(target), "site-a")
+
+
 @pytest.fixture()
-def store(tmp_path: Path) -> tuple[SiteStore, dict[str, str]]:
-    site = SiteStore(str(tmp_path / "store"), "site-a")
-    return site, deid_store(site, cases())
+def store(template, tmp_path: Path) -> tuple[SiteStore, dict[str, str]]:
+    return copy_store(template, tmp_path / "store"), template[1]
 
 
 def run_all(store: SiteStore, config: HarmoniseConfig | None = None):
@@ -165,7 +177,7 @@ def test_outputs_provenance_and_quarantine(store) -> None:
     assert table.schema.field("size").type.value_type.bit_width == 64
 
 
-def test_rerun_writes_nothing_and_bytes_are_deterministic(store, tmp_path: Path) -> None:
+def test_rerun_writes_nothing_and_bytes_are_deterministic(store, template, tmp_path: Path) -> None:
     site, _ = store
     run_all(site)
     before = snapshot(Path(site.path("harmonised")))
@@ -173,8 +185,7 @@ def test_rerun_writes_nothing_and_bytes_are_deterministic(store, tmp_path: Path)
     assert all(not o.result.computed for o in outcomes.values() if o.result.status == Status.OK)
     assert snapshot(Path(site.path("harmonised"))) == before
     # A fresh store with the same input gives byte-identical outputs.
-    other = SiteStore(str(tmp_path / "other"), "site-a")
-    deid_store(other, cases())
+    other = copy_store(template, tmp_path / "other")
     run_all(other)
     again = {k: v[1] for k, v in snapshot(Path(other.path("harmonised"))).items()}
     assert again == {k: v[1] for k, v in before.items()}
@@ -334,3 +345,19 @@ def test_deleted_output_is_recomputed_and_stale_folders_removed(store) -> None:
     assert removed == 1
     names = sorted(p.name for p in Path(site.path("harmonised")).iterdir())
     assert names == sorted([keys["ct"], keys["pet"], "series.parquet"])
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gantry_tilt: sideways\n")
+    for args, needle in [
+        (["--store", str(tmp_path), "--config", str(bad)], "gantry_tilt"),
+        (["--store", str(tmp_path)], "run `oncoflow deidentify` first"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(["harmonise", "--site", "site-x", *args])
+        assert info.value.code == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
