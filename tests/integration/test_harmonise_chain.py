@@ -107,7 +107,7 @@ def test_every_image_series_against_truth(chain) -> None:
         np.testing.assert_allclose(
             corners(image.GetOrigin(), image.GetSpacing(), ours, image.GetSize()),
             corners(geometry.origin, geometry.spacing, truth_dir, geometry.size),
-            atol=1e-3,
+            atol=0.01,  # DS strings carry 4 decimals of spacing: 64 x 5e-5 mm
         )
         assert row["intensity"] == {"CT": "HU", "PT": "SUVbw", "MR": "MR-none"}[series.modality]
         checked["ok"] += 1
