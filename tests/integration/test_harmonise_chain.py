@@ -27,7 +27,8 @@ from tasks.records import Stage
 from tasks.store import SiteStore
 from tasks.synthetic.truth import CohortTruth
 
-pytestmark = pytest.mark.integration
+# Ingest + deidentify + harmonise of one synthetic site: minutes on a loaded 2-core machine.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SITE = "site-b"
 SECRET = "harmonise-chain-secret-0123456789-abcdefghijklmnopq"
