@@ -176,8 +176,12 @@ def copy_object(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
 
 
 def list_objects(fs: fsspec.AbstractFileSystem, prefix: str) -> dict[str, int]:
-    """Return ``{relative name: size}`` of every object under ``prefix`` (fresh listing)."""
-    fs.invalidate_cache(prefix)
+    """Return ``{relative name: size}`` of every object under ``prefix`` (fresh listing).
+
+    The whole listing cache is dropped first: s3fs keeps listings of sub-prefixes (and ETags)
+    that ``invalidate_cache(prefix)`` does not clear, and a stale ETag makes later reads fail.
+    """
+    fs.invalidate_cache()
     if not fs.exists(prefix):
         return {}
     found = fs.find(prefix, detail=True)
