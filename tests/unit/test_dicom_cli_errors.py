@@ -1,47 +1,54 @@
-"""Bad ingest input through the CLI: one line, non-zero exit, no traceback, nothing written."""
+"""Bad ingest input: one line, non-zero exit, no traceback, nothing written."""
 
 import subprocess
 import sys
 
 import pytest
 
+from flows.ingest import IngestParams, ingest_dicom
+from tasks.errors import OncoflowError
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "ingest", *args],
+
+@pytest.fixture()
+def tree(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.dcm").write_bytes(b"not dicom")
+    return tmp_path
+
+
+def test_cli_prints_one_line_for_a_missing_source(tree):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "ingest", str(tree / "missing"), "--site", "site-a",
+         "--store", str(tree / "store")],
         capture_output=True,
         text=True,
         timeout=120,
-    )
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: source not found: {tree / 'missing'}"]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tree / "store").exists()
 
 
 @pytest.mark.parametrize(
     ("source", "store", "needle"),
     [
-        ("{tmp}/missing", "{tmp}/store", "source not found"),
-        ("{tmp}/empty", "{tmp}/store", "source is empty"),
-        ("{tmp}/src", "nosuchproto://x/y", "unsupported URL"),
-        ("{tmp}/src", "{tmp}/src/a.dcm/store", "store unreachable"),
+        ("empty", "{tmp}/store", "source is empty"),
+        ("src", "nosuchproto://x/y", "unsupported URL"),
+        ("src", "{tmp}/src/a.dcm/store", "store unreachable"),
     ],
 )
-def test_bad_source_or_store(tmp_path, source, store, needle):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "a.dcm").write_bytes(b"not dicom")
-    proc = _cli(
-        source.format(tmp=tmp_path), "--site", "site-a", "--store", store.format(tmp=tmp_path)
-    )
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ") and needle in lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert not (tmp_path / "store").exists()
-    assert (tmp_path / "src" / "a.dcm").read_bytes() == b"not dicom"
+def test_unusable_source_or_store_is_a_one_line_error(tree, source, store, needle):
+    params = IngestParams(source=str(tree / source), site="site-a", store=store.format(tmp=tree))
+    with pytest.raises(OncoflowError, match=needle) as info:
+        ingest_dicom(params)  # checked before any Prefect server or flow starts
+    assert "\n" not in str(info.value)
+    assert not (tree / "store").exists()
+    assert (tree / "src" / "a.dcm").read_bytes() == b"not dicom"
 
 
-def test_bad_option(tmp_path):
-    proc = _cli(str(tmp_path), "--site", "site-a", "--store", str(tmp_path), "--workers", "0")
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--workers" in lines[0]
+def test_bad_site_code_is_an_oncoflow_error(tree):
+    with pytest.raises(OncoflowError, match="invalid site code"):
+        IngestParams(source=str(tree / "src"), site="Site A", store=str(tree / "store"))
