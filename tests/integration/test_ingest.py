@@ -6,6 +6,7 @@ import hashlib
 import math
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from flows.ingest import IngestParams, ingest_dicom
-from flows.runtime import RuntimeOptions
+from flows.runtime import RuntimeOptions, dask_cluster
 from tasks.dicom.catalog import connect_catalog
 from tasks.records import StageSummary
 from tasks.store import SiteStore
@@ -50,6 +51,7 @@ class Ingested:
     summary: StageSummary
     hashes: dict[str, str]
     tables: dict[str, tuple[bytes, int]]
+    one_worker: SiteStore
 
 
 def run(source: Path, store: SiteStore, workers: int = 2, batch_size: int = 40) -> StageSummary:
@@ -60,15 +62,19 @@ def run(source: Path, store: SiteStore, workers: int = 2, batch_size: int = 40) 
 
 
 @pytest.fixture(scope="module")
-def ingested(tmp_path_factory, synth_cohort, prefect_api) -> Ingested:
+def ingested(tmp_path_factory, synth_cohort, prefect_api) -> Iterator[Ingested]:
     root = tmp_path_factory.mktemp("ingest")
     source = root / "source"
     shutil.copytree(synth_cohort / SITE, source)
     hashes = tree_hashes(source)
     truth = CohortTruth.load(synth_cohort / "truth.json").site(SITE)
+    # one worker, one batch, its own cluster; then every other run shares one 2-worker cluster
+    one_worker = SiteStore(str(root / "one-worker"), SITE)
+    assert run(source, one_worker, workers=1, batch_size=1000).extra["batches"] == 1
     store = SiteStore(str(root / "store"), SITE)
-    summary = run(source, store)
-    return Ingested(source, store, truth, summary, hashes, table_state(store))
+    with dask_cluster(RuntimeOptions(workers=2)):
+        summary = run(source, store)
+        yield Ingested(source, store, truth, summary, hashes, table_state(store), one_worker)
 
 
 def test_summary_counts_match_truth(ingested):
@@ -143,12 +149,9 @@ def test_duckdb_views_answer_queries(ingested):
     con.close()
 
 
-def test_other_worker_count_and_batch_size_give_identical_tables(ingested, tmp_path):
-    other = SiteStore(str(tmp_path / "store"), SITE)
-    summary = run(ingested.source, other, workers=1, batch_size=1000)
-    assert summary.extra["batches"] == 1
+def test_other_worker_count_and_batch_size_give_identical_tables(ingested):
     for key in TABLES:
-        assert other.read_bytes(key) == ingested.tables[key][0], key
+        assert ingested.one_worker.read_bytes(key) == ingested.tables[key][0], key
 
 
 def test_rerun_parses_nothing_and_writes_nothing(ingested):
