@@ -136,7 +136,11 @@ def test_publish_verify_republish_tamper(site_store, s3_bucket: str, s3_endpoint
     assert report.problems[0] == f"v1/{name}: checksum mismatch"
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "verify", result.url],
-        capture_output=True, text=True, cwd=REPO, env=os.environ.copy(), timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=os.environ.copy(),
+        timeout=120,
     )
     assert proc.returncode != 0
     assert f"v1/{name}: checksum mismatch" in proc.stderr
@@ -210,7 +214,10 @@ def test_killed_publish_is_resumed_or_cleaned(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, str(script), site_store.url, to, PARAMS_HASH],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     fs = plain_fs(s3_endpoint)
     prefix = f"{to.removeprefix('s3://')}/lung"

@@ -41,11 +41,20 @@ def manifest_for(selection, version=3):
     files = {f.name: (f.sha256, 100 + i) for i, f in enumerate(selection.files)}
     files["series.parquet"] = ("1" * 64, 10)
     files["features.parquet"] = ("2" * 64, 20)
-    schemas = {"series.parquet": selection.series.schema,
-               "features.parquet": selection.features.schema}
+    schemas = {
+        "series.parquet": selection.series.schema,
+        "features.parquet": selection.features.schema,
+    }
     digest = content_hash(desc, {k: v[0] for k, v in files.items()})
-    return desc, build_manifest(desc, version=version, date_published="2026-01-02", files=files,
-                                schemas=schemas, digest=digest, url="s3://b/lung/v3")
+    return desc, build_manifest(
+        desc,
+        version=version,
+        date_published="2026-01-02",
+        files=files,
+        schemas=schemas,
+        digest=digest,
+        url="s3://b/lung/v3",
+    )
 
 
 def test_mlcroissant_validates_the_manifest(selection) -> None:

@@ -28,8 +28,9 @@ FAST = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01, seed=1)
 
 
 def publish(store, to, spec=SPEC, **kw):
-    return publish_cohort(store, parse_spec(spec), to, policy=FAST, date_published="2026-01-02",
-                          **kw)
+    return publish_cohort(
+        store, parse_spec(spec), to, policy=FAST, date_published="2026-01-02", **kw
+    )
 
 
 def tree(root: Path) -> list[str]:
@@ -154,8 +155,9 @@ def test_leak_gate_finds_a_catalogue_identifier_in_a_published_table(tmp_path: P
     table = store.read_table("harmonised/series.parquet")
     makers = table.column("manufacturer").to_pylist()
     makers[1] = f"ACME for {mrn('site-a', 1)}"
-    table = table.set_column(table.column_names.index("manufacturer"), "manufacturer",
-                             pa.array(makers))
+    table = table.set_column(
+        table.column_names.index("manufacturer"), "manufacturer", pa.array(makers)
+    )
     store.write_table("harmonised/series.parquet", table)
     out = tmp_path / "pub"
     with pytest.raises(OncoflowError) as err:
@@ -170,8 +172,7 @@ def test_identifier_shaped_keys_are_refused(tmp_path: Path) -> None:
     table = store.read_table("harmonised/series.parquet")
     patients = table.column("patient").to_pylist()
     patients[0] = "Doe^John"
-    table = table.set_column(table.column_names.index("patient"), "patient",
-                             pa.array(patients))
+    table = table.set_column(table.column_names.index("patient"), "patient", pa.array(patients))
     store.write_table("harmonised/series.parquet", table)
     with pytest.raises(OncoflowError, match="not a pseudonymous key"):
         publish(store, str(tmp_path / "pub"))
