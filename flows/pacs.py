@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
 from pydantic import BaseModel, Field, field_validator
 
@@ -412,7 +413,7 @@ def run_receiver(
             IngestParams(source=site_store.uri(PACS_ZONE), site=site, store=store), runtime=runtime
         )
         receiver_log.info(
-            "ingested after %d studies arrived: %s", len(studies), json.dumps(summary.counts)
+            "ingest after %d new studies: files %s", len(studies), json.dumps(summary.counts)
         )
 
     receiver = StorageReceiver(
@@ -428,9 +429,14 @@ def run_receiver(
         receiver.start()
         previous = signal.signal(signal.SIGTERM, lambda *_: receiver.stop())
         try:
+            if ingest and site_store.exists(PACS_ZONE):
+                ingest_batch([])  # catch up with studies landed before a restart
             receiver.run()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, TerminationSignal):
+            # Stopped during an ingest (Prefect turns SIGTERM into TerminationSignal while a
+            # flow runs): land the pending studies; the next start ingests them.
             receiver.stop()
+            receiver.on_batch = None
             receiver.commit_due(force=True)
         finally:
             signal.signal(signal.SIGTERM, previous)

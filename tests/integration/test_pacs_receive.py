@@ -185,7 +185,7 @@ def test_storescu_and_orthanc_cstore_reach_the_catalogue(
             expected[from_orthanc.series_uids[0]] = 4
             wait_catalogue(store, expected, log, proc, "Orthanc")
         finally:
-            stop(proc, timeout=60)
+            stop(proc, timeout=300)
     output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
     stats = last_json(output)
