@@ -20,16 +20,23 @@ group (no source application entity or private meta information).
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import re
+import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cache, lru_cache
 
 from pydicom import config as pydicom_config
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -59,6 +66,9 @@ STANDARD_SCHEMES = frozenset(
 CODE_KEYWORDS = frozenset({"CodeValue", "CodeMeaning", "LongCodeValue", "URNCodeValue"})
 #: Text VRs of kept elements that are still checked for the patient's identifier words.
 _KEPT_TEXT_VRS = frozenset({"LO", "SH", "CS", "UC"})
+_CLEANABLE_VRS = frozenset({"LO", "SH", "UC", "LT", "ST", "UT", "CS"})
+_REPLACING = frozenset({Action.EMPTY, Action.DUMMY, Action.PSEUDONYM, Action.REPLACE})
+_SAFE_PRIVATE_VRS = NUMERIC_VRS - {"OB", "OW", "OD", "OF", "OL", "OV", "AT"}
 _WORD = re.compile(r"[A-Za-z0-9]+")
 #: VRs whose dummy value is text.
 _DUMMY_TEXT = {"PN": "ANONYMOUS", "AE": "ANONYMOUS", "CS": "ANONYMIZED", "AS": "000Y"}
@@ -123,6 +133,7 @@ class DeidContext:
             (t.creator.strip().upper(), t.group, t.element) for t in self.options.safe_private
         }
         self._uid_cache: dict[str, str] = {}
+        self.action_cache: dict[tuple[int, str], Action] = {}
 
     def remap(self, uid: str) -> str:
         """Remap one UID (well-known class and syntax UIDs are kept)."""
@@ -138,6 +149,30 @@ class DeidContext:
     def is_safe_private(self, creator: str, group: int, element: int) -> bool:
         """Whether a private element is on the allow-list."""
         return (creator.strip().upper(), group, element & 0xFF) in self._safe_private
+
+
+def vr_of(ds: Dataset, tag: BaseTag) -> str:
+    """Return the VR of an element without converting its value.
+
+    Raw implicit-VR elements carry no VR and explicit ``UN`` may hide a known attribute: both
+    take the dictionary VR (ambiguous ones such as ``US or SS`` stay as written there).
+    """
+    return _vr(tag, ds.get_item(tag))
+
+
+def _vr(tag: BaseTag, raw: object) -> str:
+    vr = getattr(raw, "VR", None)
+    if vr and vr != "UN":
+        return vr
+    return _dictionary_vr(int(tag)) or vr or "UN"
+
+
+@cache
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return ""
 
 
 def _values(elem: DataElement) -> list:
@@ -158,48 +193,42 @@ def _set_values(elem: DataElement, values: list) -> None:
         elem.value = values
 
 
-def collect_forbidden_tokens(ds: Dataset, extra: tuple[str, ...] = ()) -> frozenset[str]:
-    """Return the identifier words of a dataset: every person name, and identifier attributes.
-
-    Words of identifier attributes that are imaging vocabulary are not included (so an
-    institution called "Chest Clinic" does not empty every "CHEST" descriptor); person-name
-    words always are.
-    """
-    names: list[str] = [str(v) for v in extra]
-    others: list[str] = []
-
-    def visit(dataset: Dataset) -> None:
-        for elem in dataset:
-            if elem.VR == "SQ":
-                for item in elem.value or []:
-                    visit(item)
-            elif elem.VR == "PN":
-                names.extend(str(v) for v in _values(elem))
-            elif elem.VR in ("DA", "DT"):
-                others.extend(str(v)[:8] for v in _values(elem))
-            elif elem.keyword in IDENTIFIER_KEYWORDS:
-                others.extend(str(v) for v in _values(elem))
-
-    visit(ds)
+@lru_cache(maxsize=64)
+def _forbidden(names: tuple[str, ...], others: tuple[str, ...]) -> frozenset[str]:
+    """Return the identifier words of names and other identifiers (a series repeats them)."""
     other_tokens = {t for t in identifier_tokens(others) if t not in VOCABULARY}
     return identifier_tokens(names) | frozenset(other_tokens)
 
 
 class _Walker:
-    def __init__(self, ctx: DeidContext, forbidden: frozenset[str]) -> None:
+    """One pass over a dataset and its items, then :meth:`finish` for deferred text.
+
+    Text whose cleaning depends on the patient's identifier words is collected during the pass
+    and cleaned in :meth:`finish`, once every name in the dataset is known.
+    """
+
+    def __init__(self, ctx: DeidContext) -> None:
         self.ctx = ctx
-        self.forbidden = forbidden
         self.audit = ctx.audit
+        self.forbidden: frozenset[str] = frozenset()
+        self.names: list[str] = [str(v) for v in ctx.extra_identifiers]
+        self.others: list[str] = []
+        self.deferred: list[tuple[Dataset, BaseTag, str, Action]] = []
+        self._actions = ctx.action_cache
 
     def note(self, attribute: str, action: Action | str) -> None:
-        self.audit[(attribute, str(action))] += 1
+        self.audit[(attribute, action.value if isinstance(action, Action) else action)] += 1
 
     def walk(self, ds: Dataset) -> None:
+        """Apply the profile to every element of ``ds`` and of its sequence items.
+
+        Elements are converted from their raw encoding only when their value is needed, so
+        kept numeric and binary elements (pixel data included) are written back untouched.
+        """
         done: set[int] = set()
         private_seen = False
-        for elem in list(ds):
-            tag = elem.tag
-            if int(tag) in done:
+        for tag, raw in list(ds.items()):
+            if done and int(tag) in done:
                 continue
             group = tag.group
             if tag.element == 0 or group in (0x0000, 0x0002):
@@ -211,32 +240,29 @@ class _Walker:
                 continue
             if tag.is_private:
                 private_seen = True
-                self.private(ds, elem)
+                self.private(ds, tag)
                 continue
             if (0x6000 <= group <= 0x60FF or 0x5000 <= group <= 0x50FF) and group % 2 == 0:
                 del ds[tag]
                 self.note("Overlay" if group >= 0x6000 else "Curve", Action.REMOVE)
                 continue
-            self.public(ds, elem, done)
+            self.public(ds, tag, _vr(tag, raw), done)
         if private_seen:
             self.drop_empty_creators(ds)
 
     # -- private elements ------------------------------------------------------------------
-    def private(self, ds: Dataset, elem: DataElement) -> None:
-        tag = elem.tag
+    def private(self, ds: Dataset, tag: BaseTag) -> None:
         label = f"({tag.group:04X},xxxx)"
         if tag.is_private_creator:
             return  # decided in drop_empty_creators
-        creator_elem = ds.get((tag.group, tag.element >> 8)) if tag.element >= 0x1000 else None
-        creator = str(creator_elem.value) if creator_elem is not None else ""
-        if (
-            creator
-            and self.ctx.is_safe_private(creator, tag.group, tag.element)
-            and elem.VR in NUMERIC_VRS - {"OB", "OW", "OD", "OF", "OL", "OV", "AT"}
-            and _numeric(elem)
-        ):
-            self.note(label, Action.KEEP)
-            return
+        creator_tag = Tag(tag.group, tag.element >> 8)
+        if tag.element >= 0x1000 and creator_tag in ds:
+            creator = str(ds[creator_tag].value)
+            if self.ctx.is_safe_private(creator, tag.group, tag.element):
+                elem = ds[tag]
+                if elem.VR in _SAFE_PRIVATE_VRS and _numeric(elem):
+                    self.note(label, Action.KEEP)
+                    return
         del ds[tag]
         self.note(label, Action.REMOVE)
 
@@ -249,117 +275,155 @@ class _Walker:
                 self.note(f"({tag.group:04X},xxxx)", Action.REMOVE)
 
     # -- public elements -------------------------------------------------------------------
-    def public(self, ds: Dataset, elem: DataElement, done: set[int]) -> None:
-        tag = elem.tag
+    def public(self, ds: Dataset, tag: BaseTag, vr: str, done: set[int]) -> None:
         keyword = keyword_of(int(tag))
-        vr = elem.VR
-        if (
-            keyword in CODE_KEYWORDS
-            and str(ds.get("CodingSchemeDesignator", "")) in STANDARD_SCHEMES
-        ):
+        scheme = str(ds.get("CodingSchemeDesignator", "")) if keyword in CODE_KEYWORDS else ""
+        if scheme in STANDARD_SCHEMES:
             action = Action.KEEP
         elif keyword == "TextValue":
             action = Action.CLEAN  # Clean Structured Content: SR text items keep vocabulary only
         else:
-            action = resolve(tag, vr, self.ctx.options)
+            key = (int(tag), vr)
+            action = self._actions.get(key)
+            if action is None:
+                action = self._actions[key] = resolve(tag, vr, self.ctx.options)
+        if vr == "PN":
+            self.names.extend(str(v) for v in _values(ds[tag]))
+        elif vr in ("DA", "DT"):
+            self.others.extend(v[:8] for v in ascii_values(ds, tag))
+        elif keyword in IDENTIFIER_KEYWORDS:
+            self.others.extend(str(v) for v in _values(ds[tag]))
         if action is Action.KEEP:
-            if vr in _KEPT_TEXT_VRS and self.forbidden and self.has_forbidden(elem):
-                cleaned = [clean_descriptor(str(v), self.forbidden) for v in _values(elem)]
-                _set_values(elem, [c for c in cleaned if c])
-                action = Action.CLEAN
-        elif action is Action.REMOVE:
+            if vr in _KEPT_TEXT_VRS:
+                self.deferred.append((ds, tag, keyword, action))
+            else:
+                self.note(keyword, action)
+            return
+        if action is Action.REMOVE:
             del ds[tag]
-        elif action is Action.EMPTY:
-            elem.value = elem.empty_value
-        elif action is Action.DUMMY:
-            if vr == "SQ":
-                self.recurse(elem)
+            self.note(keyword, action)
+            return
+        if action in _REPLACING:
+            value = {
+                Action.EMPTY: None,
+                Action.PSEUDONYM: self.ctx.patient,
+                Action.REPLACE: self.ctx.keys.site,
+            }.get(action, _dummy(vr))
+            if action is Action.DUMMY and vr == "SQ":
+                self.recurse(ds[tag])
             else:
-                elem.value = _dummy(vr)
-        elif action is Action.PSEUDONYM:
-            elem.value = self.ctx.patient
-        elif action is Action.REPLACE:
-            elem.value = self.ctx.keys.site
-        elif action is Action.REMAP_UID:
-            if vr == "SQ":
-                self.recurse(elem)
-            else:
-                _set_values(elem, [self.ctx.remap(v) for v in _values(elem)])
-        elif action is Action.RECURSE:
-            if vr == "SQ":
-                self.recurse(elem)
-            else:  # a non-sequence where the table expects one: fail closed
-                del ds[tag]
-                action = Action.REMOVE
-        elif action is Action.CLEAN:
-            if vr in ("LO", "SH", "UC", "LT", "ST", "UT", "CS"):
-                cleaned = [clean_descriptor(str(v), self.forbidden) for v in _values(elem)]
-                _set_values(elem, [c for c in cleaned if c])
-            elif vr == "SQ":
-                self.recurse(elem)
-            else:
-                del ds[tag]
-                action = Action.REMOVE
+                ds[tag] = _element(tag, vr, value)
+        elif action is Action.REMAP_UID and vr != "SQ":
+            _replace(ds, tag, "UI", [self.ctx.remap(v) for v in ascii_values(ds, tag)])
         elif action is Action.SHIFT:
-            action = self.shift(ds, elem, keyword, done)
+            action = self.shift(ds, tag, vr, keyword, done)
+        else:
+            elem = ds[tag]  # the value is needed from here on
+            vr = elem.VR
+            if vr == "SQ" and action in (Action.RECURSE, Action.CLEAN, Action.REMAP_UID):
+                self.recurse(elem)
+            elif action is Action.CLEAN and vr in _CLEANABLE_VRS:
+                self.deferred.append((ds, tag, keyword, action))
+                return
+            else:  # a value where the table expects something else: fail closed
+                del ds[tag]
+                action = Action.REMOVE
         self.note(keyword, action)
 
-    def has_forbidden(self, elem: DataElement) -> bool:
-        """Whether a kept text value contains an identifier word of the patient."""
-        return any(
-            w.lower() in self.forbidden for v in _values(elem) for w in _WORD.findall(str(v))
-        )
+    def finish(self) -> None:
+        """Clean the deferred text elements now that every identifier word is known."""
+        self.forbidden = _forbidden(tuple(self.names), tuple(self.others))
+        for ds, tag, keyword, action in self.deferred:
+            if action is Action.KEEP and not self.has_forbidden(ds, tag):
+                self.note(keyword, action)
+                continue
+            elem = ds[tag]
+            cleaned = [clean_descriptor(str(v), self.forbidden) for v in _values(elem)]
+            _set_values(elem, [c for c in cleaned if c])
+            self.note(keyword, Action.CLEAN)
+        self.deferred.clear()
+
+    def has_forbidden(self, ds: Dataset, tag: BaseTag) -> bool:
+        """Whether a kept text value contains an identifier word (raw bytes read directly)."""
+        if not self.forbidden:
+            return False
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement):
+            text = raw.value.decode("latin-1") if raw.value else ""
+        else:
+            text = "\\".join(str(v) for v in _values(raw))
+        return any(w.lower() in self.forbidden for w in _WORD.findall(text))
 
     def recurse(self, elem: DataElement) -> None:
         for item in elem.value or []:
             self.walk(item)
 
-    def shift(self, ds: Dataset, elem: DataElement, keyword: str, done: set[int]) -> Action:
+    def shift(self, ds: Dataset, tag: BaseTag, vr: str, keyword: str, done: set[int]) -> Action:
         shift = self.ctx.shift
-        values = [str(v) for v in _values(elem)]
+        values = ascii_values(ds, tag)
         if not values:
             return Action.SHIFT
-        vr = elem.VR
-        partner = _time_partner(ds, elem, keyword) if vr == "DA" and len(values) == 1 else None
+        partner = _time_partner(ds, tag, keyword) if vr == "DA" and len(values) == 1 else None
         if partner is not None:
-            new_date, new_time = shift.shift_pair(values[0], str(partner.value))
-            done.add(int(partner.tag))
-            self.note(keyword_of(int(partner.tag)), Action.SHIFT if new_time else Action.REMOVE)
-            if new_time is None:
-                del ds[partner.tag]
-            else:
-                partner.value = new_time
-            if new_date is None:
-                del ds[elem.tag]
-                return Action.REMOVE
-            elem.value = new_date
-            return Action.SHIFT
+            times = ascii_values(ds, partner)
+            new_date, new_time = shift.shift_pair(values[0], times[0])
+            done.add(int(partner))
+            self.note(keyword_of(int(partner)), Action.SHIFT if new_time else Action.REMOVE)
+            _replace(ds, partner, "TM", [new_time] if new_time else None)
+            _replace(ds, tag, "DA", [new_date] if new_date else None)
+            return Action.SHIFT if new_date else Action.REMOVE
         if vr == "DA":
             shifted = [shift.shift_date(v) for v in values]
         elif vr == "TM":
             shifted = [shift.shift_time(v) for v in values]
         else:
             shifted = [shift.shift_datetime(v) for v in values]
-        if any(s is None for s in shifted):
-            del ds[elem.tag]
+        if any(v is None for v in shifted):
+            del ds[tag]
             return Action.REMOVE
-        _set_values(elem, shifted)
+        _replace(ds, tag, vr, shifted)
         return Action.SHIFT
 
 
-def _time_partner(ds: Dataset, elem: DataElement, keyword: str) -> DataElement | None:
-    """Return the single-valued TM element paired with a ``...Date`` element, if not visited."""
+def _time_partner(ds: Dataset, tag: BaseTag, keyword: str) -> BaseTag | None:
+    """Return the tag of the single-valued TM paired with a ``...Date`` element, if not visited."""
     if not keyword.endswith("Date"):
         return None
-    partner_keyword = keyword[:-4] + "Time"
-    if partner_keyword not in ds:
+    partner = tag_for_keyword(keyword[:-4] + "Time")
+    if partner is None or partner <= int(tag) or partner not in ds:
         return None
-    partner = ds.data_element(partner_keyword)
-    if partner is None or partner.VR != "TM" or int(partner.tag) < int(elem.tag):
+    partner_tag = Tag(partner)
+    if vr_of(ds, partner_tag) != "TM" or len(ascii_values(ds, partner_tag)) != 1:
         return None
-    if len(_values(partner)) != 1:
-        return None
-    return partner
+    return partner_tag
+
+
+def ascii_values(ds: Dataset, tag: BaseTag) -> list[str]:
+    """Return the values of a UI, DA, TM or DT element, decoding raw bytes directly.
+
+    These VRs are ASCII by definition, so pydicom's value conversion (character sets,
+    validation) is skipped for speed; an already converted element is read as is.
+    """
+    raw = ds.get_item(tag)
+    if isinstance(raw, RawDataElement):
+        if not raw.value:
+            return []
+        text = raw.value.decode("ascii", "replace")
+        return [v.strip("\x00 ") for v in text.split("\\") if v.strip("\x00 ")]
+    return [str(v) for v in _values(raw)]
+
+
+def _element(tag: BaseTag, vr: str, value: object) -> DataElement:
+    vr = vr.split(" or ")[0]
+    return DataElement(tag, vr, empty_value_for_VR(vr) if value is None else value)
+
+
+def _replace(ds: Dataset, tag: BaseTag, vr: str, values: list | None) -> None:
+    """Put a new element with ``values`` (None or empty: zero length) in place of ``tag``."""
+    if not values:
+        ds[tag] = _element(tag, vr, None)
+    else:
+        ds[tag] = _element(tag, vr, values[0] if len(values) == 1 else values)
 
 
 def _numeric(elem: DataElement) -> bool:
@@ -385,15 +449,21 @@ def _dummy(vr: str) -> object:
     return None
 
 
-def _method_sequence(codes: list[str]) -> Sequence:
+@cache
+def _method_items(codes: tuple[str, ...]) -> tuple[Dataset, ...]:
+    """Code items of De-identification Method Code Sequence (built once, shared read-only)."""
     items = []
     for code in codes:
         item = Dataset()
-        item.CodeValue = code
-        item.CodingSchemeDesignator = "DCM"
-        item.CodeMeaning = METHOD_CODES[code]
+        item.add(DataElement(0x00080100, "SH", code))
+        item.add(DataElement(0x00080102, "SH", "DCM"))
+        item.add(DataElement(0x00080104, "LO", METHOD_CODES[code]))
         items.append(item)
-    return Sequence(items)
+    return tuple(items)
+
+
+def _method_sequence(codes: list[str]) -> Sequence:
+    return Sequence(list(_method_items(tuple(codes))))
 
 
 def deidentify_dataset(ds: Dataset, ctx: DeidContext) -> Dataset:
@@ -412,9 +482,10 @@ def deidentify_dataset(ds: Dataset, ctx: DeidContext) -> Dataset:
     Dataset
         The same dataset, de-identified.
     """
-    forbidden = collect_forbidden_tokens(ds, ctx.extra_identifiers)
     source_syntax = _transfer_syntax(ds)
-    _Walker(ctx, forbidden).walk(ds)
+    walker = _Walker(ctx)
+    walker.walk(ds)
+    walker.finish()
     ds.PatientID = ctx.patient
     ds.PatientName = ctx.patient
     ds.PatientIdentityRemoved = "YES"
@@ -445,6 +516,25 @@ def _transfer_syntax(ds: Dataset) -> UID:
     if little is False:
         return ExplicitVRBigEndian
     return ExplicitVRLittleEndian
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's value validation, warnings and log records while de-identifying.
+
+    pydicom's messages quote header values (names, UIDs), which must not reach a terminal, a
+    worker log or the Prefect API; validation is also skipped for speed (values written by
+    the profile are valid by construction, the rest is copied as it came).
+    """
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings(), pydicom_config.disable_value_validation():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def encode_dataset(ds: Dataset) -> bytes:

@@ -21,7 +21,6 @@ import gzip
 import io
 import json
 import re
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID_dictionary as WELL_KNOWN_UIDS
 
-from tasks.deid.dataset import STANDARD_SCHEMES
+from tasks.deid.dataset import STANDARD_SCHEMES, quiet_pydicom
 from tasks.deid.descriptors import VOCABULARY
 from tasks.deid.profile import (
     CLASS_UID_KEYWORDS,
@@ -211,8 +210,7 @@ def catalogue_identifiers(store: SiteStore) -> list[str]:
 
 def _header_bytes(data: bytes) -> bytes:
     """Return the bytes before the pixel data (preamble and header): where text lives."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_pydicom():
         buffer = io.BytesIO(data)
         try:
             dcmread(buffer, stop_before_pixels=True, force=True)
@@ -302,20 +300,26 @@ def _safe_private(ds: Dataset, tag) -> bool:
 
 def scan_dicom(data: bytes, matcher: IdentifierMatcher) -> list[tuple[str, str]]:
     """Scan one DICOM file; return (attribute, kind) pairs."""
+    with quiet_pydicom():
+        return _scan_dicom(data, matcher)
+
+
+def _scan_dicom(data: bytes, matcher: IdentifierMatcher) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ds = dcmread(io.BytesIO(data), force=True)
-            _ = list(ds)  # parse every element now
-        except Exception:
-            return [("file", "unreadable")]
+    try:
+        ds = dcmread(io.BytesIO(data), force=True)
+        _ = list(ds)  # parse every element now
+    except Exception:
+        return [("file", "unreadable")]
     if data[:128].strip(b"\x00"):
         out.append(("preamble", "preamble"))
     for elem in getattr(ds, "file_meta", Dataset()):
         if elem.VR in ("LO", "SH", "AE", "UT", "ST") and matcher.found(str(elem.value)):
             out.append((f"file_meta.{elem.keyword}", "identifier"))
-    _scan_dataset(ds, matcher, "", out, True)
+    try:
+        _scan_dataset(ds, matcher, "", out, True)
+    except Exception:
+        out.append(("file", "unreadable"))
     if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
         out.append(("PatientIdentityRemoved", "identity-not-removed"))
     parsed_hit = any(kind == "identifier" for _, kind in out)
@@ -448,8 +452,7 @@ def _is_dicom(name: str, data: bytes) -> bool:
         return True
     if "." not in name.rsplit("/", 1)[-1]:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet_pydicom():
                 dcmread(io.BytesIO(data), stop_before_pixels=True)
             return True
         except (InvalidDicomError, Exception):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date
@@ -23,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tasks.deid.dataset import DeidContext, deidentify_dataset, encode_dataset
+from tasks.deid.dataset import DeidContext, deidentify_dataset, encode_dataset, quiet_pydicom
 from tasks.deid.pixels import blank_rectangles, burned_in_risk, matching_rule
 from tasks.deid.profile import DeidOptions
 from tasks.deid.pseudonyms import SiteKeys
@@ -31,8 +30,6 @@ from tasks.deid.secret import load_site_secret
 from tasks.records import Reason, Status, UnitResult
 from tasks.store import DEID_DICOM, SiteStore, open_url
 
-#: Series kinds whose instances reference other series (reported in ``referenced_series``).
-REFERENCE_KEYWORDS = ("ReferencedSeriesSequence", "RTReferencedSeriesSequence")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 
@@ -102,21 +99,15 @@ def _age(birth: str, study: str) -> str:
 
 
 def _referenced_series(ds: Dataset, own: str) -> set[str]:
+    """Series UIDs a SEG (ReferencedSeriesSequence) or RTSTRUCT (nested RT references) points at."""
     found: set[str] = set()
-
-    def visit(dataset: Dataset) -> None:
-        for elem in dataset:
-            if elem.VR != "SQ":
-                continue
-            for item in elem.value or []:
-                if elem.keyword in REFERENCE_KEYWORDS and "SeriesInstanceUID" in item:
-                    uid = str(item.SeriesInstanceUID)
-                    if uid and uid != own:
-                        found.add(uid)
-                visit(item)
-
-    visit(ds)
-    return found
+    for item in ds.get("ReferencedSeriesSequence", None) or []:
+        found.add(str(item.get("SeriesInstanceUID", "") or ""))
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", None) or []:
+        for study in frame.get("RTReferencedStudySequence", None) or []:
+            for series in study.get("RTReferencedSeriesSequence", None) or []:
+                found.add(str(series.get("SeriesInstanceUID", "") or ""))
+    return found - {"", own}
 
 
 def _first_text(ds: Dataset, *keywords: str) -> str:
@@ -157,8 +148,7 @@ def deidentify_instance(data: bytes, ctx: DeidContext) -> InstanceOutcome:
     """
     stage = "read"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_pydicom():
             try:
                 ds = dcmread(io.BytesIO(data), force=True)
                 _ = ds.get("SOPInstanceUID")

@@ -340,11 +340,8 @@ def test_flow_on_s3_store_gives_the_same_bytes(run, s3_bucket):
     remote = SiteStore(s3_bucket, SITE)
     for key in ("catalog/series.parquet", "catalog/instances.parquet"):
         remote.write_bytes(key, local.read_bytes(key))
-    os.environ["ONCOFLOW_SITE_SECRET"] = SECRET
-    try:
-        summary = deidentify(build_params(SITE, s3_bucket), RuntimeOptions(workers=2))
-    finally:
-        os.environ.pop("ONCOFLOW_SITE_SECRET", None)
+    assert os.environ["ONCOFLOW_SITE_SECRET"] == SECRET  # set by the module fixture
+    summary = deidentify(build_params(SITE, s3_bucket), RuntimeOptions(workers=2))
     assert summary.counts == run["first"].counts
     assert _files(remote, "deid") == run["files"]
     assert scan_phi(remote.uri("deid"), catalogue_identifiers(remote)) == []
