@@ -6,7 +6,8 @@ the files with `deployments/automations/apply.py` (twice: the second run updates
 back through the API, then
 * emits the `oncoflow.cohort.published` event exactly as the publish flow does, and
 * runs `oncoflow run` on a missing source, a real failed `site-pipeline` flow run,
-and waits for both automations to call the endpoint.
+and waits for both automations to call the endpoint. (The third automation, marking runs
+whose heartbeats stop Crashed, is only read back: it needs 30 s heartbeats and a 90 s window.)
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ def test_automations_apply_and_fire(tmp_path: Path) -> None:
 
             first = _apply(env)
             second = _apply(env)
-            assert sorted(line.split()[0] for line in first) == ["created"] * 2
-            assert sorted(line.split()[0] for line in second) == ["updated"] * 2
+            assert sorted(line.split()[0] for line in first) == ["created"] * 3
+            assert sorted(line.split()[0] for line in second) == ["updated"] * 3
             assert [line.split()[2] for line in first] == [line.split()[2] for line in second]
 
             with (
@@ -131,6 +132,7 @@ def test_automations_apply_and_fire(tmp_path: Path) -> None:
                 automations = {a.name: a for a in client.read_automations()}
             assert sorted(automations) == [
                 "oncoflow-cohort-published-notify-hub",
+                "oncoflow-mark-silent-runs-crashed",
                 "oncoflow-site-pipeline-failed-notify-operators",
             ]
             published = automations["oncoflow-cohort-published-notify-hub"]
@@ -142,6 +144,12 @@ def test_automations_apply_and_fire(tmp_path: Path) -> None:
             assert failed.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
             assert failed.actions[0].type == "send-notification"
             assert failed.actions[0].block_document_id == ops_id
+            silent = automations["oncoflow-mark-silent-runs-crashed"]
+            assert silent.trigger.posture == "Proactive"
+            assert silent.trigger.after == {"prefect.flow-run.heartbeat"}
+            assert silent.trigger.within.total_seconds() == 90
+            assert silent.actions[0].type == "change-flow-run-state"
+            assert silent.actions[0].state == "CRASHED"
 
             # a real failed site-pipeline run (missing source; no Dask cluster is started)
             run = subprocess.Popen(
