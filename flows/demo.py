@@ -163,7 +163,9 @@ def run_demo(
                     to=f"{result.publication}/{site}",
                     runtime=runtime,
                 )
-                summary = site_pipeline(params)
+                summary = site_pipeline.with_options(tags=["oncoflow", "demo", f"site:{site}"])(
+                    params
+                )
             result.sites[site] = summary["stages"]
             console.print(f"{site}: done")
         with console.status("Hub: federating the publications..."):

@@ -32,7 +32,7 @@ THREAD_ENV = {
 #: Prefect settings applied when the operator has not set them.
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "radiomics,distributed",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "radiomics,distributed,tasks,flows",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
@@ -108,9 +108,7 @@ def ensure_prefect_api() -> PrefectApi:
     logging.getLogger("prefect.server.api.server").setLevel(logging.WARNING)
     server = SubprocessASGIServer()
     try:
-        server.start(
-            timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
-        )
+        server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
     except Exception as exc:
         raise OncoflowError(f"could not start a temporary Prefect server: {exc}") from None
     # Child processes (Dask workers) read the environment; this process's Prefect already
