@@ -131,8 +131,8 @@ def dask_cluster(options: RuntimeOptions) -> Iterator[str]:
     existing scheduler is used and nothing is started.
     """
     global _SHARED_ADDRESS
-    if options.dask_address:
-        yield options.dask_address
+    if options.dask_address or _SHARED_ADDRESS:  # an existing scheduler, or nested in a block
+        yield options.dask_address or _SHARED_ADDRESS  # type: ignore[misc]
         return
     from distributed import LocalCluster
 

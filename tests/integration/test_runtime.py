@@ -36,6 +36,8 @@ def test_workers_report_to_the_one_server(prefect_api):
         state = probe.with_options(task_runner=task_runner(options))(6, return_state=True)
         # a second flow run reuses the same cluster (no new LocalCluster)
         state2 = probe.with_options(task_runner=task_runner(options))(2, return_state=True)
+        with dask_cluster(options) as nested:  # a nested block reuses the cluster
+            assert nested == address
     results = state.result()
     assert [r[0] for r in results] == list(range(6))
     assert {r[2] for r in results} == {prefect_api}
