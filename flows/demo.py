@@ -8,6 +8,7 @@ it running, so the runs can be browsed afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -181,18 +182,33 @@ def run_demo(
 def print_demo(result: DemoResult, console: Console | None = None) -> None:
     """Print the demo's summary table and where to look next."""
     console = console or Console()
-    table = Table(title="oncoflow demo")
+    table = Table(title="oncoflow demo: ok / quarantined (failed) per stage")
     table.add_column("site")
     stages = ["ingest", "deidentify", "harmonise", "extract", "publish"]
     for stage in stages:
-        table.add_column(stage)
+        table.add_column(stage, justify="right")
     for site, summaries in result.sites.items():
         cells = {}
         for s in summaries:
             counts = s.get("counts", {})
-            cells[s["stage"]] = " ".join(f"{k}:{v}" for k, v in counts.items()) or "-"
+            if s["stage"] == "publish":
+                cells["publish"] = f"{s.get('version', '')} {next(iter(counts), '')}".strip()
+                continue
+            cell = f"{counts.get('ok', 0)} / {counts.get('quarantined', 0)}"
+            if counts.get("failed"):
+                cell += f" ({counts['failed']})"
+            cells[s["stage"]] = cell
         table.add_row(site, *[cells.get(stage, "-") for stage in stages])
     console.print(table)
+    catalogue_file = Path(result.hub) / "catalogue.json"
+    if catalogue_file.exists():
+        tables = json.loads(catalogue_file.read_text())["tables"]
+        by_modality = ", ".join(f"{k} {v}" for k, v in tables["modality"]["totals"].items())
+        console.print(
+            f"Hub: {result.federation.get('sources', 0)} site publications; series by modality: "
+            f"{by_modality}; patients: {tables['patients']['total']} (per-site cells below "
+            f"k={result.federation.get('k')} suppressed)"
+        )
     console.print(f"Outputs under {result.out}:")
     console.print(f"  source (synthetic DICOM)  {result.source}")
     console.print(f"  site stores               {result.store}/<site>/")
