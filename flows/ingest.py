@@ -19,6 +19,7 @@ Nothing under SOURCE is ever written.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -40,9 +41,9 @@ from tasks.dicom.catalog import (
 )
 from tasks.dicom.headers import PARTS_DIR, parse_batch, warm_up
 from tasks.dicom.listing import (
-    Batch,
     ListedFile,
     ListingDiff,
+    batch_key,
     diff_listing,
     list_source,
     make_batches,
@@ -54,6 +55,10 @@ from tasks.store import SiteStore, open_url, protocol_of, validate_site
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL.
 SOURCE_METADATA_KEY = "source"
+#: Batches are sized for about this many tasks per worker ...
+TASKS_PER_WORKER = 4
+#: ... but never fewer files than this per task (task overhead), unless batch_size is lower.
+MIN_BATCH = 100
 
 
 class IngestParams(BaseModel):
@@ -74,10 +79,11 @@ class IngestParams(BaseModel):
         json_schema_extra={"position": 2},
     )
     batch_size: int = Field(
-        500,
+        1000,
         ge=1,
         le=100_000,
-        description="Files per parsing task (hundreds keep task overhead low).",
+        description="Largest number of files per parsing task; batches are sized for about "
+        "four tasks per worker, with at least 100 files each.",
         json_schema_extra={"position": 3},
     )
     max_failure_ratio: float = Field(
@@ -158,37 +164,48 @@ def _listing(params: IngestParams, store: SiteStore) -> list[ListedFile]:
     return files
 
 
-def _write_plan(store: SiteStore, batches: list[Batch]) -> str:
-    """Write the batch plan (private: it holds paths) and return its store key."""
-    body = [{"key": b.key, "files": [[f.path, f.size, f.mtime] for f in b.files]} for b in batches]
+def _write_plan(store: SiteStore, files: list[ListedFile]) -> str:
+    """Write the files to parse (private: it holds paths) and return the plan's store key."""
+    body = [[f.path, f.size, f.mtime] for f in files]
     data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    key = f"{PARTS_DIR}/plan-{batches[0].key}-{len(batches)}.json"
+    key = f"{PARTS_DIR}/plan-{batch_key(files)}.json"
     store.write_bytes(key, data, skip_unchanged=False)
     return key
 
 
-def _read_plan(store: SiteStore, key: str) -> list[Batch]:
+def _read_plan(store: SiteStore, key: str) -> list[ListedFile]:
     body = json.loads(store.read_bytes(key).decode("utf-8"))
-    return [
-        Batch(key=b["key"], files=tuple(ListedFile(p, int(s), str(m)) for p, s, m in b["files"]))
-        for b in body
-    ]
+    return [ListedFile(p, int(s), str(m)) for p, s, m in body]
 
 
-def _start_workers() -> None:
-    """Start the Dask cluster now and import the parser on every worker (fixed start-up).
+def _start_workers() -> int:
+    """Start the Dask cluster now, import the parser on every worker; return the worker count.
 
     prefect-dask creates the cluster on first use; doing it here keeps the start-up cost out
     of the parse timing and the progress artifact.
     """
-    runner = FlowRunContext.get().task_runner if FlowRunContext.get() else None
-    client = getattr(runner, "client", None)
-    if client is not None:
-        client.run(warm_up)
+    context = FlowRunContext.get()
+    client = getattr(context.task_runner, "client", None) if context else None
+    if client is None:
+        return 1
+    client.run(warm_up)
+    return max(1, len(client.scheduler_info().get("workers", {})))
+
+
+def batch_size_for(files: int, workers: int, largest: int) -> int:
+    """Files per task: about four tasks per worker, at least MIN_BATCH, at most ``largest``.
+
+    Each Prefect task costs a fixed overhead (a tenth of a second or more), so batches stay in
+    the hundreds to thousands of files; several per worker keep the workers busy to the end.
+    """
+    wanted = math.ceil(files / (TASKS_PER_WORKER * max(workers, 1)))
+    return max(1, min(largest, max(MIN_BATCH, wanted)))
 
 
 @flow(name="parse-dicom-headers", flow_run_name="parse-{site}", log_prints=False)
-def parse_headers_flow(site: str, store: str, source: str, plan: str) -> dict[str, Any]:
+def parse_headers_flow(
+    site: str, store: str, source: str, plan: str, batch_size: int
+) -> dict[str, Any]:
     """Parse the batches of a plan in parallel, one Dask task per batch.
 
     Parameters
@@ -198,19 +215,21 @@ def parse_headers_flow(site: str, store: str, source: str, plan: str) -> dict[st
     source
         Source root URL.
     plan
-        Store-relative key of the batch plan written by ``ingest-dicom``.
+        Store-relative key of the plan (the files to parse) written by ``ingest-dicom``.
+    batch_size
+        Largest number of files per task (see :func:`batch_size_for`).
 
     Returns
     -------
     dict
-        ``results`` (batch counts), ``failed`` (batch key, files, error class) and the
-        ``parse_seconds`` from the first submission to the last batch done.
+        ``results`` (batch counts), ``failed`` (batch key, files, error class), ``batches``,
+        ``workers`` and the ``parse_seconds`` from the first submission to the last batch done.
     """
-    _start_workers()
+    workers = _start_workers()
     started = time.perf_counter()
-    site_store = SiteStore(store, site)
-    batches = _read_plan(site_store, plan)
-    progress = Progress(sum(len(b.files) for b in batches), "DICOM files parsed")
+    files = _read_plan(SiteStore(store, site), plan)
+    batches = make_batches(files, batch_size_for(len(files), workers, batch_size))
+    progress = Progress(len(files), "DICOM files parsed")
     futures = {parse_batch.submit(b.key, b.files, source, store, site): b for b in batches}
     results: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
@@ -228,6 +247,8 @@ def parse_headers_flow(site: str, store: str, source: str, plan: str) -> dict[st
     return {
         "results": results,
         "failed": failed,
+        "batches": len(batches),
+        "workers": workers,
         "body_started": started,
         "parse_seconds": round(time.perf_counter() - started, 4),
     }
@@ -309,21 +330,22 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
         len(diff.unchanged),
         len(diff.deleted),
     )
-    batches = make_batches(diff.to_parse, params.batch_size)
+    to_parse = diff.to_parse
     parsed_results: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     timings = {"listing_seconds": round(t_listed - t0, 4)}
     counts = CatalogCounts()
-    if batches or not state.current or diff.deleted:
-        if batches:
+    batches = 0
+    if to_parse or not state.current or diff.deleted:
+        if to_parse:
             remove_parts(store)
-            plan = _write_plan(store, batches)
+            plan = _write_plan(store, to_parse)
             t_start = time.perf_counter()
-            run = parse_headers_flow.with_options(
-                task_runner=task_runner(runtime or RuntimeOptions())
-            )
-            outcome = run(params.site, params.store, params.source, plan)
+            runner = task_runner(runtime or RuntimeOptions())
+            run = parse_headers_flow.with_options(task_runner=runner)
+            outcome = run(params.site, params.store, params.source, plan, params.batch_size)
             parsed_results, failed = outcome["results"], outcome["failed"]
+            batches = outcome["batches"]
             timings["startup_seconds"] = round(outcome["body_started"] - t_start, 4)
             timings["parse_seconds"] = outcome["parse_seconds"]
             timings["batch_seconds_sum"] = round(sum(r["seconds"] for r in parsed_results), 4)
@@ -336,7 +358,7 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
             params.spacing_tolerance,
             metadata={SOURCE_METADATA_KEY: params.source},
         )
-        if batches:
+        if to_parse:
             remove_parts(store)
         timings["merge_seconds"] = round(time.perf_counter() - t_merge, 4)
     else:
@@ -359,7 +381,7 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
             "files_deleted": len(diff.deleted),
             "files_parsed": sum(r["files"] for r in parsed_results),
             "files_failed": n_failed,
-            "batches": len(batches),
+            "batches": batches,
             "series": counts.series,
             "series_by_modality": counts.series_by_modality,
             "tables_written": counts.written,
@@ -373,11 +395,10 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
         ", ".join(f"{k}={v}" for k, v in counts.series.items()) or "none",
         ", ".join(counts.written) or "none",
     )
-    to_parse = len(diff.to_parse)
-    if to_parse and n_failed / to_parse > params.max_failure_ratio:
+    if to_parse and n_failed / len(to_parse) > params.max_failure_ratio:
         raise StageFailed(
-            f"ingest could not parse {n_failed} of {to_parse} files (their batch tasks failed; "
-            f"threshold {params.max_failure_ratio:.0%}); they will be retried on the next run"
+            f"ingest could not parse {n_failed} of {len(to_parse)} files (their batch tasks "
+            f"failed; threshold {params.max_failure_ratio:.0%}); the next run retries them"
         )
     return summary.to_dict()
 

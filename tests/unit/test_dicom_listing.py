@@ -93,3 +93,13 @@ def test_item_ref_is_opaque_and_stable():
     ref = item_ref("MRN-123_Doe/20200101/1/IM0001.dcm")
     assert len(ref) == 12 and "Doe" not in ref
     assert ref == item_ref("MRN-123_Doe/20200101/1/IM0001.dcm")
+
+
+def test_batch_size_aims_at_four_tasks_per_worker_with_a_floor():
+    from flows.ingest import batch_size_for
+
+    assert batch_size_for(10_000, 2, 1000) == 1000  # capped by the parameter
+    assert batch_size_for(4_000, 2, 1000) == 500  # four tasks per worker
+    assert batch_size_for(300, 2, 1000) == 100  # never below 100 files per task...
+    assert batch_size_for(300, 2, 40) == 40  # ... unless the parameter asks for less
+    assert batch_size_for(0, 2, 1000) == 100
