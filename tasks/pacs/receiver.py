@@ -174,8 +174,12 @@ class StorageReceiver:
         key = f"{RAW_INCOMING}/{study}/{series}/{sop}.dcm"
         try:
             data = event.encoded_dataset(include_meta=True)
-            # Temporary key, then rename: readers never see a partial file.
-            self.store.write_bytes(key, data, skip_unchanged=False)
+            # Temporary key, then rename: readers never see a partial file. A second attempt
+            # covers a commit removing the (then empty) study folder at the same moment.
+            try:
+                self.store.write_bytes(key, data, skip_unchanged=False)
+            except FileNotFoundError:
+                self.store.write_bytes(key, data, skip_unchanged=False)
         except Exception as exc:
             self.stats.failed += 1
             log.error("could not write a received instance: %s", type(exc).__name__)

@@ -272,7 +272,7 @@ def test_orthanc_stopped_mid_pull_then_a_later_run_completes(
     watcher = threading.Thread(target=stop_orthanc_when_a_series_starts, daemon=True)
     watcher.start()
     with pytest.raises(StageFailed) as excinfo:
-        pull_dicomweb(params(orthanc, store_url, retries=0), runtime)
+        pull_dicomweb(params(orthanc, store_url, retries=0, ingest=False), runtime)
     watcher.join(5)
     assert stopped.is_set()
     message = str(excinfo.value)
