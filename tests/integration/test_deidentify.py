@@ -31,6 +31,7 @@ from tasks.deid.profile import DeidOptions
 from tasks.deid.pseudonyms import SiteKeys
 from tasks.deid.scan_phi import catalogue_identifiers, scan_phi
 from tasks.deid.series import SeriesJob, deidentify_series
+from tasks.errors import OncoflowError
 from tasks.records import Stage
 from tasks.store import SiteStore
 
@@ -92,8 +93,15 @@ async def _flow_runs_logs_artifacts(flow_name: str):
 
 
 @pytest.fixture(scope="module")
-def run(prefect_api: str, synth_cohort: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Ingest site-a of the synthetic cohort, de-identify it, then de-identify again."""
+def run(
+    prefect_api: str, s3_endpoint: str, synth_cohort: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    """Ingest site-a of the synthetic cohort, de-identify it, again, and once more on S3.
+
+    The S3 store (moto over HTTP) gets a copy of the catalogue; its run shares the Dask cluster.
+    """
+    import s3fs
+
     previous = os.environ.get("ONCOFLOW_SITE_SECRET")
     os.environ["ONCOFLOW_SITE_SECRET"] = SECRET
     url = str(tmp_path_factory.mktemp("deid-store"))
@@ -113,7 +121,17 @@ def run(prefect_api: str, synth_cohort: Path, tmp_path_factory: pytest.TempPathF
             t3 = time.perf_counter()
             second = deidentify(build_params(SITE, url), runtime)
             t4 = time.perf_counter()
-        print(f"\ningest {t1 - t0:.1f}s, deidentify {t2 - t1:.1f}s, re-run {t4 - t3:.1f}s")
+            bucket = f"s3://deid-{os.getpid()}"
+            s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket[5:])
+            remote = SiteStore(bucket, SITE)
+            for key in ("catalog/series.parquet", "catalog/instances.parquet"):
+                remote.write_bytes(key, store.read_bytes(key))
+            on_s3 = deidentify(build_params(SITE, bucket), runtime)
+            t5 = time.perf_counter()
+        print(
+            f"\ningest {t1 - t0:.1f}s, deidentify {t2 - t1:.1f}s, re-run {t4 - t3:.1f}s, "
+            f"on S3 {t5 - t4:.1f}s"
+        )
         yield {
             "store": store,
             "url": url,
@@ -122,6 +140,8 @@ def run(prefect_api: str, synth_cohort: Path, tmp_path_factory: pytest.TempPathF
             "files": files_first,
             "mtimes": mtimes,
             "planted": _planted(synth_cohort),
+            "remote": remote,
+            "on_s3": on_s3,
         }
     finally:
         if previous is None:
@@ -186,7 +206,8 @@ def test_no_planted_value_or_secret_in_logs_artifacts_parameters(run):
     texts += [
         json.dumps(a.data, default=str) + (a.description or "") + (a.key or "") for a in artifacts
     ]
-    texts += [t.name for t in tasks]
+    texts += [t.model_dump_json() for t in tasks]  # names, inputs, cache keys, states
+    texts += [r.model_dump_json() for r in runs]
     blob = "\n".join(texts).lower()
     assert "de-identification done" in blob  # the logs were really read back
     assert [v for v in run["planted"] if v.lower() in blob] == []
@@ -334,14 +355,23 @@ def test_output_files_are_clean_dicom(run):
     assert not any(e.tag.is_private for e in ds.iterall() if not e.tag.is_private_creator)
 
 
-def test_flow_on_s3_store_gives_the_same_bytes(run, s3_bucket):
+def test_flow_on_s3_store_gives_the_same_bytes(run):
     """The same catalogue in an S3 store (moto over HTTP): byte-identical objects and tables."""
-    local = run["store"]
-    remote = SiteStore(s3_bucket, SITE)
-    for key in ("catalog/series.parquet", "catalog/instances.parquet"):
-        remote.write_bytes(key, local.read_bytes(key))
-    assert os.environ["ONCOFLOW_SITE_SECRET"] == SECRET  # set by the module fixture
-    summary = deidentify(build_params(SITE, s3_bucket), RuntimeOptions(workers=2))
-    assert summary.counts == run["first"].counts
+    remote = run["remote"]
+    assert run["on_s3"].counts == run["first"].counts
     assert _files(remote, "deid") == run["files"]
     assert scan_phi(remote.uri("deid"), catalogue_identifiers(remote)) == []
+
+
+def test_secret_from_a_prefect_secret_block(prefect_api, monkeypatch):
+    """Without ONCOFLOW_SITE_SECRET the site secret comes from the Prefect Secret block."""
+    from prefect.blocks.system import Secret
+
+    from tasks.deid.secret import default_block_name, load_site_secret
+
+    Secret(value=OTHER_SECRET).save(default_block_name("site-z"), overwrite=True)
+    monkeypatch.delenv("ONCOFLOW_SITE_SECRET", raising=False)
+    assert load_site_secret("site-z") == OTHER_SECRET.encode()
+    monkeypatch.setenv("ONCOFLOW_SITE_SECRET_BLOCK", "no-such-block")
+    with pytest.raises(OncoflowError, match="no site secret"):
+        load_site_secret("site-z")
