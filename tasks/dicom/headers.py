@@ -16,9 +16,19 @@ Detection, without reading pixel values:
 * ``missing-uids``: no SOP Instance, Series Instance or Study Instance UID.
 * ``unreadable-header``: anything else the parser rejects.
 
-Values are decoded straight from pydicom's raw elements (pydicom's own character-set decoding
-for text), which is several times faster than converting them through ``Dataset`` attribute
-access; ``tests/unit/test_dicom_headers.py`` checks both give the same values.
+Two readers, both pydicom's:
+
+* the fast reader (little-endian single-frame files, the common case) runs pydicom's
+  ``data_element_generator`` over the file meta group and the data set, keeps only the
+  catalogue's tags (other values are skipped, not read) and builds no ``Dataset``;
+* the full reader, ``pydicom.filereader.read_partial`` (what ``dcmread`` uses), takes every
+  other file: big endian, deflated, unknown transfer syntax, multi-frame (functional groups),
+  VR encoding contradicting the transfer syntax, or anything the fast reader cannot parse.
+
+Values are decoded straight from the raw elements (pydicom's own character-set decoding for
+text), several times faster than ``Dataset`` attribute access. Tests check that both readers
+give identical rows on pydicom's sample files and that the values equal pydicom's attribute
+access.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import time
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, BinaryIO
@@ -42,8 +52,9 @@ from prefect.cache_policies import NO_CACHE
 from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
+from pydicom.filereader import data_element_generator, read_partial
 from pydicom.uid import UID
+from pydicom.values import converters
 
 from tasks.dicom.listing import STATUS_OK, STATUS_QUARANTINED, ListedFile
 from tasks.records import Reason
@@ -135,7 +146,7 @@ META_COLUMNS: tuple[Column, ...] = (
     Column("transfer_syntax_uid", 0x00020010, "UI", "text"),
 )
 _COLUMN_BY_TAG = {c.tag: c for c in HEADER_COLUMNS}
-_COLUMN_BY_TAG_NAMES = tuple(c.name for c in HEADER_COLUMNS)
+_FRAMES = _COLUMN_BY_TAG[0x00280008]
 _META_BY_TAG = {c.tag: c for c in META_COLUMNS}
 
 _FLOATS = pa.list_(pa.float64())
@@ -331,37 +342,46 @@ def header_values(ds: Dataset) -> dict[str, Any]:
     """
     charset = getattr(ds, "original_character_set", None) or "iso8859"
     encodings = _encodings(tuple(charset) if not isinstance(charset, str) else charset)
-    out: dict[str, Any] = dict.fromkeys(_COLUMN_BY_TAG_NAMES)
-    for tag, elem in ds.items():
-        column = _COLUMN_BY_TAG.get(tag)
-        if column is not None:
-            try:
-                out[column.name] = _element_value(elem, column, encodings)
-            except Exception:
-                out[column.name] = None
     meta = getattr(ds, "file_meta", None)
     meta_values = file_meta_values(meta) if meta is not None else {}
-    if not out["sop_instance_uid"]:
-        out["sop_instance_uid"] = meta_values.get("media_sop_instance_uid")
-    if not out["sop_class_uid"]:
-        out["sop_class_uid"] = meta_values.get("media_sop_class_uid")
-    out["transfer_syntax_uid"] = meta_values.get("transfer_syntax_uid")
+    out = _column_values(ds.items(), encodings, meta_values)
     if (out.get("number_of_frames") or 1) > 1 or 0x52009230 in ds:
         out.update(_multiframe_geometry(ds, out))
     return out
 
 
-def file_meta_values(meta: Dataset) -> dict[str, str | None]:
-    """Return the media storage SOP class/instance UIDs and transfer syntax of a file meta group."""
-    out: dict[str, str | None] = dict.fromkeys(c.name for c in META_COLUMNS)
-    for tag, elem in meta.items():
-        column = _META_BY_TAG.get(tag)
+def _decode_columns(
+    items: Iterable[tuple[int, Any]], by_tag: dict[int, Column], encodings: tuple[str, ...]
+) -> dict[str, Any]:
+    out: dict[str, Any] = dict.fromkeys(c.name for c in by_tag.values())
+    for tag, elem in items:
+        column = by_tag.get(tag)
         if column is not None:
             try:
-                out[column.name] = _element_value(elem, column, ("iso8859",))
+                out[column.name] = _element_value(elem, column, encodings)
             except Exception:
                 out[column.name] = None
     return out
+
+
+def _column_values(
+    items: Iterable[tuple[int, Any]],
+    encodings: tuple[str, ...],
+    meta_values: dict[str, str | None],
+) -> dict[str, Any]:
+    """Catalogue columns from top-level elements, completed from the file meta values."""
+    out = _decode_columns(items, _COLUMN_BY_TAG, encodings)
+    if not out["sop_instance_uid"]:
+        out["sop_instance_uid"] = meta_values.get("media_sop_instance_uid")
+    if not out["sop_class_uid"]:
+        out["sop_class_uid"] = meta_values.get("media_sop_class_uid")
+    out["transfer_syntax_uid"] = meta_values.get("transfer_syntax_uid")
+    return out
+
+
+def file_meta_values(meta: Dataset) -> dict[str, str | None]:
+    """Return the media storage SOP class/instance UIDs and transfer syntax of a file meta group."""
+    return _decode_columns(meta.items(), _META_BY_TAG, ("iso8859",))
 
 
 def _floats(value: Any, count: int) -> list[float] | None:
@@ -512,48 +532,175 @@ def _quarantine(row: dict[str, Any], reason: Reason, detail: str) -> dict[str, A
     return row
 
 
-def _parse_open_file(fp: BinaryIO, row: dict[str, Any], size: int) -> dict[str, Any]:
+@dataclass
+class _Header:
+    """A header read up to Pixel Data, by either reader.
+
+    Attributes
+    ----------
+    elements
+        Top-level elements by tag (pydicom raw elements, or converted ones).
+    meta
+        File meta values (media storage SOP class/instance, transfer syntax).
+    pixel_tag
+        The Pixel Data tag reading stopped at, None when the data set ended before one.
+    little
+        Little-endian encoding.
+    past_end
+        A header element was declared longer than the file.
+    encodings
+        Python codecs of the Specific Character Set.
+    dataset
+        The pydicom dataset (full reader only; multi-frame functional groups need it).
+    deflated
+        Deflated transfer syntax (positions are in the inflated stream).
+    """
+
+    elements: dict[int, Any]
+    meta: dict[str, str | None]
+    pixel_tag: int | None
+    little: bool
+    past_end: bool
+    encodings: tuple[str, ...]
+    dataset: Dataset | None = None
+    deflated: bool = False
+
+
+#: Transfer syntaxes the fast reader handles: (implicit VR, little endian); others use pydicom's
+#: full reader (big endian, deflate, unknown).
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_FAST_EXCLUDED = frozenset({"1.2.840.10008.1.2.2", *DEFLATED_SYNTAXES})
+#: Top-level tags the fast reader keeps (values of other elements are skipped, not read).
+_FAST_TAGS = [
+    *(c.tag for c in HEADER_COLUMNS),
+    0x00080005,  # Specific Character Set
+    DIRECTORY_RECORD_SEQUENCE,
+    0x52009229,  # Shared Functional Groups Sequence
+    0x52009230,  # Per-frame Functional Groups Sequence
+]
+_VALID_VRS = frozenset(vr.encode() for vr in converters)
+
+
+def _after_meta(tag: int, vr: str | None, length: int) -> bool:
+    return tag >> 16 != 0x0002
+
+
+def _read_fast(fp: BinaryIO, size: int) -> _Header | None:
+    """Read a header with pydicom's element generator, without building datasets.
+
+    Returns None when the file needs pydicom's full reader: big-endian, deflated or unknown
+    transfer syntax, a data set whose first element contradicts the transfer syntax's VR
+    encoding, a multi-frame instance (its functional groups are read as datasets), or any
+    error (the full reader then decides what is wrong with the file).
+    """
+    try:
+        fp.seek(132)
+        meta_items = [(e.tag, e) for e in data_element_generator(fp, False, True, _after_meta)]
+        meta = _decode_columns(meta_items, _META_BY_TAG, ("iso8859",))
+        syntax = meta.get("transfer_syntax_uid")
+        if not syntax or syntax in _FAST_EXCLUDED:
+            return None
+        if meta.get("media_sop_class_uid") == DICOMDIR_SOP_CLASS:
+            return _Header({}, meta, None, True, False, ("iso8859",))
+        implicit = syntax == _IMPLICIT_LE
+        start = fp.tell()
+        peek = fp.read(6)
+        fp.seek(start)
+        if len(peek) == 6 and (peek[4:6] in _VALID_VRS) == implicit:
+            return None  # encoded otherwise than the transfer syntax says: let pydicom decide
+        stop = _StopAtPixels()
+        elements = {
+            e.tag: e
+            for e in data_element_generator(
+                fp, implicit, True, stop, defer_size=None, specific_tags=_FAST_TAGS
+            )
+        }
+        if 0x52009230 in elements or 0x52009229 in elements:
+            return None
+        frames = elements.get(0x00280008)
+        if frames is not None and (_element_value(frames, _FRAMES, ()) or 1) > 1:
+            return None
+        past_end = stop.tag is None and (
+            fp.tell() > size
+            or any(
+                e.value_tell + e.length > size
+                for e in elements.values()
+                if getattr(e, "is_raw", False) and e.length != 0xFFFFFFFF
+            )
+        )
+        charset = elements.get(0x00080005)
+        encodings = ("iso8859",)
+        if charset is not None and getattr(charset, "is_raw", False) and charset.value:
+            terms = tuple(t.strip(" \x00") for t in charset.value.decode("latin-1").split("\\"))
+            encodings = _encodings(terms if len(terms) > 1 else terms[0])
+        return _Header(elements, meta, stop.tag, True, past_end, encodings)
+    except Exception:
+        return None
+
+
+def _read_full(fp: BinaryIO, size: int) -> _Header:
+    """Read a header with pydicom's ``read_partial`` (every transfer syntax); may raise."""
+    fp.seek(0)
+    stop = _StopAtPixels()
+    ds = read_partial(fp, stop_when=stop, defer_size=None, force=False)
+    meta = file_meta_values(ds.file_meta) if ds.file_meta is not None else {}
+    deflated = meta.get("transfer_syntax_uid") in DEFLATED_SYNTAXES
+    _, little = ds.original_encoding
+    charset = getattr(ds, "original_character_set", None) or "iso8859"
+    encodings = _encodings(tuple(charset) if not isinstance(charset, str) else charset)
+    # positions of a deflated data set are in the inflated stream; zlib checks completeness
+    past_end = stop.tag is None and not deflated and _header_past_end(ds, size)
+    return _Header(
+        dict(ds.items()), meta, stop.tag, little is not False, past_end, encodings, ds, deflated
+    )
+
+
+def _parse_open_file(
+    fp: BinaryIO, row: dict[str, Any], size: int, fast: bool = True
+) -> dict[str, Any]:
     head = fp.read(132)
     if len(head) < 132 or head[128:132] != b"DICM":
         return _quarantine(row, Reason.NOT_DICOM, "no DICM prefix at byte 128")
-    fp.seek(0)
-    stop = _StopAtPixels()
-    try:
-        ds = read_partial(fp, stop_when=stop, defer_size=None, force=False)
-    except zlib.error:
-        return _quarantine(row, Reason.TRUNCATED_FILE, "deflated data set is incomplete")
-    except Exception as exc:
+    header = _read_fast(fp, size) if fast else None
+    if header is None:
         try:
-            at_end = fp.tell() >= size
-        except Exception:
-            at_end = False
-        if at_end or isinstance(exc, EOFError):
-            return _quarantine(row, Reason.TRUNCATED_FILE, "header cut inside an element")
-        detail = f"header not parsable ({type(exc).__name__})"
-        return _quarantine(row, Reason.UNREADABLE_HEADER, detail)
+            header = _read_full(fp, size)
+        except zlib.error:
+            return _quarantine(row, Reason.TRUNCATED_FILE, "deflated data set is incomplete")
+        except Exception as exc:
+            try:
+                at_end = fp.tell() >= size
+            except Exception:
+                at_end = False
+            if at_end or isinstance(exc, EOFError):
+                return _quarantine(row, Reason.TRUNCATED_FILE, "header cut inside an element")
+            detail = f"header not parsable ({type(exc).__name__})"
+            return _quarantine(row, Reason.UNREADABLE_HEADER, detail)
 
-    meta_values = file_meta_values(ds.file_meta) if ds.file_meta is not None else {}
+    meta = header.meta
     if (
-        meta_values.get("media_sop_class_uid") == DICOMDIR_SOP_CLASS
-        or DIRECTORY_RECORD_SEQUENCE in ds
+        meta.get("media_sop_class_uid") == DICOMDIR_SOP_CLASS
+        or DIRECTORY_RECORD_SEQUENCE in header.elements
     ):
         return _quarantine(row, Reason.DICOMDIR, "media storage directory, not an instance")
 
-    deflated = meta_values.get("transfer_syntax_uid") in DEFLATED_SYNTAXES
-    _, little = ds.original_encoding
-    if stop.tag is not None:
-        if not deflated:
-            problem = _pixel_data_problem(fp, size, little is not False)
+    if header.pixel_tag is not None:
+        if not header.deflated:
+            problem = _pixel_data_problem(fp, size, header.little)
             if problem:
                 return _quarantine(row, Reason.TRUNCATED_FILE, problem)
     else:
-        if not deflated and _header_past_end(ds, size):
+        if header.past_end:
             return _quarantine(row, Reason.TRUNCATED_FILE, "a header element runs past the end")
-        sop_class = meta_values.get("media_sop_class_uid") or ""
-        if (0x00280010 in ds and 0x00280011 in ds) or expects_pixel_data(sop_class):
+        sop_class = meta.get("media_sop_class_uid") or ""
+        is_image = 0x00280010 in header.elements and 0x00280011 in header.elements
+        if is_image or expects_pixel_data(sop_class):
             return _quarantine(row, Reason.TRUNCATED_FILE, "image header without Pixel Data")
 
-    row.update(header_values(ds))
+    if header.dataset is not None:
+        row.update(header_values(header.dataset))
+    else:
+        row.update(_column_values(header.elements.items(), header.encodings, meta))
     missing = [
         name
         for name in ("sop_instance_uid", "series_instance_uid", "study_instance_uid")
