@@ -34,6 +34,8 @@ from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
@@ -66,6 +68,7 @@ STANDARD_SCHEMES = frozenset(
 CODE_KEYWORDS = frozenset({"CodeValue", "CodeMeaning", "LongCodeValue", "URNCodeValue"})
 #: Text VRs of kept elements that are still checked for the patient's identifier words.
 _KEPT_TEXT_VRS = frozenset({"LO", "SH", "CS", "UC"})
+_METHOD_SEQUENCE = 0x00120064  # DeidentificationMethodCodeSequence
 _CLEANABLE_VRS = frozenset({"LO", "SH", "UC", "LT", "ST", "UT", "CS"})
 _REPLACING = frozenset({Action.EMPTY, Action.DUMMY, Action.PSEUDONYM, Action.REPLACE})
 _SAFE_PRIVATE_VRS = NUMERIC_VRS - {"OB", "OW", "OD", "OF", "OL", "OV", "AT"}
@@ -132,8 +135,11 @@ class DeidContext:
         self._safe_private = {
             (t.creator.strip().upper(), t.group, t.element) for t in self.options.safe_private
         }
+        self.safe_private_groups = frozenset(t.group for t in self.options.safe_private)
         self._uid_cache: dict[str, str] = {}
         self.action_cache: dict[tuple[int, str], Action] = {}
+        #: (tag, VR as read) of kept elements whose value needs no look: counted, not visited.
+        self.fast_keep: dict[tuple[int, str | None], tuple[str, str]] = {}
 
     def remap(self, uid: str) -> str:
         """Remap one UID (well-known class and syntax UIDs are kept)."""
@@ -215,6 +221,7 @@ class _Walker:
         self.others: list[str] = []
         self.deferred: list[tuple[Dataset, BaseTag, str, Action]] = []
         self._actions = ctx.action_cache
+        self._fast_keep = ctx.fast_keep
 
     def note(self, attribute: str, action: Action | str) -> None:
         self.audit[(attribute, action.value if isinstance(action, Action) else action)] += 1
@@ -227,7 +234,15 @@ class _Walker:
         """
         done: set[int] = set()
         private_seen = False
+        creators: dict[int, str] = {}
+        fast = self._fast_keep
+        audit = self.audit
         for tag, raw in list(ds.items()):
+            vr = getattr(raw, "VR", None)
+            key = fast.get((int(tag), vr))
+            if key is not None:  # a kept element that needs no look at its value
+                audit[key] += 1
+                continue
             if done and int(tag) in done:
                 continue
             group = tag.group
@@ -238,33 +253,36 @@ class _Walker:
                     Action.REMOVE,
                 )
                 continue
-            if tag.is_private:
+            if group & 1:
                 private_seen = True
-                self.private(ds, tag)
+                self.private(ds, tag, creators)
                 continue
             if (0x6000 <= group <= 0x60FF or 0x5000 <= group <= 0x50FF) and group % 2 == 0:
                 del ds[tag]
                 self.note("Overlay" if group >= 0x6000 else "Curve", Action.REMOVE)
                 continue
-            self.public(ds, tag, _vr(tag, raw), done)
+            self.public(ds, tag, _vr(tag, raw), done, vr)
         if private_seen:
             self.drop_empty_creators(ds)
 
     # -- private elements ------------------------------------------------------------------
-    def private(self, ds: Dataset, tag: BaseTag) -> None:
-        label = f"({tag.group:04X},xxxx)"
-        if tag.is_private_creator:
-            return  # decided in drop_empty_creators
-        creator_tag = Tag(tag.group, tag.element >> 8)
-        if tag.element >= 0x1000 and creator_tag in ds:
-            creator = str(ds[creator_tag].value)
-            if self.ctx.is_safe_private(creator, tag.group, tag.element):
+    def private(self, ds: Dataset, tag: BaseTag, creators: dict[int, str]) -> None:
+        group, element = tag >> 16, tag & 0xFFFF
+        if 0x0010 <= element < 0x0100:
+            return  # a private creator: decided in drop_empty_creators
+        label = _private_label(group)
+        if element >= 0x1000 and group in self.ctx.safe_private_groups:
+            block = (group << 16) | (element >> 8)
+            creator = creators.get(block)
+            if creator is None:
+                creator = creators[block] = str(ds[block].value) if block in ds else ""
+            if creator and self.ctx.is_safe_private(creator, group, element):
                 elem = ds[tag]
                 if elem.VR in _SAFE_PRIVATE_VRS and _numeric(elem):
-                    self.note(label, Action.KEEP)
+                    self.audit[(label, "keep")] += 1
                     return
         del ds[tag]
-        self.note(label, Action.REMOVE)
+        self.audit[(label, "remove")] += 1
 
     def drop_empty_creators(self, ds: Dataset) -> None:
         tags = ds.keys()
@@ -272,10 +290,12 @@ class _Walker:
         for tag in list(tags):
             if tag.is_private and tag.is_private_creator and (tag.group, tag.element) not in used:
                 del ds[tag]
-                self.note(f"({tag.group:04X},xxxx)", Action.REMOVE)
+                self.note(_private_label(tag.group), Action.REMOVE)
 
     # -- public elements -------------------------------------------------------------------
-    def public(self, ds: Dataset, tag: BaseTag, vr: str, done: set[int]) -> None:
+    def public(
+        self, ds: Dataset, tag: BaseTag, vr: str, done: set[int], raw_vr: str | None = None
+    ) -> None:
         keyword = keyword_of(int(tag))
         scheme = str(ds.get("CodingSchemeDesignator", "")) if keyword in CODE_KEYWORDS else ""
         if scheme in STANDARD_SCHEMES:
@@ -296,8 +316,11 @@ class _Walker:
         if action is Action.KEEP:
             if vr in _KEPT_TEXT_VRS:
                 self.deferred.append((ds, tag, keyword, action))
-            else:
-                self.note(keyword, action)
+                return
+            self.note(keyword, action)
+            if not scheme and keyword != "TextValue" and vr != "PN" and vr not in ("DA", "DT"):
+                # same tag and raw VR next time: count it without any other work
+                self._fast_keep[(int(tag), raw_vr)] = (keyword, Action.KEEP.value)
             return
         if action is Action.REMOVE:
             del ds[tag]
@@ -385,6 +408,12 @@ class _Walker:
         return Action.SHIFT
 
 
+@cache
+def _private_label(group: int) -> str:
+    """Audit label of a private group, e.g. ``(0011,xxxx)``."""
+    return f"({group:04X},xxxx)"
+
+
 def _time_partner(ds: Dataset, tag: BaseTag, keyword: str) -> BaseTag | None:
     """Return the tag of the single-valued TM paired with a ``...Date`` element, if not visited."""
     if not keyword.endswith("Date"):
@@ -466,6 +495,30 @@ def _method_sequence(codes: list[str]) -> Sequence:
     return Sequence(list(_method_items(tuple(codes))))
 
 
+@lru_cache(maxsize=32)
+def _method_sequence_bytes(codes: tuple[str, ...], implicit: bool, little: bool) -> bytes:
+    """Return the encoded value of De-identification Method Code Sequence (once per encoding).
+
+    Writing new item datasets is slow in pydicom (each is checked for ambiguous VRs), and the
+    value is the same for every instance, so it is encoded once and stored as a raw element.
+    """
+    holder = Dataset()
+    holder.add(DataElement(_METHOD_SEQUENCE, "SQ", _method_sequence(list(codes))))
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = little, implicit
+    write_dataset(buffer, holder)
+    return buffer.getvalue()[8 if implicit else 12 :]  # drop tag, VR and length
+
+
+def _method_element(codes: list[str], syntax: UID) -> RawDataElement:
+    implicit = syntax == ImplicitVRLittleEndian
+    little = syntax != ExplicitVRBigEndian
+    value = _method_sequence_bytes(tuple(codes), implicit, little)
+    return RawDataElement(
+        Tag(_METHOD_SEQUENCE), None if implicit else "SQ", len(value), value, 0, implicit, little
+    )
+
+
 def deidentify_dataset(ds: Dataset, ctx: DeidContext) -> Dataset:
     """De-identify ``ds`` in place and return it.
 
@@ -486,20 +539,28 @@ def deidentify_dataset(ds: Dataset, ctx: DeidContext) -> Dataset:
     walker = _Walker(ctx)
     walker.walk(ds)
     walker.finish()
-    ds.PatientID = ctx.patient
-    ds.PatientName = ctx.patient
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = f"DICOM PS3.15 E.1-1 {PROFILE_VERSION} key {ctx.keys.key_id}"
-    ds.DeidentificationMethodCodeSequence = _method_sequence(
-        method_codes(ctx.options, ctx.pixels_cleaned)
-    )
-    ds.LongitudinalTemporalInformationModified = "MODIFIED"
+    method = f"DICOM PS3.15 E.1-1 {PROFILE_VERSION} key {ctx.keys.key_id}"
+    for tag, vr, value in (
+        (0x00100010, "PN", ctx.patient),  # PatientName
+        (0x00100020, "LO", ctx.patient),  # PatientID
+        (0x00120062, "CS", "YES"),  # PatientIdentityRemoved
+        (0x00120063, "LO", method),  # DeidentificationMethod
+        (0x00280303, "CS", "MODIFIED"),  # LongitudinalTemporalInformationModified
+    ):
+        ds[tag] = DataElement(tag, vr, value)
+    codes = method_codes(ctx.options, ctx.pixels_cleaned)
+    ds[_METHOD_SEQUENCE] = _method_element(codes, UID(str(source_syntax)))
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", UID("1.2.840.10008.5.1.4.1.1.7"))
-    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
-    meta.TransferSyntaxUID = source_syntax
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = PROFILE_VERSION[:16]
+    sop_class = ascii_values(ds, Tag(0x00080016)) if 0x00080016 in ds else []
+    sop_instance = ascii_values(ds, Tag(0x00080018)) if 0x00080018 in ds else []
+    for tag, value in (
+        (0x00020002, sop_class[0] if sop_class else "1.2.840.10008.5.1.4.1.1.7"),
+        (0x00020003, sop_instance[0] if sop_instance else ""),
+        (0x00020010, str(source_syntax)),
+        (0x00020012, PYDICOM_IMPLEMENTATION_UID),
+    ):
+        meta[tag] = DataElement(tag, "UI", value)
+    meta[0x00020013] = DataElement(0x00020013, "SH", PROFILE_VERSION[:16])
     ds.file_meta = meta
     ds.preamble = b"\x00" * 128
     return ds
