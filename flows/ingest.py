@@ -349,6 +349,9 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
             timings["startup_seconds"] = round(outcome["body_started"] - t_start, 4)
             timings["parse_seconds"] = outcome["parse_seconds"]
             timings["batch_seconds_sum"] = round(sum(r["seconds"] for r in parsed_results), 4)
+            timings["batch_cpu_seconds_sum"] = round(
+                sum(r["cpu_seconds"] for r in parsed_results), 4
+            )
         t_merge = time.perf_counter()
         rows = read_parts(store, [r["part"] for r in parsed_results])
         counts = merge_catalog(
