@@ -43,6 +43,7 @@ from tasks.store import (
     DEID_SERIES,
     TMP_MARK,
     SiteStore,
+    open_url,
     validate_site,
 )
 
@@ -317,7 +318,16 @@ def deidentify(params: DeidParams, runtime: RuntimeOptions | None = None) -> Sta
     catalog = store.read_table(CATALOG_SERIES)
     if catalog is None:
         raise OncoflowError(f"no catalogue for site {params.site!r}: run `oncoflow ingest` first")
-    source_root(store, catalog, params.source)
+    source = source_root(store, catalog, params.source)
+    try:
+        fs, root = open_url(source)
+        found = fs.exists(root)
+    except OncoflowError:
+        raise
+    except Exception as exc:
+        raise OncoflowError(f"source unreachable: {source} ({type(exc).__name__})") from None
+    if not found:
+        raise OncoflowError(f"source not found: {source} (pass --source if it moved)")
     load_site_secret(params.site)
     result = deidentify_flow.with_options(task_runner=task_runner(runtime))(params)
     summary = StageSummary(stage=Stage.DEIDENTIFY, site=params.site)
