@@ -265,6 +265,10 @@ def deidentify(
         str | None,
         typer.Option("--source", help="Source root (default: the one ingest recorded)."),
     ] = None,
+    options: Annotated[
+        Path | None,
+        typer.Option("--options", help="YAML profile options (pixel cleaning rules, ...)."),
+    ] = None,
     workers: Workers = 2,
     dask_address: DaskAddress = None,
     as_json: JsonOut = False,
@@ -274,7 +278,7 @@ def deidentify(
     from flows.deidentify import deidentify as run_deidentify
 
     summary = run_deidentify(
-        build_params(site, store, source), runtime=runtime_options(workers, dask_address)
+        build_params(site, store, source, options), runtime=runtime_options(workers, dask_address)
     )
     emit(summary, as_json)
 

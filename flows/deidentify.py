@@ -14,9 +14,11 @@ and by each task. Re-running on unchanged input rewrites nothing (identical byte
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import yaml
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -99,10 +101,31 @@ class DeidParams(BaseModel):
         return self
 
 
-def build_params(site: str, store: str, source: str | None = None) -> DeidParams:
-    """Build :class:`DeidParams` from CLI values, with a one-line error on bad input."""
+def load_options(path: str | Path | None) -> DeidOptions:
+    """Read :class:`DeidOptions` from a YAML file (None: the defaults), one-line errors."""
+    if path is None:
+        return DeidOptions()
     try:
-        return DeidParams(site=site, store=store, source=source)
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise OncoflowError(f"cannot read options file {path}: {exc.strerror}") from None
+    except yaml.YAMLError:
+        raise OncoflowError(f"options file {path} is not valid YAML") from None
+    try:
+        return DeidOptions.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise OncoflowError(f"options file {path}: {loc}: {err['msg']}") from None
+
+
+def build_params(
+    site: str, store: str, source: str | None = None, options: str | Path | None = None
+) -> DeidParams:
+    """Build :class:`DeidParams` from CLI values, with a one-line error on bad input."""
+    settings = load_options(options)
+    try:
+        return DeidParams(site=site, store=store, source=source, options=settings)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in err["loc"])

@@ -518,7 +518,7 @@ class Action(StrEnum):
 class ProfileRow(BaseModel):
     """One row of Table E.1-1."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     tag: int
     keyword: str
@@ -552,7 +552,7 @@ class SafePrivateTag(BaseModel):
         Element offset inside the creator's block (the low byte, ``0x00``-``0xFF``).
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     creator: str
     group: int
@@ -618,7 +618,7 @@ class PixelCleaningRule(BaseModel):
         ``(x0, y0, x1, y1)`` pixel rectangles (columns x, rows y; end exclusive) set to zero.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(description="Short rule name (recorded in the audit).")
     modality: str | None = None
@@ -640,7 +640,7 @@ class DeidOptions(BaseModel):
     Clean Structured Content. The rest is configurable here.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     patient_characteristics: tuple[str, ...] = Field(
         DEFAULT_PATIENT_CHARACTERISTICS,

@@ -51,3 +51,25 @@ def test_catalogue_without_source_metadata(tmp_path, capsys, monkeypatch):
     store.write_table(CATALOG_SERIES, pa.table({"series_key": ["1.2.3"], "status": ["ok"]}))
     code, err = _run(["deidentify", "--site", "site-a", "--store", str(tmp_path / "store")], capsys)
     assert code == 2 and "does not record its source" in err
+
+
+def test_options_file(tmp_path):
+    from flows.deidentify import build_params
+    from tasks.errors import OncoflowError
+
+    good = tmp_path / "options.yaml"
+    good.write_text(
+        "patient_characteristics: [PatientSex]\n"
+        "safe_private: []\n"
+        "pixel_rules:\n"
+        "  - {name: acme-us, modality: US, manufacturer: acme, rectangles: [[0, 0, 640, 60]]}\n"
+    )
+    params = build_params("site-a", str(tmp_path), options=good)
+    assert params.options.patient_characteristics == ("PatientSex",)
+    assert params.options.safe_private == ()
+    assert params.options.pixel_rules[0].rectangles == ((0, 0, 640, 60),)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pixel_rule: []\n")
+    with pytest.raises(OncoflowError, match="pixel_rule") as err:
+        build_params("site-a", str(tmp_path), options=bad)
+    assert "\n" not in str(err.value)
