@@ -33,41 +33,50 @@ from tasks.deid.series import deidentify_instance
 KEYS = SiteKeys.derive(b"benchmark-secret-0123456789-abcdefghijkl", "site-a")
 
 
-def baseline(files: list[bytes]) -> None:
+def baseline(files: list[tuple[str, bytes]]) -> None:
     """Plain pydicom: read every file and write it back."""
-    for data in files:
+    for _series, data in files:
         ds = dcmread(io.BytesIO(data))
         out = io.BytesIO()
         ds.save_as(out, enforce_file_format=True)
 
 
-def deidentify(files: list[bytes]) -> None:
-    """The de-identification of every file (one context per file, as for a new patient)."""
-    for data in files:
-        ctx = DeidContext(keys=KEYS, options=DeidOptions(), patient_id="MRN-1")
+def deidentify(files: list[tuple[str, bytes]]) -> None:
+    """De-identify every file, with one context per series as the per-series task does."""
+    contexts: dict[str, DeidContext] = {}
+    for series, data in files:
+        ctx = contexts.get(series)
+        if ctx is None:
+            ctx = contexts[series] = DeidContext(
+                keys=KEYS, options=DeidOptions(), patient_id=series
+            )
         result = deidentify_instance(data, ctx)
         assert result.dataset is not None
 
 
-def load(source: Path) -> list[bytes]:
-    """Read the DICOM files under ``source`` that the profile does not quarantine."""
+def load(source: Path) -> list[tuple[str, bytes]]:
+    """Read (series UID, bytes) of the files under ``source`` the profile does not quarantine."""
     files = []
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         data = path.read_bytes()
-        ctx = DeidContext(keys=KEYS, options=DeidOptions(), patient_id="MRN-1")
-        if deidentify_instance(data, ctx).dataset is not None:
-            files.append(data)
-    return files
+        ctx = DeidContext(keys=KEYS, options=DeidOptions(), patient_id="x")
+        result = deidentify_instance(data, ctx)
+        if result.dataset is not None:
+            series = str(dcmread(io.BytesIO(data), force=True).get("SeriesInstanceUID", path))
+            files.append((series, data))
+    return sorted(files, key=lambda f: f[0])
 
 
-def measure(fn, files: list[bytes]) -> tuple[float, float]:
+def measure(fn, files: list[tuple[str, bytes]]) -> tuple[float, float]:
     """Wall-clock (``perf_counter``) and CPU (``process_time``) seconds of one pass."""
     wall, cpu = time.perf_counter(), time.process_time()
     fn(files)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def interleaved(files: list[bytes], rounds: int) -> dict[str, list[tuple[float, float]]]:
+def interleaved(
+    files: list[tuple[str, bytes]], rounds: int
+) -> dict[str, list[tuple[float, float]]]:
     """Alternate baseline and de-identification passes, so machine load affects both alike."""
     samples: dict[str, list[tuple[float, float]]] = {"baseline": [], "deid": []}
     for _ in range(rounds):
@@ -91,7 +100,7 @@ def main() -> None:
             generate_cohort(Path(tmp) / "cohort", sites=1, patients=2, seed=7)
             source = Path(tmp) / "cohort" / "site-a"
         files = load(source)
-    size = sum(len(f) for f in files) / 1e6
+    size = sum(len(f) for _, f in files) / 1e6
     samples = interleaved(files, args.rounds)
     print(f"files: {len(files)} ({size:.1f} MB), rounds: {args.rounds} (median, interleaved)")
     for label, index in (("wall clock", 0), ("CPU time", 1)):
