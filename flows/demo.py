@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefect import tags
 from rich.console import Console
 from rich.table import Table
 
@@ -164,9 +165,8 @@ def run_demo(
                     to=f"{result.publication}/{site}",
                     runtime=runtime,
                 )
-                summary = site_pipeline.with_options(tags=["oncoflow", "demo", f"site:{site}"])(
-                    params
-                )
+                with tags("oncoflow", "demo", f"site:{site}"):
+                    summary = site_pipeline(params)
             result.sites[site] = summary["stages"]
             console.print(f"{site}: done")
         with console.status("Hub: federating the publications..."):

@@ -189,7 +189,8 @@ def run_pipeline(params: SitePipelineParams) -> dict[str, Any]:
 
     pin_native_threads()
     ensure_prefect_api()
-    return site_pipeline.with_options(tags=["oncoflow", f"site:{params.site}"])(params)
+    with tags("oncoflow", f"site:{params.site}"):
+        return site_pipeline(params)
 
 
 class SiteConfig(BaseModel):
