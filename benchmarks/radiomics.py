@@ -85,10 +85,16 @@ def write_cases(path: Path, cases: list[tuple[str, str]]) -> Path:
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
-    """Run a command and return its wall time (perf_counter) and the completed process."""
+    """Run a command and return its wall time (perf_counter) and the completed process.
+
+    Prints the 1-minute load average before and after, since the machine may be shared.
+    """
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - start
+    name = " ".join(Path(cmd[0]).name.split() + cmd[1:2])
+    print(f"  [{name}: {elapsed:.1f} s, load {load_before:.1f} -> {os.getloadavg()[0]:.1f}]")
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
     return elapsed, proc
