@@ -18,7 +18,6 @@ Nothing under SOURCE is ever written.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict
@@ -39,12 +38,14 @@ from tasks.dicom.catalog import (
     read_parts,
     remove_parts,
 )
-from tasks.dicom.headers import PARTS_DIR, parse_batch, warm_up
+from tasks.dicom.headers import PARTS_DIR, parse_batch, warm_up, write_batch_files
 from tasks.dicom.listing import (
     ListedFile,
     ListingDiff,
     batch_key,
     diff_listing,
+    files_from_json,
+    files_to_json,
     list_source,
     make_batches,
     resolve_source,
@@ -55,8 +56,9 @@ from tasks.store import SiteStore, open_url, protocol_of, validate_site
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL.
 SOURCE_METADATA_KEY = "source"
-#: Batches are sized for about this many tasks per worker ...
-TASKS_PER_WORKER = 4
+#: Batches are sized for about this many tasks per worker (a Prefect task run costs a few
+#: tenths of a second on a busy machine, so few large batches beat many small ones) ...
+TASKS_PER_WORKER = 2
 #: ... but never fewer files than this per task (task overhead), unless batch_size is lower.
 MIN_BATCH = 100
 
@@ -79,11 +81,11 @@ class IngestParams(BaseModel):
         json_schema_extra={"position": 2},
     )
     batch_size: int = Field(
-        1000,
+        2500,
         ge=1,
         le=100_000,
         description="Largest number of files per parsing task; batches are sized for about "
-        "four tasks per worker, with at least 100 files each.",
+        "two tasks per worker, with at least 100 files each.",
         json_schema_extra={"position": 3},
     )
     max_failure_ratio: float = Field(
@@ -166,16 +168,9 @@ def _listing(params: IngestParams, store: SiteStore) -> list[ListedFile]:
 
 def _write_plan(store: SiteStore, files: list[ListedFile]) -> str:
     """Write the files to parse (private: it holds paths) and return the plan's store key."""
-    body = [[f.path, f.size, f.mtime] for f in files]
-    data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     key = f"{PARTS_DIR}/plan-{batch_key(files)}.json"
-    store.write_bytes(key, data, skip_unchanged=False)
+    store.write_bytes(key, files_to_json(files), skip_unchanged=False)
     return key
-
-
-def _read_plan(store: SiteStore, key: str) -> list[ListedFile]:
-    body = json.loads(store.read_bytes(key).decode("utf-8"))
-    return [ListedFile(p, int(s), str(m)) for p, s, m in body]
 
 
 def _start_workers() -> int:
@@ -193,10 +188,10 @@ def _start_workers() -> int:
 
 
 def batch_size_for(files: int, workers: int, largest: int) -> int:
-    """Files per task: about four tasks per worker, at least MIN_BATCH, at most ``largest``.
+    """Files per task: about two tasks per worker, at least MIN_BATCH, at most ``largest``.
 
     Each Prefect task costs a fixed overhead (a tenth of a second or more), so batches stay in
-    the hundreds to thousands of files; several per worker keep the workers busy to the end.
+    the hundreds to thousands of files; two per worker still balance the workers at the end.
     """
     wanted = math.ceil(files / (TASKS_PER_WORKER * max(workers, 1)))
     return max(1, min(largest, max(MIN_BATCH, wanted)))
@@ -226,11 +221,14 @@ def parse_headers_flow(
         ``workers`` and the ``parse_seconds`` from the first submission to the last batch done.
     """
     workers = _start_workers()
-    started = time.perf_counter()
-    files = _read_plan(SiteStore(store, site), plan)
+    started, started_at = time.perf_counter(), time.time()
+    site_store = SiteStore(store, site)
+    files = files_from_json(site_store.read_bytes(plan))
     batches = make_batches(files, batch_size_for(len(files), workers, batch_size))
+    for batch in batches:
+        write_batch_files(site_store, batch)
     progress = Progress(len(files), "DICOM files parsed")
-    futures = {parse_batch.submit(b.key, b.files, source, store, site): b for b in batches}
+    futures = {parse_batch.submit(b.key, source, store, site): b for b in batches}
     results: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     for future in as_completed(list(futures)):
@@ -250,6 +248,9 @@ def parse_headers_flow(
         "batches": len(batches),
         "workers": workers,
         "body_started": started,
+        "first_batch_after": round(
+            min((r["started_at"] for r in results), default=started_at) - started_at, 4
+        ),
         "parse_seconds": round(time.perf_counter() - started, 4),
     }
 
@@ -348,6 +349,7 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
             batches = outcome["batches"]
             timings["startup_seconds"] = round(outcome["body_started"] - t_start, 4)
             timings["parse_seconds"] = outcome["parse_seconds"]
+            timings["first_batch_after_seconds"] = outcome["first_batch_after"]
             timings["batch_seconds_sum"] = round(sum(r["seconds"] for r in parsed_results), 4)
             timings["batch_cpu_seconds_sum"] = round(
                 sum(r["cpu_seconds"] for r in parsed_results), 4

@@ -56,7 +56,14 @@ from pydicom.filereader import data_element_generator, read_partial
 from pydicom.uid import UID
 from pydicom.values import converters
 
-from tasks.dicom.listing import STATUS_OK, STATUS_QUARANTINED, ListedFile
+from tasks.dicom.listing import (
+    STATUS_OK,
+    STATUS_QUARANTINED,
+    Batch,
+    ListedFile,
+    files_from_json,
+    files_to_json,
+)
 from tasks.records import Reason
 from tasks.store import SiteStore, open_url, protocol_of
 
@@ -809,6 +816,8 @@ class BatchResult:
         Wall time of the batch.
     cpu_seconds
         CPU time of the batch in its worker process.
+    started_at
+        Wall-clock start (epoch seconds), to see how batches were spread over time.
     """
 
     key: str
@@ -818,11 +827,22 @@ class BatchResult:
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    started_at: float = 0.0
 
 
 def part_key(batch_key: str) -> str:
     """Return the store-relative key of a batch's part file."""
     return f"{PARTS_DIR}/{batch_key}.parquet"
+
+
+def files_key(batch_key: str) -> str:
+    """Return the store-relative key of the file list of a batch (private: it holds paths)."""
+    return f"{PARTS_DIR}/{batch_key}.files.json"
+
+
+def write_batch_files(store: SiteStore, batch: Batch) -> None:
+    """Write a batch's file list to the store, where its task reads it."""
+    store.write_bytes(files_key(batch.key), files_to_json(batch.files), skip_unchanged=False)
 
 
 def parse_batch_to_part(
@@ -846,6 +866,7 @@ def parse_batch_to_part(
     BatchResult
         Counts and the part key.
     """
+    started_at = time.time()
     started, cpu_started = time.perf_counter(), time.process_time()
     rows = parse_files(source_url, files)
     store = SiteStore(store_url, site)
@@ -858,6 +879,7 @@ def parse_batch_to_part(
         reasons=dict(sorted(Counter(r["reason"] for r in rows if r["reason"]).items())),
         seconds=round(time.perf_counter() - started, 4),
         cpu_seconds=round(time.process_time() - cpu_started, 4),
+        started_at=round(started_at, 4),
     )
 
 
@@ -869,11 +891,12 @@ def parse_batch_to_part(
     cache_policy=NO_CACHE,
     persist_result=False,
 )
-def parse_batch(
-    key: str, files: Sequence[ListedFile], source_url: str, store_url: str, site: str
-) -> BatchResult:
+def parse_batch(key: str, source_url: str, store_url: str, site: str) -> BatchResult:
     """Prefect task: parse one batch into a private part file; return counts only.
 
+    The batch's file list is read from the store (:func:`write_batch_files`), so paths never
+    pass through Prefect parameters, and submitting a task costs the same for any batch size.
     See :func:`parse_batch_to_part`.
     """
+    files = files_from_json(SiteStore(store_url, site).read_bytes(files_key(key)))
     return parse_batch_to_part(key, files, source_url, store_url, site)

@@ -9,6 +9,7 @@ new or changed files.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -236,3 +237,14 @@ def make_batches(files: Sequence[ListedFile], batch_size: int) -> list[Batch]:
 def item_ref(item: str) -> str:
     """Return an opaque short reference for a path or key (for artifacts and logs)."""
     return hashlib.sha256(item.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def files_to_json(files: Sequence[ListedFile]) -> bytes:
+    """Serialise listing entries (for the private plan files of a run)."""
+    body = [[f.path, f.size, f.mtime] for f in files]
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def files_from_json(data: bytes) -> list[ListedFile]:
+    """Read listing entries written by :func:`files_to_json`."""
+    return [ListedFile(str(p), int(s), str(m)) for p, s, m in json.loads(data.decode("utf-8"))]
