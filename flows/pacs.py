@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -226,6 +227,7 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
     store = SiteStore(params.store, params.site)
     base_url = parse_source(params.source)
     started = now_iso()
+    t0 = time.perf_counter()
     state = PullState.load(store)
     source_state = state.source(base_url)
     clean_staging(store)
@@ -243,6 +245,7 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
         delay=params.retry_delay_seconds,
     )
     jobs = [job for plan in plans for job in plan.jobs]
+    t_search = time.perf_counter()
     results: dict[str, SeriesPull | str] = {}
     if jobs:
         plan_key = write_plan(store, jobs)
@@ -262,6 +265,7 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
         for job in jobs:
             got = raw_results.get(job.series_key, {"error": "no result"})
             results[job.series_key] = str(got["error"]) if "error" in got else SeriesPull(**got)
+    t_pulled = time.perf_counter()
 
     outcomes: dict[StudyOutcome, int] = {"pulled": 0, "skipped": 0, "failed": 0}
     series_counts = {"pulled": 0, "skipped": 0, "failed": 0}
@@ -292,6 +296,7 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
         )
     source_state.last_success = started
     state.save(store)
+    t_committed = time.perf_counter()
 
     summary = StageSummary(
         stage=Stage.INGEST,
@@ -304,6 +309,11 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
             "series": series_counts,
             "instances": instances,
             "bytes": nbytes,
+            "timings": {
+                "search_seconds": round(t_search - t0, 3),
+                "pull_seconds": round(t_pulled - t_search, 3),
+                "commit_seconds": round(t_committed - t_pulled, 3),
+            },
         },
     )
     _report(summary, rows)
@@ -316,6 +326,7 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
             runtime=runtime or RuntimeOptions(),
         )
         summary.extra["ingest"] = ingested.to_dict()
+    summary.extra["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
     failed = outcomes["failed"]
     if plans and failed / len(plans) > params.max_failure_ratio:
         raise StageFailed(
