@@ -147,6 +147,12 @@ def ingest(
         )
         emit(pull_dicomweb(params, runtime_options(workers, dask_address)), as_json)
         return
+    if modality or since != "last" or until or secret_block:
+        from tasks.errors import OncoflowError
+
+        raise OncoflowError(
+            "--modality, --since, --until and --secret-block apply to dicomweb+ sources only"
+        )
     from flows.ingest import IngestParams, ingest_dicom
 
     summary = ingest_dicom(
