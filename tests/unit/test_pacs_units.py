@@ -143,3 +143,15 @@ def test_pull_params_normalise_and_check(tmp_path) -> None:
         PullParams(source="dicomweb+http://p/d", site="site-a", store="x", since="soon")
     with pytest.raises(OncoflowError, match="invalid site"):
         PullParams(source="dicomweb+http://p/d", site="Site A", store="x")
+
+
+def test_cli_refuses_dicomweb_options_for_a_folder_source(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    args = ["ingest", str(tmp_path), "--site", "site-a", "--store", str(tmp_path / "s")]
+    with pytest.raises(SystemExit) as excinfo:
+        main([*args, "--modality", "CT"])
+    assert excinfo.value.code == 2
+    assert "apply to dicomweb+ sources only" in capsys.readouterr().err
