@@ -76,9 +76,13 @@ async def _wait_run(api_url: str, run_id, timeout: float):
                 if run.state and run.state.is_final():
                     break
                 await asyncio.sleep(2)
-            subflows = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [run_id]})
-            )
+            subflows, parents = [], [run_id]
+            while parents:  # every descendant: site-pipeline, its stages, their subflows
+                children = await client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": parents})
+                )
+                subflows.extend(children)
+                parents = [c.id for c in children]
             ids = [run_id, *[s.id for s in subflows]]
             task_runs = await client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
@@ -203,7 +207,10 @@ def test_production_topology(tmp_path, synth_cohort, s3_endpoint):
             )
             worker_log = (home / "worker-site-a-pool.log").read_text(errors="replace")
             assert run.state.is_completed(), f"{run.state}\n{worker_log[-4000:]}"
-            rows = {r["stage"]: r for r in asyncio.run(_stage_rows(server.api_url, second.id))}
+            pipeline_run = next(s for s in subflows if s.name.startswith("site-pipeline"))
+            rows = {
+                r["stage"]: r for r in asyncio.run(_stage_rows(server.api_url, pipeline_run.id))
+            }
 
             # the runs are in PostgreSQL: through the API, and in the database itself
             assert {s.name.split("-")[0] for s in subflows} >= {
