@@ -24,7 +24,7 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.reporting import Progress, markdown_table, post_summary, post_table
-from flows.runtime import RuntimeOptions, task_runner
+from flows.runtime import RuntimeOptions, default_task_runner, task_runner
 from tasks.deid.audit import audit_summary_rows, audit_table
 from tasks.deid.profile import PROFILE_VERSION, DeidOptions
 from tasks.deid.pseudonyms import SiteKeys
@@ -201,7 +201,12 @@ def _deid_rows(outcomes: list[SeriesOutcome]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=DEID_SERIES_SCHEMA)
 
 
-@flow(name="deidentify-dicom", flow_run_name="deidentify-{params.site}", log_prints=False)
+@flow(
+    name="deidentify-dicom",
+    flow_run_name="deidentify-{params.site}",
+    log_prints=False,
+    task_runner=default_task_runner(),
+)
 def deidentify_flow(params: DeidParams) -> dict[str, Any]:
     """De-identify every usable series of the site's catalogue into ``deid/``.
 

@@ -19,7 +19,7 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.reporting import Progress, post_summary, post_table
-from flows.runtime import RuntimeOptions, task_runner
+from flows.runtime import RuntimeOptions, default_task_runner, task_runner
 from tasks.errors import OncoflowError, StageFailed
 from tasks.harmonise.config import HarmoniseConfig, load_config
 from tasks.harmonise.plan import HARMONISED_SERIES, plan_units, series_table
@@ -134,7 +134,12 @@ def qc_report(store: SiteStore, outcomes: list[SeriesOutcome], limit: int) -> st
     return text
 
 
-@flow(name="harmonise-series", flow_run_name="harmonise-{params.site}", log_prints=False)
+@flow(
+    name="harmonise-series",
+    flow_run_name="harmonise-{params.site}",
+    log_prints=False,
+    task_runner=default_task_runner(),
+)
 def harmonise_flow(params: HarmoniseParams) -> dict[str, Any]:
     """Harmonise the site's de-identified image series into ``harmonised/``.
 

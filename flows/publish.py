@@ -20,7 +20,7 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.reporting import Progress, artifact_key, markdown_table, post_summary
-from flows.runtime import RuntimeOptions, task_runner
+from flows.runtime import RuntimeOptions, default_task_runner, task_runner
 from tasks.cohort.publish import (
     PublishPlan,
     PublishResult,
@@ -138,7 +138,12 @@ def _announce(result: PublishResult, counts: dict[str, Any]) -> None:
     )
 
 
-@flow(name="publish-cohort", flow_run_name="publish-{params.site}", log_prints=False)
+@flow(
+    name="publish-cohort",
+    flow_run_name="publish-{params.site}",
+    log_prints=False,
+    task_runner=default_task_runner(),
+)
 def publish_flow(params: PublishParams) -> dict[str, Any]:
     """Publish a cohort version of one site (or do nothing when the content is unchanged).
 
