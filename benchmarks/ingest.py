@@ -209,6 +209,7 @@ def main() -> int:
         "prefect_server_start_s": round(server_start, 3) if api.temporary else 0.0,
         "ingest_startup_s": timings.get("startup_seconds"),
         "ingest_parse_s": parse,
+        "ingest_first_batch_started_after_s": timings.get("first_batch_after_seconds"),
         "ingest_parse_files_per_s": round(len(paths) / parse, 1),
         "ingest_time_inside_batches_s": timings.get("batch_seconds_sum"),
         "ingest_cpu_inside_batches_s": timings.get("batch_cpu_seconds_sum"),
