@@ -1,9 +1,10 @@
 """Flow ``ingest-dicom``: SOURCE (any fsspec URL) into the site's private catalogue.
 
 1. List SOURCE (path, size, mtime or ETag) and diff it with ``catalog/instances.parquet``.
-2. Parse only new or changed files, in batches of hundreds per Dask task (subflow
-   ``parse-dicom-headers``, started only when there is something to parse, so an unchanged
-   re-run never starts a cluster). Each batch task writes its rows to a private part file
+2. Parse only new or changed files, in batches of hundreds to thousands of files per Dask
+   task, about two per worker (subflow ``parse-dicom-headers``, started only when there is
+   something to parse, so an unchanged re-run never starts a cluster). A batch task reads its
+   file list from the store, writes its rows to a private part file
    ``catalog/_parts/<batch-key>.parquet`` and returns counts only.
 3. Merge the parts with the unchanged rows, mark deleted files, group series and validate their
    geometry, write ``catalog/instances.parquet``, ``catalog/series.parquet`` and the ingest rows
@@ -11,9 +12,10 @@
 4. Post a markdown summary, a table of quarantined items (opaque references, reason codes) and,
    while batches run, a progress artifact.
 
-Privacy: flow parameters are URLs, the site code and numbers; the batch plan (file paths) goes
-through the private zone of the store, never through Prefect parameters, results or logs.
-Nothing under SOURCE is ever written.
+Privacy: flow and task parameters are URLs, the site code, numbers and content keys; file
+paths go through the private zone of the store (the plan and the batch file lists), never
+through Prefect parameters, results or logs. Nothing under SOURCE is ever written. Two ingest
+runs of the same site must not overlap (they share ``catalog/_parts/``).
 """
 
 from __future__ import annotations
