@@ -266,9 +266,13 @@ def make_client(base_url: str, credentials: DicomwebCredentials, timeout: float 
     from dicomweb_client import DICOMwebClient
 
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
-    return DICOMwebClient(
+    client = DICOMwebClient(
         url=base_url, session=credentials.session(), timeout=(min(10.0, timeout), timeout)
     )
+    # dicomweb-client's own retry repeats *any* exception 5 times with waits of up to 8 s,
+    # whatever our settings; retries are ours (search: with_backoff; series: task retries).
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def describe_error(exc: BaseException) -> str:

@@ -11,7 +11,9 @@ import contextlib
 import datetime as dt
 import io
 import json
+import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,6 +97,12 @@ class Orthanc:
     def stop(self) -> None:
         """Stop the Orthanc process (SIGTERM, then SIGKILL)."""
         stop(self.proc)  # type: ignore[arg-type]
+
+    def kill(self) -> None:
+        """Kill the Orthanc process at once (SIGKILL), as a crash or power loss would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        self.proc.wait(timeout=30)  # type: ignore[attr-defined]
 
 
 def orthanc_config(

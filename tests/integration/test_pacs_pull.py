@@ -264,7 +264,7 @@ def test_orthanc_stopped_mid_pull_then_a_later_run_completes(
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not stopped.is_set():
             if staging.exists() and any(staging.iterdir()):
-                orthanc.stop()
+                orthanc.kill()
                 stopped.set()
                 return
             time.sleep(0.002)
