@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -96,11 +97,17 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.Comple
     Prints the 1-minute load average before and after, since the machine may be shared.
     """
     load_before = os.getloadavg()[0]
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime)
     name = " ".join(Path(cmd[0]).name.split() + cmd[1:2])
-    print(f"  [{name}: {elapsed:.1f} s, load {load_before:.1f} -> {os.getloadavg()[0]:.1f}]")
+    print(
+        f"  [{name}: {elapsed:.1f} s wall, {cpu:.1f} s CPU (its processes), "
+        f"load {load_before:.1f} -> {os.getloadavg()[0]:.1f}]"
+    )
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
     return elapsed, proc
