@@ -26,6 +26,7 @@ from tasks.deid.dataset import DeidContext, deidentify_dataset, encode_dataset, 
 from tasks.deid.pixels import blank_rectangles, burned_in_risk, matching_rule
 from tasks.deid.profile import DeidOptions
 from tasks.deid.pseudonyms import SiteKeys
+from tasks.deid.rewrite import rewrite_instance
 from tasks.deid.secret import load_site_secret
 from tasks.records import Reason, Status, UnitResult
 from tasks.store import DEID_DICOM, SiteStore, open_url
@@ -120,13 +121,27 @@ def _first_text(ds: Dataset, *keywords: str) -> str:
 
 @dataclass
 class InstanceOutcome:
-    """One instance after de-identification: the dataset, or why it cannot be published."""
+    """One instance after de-identification: the encoded file, or why it cannot be published.
 
-    dataset: Dataset | None
+    ``dataset`` is the de-identified dataset: the one the pydicom path built, or the encoded
+    file read back on first use when the byte-stream rewriter produced it. ``references`` is
+    False only when the file holds no top-level sequence that may reference another series.
+    """
+
+    parsed: Dataset | None = None
     reason: Reason | None = None
     detail: str = ""
     age: str = ""
     data: bytes = b""
+    references: bool = True
+
+    @property
+    def dataset(self) -> Dataset | None:
+        """The de-identified dataset, or None when the instance is quarantined."""
+        if self.parsed is None and self.reason is None and self.data:
+            with quiet_pydicom():
+                self.parsed = dcmread(io.BytesIO(self.data))
+        return self.parsed
 
 
 def deidentify_instance(data: bytes, ctx: DeidContext) -> InstanceOutcome:
@@ -142,10 +157,30 @@ def deidentify_instance(data: bytes, ctx: DeidContext) -> InstanceOutcome:
     Returns
     -------
     InstanceOutcome
-        The de-identified dataset (encode it with :func:`encode_dataset`), or ``None`` and a
-        reason: ``unreadable-header``, ``missing-uids``, ``dicomdir``, ``burned-in-annotation``
-        (no cleaning rule covers it) or ``deid-error``. Details never hold header values.
+        The de-identified file, or no dataset and a reason: ``unreadable-header``,
+        ``missing-uids``, ``dicomdir``, ``burned-in-annotation`` (no cleaning rule covers it)
+        or ``deid-error``. Details never hold header values.
+
+    Notes
+    -----
+    Files go through :func:`tasks.deid.rewrite.rewrite_instance` (the byte-stream rewriter,
+    same output) when it handles them, else through pydicom: read, check, de-identify the
+    dataset, encode.
     """
+    with quiet_pydicom():
+        try:
+            fast = rewrite_instance(data, ctx)
+        except Exception:  # Unsupported, or anything unexpected: the pydicom path decides
+            fast = None
+    if fast is not None:
+        if fast.reason:
+            return InstanceOutcome(None, Reason(fast.reason), fast.detail)
+        return InstanceOutcome(age=fast.age, data=fast.data, references=fast.references)
+    return _deidentify_with_pydicom(data, ctx)
+
+
+def _deidentify_with_pydicom(data: bytes, ctx: DeidContext) -> InstanceOutcome:
+    """De-identify through pydicom: read, check, de-identify the dataset, encode."""
     stage = "read"
     try:
         with quiet_pydicom():
@@ -269,10 +304,9 @@ def deidentify_series(
             _discard(store, written)
             return _quarantined(row, Reason.DEID_ERROR, f"read failed: {type(exc).__name__}")
         result = deidentify_instance(data, ctx)
-        if result.dataset is None:
+        if result.reason is not None or not result.data:
             _discard(store, written)
             return _quarantined(row, result.reason or Reason.DEID_ERROR, result.detail)
-        ds = result.dataset
         key = instance_key(patient, study, series, index)
         try:
             if store.write_bytes(key, result.data):
@@ -281,9 +315,10 @@ def deidentify_series(
             _discard(store, written)
             return _quarantined(row, Reason.DEID_ERROR, f"write failed: {type(exc).__name__}")
         outputs.append(key)
-        referenced |= _referenced_series(ds, series)
+        if result.references:
+            referenced |= _referenced_series(result.dataset, series)
         if index == 1:
-            _describe(row, ds, job, options, result.age)
+            _describe(row, result.dataset, job, options, result.age)
     row["n_instances"] = len(outputs)
     row["paths"] = outputs
     row["referenced_series"] = sorted(referenced)
