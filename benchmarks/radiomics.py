@@ -262,6 +262,10 @@ def main() -> None:
         print()
         print(f"start-up: pyradiomics CLI (one tiny case) {cli_startup:.1f} s; "
               f"oncoflow (fully cached rerun) {warm:.1f} s")  # fmt: skip
+        print(
+            f"CPU seconds inside oncoflow's extraction tasks (pyradiomics + I/O): "
+            f"{summary['compute_cpu_seconds']:.1f} s"
+        )
         print(f"max relative difference oncoflow vs CLI features: {diff:.1e}")
         ratio = cli_best / cold
         work_ratio = (cli_best - cli_startup) / max(cold - warm, 1e-9)

@@ -292,6 +292,7 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
         feature_columns=table.num_columns - len(FIXED_COLUMNS),
         parts_computed=sum(outcomes[u.key].parts_computed for u in units),
         parts_reused=sum(outcomes[u.key].parts_reused for u in units),
+        compute_cpu_seconds=round(sum(outcomes[u.key].compute_seconds for u in units), 1),
     )
     post_summary(
         summary,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -193,6 +194,8 @@ class RoiOutcome:
         Store keys of the unit's cached parts (in table column order).
     parts_computed, parts_reused
         How many parts were computed now / found in the cache.
+    compute_seconds
+        CPU seconds this process spent computing the missing parts (0 when all were cached).
     """
 
     key: str
@@ -203,6 +206,7 @@ class RoiOutcome:
     parts: tuple[str, ...] = ()
     parts_computed: int = 0
     parts_reused: int = 0
+    compute_seconds: float = 0.0
 
     def unit_result(self) -> UnitResult:
         """Return the outcome as the shared :class:`~tasks.records.UnitResult`."""
@@ -253,7 +257,9 @@ def extract_roi(store: SiteStore, unit: RoiUnit, params: RadiomicsParams) -> Roi
     cached = read_parts(store, keys)
     missing = [p for p, k in zip(parts, keys, strict=True) if k not in cached]
     computed = 0
+    cpu = 0.0
     if missing:
+        started = time.process_time()
         try:
             fresh = compute_parts(store, unit, params, missing)
         except InputError as exc:
@@ -273,12 +279,14 @@ def extract_roi(store: SiteStore, unit: RoiUnit, params: RadiomicsParams) -> Roi
                 write_part(store, key, fresh[part])
                 cached[key] = fresh[part]
         computed = len(fresh)
+        cpu = round(time.process_time() - started, 3)
     outcome = [cached[k] for k in keys]
     bad = next((c for c in outcome if not c.ok), None)
     common = {
         "parts": tuple(keys),
         "parts_computed": computed,
         "parts_reused": len(keys) - computed,
+        "compute_seconds": cpu,
     }
     if bad is not None:
         return RoiOutcome(
