@@ -256,6 +256,7 @@ def _parse_dataset(
         if tag == _ITEM_DELIMITER:
             if not undefined:
                 raise Unsupported("item delimiter outside an undefined-length item")
+            item.encoding = encoding
             return item, pos + 8
         if group == 0xFFFE or tag <= last:
             raise Unsupported("delimiter, duplicate or unsorted tag")
@@ -387,8 +388,8 @@ def _conversion_vr(item: _Item, elem: _Elem) -> str:
 
 
 def _ascii_text(raw: bytes, encoding: list[str]) -> str | None:
-    """Decode text that every listed codec reads as ASCII, else None."""
-    if raw.isascii() and b"\x1b" not in raw and len(encoding) == 1 and encoding[0] in _ASCII_CODECS:
+    """Decode ASCII text without escape sequences (pydicom then uses the first codec only)."""
+    if raw.isascii() and b"\x1b" not in raw and encoding[0] in _ASCII_CODECS:
         return raw.decode("ascii")
     return None
 
@@ -443,7 +444,7 @@ def _encode_strings(vr: str, values: list[str], encoding: list[str]) -> bytes:
     if not text.isascii() or "\x1b" in text:
         raise Unsupported("non-ASCII value")
     if vr in _TEXT_VRS or vr in _SINGLE_TEXT_VRS or vr == "PN":
-        if len(encoding) != 1 or encoding[0] not in _ASCII_CODECS:
+        if encoding[0] not in _ASCII_CODECS:
             raise Unsupported("character set")
     elif vr not in _STRING_VRS and vr not in ("UI", "AE", "DS", "IS", "UR"):
         raise Unsupported("VR encoded by pydicom only")
