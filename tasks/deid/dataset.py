@@ -589,13 +589,16 @@ def quiet_pydicom() -> Iterator[None]:
     """
     logger = logging.getLogger("pydicom")
     level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
+    silent = logging.CRITICAL + 1
+    if level != silent:  # setLevel clears every logger's cache: only when not already quiet
+        logger.setLevel(silent)
     try:
         with warnings.catch_warnings(), pydicom_config.disable_value_validation():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        if level != silent:
+            logger.setLevel(level)
 
 
 def encode_dataset(ds: Dataset) -> bytes:

@@ -520,8 +520,8 @@ class _Walker:
         self._actions = ctx.action_cache
         self._fast_keep = ctx.fast_keep
 
-    def note(self, attribute: str, action: Action | str) -> None:
-        self.audit[(attribute, action.value if isinstance(action, Action) else action)] += 1
+    def note(self, attribute: str, action: Action) -> None:
+        self.audit[(attribute, action.value)] += 1
 
     # -- element access, as the pydicom Dataset would give it --------------------------------
     def convert(self, item: _Item, tag: int) -> DataElement | _Converted:
