@@ -285,9 +285,7 @@ def _parse_dataset(
                 elem.items = items
                 elem.conv = _Converted("SQ", items)
             elif tag == _PIXEL_DATA and top:
-                vend = data.find(b"\xfe\xff\xdd\xe0", vstart)
-                if vend < 0 or vend + 8 > size:
-                    raise Unsupported("encapsulated pixel data without delimiter")
+                vend = _fragments_end(data, vstart)
                 pos = vend + 8
                 elem = _Elem(tag, vr, -1, vstart, vend, True)
             else:
@@ -308,6 +306,23 @@ def _parse_dataset(
             encoding = _encodings(data[elem.vstart : elem.vend])
     item.encoding = encoding
     return item, pos
+
+
+def _fragments_end(data: bytes, pos: int) -> int:
+    """Return where the sequence delimiter of encapsulated pixel data starts.
+
+    Steps over the fragments item by item, as pydicom's reader does first (a delimiter's
+    bytes inside a fragment do not end the value); anything else is left to pydicom.
+    """
+    size = len(data)
+    while pos + 8 <= size:
+        marker = data[pos : pos + 4]
+        if marker == b"\xfe\xff\xdd\xe0":
+            return pos
+        if marker != b"\xfe\xff\x00\xe0":
+            break
+        pos += 8 + _UL.unpack_from(data, pos + 4)[0]
+    raise Unsupported("encapsulated pixel data without items and delimiter")
 
 
 def _is_sequence(data: bytes, tag: int, vr: str | None, vstart: int) -> bool:

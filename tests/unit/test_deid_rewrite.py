@@ -317,3 +317,26 @@ def test_untouched_pixel_data_is_copied_as_raw_bytes(synth_cohort: Path):
     with quiet_pydicom():
         out = rewrite_instance(path.read_bytes(), _context(DeidOptions(), "MRN-1"))
     assert dcmread(io.BytesIO(out.data)).PixelData == source.PixelData
+
+
+def test_delimiter_bytes_inside_a_fragment_do_not_end_the_pixel_data():
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, "1.2.3.4.5"
+    ds.Modality, ds.PatientName, ds.StudyDate = "CT", "Qzorvath^Anna", "20200102"
+    ds.Rows = ds.Columns = 2
+    ds.BitsAllocated, ds.SamplesPerPixel = 8, 1
+    ds.PixelData = encapsulate([b"\xff\xd8\xfe\xff\xdd\xe0\x00\x00\x00\x00\xff\xd9"])
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    handled = _compare(
+        buffer.getvalue(), _context(DeidOptions(), "P"), _context(DeidOptions(), "P")
+    )
+    assert handled
+    with quiet_pydicom():
+        out = rewrite_instance(buffer.getvalue(), _context(DeidOptions(), "P"))
+    assert dcmread(io.BytesIO(out.data)).PixelData == ds.PixelData
