@@ -8,6 +8,8 @@ Modules:
 * :mod:`tasks.deid.descriptors` — cleaning of free-text descriptors against a vocabulary.
 * :mod:`tasks.deid.pixels` — burned-in annotation risk and configured pixel cleaning.
 * :mod:`tasks.deid.dataset` — de-identify one pydicom Dataset (every nested level).
+* :mod:`tasks.deid.rewrite` — the same profile applied to a file's byte stream (same output,
+  no pydicom Dataset; the pydicom path takes the files it does not handle).
 * :mod:`tasks.deid.series` — de-identify one series from the private catalogue (the task body).
 * :mod:`tasks.deid.audit` — audit counts (attribute, action, count; never values).
 * :mod:`tasks.deid.scan_phi` — the leak gate over DICOM and table files.
