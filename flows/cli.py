@@ -340,7 +340,7 @@ def run(
     from pydantic import ValidationError
 
     from flows.pipeline import SitePipelineParams, run_pipeline
-    from tasks.errors import OncoflowError
+    from tasks.errors import OncoflowError, validation_message
 
     if (cohort is None) != (to is None):
         raise OncoflowError("--cohort and --to go together")
@@ -361,7 +361,7 @@ def run(
             runtime=runtime_options(workers, dask_address),
         )
     except ValidationError as exc:
-        raise OncoflowError(str(exc.errors(include_url=False)[0]["msg"])) from None
+        raise OncoflowError(validation_message(exc)) from None
     emit(run_pipeline(pipeline_params), as_json)
 
 

@@ -36,7 +36,7 @@ from tasks.deid.series import (
     deidentify_series_task,
     pseudonymous_series_uid,
 )
-from tasks.errors import OncoflowError, StageFailed
+from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.records import QuarantineRecord, Reason, Stage, StageSummary, Status, UnitResult
 from tasks.store import (
     CATALOG_SERIES,
@@ -114,9 +114,7 @@ def load_options(path: str | Path | None) -> DeidOptions:
     try:
         return DeidOptions.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise OncoflowError(f"options file {path}: {loc}: {err['msg']}") from None
+        raise OncoflowError(f"options file {path}: {validation_message(exc)}") from None
 
 
 def build_params(
@@ -127,10 +125,7 @@ def build_params(
     try:
         return DeidParams(site=site, store=store, source=source, options=settings)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        raise OncoflowError(f"{loc}: {msg}" if loc else msg) from None
+        raise OncoflowError(validation_message(exc)) from None
 
 
 def source_root(store: SiteStore, table: pa.Table, override: str | None) -> str:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from flows.reporting import Progress, markdown_table, post_summary, post_table
 from flows.runtime import RuntimeOptions, pin_native_threads, task_runner
-from tasks.errors import OncoflowError, StageFailed
+from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.radiomics.cache import read_parts
 from tasks.radiomics.extract import RoiOutcome, RoiUnit, extract_roi, plan_units, select_units
 from tasks.radiomics.params import Preset, RadiomicsParams, load_params
@@ -124,10 +124,7 @@ def build_params(
             max_failure_ratio=max_failure_ratio,
         )
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        raise OncoflowError(f"{loc}: {msg}" if loc else msg) from None
+        raise OncoflowError(validation_message(exc)) from None
 
 
 @task(

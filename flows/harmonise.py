@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from flows.reporting import Progress, post_summary, post_table
 from flows.runtime import RuntimeOptions, default_task_runner, task_runner
-from tasks.errors import OncoflowError, StageFailed
+from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.harmonise.config import HarmoniseConfig, load_config
 from tasks.harmonise.plan import HARMONISED_SERIES, plan_units, series_table
 from tasks.harmonise.qc import thumbnail_data_uri
@@ -79,10 +79,7 @@ def build_params(
             site=site, store=store, config=settings, max_failure_ratio=max_failure_ratio
         )
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        raise OncoflowError(f"{loc}: {msg}" if loc else msg) from None
+        raise OncoflowError(validation_message(exc)) from None
 
 
 def _failed(unit: SeriesUnit, exc: BaseException) -> SeriesOutcome:

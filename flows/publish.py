@@ -32,7 +32,7 @@ from tasks.cohort.publish import (
 from tasks.cohort.select import PlannedFile
 from tasks.cohort.spec import load_spec
 from tasks.cohort.storage import Retrier, RetryPolicy
-from tasks.errors import OncoflowError, StageFailed
+from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.records import Stage, StageSummary, Status, UnitResult
 from tasks.store import SiteStore, validate_site
 
@@ -72,10 +72,7 @@ def build_params(site: str, store: str, cohort: str, to: str) -> PublishParams:
     try:
         return PublishParams(site=site, store=store, cohort=cohort, to=to)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        raise OncoflowError(f"{loc}: {msg}" if loc else msg) from None
+        raise OncoflowError(validation_message(exc)) from None
 
 
 @task(name="stage-series", task_run_name="stage-{series}")

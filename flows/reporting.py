@@ -54,9 +54,7 @@ def summary_markdown(summary: StageSummary, title: str, sections: Mapping[str, s
     return "\n\n".join(parts)
 
 
-def post_summary(
-    summary: StageSummary, title: str, sections: Mapping[str, str] = {}
-) -> None:
+def post_summary(summary: StageSummary, title: str, sections: Mapping[str, str] = {}) -> None:
     """Post the markdown summary artifact of a stage run (key ``<site>-<stage>-summary``)."""
     create_markdown_artifact(
         markdown=summary_markdown(summary, title, sections),
