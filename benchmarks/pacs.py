@@ -37,7 +37,7 @@ import pydicom
 from flows.pacs import PullParams, pull_dicomweb
 from flows.runtime import RuntimeOptions, dask_cluster, ensure_prefect_api
 from tasks.pacs.credentials import ENV_PASSWORD, ENV_USER, DicomwebCredentials
-from tasks.pacs.dicomweb import ANY_TRANSFER_SYNTAX, make_client
+from tasks.pacs.dicomweb import ANY_TRANSFER_SYNTAX, dicomweb_client
 from tests.integration.pacs_support import (
     ORTHANC_PASSWORD,
     ORTHANC_USER,
@@ -50,18 +50,18 @@ from tests.integration.pacs_support import (
 
 def baseline_pull(orthanc: Orthanc, study_uids: list[str], out: Path) -> int:
     """Pull every series of the studies with a plain dicomweb-client loop; return instances."""
-    client = make_client(orthanc.dicomweb, DicomwebCredentials(*orthanc.auth))
-    n = 0
-    for study_uid in study_uids:
-        for item in client.search_for_series(study_instance_uid=study_uid):
-            series_uid = item["0020000E"]["Value"][0]
-            for ds in client.retrieve_series(
-                study_uid, series_uid, media_types=ANY_TRANSFER_SYNTAX
-            ):
-                buf = io.BytesIO()
-                pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-                (out / f"{ds.SOPInstanceUID}.dcm").write_bytes(buf.getvalue())
-                n += 1
+    with dicomweb_client(orthanc.dicomweb, DicomwebCredentials(*orthanc.auth)) as client:
+        n = 0
+        for study_uid in study_uids:
+            for item in client.search_for_series(study_instance_uid=study_uid):
+                series_uid = item["0020000E"]["Value"][0]
+                for ds in client.retrieve_series(
+                    study_uid, series_uid, media_types=ANY_TRANSFER_SYNTAX
+                ):
+                    buf = io.BytesIO()
+                    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+                    (out / f"{ds.SOPInstanceUID}.dcm").write_bytes(buf.getvalue())
+                    n += 1
     return n
 
 

@@ -35,8 +35,8 @@ from tasks.pacs.dicomweb import (
     clean_staging,
     commit_series,
     describe_error,
+    dicomweb_client,
     discard,
-    make_client,
     now_iso,
     parse_date,
     parse_source,
@@ -234,16 +234,17 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
     study_dates = study_date_filter(
         params.since, params.until, source_state.last_success, params.overlap_days
     )
-    client = make_client(base_url, load_credentials(params.secret_block), params.timeout_seconds)
-    plans = plan_pull(
-        client,
-        state,
-        base_url,
-        params.modalities,
-        study_dates,
-        attempts=params.retries + 1,
-        delay=params.retry_delay_seconds,
-    )
+    credentials = load_credentials(params.secret_block)
+    with dicomweb_client(base_url, credentials, params.timeout_seconds) as client:
+        plans = plan_pull(
+            client,
+            state,
+            base_url,
+            params.modalities,
+            study_dates,
+            attempts=params.retries + 1,
+            delay=params.retry_delay_seconds,
+        )
     jobs = [job for plan in plans for job in plan.jobs]
     t_search = time.perf_counter()
     results: dict[str, SeriesPull | str] = {}

@@ -17,6 +17,7 @@ searched again by its UID on the next run, whatever the date filters.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -25,7 +26,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -261,18 +262,27 @@ class StudyPlan:
         return not self.jobs
 
 
-def make_client(base_url: str, credentials: DicomwebCredentials, timeout: float = 60.0) -> Any:
-    """Return a ``dicomweb_client.DICOMwebClient`` for ``base_url`` with ``credentials``."""
+@contextlib.contextmanager
+def dicomweb_client(
+    base_url: str, credentials: DicomwebCredentials, timeout: float = 60.0
+) -> Iterator[Any]:
+    """Yield a ``dicomweb_client.DICOMwebClient``; its HTTP connections close on exit.
+
+    Closing matters: a PACS serves a bounded number of connections, and idle keep-alive
+    connections left by finished tasks would hold them.
+    """
     from dicomweb_client import DICOMwebClient
 
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
-    client = DICOMwebClient(
-        url=base_url, session=credentials.session(), timeout=(min(10.0, timeout), timeout)
-    )
-    # dicomweb-client's own retry repeats *any* exception 5 times with waits of up to 8 s,
-    # whatever our settings; retries are ours (search: with_backoff; series: task retries).
-    client.set_http_retry_params(retry=False)
-    return client
+    with credentials.session() as session:
+        client = DICOMwebClient(
+            url=base_url, session=session, timeout=(min(10.0, timeout), timeout)
+        )
+        # dicomweb-client's own retry repeats *any* exception 5 times with waits of up to
+        # 8 s, whatever our settings; retries are ours (search: with_backoff; series: task
+        # retries).
+        client.set_http_retry_params(retry=False)
+        yield client
 
 
 def describe_error(exc: BaseException) -> str:
@@ -490,6 +500,48 @@ def encode_dataset(ds: pydicom.Dataset) -> bytes:
     return buf.getvalue()
 
 
+def _retrieve_into(
+    client: Any, job: SeriesJob, store: SiteStore, staging: str, received: set[str]
+) -> int:
+    """Write every instance of a series under ``staging``; return the bytes written.
+
+    Raises
+    ------
+    PullError
+        When an instance belongs to another series, has no valid SOP Instance UID, or an
+        instance listed by QIDO-RS did not arrive.
+    """
+    listed = search_all(
+        partial(
+            client.search_for_instances,
+            study_instance_uid=job.study_uid,
+            series_instance_uid=job.series_uid,
+            fields=["SOPInstanceUID"],
+        ),
+        TAG_SOP_UID,
+    )
+    expected = {_value(i, TAG_SOP_UID) for i in listed} - {None}
+    fs = store.fs
+    fs.makedirs(store.path(staging), exist_ok=True)
+    nbytes = 0
+    for ds in client.iter_series(job.study_uid, job.series_uid, media_types=ANY_TRANSFER_SYNTAX):
+        if str(ds.get("SeriesInstanceUID", "")) != job.series_uid:
+            raise PullError("the server returned an instance of another series")
+        sop_uid = str(ds.get("SOPInstanceUID", ""))
+        if not UID_PATTERN.match(sop_uid):
+            raise PullError("the server returned an instance without a valid SOPInstanceUID")
+        data = encode_dataset(ds)
+        fs.pipe_file(store.path(f"{staging}/{opaque_key(sop_uid)}.dcm"), data)
+        received.add(sop_uid)
+        nbytes += len(data)
+    missing = expected - received
+    if missing or not received:
+        raise PullError(
+            f"incomplete series: {len(missing)} of {len(expected)} listed instances missing"
+        )
+    return nbytes
+
+
 def retrieve_series(
     job: SeriesJob,
     base_url: str,
@@ -510,40 +562,13 @@ def retrieve_series(
         Where the complete series was staged, and its counts.
     """
     store = SiteStore(store_url, site)
-    client = make_client(base_url, load_credentials(secret_block), timeout)
     staging = f"{RAW_STAGING_DICOMWEB}/{job.series_key}-{uuid.uuid4().hex[:12]}"
     fs = store.fs
     received: set[str] = set()
     nbytes = 0
     try:
-        listed = search_all(
-            partial(
-                client.search_for_instances,
-                study_instance_uid=job.study_uid,
-                series_instance_uid=job.series_uid,
-                fields=["SOPInstanceUID"],
-            ),
-            TAG_SOP_UID,
-        )
-        expected = {_value(i, TAG_SOP_UID) for i in listed} - {None}
-        fs.makedirs(store.path(staging), exist_ok=True)
-        for ds in client.iter_series(
-            job.study_uid, job.series_uid, media_types=ANY_TRANSFER_SYNTAX
-        ):
-            if str(ds.get("SeriesInstanceUID", "")) != job.series_uid:
-                raise PullError("the server returned an instance of another series")
-            sop_uid = str(ds.get("SOPInstanceUID", ""))
-            if not UID_PATTERN.match(sop_uid):
-                raise PullError("the server returned an instance without a valid SOPInstanceUID")
-            data = encode_dataset(ds)
-            fs.pipe_file(store.path(f"{staging}/{opaque_key(sop_uid)}.dcm"), data)
-            received.add(sop_uid)
-            nbytes += len(data)
-        missing = expected - received
-        if missing or not received:
-            raise PullError(
-                f"incomplete series: {len(missing)} of {len(expected)} listed instances missing"
-            )
+        with dicomweb_client(base_url, load_credentials(secret_block), timeout) as client:
+            nbytes = _retrieve_into(client, job, store, staging, received)
     except BaseException as exc:
         if fs.exists(store.path(staging)):
             fs.rm(store.path(staging), recursive=True)

@@ -26,7 +26,7 @@ from tasks.pacs.dicomweb import (
     RAW_STAGING_DICOMWEB,
     STATE_KEY,
     PullState,
-    make_client,
+    dicomweb_client,
     opaque_key,
     plan_pull,
     study_date_filter,
@@ -307,40 +307,40 @@ def test_search_filters_watermark_and_failed_study_retry(orthanc: Orthanc) -> No
     recent = make_ct_study("PAT-NEW", study_date=today, seed=5)
     for study in (old, recent):
         orthanc.upload(list(study.files))
-    client = make_client(orthanc.dicomweb, DicomwebCredentials(*orthanc.auth))
-    base = orthanc.dicomweb
+    with dicomweb_client(orthanc.dicomweb, DicomwebCredentials(*orthanc.auth)) as client:
+        base = orthanc.dicomweb
 
-    def found(state: PullState, modalities: list[str], dates: str | None) -> set[str]:
-        return {p.study_uid for p in plan_pull(client, state, base, modalities, dates)}
+        def found(state: PullState, modalities: list[str], dates: str | None) -> set[str]:
+            return {p.study_uid for p in plan_pull(client, state, base, modalities, dates)}
 
-    empty = PullState()
-    assert found(empty, [], None) == {old.study_uid, recent.study_uid}
-    assert found(empty, ["MR"], None) == set()
-    assert found(empty, ["CT", "MR"], None) == {old.study_uid, recent.study_uid}
-    yesterday = (today - dt.timedelta(days=1)).isoformat()
-    assert found(empty, [], study_date_filter(yesterday, None, None)) == {recent.study_uid}
-    # Watermark: "last" searches from the last successful pull minus the overlap.
-    watermark = dt.datetime.now().astimezone().isoformat()
-    assert study_date_filter("last", None, None) is None
-    dates = study_date_filter("last", None, watermark)
-    assert found(empty, [], dates) == {recent.study_uid}
-    # A study that failed earlier is searched again by UID even outside the date range.
-    state = PullState()
-    state.source(base).failed[opaque_key(old.study_uid)] = {
-        "study_uid": old.study_uid,
-        "attempts": 1,
-        "error": "connection failed",
-    }
-    assert found(state, [], dates) == {old.study_uid, recent.study_uid}
-    # Series already pulled with the same instance count are not planned again.
-    state.series[opaque_key(recent.series_uids[0])] = {"study": "x", "instances": 3}
-    plans = {p.study_uid: p for p in plan_pull(client, state, base, [], dates)}
-    assert plans[recent.study_uid].up_to_date
-    assert len(plans[old.study_uid].jobs) == 1
-    # ...but a series whose instance count changed on the server is pulled again.
-    state.series[opaque_key(recent.series_uids[0])]["instances"] = 2
-    plans = {p.study_uid: p for p in plan_pull(client, state, base, [], dates)}
-    assert len(plans[recent.study_uid].jobs) == 1
+        empty = PullState()
+        assert found(empty, [], None) == {old.study_uid, recent.study_uid}
+        assert found(empty, ["MR"], None) == set()
+        assert found(empty, ["CT", "MR"], None) == {old.study_uid, recent.study_uid}
+        yesterday = (today - dt.timedelta(days=1)).isoformat()
+        assert found(empty, [], study_date_filter(yesterday, None, None)) == {recent.study_uid}
+        # Watermark: "last" searches from the last successful pull minus the overlap.
+        watermark = dt.datetime.now().astimezone().isoformat()
+        assert study_date_filter("last", None, None) is None
+        dates = study_date_filter("last", None, watermark)
+        assert found(empty, [], dates) == {recent.study_uid}
+        # A study that failed earlier is searched again by UID even outside the date range.
+        state = PullState()
+        state.source(base).failed[opaque_key(old.study_uid)] = {
+            "study_uid": old.study_uid,
+            "attempts": 1,
+            "error": "connection failed",
+        }
+        assert found(state, [], dates) == {old.study_uid, recent.study_uid}
+        # Series already pulled with the same instance count are not planned again.
+        state.series[opaque_key(recent.series_uids[0])] = {"study": "x", "instances": 3}
+        plans = {p.study_uid: p for p in plan_pull(client, state, base, [], dates)}
+        assert plans[recent.study_uid].up_to_date
+        assert len(plans[old.study_uid].jobs) == 1
+        # ...but a series whose instance count changed on the server is pulled again.
+        state.series[opaque_key(recent.series_uids[0])]["instances"] = 2
+        plans = {p.study_uid: p for p in plan_pull(client, state, base, [], dates)}
+        assert len(plans[recent.study_uid].jobs) == 1
 
 
 def test_wrong_credentials_fail_with_one_clean_line(
