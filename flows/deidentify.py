@@ -353,10 +353,4 @@ def deidentify(params: DeidParams, runtime: RuntimeOptions | None = None) -> Sta
         raise OncoflowError(f"source not found: {source} (pass --source if it moved)")
     load_site_secret(params.site)
     result = deidentify_flow.with_options(task_runner=task_runner(runtime))(params)
-    summary = StageSummary(stage=Stage.DEIDENTIFY, site=params.site)
-    summary.counts = dict(result.get("counts", {}))
-    summary.reasons = dict(result.get("reasons", {}))
-    summary.extra = {
-        k: v for k, v in result.items() if k not in ("stage", "site", "counts", "reasons")
-    }
-    return summary
+    return StageSummary.from_dict(Stage.DEIDENTIFY, params.site, result)

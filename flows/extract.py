@@ -362,11 +362,4 @@ def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSu
     if not select_units(every_unit, params.series, params.rois, params.modality_filter()):
         return nothing_to_extract(params, source, radiomics_params.params_hash())
     result = extract_flow.with_options(task_runner=task_runner(runtime))(params)
-    data = dict(result)
-    return StageSummary(
-        stage=Stage.EXTRACT,
-        site=data.pop("site"),
-        counts=data.pop("counts"),
-        reasons=data.pop("reasons"),
-        extra={k: v for k, v in data.items() if k != "stage"},
-    )
+    return StageSummary.from_dict(Stage.EXTRACT, params.site, result)

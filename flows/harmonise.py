@@ -247,11 +247,4 @@ def harmonise(params: HarmoniseParams, runtime: RuntimeOptions) -> StageSummary:
     """
     plan_units(SiteStore(params.store, params.site))  # fail in one line before any service
     result = harmonise_flow.with_options(task_runner=task_runner(runtime))(params)
-    data = dict(result)
-    return StageSummary(
-        stage=Stage.HARMONISE,
-        site=data.pop("site"),
-        counts=data.pop("counts"),
-        reasons=data.pop("reasons"),
-        extra={k: v for k, v in data.items() if k != "stage"},
-    )
+    return StageSummary.from_dict(Stage.HARMONISE, params.site, result)

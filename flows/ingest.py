@@ -411,13 +411,7 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
 
 
 def _summary_from(result: dict[str, Any], site: str) -> StageSummary:
-    return StageSummary(
-        stage=Stage.INGEST,
-        site=site,
-        counts=dict(result.get("counts", {})),
-        reasons=dict(result.get("reasons", {})),
-        extra={k: v for k, v in result.items() if k not in ("stage", "site", "counts", "reasons")},
-    )
+    return StageSummary.from_dict(Stage.INGEST, site, result)
 
 
 def ingest_dicom(params: IngestParams, runtime: RuntimeOptions | None = None) -> StageSummary:

@@ -379,14 +379,7 @@ def pull_dicomweb(params: PullParams, runtime: RuntimeOptions) -> StageSummary:
     ensure_prefect_api()
     with dask_cluster(runtime):
         result = pull_dicomweb_flow(params, runtime)
-    extra = {k: v for k, v in result.items() if k not in ("stage", "site", "counts", "reasons")}
-    return StageSummary(
-        stage=Stage.INGEST,
-        site=params.site,
-        counts=dict(result["counts"]),
-        reasons=dict(result["reasons"]),
-        extra=extra,
-    )
+    return StageSummary.from_dict(Stage.INGEST, params.site, result)
 
 
 def run_receiver(

@@ -134,6 +134,9 @@ class UnitResult:
     computed: bool = True
 
 
+_SUMMARY_FIELDS = ("stage", "site", "counts", "reasons")
+
+
 @dataclass
 class StageSummary:
     """Counts for one stage run, safe to print, log and post as an artifact."""
@@ -157,6 +160,17 @@ class StageSummary:
             counts=dict(sorted(counts.items())),
             reasons=dict(sorted(reasons.items())),
             extra=dict(extra),
+        )
+
+    @classmethod
+    def from_dict(cls, stage: Stage, site: str, data: dict[str, object]) -> StageSummary:
+        """Rebuild a summary from what a flow returned (:meth:`to_dict` output)."""
+        return cls(
+            stage=stage,
+            site=site,
+            counts=dict(data.get("counts", {})),  # type: ignore[call-overload]
+            reasons=dict(data.get("reasons", {})),  # type: ignore[call-overload]
+            extra={k: v for k, v in data.items() if k not in _SUMMARY_FIELDS},
         )
 
     @property
