@@ -162,13 +162,18 @@ class SiteStore:
         """Return the full URL (with protocol) of a store-relative key."""
         return unstrip(self.fs, self.path(key))
 
+    def _fresh(self, path: str) -> str:
+        """Forget cached listings of ``path``'s folder: another process may have written it."""
+        self.fs.invalidate_cache(path.rsplit("/", 1)[0])
+        return path
+
     def exists(self, key: str) -> bool:
         """Whether the key exists."""
-        return bool(self.fs.exists(self.path(key)))
+        return bool(self.fs.exists(self._fresh(self.path(key))))
 
     def read_bytes(self, key: str) -> bytes:
         """Read an object."""
-        return self.fs.cat_file(self.path(key))
+        return self.fs.cat_file(self._fresh(self.path(key)))
 
     def write_bytes(self, key: str, data: bytes, *, skip_unchanged: bool = True) -> bool:
         """Write an object atomically (temporary key, then move).
@@ -208,7 +213,7 @@ class SiteStore:
 
     def read_table(self, key: str) -> pa.Table | None:
         """Read a Parquet table, or None when the key does not exist."""
-        path = self.path(key)
+        path = self._fresh(self.path(key))
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "rb") as fh:
