@@ -66,14 +66,3 @@ def test_s3_store_roundtrip(s3_bucket):
     listing = store.fs.ls(store.path("x"), refresh=True)
     assert [p.rsplit("/", 1)[1] for p in listing] == ["y.bin"]
 
-
-def test_s3_store_sees_objects_written_by_another_client(s3_bucket):
-    import s3fs
-
-    store = SiteStore(f"{s3_bucket}/p", "site-c")
-    store.write_bytes("t/a.bin", b"a")
-    assert not store.exists("t/b.bin")  # the folder listing is now cached
-    other = s3fs.S3FileSystem(skip_instance_cache=True)  # as a Dask worker process would
-    other.pipe_file(store.path("t/b.bin"), b"b")
-    assert store.exists("t/b.bin")
-    assert store.read_bytes("t/b.bin") == b"b"
