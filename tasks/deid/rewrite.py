@@ -191,12 +191,12 @@ class _Elem:
         self.undefined = undefined
         self.items: list[_Item] | None = None
         self.conv: DataElement | _Converted | None = None  # converted as pydicom would
-        self.new: tuple[str, bytes] | DataElement | None = None  # replacement (VR, value)
+        self.new: tuple[str, bytes] | None = None  # replacement: (VR, encoded value)
 
     def current_vr(self) -> str | None:
         """Return the ``VR`` attribute pydicom's element object would have now."""
         if self.new is not None:
-            return self.new[0] if isinstance(self.new, tuple) else self.new.VR
+            return self.new[0]
         if self.conv is not None:
             return self.conv.VR
         return self.vr
@@ -232,7 +232,6 @@ def _parse_dataset(
     item = _Item(data, implicit, undefined)
     elems = item.elems
     last = -1
-    size = len(data)
     if not implicit and pos + 6 <= end and data[pos : pos + 4] != b"\xfe\xff\x0d\xe0":
         first = data[pos + 4 : pos + 6]
         if not (0x40 < first[0] < 0x5B and 0x40 < first[1] < 0x5B):
@@ -243,7 +242,7 @@ def _parse_dataset(
             raise Unsupported("explicit VR dataset with an implicit VR syntax")
     while True:
         if undefined:
-            if pos + 8 > size:
+            if pos + 8 > end:
                 raise Unsupported("item without delimiter")
         elif pos >= end:
             break
@@ -270,7 +269,7 @@ def _parse_dataset(
                 raise Unsupported("unknown VR")
             vr = raw_vr.decode("ascii")
             if vr in _LONG_VRS:
-                if pos + 12 > size:
+                if pos + 12 > end:
                     raise Unsupported("truncated header")
                 length = _UL.unpack_from(data, pos + 8)[0]
                 vstart = pos + 12
@@ -280,12 +279,12 @@ def _parse_dataset(
         elem: _Elem
         if length == _UNDEFINED:
             if _is_sequence(data, tag, vr, vstart):
-                items, vend, pos = _parse_sequence(data, vstart, None, implicit, encoding)
+                items, vend, pos = _parse_sequence(data, vstart, None, implicit, encoding, end)
                 elem = _Elem(tag, vr, -1, vstart, vend, True)
                 elem.items = items
                 elem.conv = _Converted("SQ", items)
             elif tag == _PIXEL_DATA and top:
-                vend = _fragments_end(data, vstart)
+                vend = _fragments_end(data, vstart, end)
                 pos = vend + 8
                 elem = _Elem(tag, vr, -1, vstart, vend, True)
             else:
@@ -308,13 +307,12 @@ def _parse_dataset(
     return item, pos
 
 
-def _fragments_end(data: bytes, pos: int) -> int:
+def _fragments_end(data: bytes, pos: int, size: int) -> int:
     """Return where the sequence delimiter of encapsulated pixel data starts.
 
     Steps over the fragments item by item, as pydicom's reader does first (a delimiter's
     bytes inside a fragment do not end the value); anything else is left to pydicom.
     """
-    size = len(data)
     while pos + 8 <= size:
         marker = data[pos : pos + 4]
         if marker == b"\xfe\xff\xdd\xe0":
@@ -337,15 +335,26 @@ def _is_sequence(data: bytes, tag: int, vr: str | None, vstart: int) -> bool:
 
 
 def _parse_sequence(
-    data: bytes, pos: int, end: int | None, implicit: bool, encoding: list[str]
+    data: bytes,
+    pos: int,
+    end: int | None,
+    implicit: bool,
+    encoding: list[str],
+    limit: int | None = None,
 ) -> tuple[list[_Item], int, int]:
-    """Parse sequence items; return (items, end of the value, position after the sequence)."""
+    """Parse sequence items; return (items, end of the value, position after the sequence).
+
+    ``end`` is the end of a defined-length value (None: undefined length, read up to the
+    sequence delimiter within ``limit``, the end of the dataset holding the sequence).
+    Nothing is read past ``end`` or ``limit``: pydicom reads a defined-length sequence from
+    its value bytes alone.
+    """
     items: list[_Item] = []
-    size = len(data)
+    size = end if end is not None else limit if limit is not None else len(data)
     while True:
         if end is not None and pos >= end:
             return items, end, end
-        if pos + 8 > (size if end is None else end):
+        if pos + 8 > size:
             raise Unsupported("truncated sequence")
         group, element, length = _TAG_LENGTH.unpack_from(data, pos)
         tag = group << 16 | element
@@ -357,7 +366,7 @@ def _parse_sequence(
             item, pos = _parse_dataset(data, pos + 8, size, implicit, encoding, undefined=True)
         else:
             item_end = pos + 8 + length
-            if item_end > (size if end is None else end):
+            if item_end > size:
                 raise Unsupported("item past the end of its sequence")
             item, pos = _parse_dataset(data, pos + 8, item_end, implicit, encoding)
         items.append(item)
@@ -543,9 +552,7 @@ class _Walker:
         """``ds[tag]``: the converted element (the element then counts as converted)."""
         elem = item.elems[tag]
         if elem.new is not None:
-            if isinstance(elem.new, tuple):
-                raise Unsupported("converted replacement")
-            return elem.new
+            raise Unsupported("converted replacement")
         if elem.conv is None:
             if tag >> 16 & 1:
                 raise Unsupported("private element converted")
@@ -587,10 +594,9 @@ class _Walker:
                 return []
             text = item.data[elem.vstart : elem.vend].decode("ascii", "replace")
             return [v.strip("\x00 ") for v in text.split("\\") if v.strip("\x00 ")]
-        if isinstance(elem.new, tuple):
+        if elem.new is not None:
             raise Unsupported("replacement read back")
-        obj = elem.new if elem.new is not None else elem.conv
-        return [str(v) for v in _values(obj)]  # type: ignore[arg-type]
+        return [str(v) for v in _values(elem.conv)]  # type: ignore[arg-type]
 
     def vr_now(self, item: _Item, tag: int) -> str:
         """:func:`tasks.deid.dataset.vr_of` on the current element."""
@@ -776,9 +782,6 @@ class _Walker:
 
     def scheme(self, item: _Item) -> str:
         """``str(ds.get("CodingSchemeDesignator", ""))`` (the element then counts as converted)."""
-        elem = item.elems[_CODING_SCHEME_DESIGNATOR]
-        if isinstance(elem.new, tuple):
-            raise Unsupported("replaced scheme")
         value = self.convert(item, _CODING_SCHEME_DESIGNATOR).value
         if not isinstance(value, str):
             raise Unsupported("multi-valued scheme")
@@ -860,10 +863,9 @@ class _Walker:
             raw = item.data[elem.vstart : elem.vend]
             text = raw.decode("latin-1") if raw else ""
         else:
-            if isinstance(elem.new, tuple):
+            if elem.new is not None:
                 raise Unsupported("replacement read back")
-            obj = elem.new if elem.new is not None else elem.conv
-            text = "\\".join(str(v) for v in _values(obj))  # type: ignore[arg-type]
+            text = "\\".join(str(v) for v in _values(elem.conv))  # type: ignore[arg-type]
         forbidden = self.forbidden
         return any(w.lower() in forbidden for w in _WORD.findall(text))
 
@@ -885,13 +887,10 @@ def _write_item(item: _Item, out: list) -> None:
         elem = elems[tag]
         new = elem.new
         if new is not None:
-            if isinstance(new, tuple):
-                vr, value = new
-                out.append(_header(tag, None if implicit else vr, len(value)))
-                if value:
-                    out.append(value)
-            else:
-                out.append(_write_pydicom(new, item))
+            vr, value = new
+            out.append(_header(tag, None if implicit else vr, len(value)))
+            if value:
+                out.append(value)
             continue
         conv = elem.conv
         if (conv is not None and conv.VR == "SQ") or (elem.items is not None and elem.undefined):
@@ -1155,7 +1154,7 @@ def rewrite_instance(data: bytes, ctx: DeidContext) -> Rewritten:
 
 def _new_values(elem: _Elem | None) -> list[str]:
     """Values of the remapped SOPInstanceUID (a replacement written by this module)."""
-    if elem is None or not isinstance(elem.new, tuple) or elem.new[0] != "UI":
+    if elem is None or elem.new is None or elem.new[0] != "UI":
         raise Unsupported("SOP instance UID not remapped")
     text = elem.new[1].decode("ascii").rstrip("\x00")
     return text.split("\\") if text else []
