@@ -48,7 +48,11 @@ PLACES = [
 ]
 WORDS = ["CT", "THORAX", "axial", "contrast", "T1", "5mm", "Lung", "GTV", "post", ""]
 
-names = st.text(alphabet=string.ascii_letters, min_size=6, max_size=10).map(str.capitalize)
+# Distinctive names: a planted "Option" would match the fixed code meaning "Clean Graphics
+# Option" that de-identification itself writes, a false positive rather than a leak.
+names = st.text(alphabet=string.ascii_letters, min_size=6, max_size=10).map(
+    lambda s: "Zq" + s.lower()
+)
 uids = st.integers(min_value=1, max_value=10**20).map(lambda n: f"1.3.6.1.4.1.99999.{n}")
 
 
