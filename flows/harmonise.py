@@ -22,7 +22,7 @@ from flows.reporting import Progress, post_summary, post_table
 from flows.runtime import RuntimeOptions, default_task_runner, task_runner
 from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.harmonise.config import HarmoniseConfig, load_config
-from tasks.harmonise.plan import HARMONISED_SERIES, plan_units, series_table
+from tasks.harmonise.plan import plan_units, series_table
 from tasks.harmonise.qc import thumbnail_data_uri
 from tasks.harmonise.series import (
     SeriesOutcome,
@@ -32,7 +32,7 @@ from tasks.harmonise.series import (
     series_row,
 )
 from tasks.records import Stage, StageSummary, Status, UnitResult
-from tasks.store import HARMONISED, SiteStore, validate_site
+from tasks.store import HARMONISED, HARMONISED_SERIES, SiteStore, validate_site
 
 
 class HarmoniseParams(BaseModel):

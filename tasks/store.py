@@ -44,6 +44,7 @@ DEID_DICOM = "deid/dicom"
 DEID_SERIES = "deid/series.parquet"
 DEID_AUDIT = "deid/audit.parquet"
 HARMONISED = "harmonised"
+HARMONISED_SERIES = "harmonised/series.parquet"
 FEATURES = "features"
 
 QUARANTINE_SCHEMA = pa.schema(

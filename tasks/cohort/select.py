@@ -19,9 +19,14 @@ import pyarrow.compute as pc
 
 from tasks.cohort.spec import PARAMS_HASH, CohortSpec
 from tasks.errors import OncoflowError
-from tasks.store import DEID_SERIES, FEATURES, HARMONISED, SiteStore, sha256_bytes
+from tasks.store import (
+    DEID_SERIES,
+    FEATURES,
+    HARMONISED_SERIES,
+    SiteStore,
+    sha256_bytes,
+)
 
-HARMONISED_SERIES = f"{HARMONISED}/series.parquet"
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 PSEUDONYM = re.compile(r"^[0-9][0-9.]{0,63}$|^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 

@@ -10,9 +10,8 @@ import pyarrow as pa
 from tasks.errors import OncoflowError
 from tasks.harmonise.series import META_COLUMNS, SegmentationRef, SeriesUnit
 from tasks.records import QuarantineRecord, Reason, Stage
-from tasks.store import DEID_DICOM, DEID_SERIES, HARMONISED, SiteStore
+from tasks.store import DEID_DICOM, DEID_SERIES, SiteStore
 
-HARMONISED_SERIES = f"{HARMONISED}/series.parquet"
 IMAGE_KINDS = ("image", "multiframe")
 SEGMENTATION_KINDS = ("rtstruct", "seg")
 

@@ -33,9 +33,8 @@ from tasks.radiomics.cache import (
     write_part,
 )
 from tasks.radiomics.params import SHAPE_CLASSES, RadiomicsParams
-from tasks.radiomics.samples import HARMONISED_SERIES
 from tasks.records import Reason, Status, UnitResult
-from tasks.store import SiteStore, sha256_bytes
+from tasks.store import HARMONISED_SERIES, SiteStore, sha256_bytes
 
 logger = logging.getLogger(__name__)
 

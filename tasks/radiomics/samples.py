@@ -18,33 +18,10 @@ import numpy as np
 import pyarrow as pa
 import SimpleITK as sitk
 
-from tasks.store import HARMONISED, SiteStore
+from tasks.harmonise.plan import SERIES_SCHEMA
+from tasks.store import HARMONISED, HARMONISED_SERIES, SiteStore
 
-HARMONISED_SERIES = f"{HARMONISED}/series.parquet"
-
-HARMONISED_SCHEMA = pa.schema(
-    [
-        ("series", pa.string()),
-        ("study", pa.string()),
-        ("patient", pa.string()),
-        ("modality", pa.string()),
-        ("body_part", pa.string()),
-        ("manufacturer", pa.string()),
-        ("acquisition_date", pa.string()),
-        ("age_at_study", pa.string()),
-        ("sex", pa.string()),
-        ("image", pa.string()),
-        ("image_sha256", pa.string()),
-        ("size", pa.list_(pa.int64())),
-        ("spacing", pa.list_(pa.float64())),
-        ("rois", pa.list_(pa.string())),
-        ("masks", pa.list_(pa.string())),
-        ("mask_sha256", pa.list_(pa.string())),
-        ("intensity", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-    ]
-)
+HARMONISED_SCHEMA = SERIES_SCHEMA
 
 #: (background mean, background sd, lesion mean, lesion texture amplitude) per modality.
 INTENSITY = {

@@ -41,9 +41,7 @@ async def _run_and_wait(api_url: str, name: str, parameters: dict, timeout: floa
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         async with get_client() as client:
             deployment = await client.read_deployment_by_name(name)
-            run = await client.create_flow_run_from_deployment(
-                deployment.id, parameters=parameters
-            )
+            run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 run = await client.read_flow_run(run.id)

@@ -65,4 +65,3 @@ def test_s3_store_roundtrip(s3_bucket):
     assert store.read_bytes("x/y.bin") == b"hello"
     listing = store.fs.ls(store.path("x"), refresh=True)
     assert [p.rsplit("/", 1)[1] for p in listing] == ["y.bin"]
-
