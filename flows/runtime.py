@@ -15,6 +15,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -65,6 +66,7 @@ class PrefectApi:
 
     url: str
     temporary: bool
+    settings_scope: contextlib.AbstractContextManager[Any] | None = None
 
 
 def pin_native_threads() -> None:
@@ -103,7 +105,11 @@ def ensure_prefect_api() -> PrefectApi:
         _API = PrefectApi(url=url, temporary=False)
         return _API
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
 
     logging.getLogger("prefect.server.api.server").setLevel(logging.WARNING)
     server = SubprocessASGIServer()
@@ -113,9 +119,17 @@ def ensure_prefect_api() -> PrefectApi:
         raise OncoflowError(f"could not start a temporary Prefect server: {exc}") from None
     # Child processes (Dask workers) read the environment; this process's Prefect already
     # built its settings at import time, so update them too, for the life of the command.
+    # Flow-run heartbeats exist so that a lasting server can mark a silent run crashed; this
+    # server ends with the command, and the heartbeat thread costs every flow run up to a
+    # second at its end (it sleeps in one-second steps and is joined), so they are off here.
+    # The settings scope is kept referenced: a generator context manager that is entered and
+    # dropped is closed by the garbage collector, which silently restores the old settings.
     os.environ["PREFECT_API_URL"] = server.api_url
-    temporary_settings(updates={PREFECT_API_URL: server.api_url}).__enter__()
-    _API = PrefectApi(url=server.api_url, temporary=True)
+    scope = temporary_settings(
+        updates={PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    )
+    scope.__enter__()
+    _API = PrefectApi(url=server.api_url, temporary=True, settings_scope=scope)
     return _API
 
 

@@ -26,6 +26,36 @@ def test_list_source_recursive_sorted_with_size_and_mtime(tmp_path):
     assert list_source(f"file://{tmp_path}") == files
 
 
+def test_local_listing_equals_fsspec_find(tmp_path):
+    """The os.scandir listing of local folders gives exactly what fsspec's find gives."""
+    import fsspec
+
+    from tasks.dicom.listing import _change_token
+
+    (tmp_path / "p1" / "s1").mkdir(parents=True)
+    (tmp_path / "p1" / "s1" / "IM1").write_bytes(b"a" * 7)
+    (tmp_path / "p1" / "name with space.dcm").write_bytes(b"b" * 3)
+    (tmp_path / "zero").write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "target.dcm").write_bytes(b"c" * 11)
+    os.symlink(tmp_path / "elsewhere" / "target.dcm", tmp_path / "p1" / "link.dcm")
+    os.symlink(tmp_path / "missing", tmp_path / "broken-link")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "dir-link")
+    os.utime(tmp_path / "zero", (1_600_000_000.25, 1_600_000_000.25))
+    fs = fsspec.filesystem("file")
+    found = fs.find(str(tmp_path), detail=True, withdirs=False)
+    expected = sorted(
+        ListedFile(full[len(str(tmp_path)) + 1 :], int(info["size"]), _change_token(info, "file"))
+        for full, info in found.items()
+    )
+    listed = list_source(str(tmp_path))
+    assert listed == expected
+    sizes = {f.path: f.size for f in listed}
+    assert sizes["p1/link.dcm"] == 11 and sizes["broken-link"] == 0 and sizes["zero"] == 0
+    assert "dir-link/target.dcm" not in sizes  # a linked folder is not walked into
+    assert next(f for f in listed if f.path == "zero").mtime == "1600000000.250000"
+
+
 def test_single_file_source(tmp_path):
     (tmp_path / "one.dcm").write_bytes(b"abc")
     (f,) = list_source(str(tmp_path / "one.dcm"))
