@@ -2,7 +2,7 @@
 
 1. List SOURCE (path, size, mtime or ETag) and diff it with ``catalog/instances.parquet``.
 2. Parse only new or changed files, in batches of hundreds to thousands of files per Dask
-   task, about two per worker (subflow ``parse-dicom-headers``, started only when there is
+   task, about one per worker (subflow ``parse-dicom-headers``, started only when there is
    something to parse, so an unchanged re-run never starts a cluster). A batch task reads its
    file list from the store, writes its rows to a private part file
    ``catalog/_parts/<batch-key>.parquet`` and returns counts only.
@@ -58,9 +58,11 @@ from tasks.store import SiteStore, open_url, protocol_of, validate_site
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL.
 SOURCE_METADATA_KEY = "source"
-#: Batches are sized for about this many tasks per worker (a Prefect task run costs a few
-#: tenths of a second on a busy machine, so few large batches beat many small ones) ...
-TASKS_PER_WORKER = 2
+#: Batches are sized for about this many tasks per worker: a Prefect task run costs 0.2-0.3 s
+#: of orchestration (its API calls, the context shipped to the worker), the cost of parsing
+#: about a thousand headers, so one large batch per worker beats several smaller ones; header
+#: cost varies little from file to file, so the workers stay balanced ...
+TASKS_PER_WORKER = 1
 #: ... but never fewer files than this per task (task overhead), unless batch_size is lower.
 MIN_BATCH = 100
 
@@ -83,11 +85,11 @@ class IngestParams(BaseModel):
         json_schema_extra={"position": 2},
     )
     batch_size: int = Field(
-        2500,
+        5000,
         ge=1,
         le=100_000,
         description="Largest number of files per parsing task; batches are sized for about "
-        "two tasks per worker, with at least 100 files each.",
+        "one task per worker, with at least 100 files each.",
         json_schema_extra={"position": 3},
     )
     max_failure_ratio: float = Field(
@@ -190,10 +192,10 @@ def _start_workers() -> int:
 
 
 def batch_size_for(files: int, workers: int, largest: int) -> int:
-    """Files per task: about two tasks per worker, at least MIN_BATCH, at most ``largest``.
+    """Files per task: about one task per worker, at least MIN_BATCH, at most ``largest``.
 
-    Each Prefect task costs a fixed overhead (a tenth of a second or more), so batches stay in
-    the hundreds to thousands of files; two per worker still balance the workers at the end.
+    Each Prefect task costs a fixed overhead (0.2-0.3 s), so batches stay in the hundreds to
+    thousands of files; ``largest`` bounds what one lost task costs to redo.
     """
     wanted = math.ceil(files / (TASKS_PER_WORKER * max(workers, 1)))
     return max(1, min(largest, max(MIN_BATCH, wanted)))
