@@ -132,6 +132,6 @@ def test_batch_size_aims_at_one_task_per_worker_with_a_floor():
     assert batch_size_for(10_001, 2, 5000) == 5000  # rounded up then capped by the parameter
     assert batch_size_for(40_000, 2, 2500) == 2500  # capped by the parameter
     assert batch_size_for(4_000, 4, 2500) == 1000
-    assert batch_size_for(300, 2, 2500) == 100  # never below 100 files per task...
+    assert batch_size_for(150, 2, 2500) == 100  # never below 100 files per task...
     assert batch_size_for(300, 2, 40) == 40  # ... unless the parameter asks for less
     assert batch_size_for(0, 2, 2500) == 100
