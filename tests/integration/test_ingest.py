@@ -70,9 +70,9 @@ def ingested(tmp_path_factory, synth_cohort, prefect_api) -> Iterator[Ingested]:
     truth = CohortTruth.load(synth_cohort / "truth.json").site(SITE)
     # one worker, one batch, its own cluster; then every other run shares one 2-worker cluster
     one_worker = SiteStore(str(root / "one-worker"), SITE)
-    single = run(source, one_worker, workers=1, batch_size=1000)
+    single = run(source, one_worker, workers=1, batch_size=100)
     n = truth.totals.files_written
-    assert single.extra["batches"] == math.ceil(n / batch_size_for(n, 1, 1000)) >= 2
+    assert single.extra["batches"] == math.ceil(n / batch_size_for(n, 1, 100)) >= 2
     store = SiteStore(str(root / "store"), SITE)
     with dask_cluster(RuntimeOptions(workers=2)):
         summary = run(source, store)
