@@ -24,7 +24,7 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.reporting import Progress, markdown_table, post_summary, post_table
-from flows.runtime import RuntimeOptions, default_task_runner, task_runner
+from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
 from tasks.deid.audit import audit_summary_rows, audit_table
 from tasks.deid.profile import PROFILE_VERSION, DeidOptions
 from tasks.deid.pseudonyms import SiteKeys
@@ -352,5 +352,5 @@ def deidentify(params: DeidParams, runtime: RuntimeOptions | None = None) -> Sta
     if not found:
         raise OncoflowError(f"source not found: {source} (pass --source if it moved)")
     load_site_secret(params.site)
-    result = deidentify_flow.with_options(task_runner=task_runner(runtime))(params)
+    result = run_on_dask(deidentify_flow, runtime, params)
     return StageSummary.from_dict(Stage.DEIDENTIFY, params.site, result)

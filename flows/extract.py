@@ -20,7 +20,7 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.reporting import Progress, markdown_table, post_summary, post_table
-from flows.runtime import RuntimeOptions, pin_native_threads, task_runner
+from flows.runtime import RuntimeOptions, default_task_runner, pin_native_threads, run_on_dask
 from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.radiomics.cache import read_parts
 from tasks.radiomics.extract import RoiOutcome, RoiUnit, extract_roi, plan_units, select_units
@@ -212,7 +212,12 @@ def _cached_outcomes(
     return out
 
 
-@flow(name="extract-radiomics", flow_run_name="extract-{params.site}", log_prints=False)
+@flow(
+    name="extract-radiomics",
+    flow_run_name="extract-{params.site}",
+    log_prints=False,
+    task_runner=default_task_runner(),
+)
 def extract_flow(params: ExtractParams) -> dict[str, Any]:
     """Extract pyradiomics features of the site's harmonised (series, ROI) pairs.
 
@@ -361,5 +366,5 @@ def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSu
     every_unit = plan_units(SiteStore(params.store, params.site))
     if not select_units(every_unit, params.series, params.rois, params.modality_filter()):
         return nothing_to_extract(params, source, radiomics_params.params_hash())
-    result = extract_flow.with_options(task_runner=task_runner(runtime))(params)
+    result = run_on_dask(extract_flow, runtime, params)
     return StageSummary.from_dict(Stage.EXTRACT, params.site, result)

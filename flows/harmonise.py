@@ -19,7 +19,7 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.reporting import Progress, post_summary, post_table
-from flows.runtime import RuntimeOptions, default_task_runner, task_runner
+from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
 from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.harmonise.config import HarmoniseConfig, load_config
 from tasks.harmonise.plan import plan_units, series_table
@@ -246,5 +246,5 @@ def harmonise(params: HarmoniseParams, runtime: RuntimeOptions) -> StageSummary:
         Counts, reasons and extras of the run.
     """
     plan_units(SiteStore(params.store, params.site))  # fail in one line before any service
-    result = harmonise_flow.with_options(task_runner=task_runner(runtime))(params)
+    result = run_on_dask(harmonise_flow, runtime, params)
     return StageSummary.from_dict(Stage.HARMONISE, params.site, result)

@@ -20,7 +20,7 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.reporting import Progress, artifact_key, markdown_table, post_summary
-from flows.runtime import RuntimeOptions, default_task_runner, task_runner
+from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
 from tasks.cohort.publish import (
     PublishPlan,
     PublishResult,
@@ -223,4 +223,4 @@ def publish_flow(params: PublishParams) -> dict[str, Any]:
 
 def publish(params: PublishParams, runtime: RuntimeOptions) -> dict[str, Any]:
     """Run the publish flow on the configured task runner (what the CLI and tests call)."""
-    return publish_flow.with_options(task_runner=task_runner(runtime))(params)
+    return run_on_dask(publish_flow, runtime, params)

@@ -9,12 +9,17 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import logging
 import os
+import socket
+import subprocess
+import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -62,11 +67,53 @@ class RuntimeOptions(BaseModel):
 
 @dataclass
 class PrefectApi:
-    """The Prefect API used by this command."""
+    """The Prefect API used by this command.
+
+    Attributes
+    ----------
+    url
+        API URL (``.../api``).
+    temporary
+        True when this command started the server (it stops at interpreter exit).
+    process
+        The temporary server's process, else None.
+    """
 
     url: str
     temporary: bool
+    process: subprocess.Popen[bytes] | None = None
     settings_scope: contextlib.AbstractContextManager[Any] | None = None
+    ready: bool = False
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the server answers its health check (at once for an operator's server).
+
+        Raises
+        ------
+        OncoflowError
+            When the temporary server exits or does not answer within ``timeout`` seconds.
+        """
+        if self.ready or self.process is None:
+            self.ready = True
+            return
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                code = self.process.poll()
+                if code is not None:
+                    raise OncoflowError(
+                        f"could not start a temporary Prefect server (it exited with code {code})"
+                    )
+                try:
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        self.ready = True
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+        raise OncoflowError(f"could not start a temporary Prefect server within {timeout:.0f} s")
 
 
 def pin_native_threads() -> None:
@@ -90,33 +137,86 @@ def apply_prefect_defaults() -> None:
 _API: PrefectApi | None = None
 
 
-def ensure_prefect_api() -> PrefectApi:
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_server_process(port: int) -> subprocess.Popen[bytes]:
+    """Start Prefect's API server app under uvicorn, as Prefect's own temporary server does.
+
+    Started directly instead of through ``prefect.server.api.server.SubprocessASGIServer``:
+    importing that module in this process costs 2-3 s of start-up for nothing (the server
+    runs in the child), and this process can do other start-up work while the child boots.
+    """
+    import prefect
+
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1])]
+    args += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
+    args += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+
+
+def _stop_server_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def ensure_prefect_api(wait: bool = True) -> PrefectApi:
     """Return the Prefect API for this command, starting one temporary server if needed.
 
-    The server is left to stop at interpreter exit (stopping it earlier, before Prefect's
-    background clients flush, makes the process hang).
+    Parameters
+    ----------
+    wait
+        Block until the server answers. With False the server boots in the background and
+        the caller calls :meth:`PrefectApi.wait_ready` before the first flow run (used to
+        start the Dask cluster meanwhile).
+
+    Notes
+    -----
+    The temporary server stops at interpreter exit, after Prefect's own exit handlers have
+    flushed logs and events (stopping it earlier makes the process hang).
     """
     global _API
-    if _API is not None:
-        return _API
+    if _API is None:
+        _API = _open_prefect_api()
+    if wait:
+        _API.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    return _API
+
+
+def _open_prefect_api() -> PrefectApi:
     apply_prefect_defaults()
     url = os.environ.get("PREFECT_API_URL")
     if url:
-        _API = PrefectApi(url=url, temporary=False)
-        return _API
-    from prefect.server.api.server import SubprocessASGIServer
+        return PrefectApi(url=url, temporary=False)
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
         temporary_settings,
     )
 
-    logging.getLogger("prefect.server.api.server").setLevel(logging.WARNING)
-    server = SubprocessASGIServer()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
     try:
-        server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
-    except Exception as exc:
+        process = _start_server_process(port)
+    except OSError as exc:
         raise OncoflowError(f"could not start a temporary Prefect server: {exc}") from None
+    # Registered now, so it runs after the exit handlers Prefect registers later (LIFO).
+    atexit.register(_stop_server_process, process)
     # Child processes (Dask workers) read the environment; this process's Prefect already
     # built its settings at import time, so update them too, for the life of the command.
     # Flow-run heartbeats exist so that a lasting server can mark a silent run crashed; this
@@ -124,13 +224,12 @@ def ensure_prefect_api() -> PrefectApi:
     # second at its end (it sleeps in one-second steps and is joined), so they are off here.
     # The settings scope is kept referenced: a generator context manager that is entered and
     # dropped is closed by the garbage collector, which silently restores the old settings.
-    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ["PREFECT_API_URL"] = url
     scope = temporary_settings(
-        updates={PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     )
     scope.__enter__()
-    _API = PrefectApi(url=server.api_url, temporary=True, settings_scope=scope)
-    return _API
+    return PrefectApi(url=url, temporary=True, process=process, settings_scope=scope)
 
 
 _SHARED_ADDRESS: str | None = None
@@ -151,8 +250,9 @@ def dask_cluster(options: RuntimeOptions) -> Iterator[str]:
     from distributed import LocalCluster
 
     pin_native_threads()
-    ensure_prefect_api()
+    api = ensure_prefect_api(wait=False)  # the server boots while the cluster starts
     with LocalCluster(**_local_cluster_kwargs(options)) as cluster:
+        api.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         previous, _SHARED_ADDRESS = _SHARED_ADDRESS, cluster.scheduler_address
         try:
             yield cluster.scheduler_address
@@ -236,3 +336,27 @@ def default_task_runner():
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster", cluster_kwargs=_local_cluster_kwargs(options)
     )
+
+
+def run_on_dask(flow: Any, options: RuntimeOptions, *args: Any) -> Any:
+    """Run a stage flow with its tasks on Dask, as the CLI and the stage wrappers do.
+
+    The Dask cluster starts while a temporary Prefect server boots (instead of after it, inside
+    the flow run); inside a :func:`dask_cluster` block the block's cluster is reused.
+
+    Parameters
+    ----------
+    flow
+        The Prefect flow.
+    options
+        Workers or the address of an existing scheduler.
+    *args
+        The flow's arguments.
+
+    Returns
+    -------
+    Any
+        What the flow returns.
+    """
+    with dask_cluster(options):
+        return flow.with_options(task_runner=task_runner(options))(*args)
