@@ -204,11 +204,17 @@ class SiteConfig(BaseModel):
     publication: str | None = None
     radiomics: list[str] = Field(default_factory=lambda: ["ct"])
     cohort: str | None = None
-    workers: int = Field(2, ge=1)
+    workers: int | None = Field(None, ge=1)
     dask_address: str | None = None
 
     def pipeline_params(self, stages: list[StageName]) -> SitePipelineParams:
-        """Return the pipeline parameters for ``stages`` of this site."""
+        """Return the pipeline parameters for ``stages`` of this site.
+
+        ``workers`` and ``dask_address`` left empty in the file come from the worker host's
+        ``ONCOFLOW_WORKERS`` and ``ONCOFLOW_DASK_ADDRESS`` (the production topology is chosen
+        by the host's configuration, not by the repository).
+        """
+        host = RuntimeOptions.from_env()
         return SitePipelineParams(
             source=self.source,
             site=self.site,
@@ -217,7 +223,10 @@ class SiteConfig(BaseModel):
             params=self.radiomics,
             cohort=self.cohort if "publish" in stages else None,
             to=self.publication if "publish" in stages else None,
-            runtime=RuntimeOptions(workers=self.workers, dask_address=self.dask_address),
+            runtime=RuntimeOptions(
+                workers=self.workers or host.workers,
+                dask_address=self.dask_address or host.dask_address,
+            ),
         )
 
 
