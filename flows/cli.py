@@ -24,6 +24,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+#: Commands that report to Prefect: a temporary server (when no PREFECT_API_URL is set) starts
+#: booting before the command imports its stage, instead of after.
+REPORTING_COMMANDS = frozenset(
+    {"ingest", "receive", "harmonise", "extract", "deidentify", "run", "demo", "publish"}
+    | {"federate"}
+)
+
+
+@app.callback()
+def _start_reporting(ctx: typer.Context) -> None:
+    """Site pipeline for a federated cancer-imaging data space."""
+    if ctx.invoked_subcommand in REPORTING_COMMANDS and "--help" not in sys.argv:
+        from flows.runtime import ensure_prefect_api
+
+        ensure_prefect_api(wait=False)
+
+
 # Common options (architecture contract).
 Site = Annotated[str, typer.Option("--site", help="Site code: lowercase letters, digits, dashes.")]
 Store = Annotated[str, typer.Option("--store", help="Site store URL (path, file://, s3://...).")]

@@ -189,7 +189,7 @@ def _collect_rows(
 def _cached_outcomes(
     store: SiteStore, units: list[RoiUnit], params: RadiomicsParams
 ) -> dict[str, RoiOutcome]:
-    """Outcomes of units whose every part is already cached (used for units outside a filter)."""
+    """Outcomes of units whose every part is already cached (nothing to compute for them)."""
     from tasks.radiomics.cache import object_key, plan_parts
 
     parts = plan_parts(params)
@@ -247,12 +247,16 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
         return summary.to_dict()
 
     progress = Progress(len(units), "ROIs extracted")
+    # units whose every part is cached are settled here: no task run, no worker round trip
+    outcomes: dict[str, RoiOutcome] = _cached_outcomes(store, units, radiomics_params)
+    if outcomes:
+        progress.advance(len(outcomes))
+    to_compute = [u for u in units if u.key not in outcomes]
     futures = {}
-    for rank, unit in enumerate(units):  # largest images first, also by Dask priority
-        with dask.annotate(priority=len(units) - rank):
+    for rank, unit in enumerate(to_compute):  # largest images first, also by Dask priority
+        with dask.annotate(priority=len(to_compute) - rank):
             future = extract_roi_task.submit(params.store, params.site, unit, radiomics_params)
         futures[future] = unit
-    outcomes: dict[str, RoiOutcome] = {}
     for future in as_completed(list(futures)):
         unit = futures[future]
         try:
