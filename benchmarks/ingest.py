@@ -3,7 +3,7 @@
 In one run, on the same files:
 
 * baseline: a single-process loop ``pydicom.dcmread(path, stop_before_pixels=True)`` over
-  every file (what a script would do to crawl headers), timed before and after the ingest;
+  every file (what a script would do to crawl headers), timed in every round;
 * for reference, oncoflow's header parser (``parse_files``) in one process, no Dask: how much
   of the speed-up comes from the parser itself rather than from the workers;
 * oncoflow ``ingest`` with ``--workers`` Dask workers: its fixed start-up (the Prefect server,
@@ -12,12 +12,16 @@ In one run, on the same files:
 * an unchanged re-ingest (listing, diff, nothing to parse) against the first ingest, both
   timed as the whole ``ingest_dicom`` call.
 
+Rounds (baseline, first ingest into a fresh store, unchanged re-ingest) are interleaved and
+the ratios are medians over the rounds: on a virtual machine one run can be 15 % off.
+
 The files are small synthetic CT instances (16x16 pixels, 100 slices per series), written by
 copying one pydicom dataset with new UIDs and positions.
 
 Usage::
 
     uv run python benchmarks/ingest.py [--files 10000] [--workers 2] [--batch-size 5000]
+                                       [--rounds 3]
 
 Targets on 2 cores: parse >= 1.6x the baseline, unchanged re-ingest >= 20x faster than the
 first ingest. The machine may be shared: the load average is printed with the figures.
@@ -148,6 +152,7 @@ def single_process_parser(source: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--workers", type=int, default=2)
     from flows.ingest import IngestParams, ingest_dicom
     from flows.runtime import RuntimeOptions, ensure_prefect_api
@@ -161,67 +166,87 @@ def main() -> int:
     load_start = os.getloadavg()
     autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
     autogroup_on = autogroup.exists() and autogroup.read_text().strip() == "1"
+    rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="oncoflow-bench-ingest-") as tmp:
-        source, store = Path(tmp) / "source", Path(tmp) / "store"
+        source = Path(tmp) / "source"
         t = time.perf_counter()
         paths = sorted(write_instances(source, args.files))
         written = time.perf_counter() - t
         print(f"wrote {len(paths)} instances in {written:.1f} s ({source})")
-
-        base_before = baseline(paths)
         single = single_process_parser(source)
 
         t = time.perf_counter()
         api = ensure_prefect_api()
         server_start = time.perf_counter() - t
-
-        params = IngestParams(
-            source=str(source), site="bench", store=str(store), batch_size=args.batch_size
-        )
         runtime = RuntimeOptions(workers=args.workers)
-        t = time.perf_counter()
-        first = ingest_dicom(params, runtime)
-        first_wall = time.perf_counter() - t
-        t = time.perf_counter()
-        again = ingest_dicom(params, runtime)
-        again_wall = time.perf_counter() - t
-
-        base_after = baseline(paths)
+        for r in range(args.rounds):  # interleaved: baseline, first ingest, unchanged re-ingest
+            base_wall, base_cpu = baseline(paths)
+            params = IngestParams(
+                source=str(source),
+                site="bench",
+                store=str(Path(tmp) / f"store-{r}"),
+                batch_size=args.batch_size,
+            )
+            t = time.perf_counter()
+            first = ingest_dicom(params, runtime)
+            first_wall = time.perf_counter() - t
+            t = time.perf_counter()
+            again = ingest_dicom(params, runtime)
+            again_wall = time.perf_counter() - t
+            assert first.extra["files_parsed"] == len(paths), first.extra
+            assert first.counts.get("ok") == len(paths), first.counts
+            assert again.extra["files_parsed"] == 0 and again.extra["tables_written"] == []
+            timings = first.extra["timings"]
+            rounds.append(
+                {
+                    "baseline_s": round(base_wall, 3),
+                    "baseline_cpu_s": round(base_cpu, 3),
+                    "parse_s": timings["parse_seconds"],
+                    "startup_s": timings.get("startup_seconds"),
+                    "first_batch_after_s": timings.get("first_batch_after_seconds"),
+                    "batch_seconds_sum": timings.get("batch_seconds_sum"),
+                    "listing_s": timings.get("listing_seconds"),
+                    "merge_s": timings.get("merge_seconds"),
+                    "first_ingest_s": round(first_wall, 3),
+                    "unchanged_reingest_s": round(again_wall, 3),
+                    "batches": first.extra["batches"],
+                }
+            )
+            print(
+                f"round {r + 1}: baseline {base_wall:.2f} s, parse {rounds[-1]['parse_s']:.2f} s "
+                f"({base_wall / rounds[-1]['parse_s']:.2f}x), first ingest {first_wall:.2f} s, "
+                f"unchanged re-ingest {again_wall:.2f} s ({first_wall / again_wall:.1f}x)",
+                flush=True,
+            )
 
     load_end = os.getloadavg()
-    assert first.extra["files_parsed"] == len(paths), first.extra
-    assert first.counts.get("ok") == len(paths), first.counts
-    assert again.extra["files_parsed"] == 0 and again.extra["tables_written"] == []
-    timings = first.extra["timings"]
-    base = statistics.mean([base_before[0], base_after[0]])
-    base_cpu = statistics.mean([base_before[1], base_after[1]])
-    parse = timings["parse_seconds"]
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    base, parse = median("baseline_s"), median("parse_s")
+    first_wall, again_wall = median("first_ingest_s"), median("unchanged_reingest_s")
+    parse_ratios = [r["baseline_s"] / r["parse_s"] for r in rounds]
+    reingest_ratios = [r["first_ingest_s"] / r["unchanged_reingest_s"] for r in rounds]
     figures = {
         "files": len(paths),
         "workers": args.workers,
         "batch_size": args.batch_size,
-        "batches": first.extra["batches"],
-        "baseline_dcmread_loop_s": {
-            "before": round(base_before[0], 3),
-            "after": round(base_after[0], 3),
-        },
-        "baseline_cpu_s": round(base_cpu, 3),
+        "rounds": rounds,
+        "median_baseline_dcmread_loop_s": base,
         "baseline_files_per_s": round(len(paths) / base, 1),
         "oncoflow_parser_single_process_s": round(single, 3),
         "parser_single_process_vs_baseline": round(base / single, 2),
         "prefect_server_start_s": round(server_start, 3) if api.temporary else 0.0,
-        "ingest_startup_s": timings.get("startup_seconds"),
-        "ingest_parse_s": parse,
-        "ingest_first_batch_started_after_s": timings.get("first_batch_after_seconds"),
+        "median_ingest_startup_s": median("startup_s"),
+        "median_ingest_parse_s": parse,
         "ingest_parse_files_per_s": round(len(paths) / parse, 1),
-        "ingest_time_inside_batches_s": timings.get("batch_seconds_sum"),
-        "ingest_cpu_inside_batches_s": timings.get("batch_cpu_seconds_sum"),
-        "parse_speedup_vs_baseline": round(base / parse, 2),
-        "ingest_listing_s": timings.get("listing_seconds"),
-        "ingest_merge_s": timings.get("merge_seconds"),
-        "first_ingest_wall_s": round(first_wall, 3),
-        "unchanged_reingest_wall_s": round(again_wall, 3),
-        "reingest_speedup_vs_first": round(first_wall / again_wall, 1),
+        "parse_speedup_vs_baseline": round(statistics.median(parse_ratios), 2),
+        "parse_speedup_per_round": [round(x, 2) for x in parse_ratios],
+        "median_first_ingest_s": first_wall,
+        "median_unchanged_reingest_s": again_wall,
+        "reingest_speedup_vs_first": round(statistics.median(reingest_ratios), 1),
+        "reingest_speedup_per_round": [round(x, 1) for x in reingest_ratios],
         "load_average_start_end": [round(load_start[0], 2), round(load_end[0], 2)],
         "cpu_count": os.cpu_count(),
         "linux_sched_autogroup": autogroup_on,
@@ -229,7 +254,8 @@ def main() -> int:
     print(json.dumps(figures, indent=2))
     print(
         f"parse: {figures['parse_speedup_vs_baseline']}x the single-process dcmread loop "
-        f"(target >= 1.6x); fixed start-up {timings.get('startup_seconds')} s "
+        f"(median of {len(rounds)} rounds; target >= 1.6x); fixed start-up "
+        f"{figures['median_ingest_startup_s']} s "
         f"(+ Prefect server {figures['prefect_server_start_s']} s) not included"
     )
     if autogroup_on and max(load_start[0], load_end[0]) > 1.5:

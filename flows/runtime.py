@@ -281,11 +281,24 @@ def _set_worker_malloc() -> None:
         dask.config.set({key: WORKER_MMAP_THRESHOLD})
 
 
+def _no_worker_profiling() -> None:
+    """Turn off the statistical profiler of the workers of oncoflow's own LocalCluster.
+
+    Each worker samples the stack of its task thread every 10 ms for the dashboard's profile
+    page; the LocalCluster has no dashboard, so nobody reads it, and it takes the GIL from the
+    task. An external cluster keeps its own configuration.
+    """
+    import dask
+
+    dask.config.set({"distributed.worker.profile.enabled": False})
+
+
 def _local_cluster_kwargs(options: RuntimeOptions) -> dict[str, object]:
     # The dashboard is off, but the scheduler's small HTTP server still tries port 8787 first
     # and warns when a second cluster on the host has it: expected, not worth a warning.
     warnings.filterwarnings("ignore", message="Port 8787 is already in use")
     _set_worker_malloc()
+    _no_worker_profiling()
     return {
         "n_workers": options.workers,
         "threads_per_worker": 1,
