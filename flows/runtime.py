@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -162,7 +163,25 @@ def _start_server_process(port: int) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1])]
     args += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
     args += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    return subprocess.Popen(
+        args,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent if in_main_thread and sys.platform == "linux" else None,
+    )
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask Linux to terminate the server when the command's process dies, even by SIGKILL.
+
+    (The signal follows the thread that started the child, hence main-thread starts only.)
+    """
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _stop_server_process(process: subprocess.Popen[bytes]) -> None:

@@ -44,3 +44,45 @@ def test_workers_report_to_the_one_server(prefect_api):
     assert os.getpid() not in {r[1] for r in results}  # ran in worker processes
     assert len({r[1] for r in results + state2.result()}) <= 2
     assert asyncio.run(_task_runs_of(state.state_details.flow_run_id)) == 6
+
+
+def test_temporary_server_ends_with_its_command_even_when_killed(tmp_path):
+    """A command killed by SIGKILL leaves no Prefect server behind (it would hold a port)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(root)!r})\n"
+        "from flows.runtime import ensure_prefect_api\n"
+        "api = ensure_prefect_api()\n"
+        "print(api.process.pid, api.url, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path)  # its own database, not the session's
+    command = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        server_pid, url = command.stdout.readline().split()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+        os.kill(int(server_pid), 0)  # the server runs while the command runs
+        os.kill(command.pid, signal.SIGKILL)
+        command.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(int(server_pid), 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(int(server_pid), signal.SIGKILL)
+            raise AssertionError("the temporary Prefect server outlived its killed command")
+    finally:
+        command.kill()
+        command.stdout.close()
