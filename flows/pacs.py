@@ -14,7 +14,8 @@ import logging
 import signal
 import sys
 import time
-from typing import Literal
+from dataclasses import asdict
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -23,13 +24,12 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, Field, field_validator
 
 from flows.reporting import Progress, artifact_key, markdown_table, post_table
-from flows.runtime import RuntimeOptions, dask_cluster, default_task_runner, run_on_dask
+from flows.runtime import RuntimeOptions, dask_cluster, ensure_prefect_api, task_runner
 from tasks.errors import StageFailed
 from tasks.pacs.credentials import load_credentials
 from tasks.pacs.dicomweb import (
     PACS_ZONE,
     PullState,
-    SeriesJob,
     SeriesPull,
     StudyPlan,
     clean_staging,
@@ -42,7 +42,9 @@ from tasks.pacs.dicomweb import (
     parse_source,
     plan_pull,
     pull_series_task,
+    read_plan,
     study_date_filter,
+    write_plan,
 )
 from tasks.pacs.receiver import ReceiverStats, StorageReceiver
 from tasks.records import Stage, StageSummary
@@ -119,35 +121,50 @@ class PullParams(BaseModel):
 StudyOutcome = Literal["pulled", "skipped", "failed"]
 
 
-def _pull_series(
-    jobs: list[SeriesJob], base_url: str, params: PullParams
-) -> dict[str, SeriesPull | str]:
-    """Pull the planned series in parallel, one task per series, and wait on all of them.
+@flow(name="pull-dicomweb-series", flow_run_name="pull-series-{site}", log_prints=False)
+def pull_series_flow(
+    site: str,
+    store: str,
+    base_url: str,
+    plan: str,
+    secret_block: str | None = None,
+    timeout_seconds: float = 60.0,
+    retries: int = 3,
+    retry_delay_seconds: float = 2.0,
+) -> dict[str, dict[str, Any]]:
+    """Pull the series of a plan in parallel, one task per series, and wait on all of them.
+
+    Parameters
+    ----------
+    site, store
+        The site store; the plan (it holds UIDs) is read from its private zone.
+    base_url
+        DICOMweb base URL.
+    plan
+        Store-relative key of the plan written by ``pull-dicomweb``.
 
     Returns
     -------
     dict
-        Per series key: the :class:`SeriesPull`, or a one-line error once retries ran out.
+        Per series key: the :class:`SeriesPull` fields, or ``{"error": <one line>}``.
     """
-    retries = params.retries
+    site_store = SiteStore(store, site)
+    jobs = read_plan(site_store, plan)
     task = pull_series_task.with_options(
         retries=retries,
-        retry_delay_seconds=[params.retry_delay_seconds * 2**i for i in range(retries)] or 0,
+        retry_delay_seconds=[retry_delay_seconds * 2**i for i in range(retries)] or 0,
     )
     progress = Progress(len(jobs), "series pulled over DICOMweb")
     futures = {
-        task.submit(
-            job, base_url, params.store, params.site, params.secret_block, params.timeout_seconds
-        ): job
-        for job in jobs
+        task.submit(job, base_url, store, site, secret_block, timeout_seconds): job for job in jobs
     }
-    out: dict[str, SeriesPull | str] = {}
+    out: dict[str, dict[str, Any]] = {}
     for future in as_completed(list(futures)):
         job = futures[future]
         try:
-            out[job.series_key] = future.result()
+            out[job.series_key] = asdict(future.result())
         except Exception as exc:  # retries exhausted: record it, never re-raise
-            out[job.series_key] = describe_error(exc)
+            out[job.series_key] = {"error": describe_error(exc)}
         progress.advance()
     return out
 
@@ -191,19 +208,14 @@ def _report(summary: StageSummary, studies: list[dict[str, object]]) -> None:
     )
 
 
-@flow(
-    name="pull-dicomweb",
-    flow_run_name="pull-dicomweb-{params.site}",
-    log_prints=False,
-    task_runner=default_task_runner(),
-)
+@flow(name="pull-dicomweb", flow_run_name="pull-dicomweb-{params.site}", log_prints=False)
 def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None) -> dict:
     """Pull new studies from a DICOMweb server into the raw zone, then ingest the raw zone.
 
-    The search runs here; the series are pulled on the flow's Dask task runner (one task per
-    series; the UIDs travel inside the tasks' inputs, never as flow parameters). A study's
-    series are committed only when all of them arrived. The watermark advances when the
-    search succeeded; failed studies are searched again by UID on the next run.
+    The search runs here; the series are pulled by the ``pull-dicomweb-series`` subflow on
+    the Dask task runner (one task per series). A study's series are committed only when all
+    of them arrived. The watermark advances when the search succeeded; failed studies are
+    searched again by UID on the next run.
 
     Parameters
     ----------
@@ -235,7 +247,25 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
         )
     jobs = [job for plan in plans for job in plan.jobs]
     t_search = time.perf_counter()
-    results = _pull_series(jobs, base_url, params) if jobs else {}
+    results: dict[str, SeriesPull | str] = {}
+    if jobs:
+        plan_key = write_plan(store, jobs)
+        raw_results = pull_series_flow.with_options(
+            task_runner=task_runner(runtime or RuntimeOptions())
+        )(
+            params.site,
+            params.store,
+            base_url,
+            plan_key,
+            params.secret_block,
+            params.timeout_seconds,
+            params.retries,
+            params.retry_delay_seconds,
+        )
+        discard(store, plan_key)
+        for job in jobs:
+            got = raw_results.get(job.series_key, {"error": "no result"})
+            results[job.series_key] = str(got["error"]) if "error" in got else SeriesPull(**got)
     t_pulled = time.perf_counter()
 
     outcomes: dict[StudyOutcome, int] = {"pulled": 0, "skipped": 0, "failed": 0}
@@ -346,7 +376,9 @@ def pull_dicomweb(params: PullParams, runtime: RuntimeOptions) -> StageSummary:
 
     One Dask cluster serves both the per-series pulls and the ingest that follows.
     """
-    result = run_on_dask(pull_dicomweb_flow, runtime, params, runtime)
+    ensure_prefect_api()
+    with dask_cluster(runtime):
+        result = pull_dicomweb_flow(params, runtime)
     return StageSummary.from_dict(Stage.INGEST, params.site, result)
 
 

@@ -446,6 +446,24 @@ def plan_pull(
     return plans
 
 
+PLAN_KEY = "raw/_state/pull-plan.json"
+
+
+def write_plan(store: SiteStore, jobs: list[SeriesJob]) -> str:
+    """Write the series to pull into the private zone and return its key.
+
+    The plan holds UIDs, so it is passed to the pulling subflow by key, never as a parameter.
+    """
+    body = json.dumps([asdict(j) for j in jobs], separators=(",", ":")).encode()
+    store.write_bytes(PLAN_KEY, body, skip_unchanged=False)
+    return PLAN_KEY
+
+
+def read_plan(store: SiteStore, key: str) -> list[SeriesJob]:
+    """Read a plan written by :func:`write_plan`."""
+    return [SeriesJob(**item) for item in json.loads(store.read_bytes(key))]
+
+
 # --------------------------------------------------------------------------- retrieve
 
 

@@ -183,7 +183,7 @@ def test_pull_everything_then_nothing_then_only_the_new_study(
 def assert_nothing_identifying_in_prefect(studies: list[SyntheticStudy]) -> None:
     """No UID or patient ID in flow-run parameters, names, logs, artifacts or task-run names."""
     runs, logs, artifacts, tasks = asyncio.run(
-        _prefect_records(["pull-dicomweb"])
+        _prefect_records(["pull-dicomweb", "pull-dicomweb-series"])
     )
     assert runs and tasks and artifacts
     texts = [json.dumps(r.parameters, default=str) + r.name for r in runs]
