@@ -34,6 +34,7 @@ from tasks.deid.series import SeriesJob, deidentify_series
 from tasks.errors import OncoflowError
 from tasks.records import Stage
 from tasks.store import SiteStore
+from tests.services import prefect_records
 
 pytestmark = pytest.mark.integration
 
@@ -60,36 +61,6 @@ def _planted(cohort: Path) -> list[str]:
 def _files(store: SiteStore, prefix: str) -> dict[str, bytes]:
     root = store.path(prefix)
     return {p[len(store.root) + 1 :]: store.fs.cat_file(p) for p in sorted(store.fs.find(root))}
-
-
-async def _flow_runs_logs_artifacts(flow_name: str):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        FlowFilter,
-        FlowFilterName,
-        LogFilter,
-        LogFilterFlowRunId,
-        TaskRunFilter,
-        TaskRunFilterFlowRunId,
-    )
-
-    async with get_client() as client:
-        runs = await client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name]))
-        )
-        ids = [r.id for r in runs]
-        logs = await client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids))
-        )
-        artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
-        )
-        tasks = await client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids))
-        )
-        return runs, logs, artifacts, tasks
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +170,7 @@ def test_no_planted_value_in_any_byte_or_key(run):
 
 
 def test_no_planted_value_or_secret_in_logs_artifacts_parameters(run):
-    runs, logs, artifacts, tasks = asyncio.run(_flow_runs_logs_artifacts("deidentify-dicom"))
+    runs, logs, artifacts, tasks = asyncio.run(prefect_records(["deidentify-dicom"]))
     assert len(runs) >= 2 and logs and artifacts and tasks
     texts = [json.dumps(r.parameters, default=str) + (r.name or "") for r in runs]
     texts += [log.message for log in logs]

@@ -42,6 +42,7 @@ from tests.integration.pacs_support import (
     orthanc_server,
     restarted,
 )
+from tests.services import prefect_records
 
 pytestmark = [
     pytest.mark.integration,
@@ -183,7 +184,7 @@ def test_pull_everything_then_nothing_then_only_the_new_study(
 def assert_nothing_identifying_in_prefect(studies: list[SyntheticStudy]) -> None:
     """No UID or patient ID in flow-run parameters, names, logs, artifacts or task-run names."""
     runs, logs, artifacts, tasks = asyncio.run(
-        _prefect_records(["pull-dicomweb", "pull-dicomweb-series"])
+        prefect_records(["pull-dicomweb", "pull-dicomweb-series"])
     )
     assert runs and tasks and artifacts
     texts = [json.dumps(r.parameters, default=str) + r.name for r in runs]
@@ -194,36 +195,6 @@ def assert_nothing_identifying_in_prefect(studies: list[SyntheticStudy]) -> None
     for study in studies:
         for value in (study.patient_id, study.study_uid, *study.series_uids, *study.sop_uids):
             assert value not in blob
-
-
-async def _prefect_records(flow_names: list[str]):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        FlowFilter,
-        FlowFilterName,
-        LogFilter,
-        LogFilterFlowRunId,
-        TaskRunFilter,
-        TaskRunFilterFlowRunId,
-    )
-
-    async with get_client() as client:
-        runs = await client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=flow_names))
-        )
-        ids = [r.id for r in runs]
-        logs = await client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids))
-        )
-        artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
-        )
-        tasks = await client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids))
-        )
-        return runs, logs, artifacts, tasks
 
 
 def test_pull_into_an_s3_store(orthanc: Orthanc, dask_address: str, s3_bucket: str) -> None:
