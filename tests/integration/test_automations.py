@@ -68,8 +68,8 @@ class Inbox(ThreadingHTTPServer):
         raise AssertionError(f"nothing posted to {path} in {timeout:.0f}s: {self.received}")
 
 
-def _apply(env: dict[str, str]) -> list[str]:
-    done = subprocess.run(
+def _run_apply(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, str(AUTOMATIONS / "apply.py")],
         cwd=REPO,
         env=env,
@@ -77,6 +77,10 @@ def _apply(env: dict[str, str]) -> list[str]:
         text=True,
         timeout=120,
     )
+
+
+def _apply(env: dict[str, str]) -> list[str]:
+    done = _run_apply(env)
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
@@ -95,14 +99,7 @@ def test_automations_apply_and_fire(tmp_path: Path) -> None:
         with prefect_server(home) as server:
             env = {**os.environ, **server.env}
             # before the blocks exist, applying fails with a one-line reason
-            missing = subprocess.run(
-                [sys.executable, str(AUTOMATIONS / "apply.py")],
-                cwd=REPO,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
+            missing = _run_apply(env)
             assert missing.returncode == 2
             assert missing.stderr.strip().startswith("error: ")
             assert "not found on the server" in missing.stderr
