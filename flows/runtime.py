@@ -86,8 +86,13 @@ class PrefectApi:
     settings_scope: contextlib.AbstractContextManager[Any] | None = None
     ready: bool = False
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the server answers its health check (at once for an operator's server).
+
+        Parameters
+        ----------
+        timeout
+            Seconds; default ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``.
 
         Raises
         ------
@@ -99,6 +104,8 @@ class PrefectApi:
             return
         import httpx
 
+        if timeout is None:
+            timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
@@ -213,7 +220,7 @@ def ensure_prefect_api(wait: bool = True) -> PrefectApi:
     if _API is None:
         _API = _open_prefect_api()
     if wait:
-        _API.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        _API.wait_ready()
     return _API
 
 
@@ -271,7 +278,7 @@ def dask_cluster(options: RuntimeOptions) -> Iterator[str]:
     pin_native_threads()
     api = ensure_prefect_api(wait=False)  # the server boots while the cluster starts
     with LocalCluster(**_local_cluster_kwargs(options)) as cluster:
-        api.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        api.wait_ready()
         previous, _SHARED_ADDRESS = _SHARED_ADDRESS, cluster.scheduler_address
         try:
             yield cluster.scheduler_address
