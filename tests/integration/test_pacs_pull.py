@@ -58,19 +58,13 @@ def dask_address(prefect_api: str, s3_endpoint: str) -> Iterator[str]:
     """One Dask cluster for the module; workers inherit the DICOMweb credentials and S3 endpoint."""
     from distributed import LocalCluster
 
-    previous = {k: os.environ.get(k) for k in (ENV_USER, ENV_PASSWORD)}
-    os.environ[ENV_USER], os.environ[ENV_PASSWORD] = ORTHANC_USER, ORTHANC_PASSWORD
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_USER, ORTHANC_USER)
+        patch.setenv(ENV_PASSWORD, ORTHANC_PASSWORD)
         with LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
         ) as cluster:
             yield cluster.scheduler_address
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture()
