@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.cohort.spec import CohortSpec
+from tasks.radiomics.ibsi import field_description
 
 CROISSANT = "http://mlcommons.org/croissant/1.0"
 
@@ -112,6 +113,9 @@ def record_set(name: str, file_id: str, schema: pa.Schema, description: str) -> 
         }
         if repeated:
             entry["repeated"] = True
+        described = field_description(col)
+        if described:
+            entry["description"] = described
         fields.append(entry)
     return {
         "@type": "cr:RecordSet",

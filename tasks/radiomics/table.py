@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from tasks.radiomics.cache import PYRADIOMICS_VERSION
 from tasks.radiomics.extract import RoiUnit
+from tasks.radiomics.ibsi import annotate_table
 from tasks.radiomics.params import RadiomicsParams, canonical_json
 from tasks.store import FEATURES
 
@@ -108,7 +109,7 @@ def build_features_table(
     columns["prov_pyradiomics_version"] = pa.array(
         [PYRADIOMICS_VERSION] * len(ordered), pa.string()
     )
-    table = pa.table(columns)
+    table = annotate_table(pa.table(columns), params)
     metadata = {
         "oncoflow.table": "features",
         "oncoflow.params_hash": params_hash,
