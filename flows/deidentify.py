@@ -48,6 +48,7 @@ from tasks.store import (
     open_url,
     validate_site,
 )
+from tasks.store_checks import missing_input
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL (docs/tables.md).
 SOURCE_METADATA_KEY = b"source"
@@ -224,7 +225,7 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
     store = SiteStore(params.store, params.site)
     catalog = store.read_table(CATALOG_SERIES)
     if catalog is None:
-        raise OncoflowError(f"no catalogue for site {params.site!r}: run `oncoflow ingest` first")
+        raise missing_input(store, "catalogue", "oncoflow ingest")
     source = source_root(store, catalog, params.source)
     keys = SiteKeys.derive(load_site_secret(params.site), params.site)
     jobs = plan_jobs(catalog)
@@ -340,7 +341,7 @@ def deidentify(params: DeidParams, runtime: RuntimeOptions | None = None) -> Sta
     store = SiteStore(params.store, params.site)
     catalog = store.read_table(CATALOG_SERIES)
     if catalog is None:
-        raise OncoflowError(f"no catalogue for site {params.site!r}: run `oncoflow ingest` first")
+        raise missing_input(store, "catalogue", "oncoflow ingest")
     source = source_root(store, catalog, params.source)
     try:
         fs, root = open_url(source)

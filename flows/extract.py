@@ -24,6 +24,7 @@ from flows.runtime import RuntimeOptions, default_task_runner, pin_native_thread
 from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.radiomics.cache import read_parts
 from tasks.radiomics.extract import RoiOutcome, RoiUnit, extract_roi, plan_units, select_units
+from tasks.radiomics.filters import check_label, check_selection, inventory
 from tasks.radiomics.params import Preset, RadiomicsParams, load_params
 from tasks.radiomics.table import (
     KEY_COLUMNS,
@@ -88,6 +89,10 @@ class ExtractParams(BaseModel):
         if self.modalities:
             return [m.upper() for m in self.modalities]
         return [self.preset.modality] if self.preset is not None else []
+
+    def explicit_filters(self) -> tuple[list[str], list[str], list[str]]:
+        """Return the series, ROI and modality filters the user gave (not the preset's)."""
+        return list(self.series), list(self.rois), [m.upper() for m in self.modalities or []]
 
     def params_spec(self) -> str:
         """Return the preset name or parameter-file location, as :func:`load_params` takes it."""
@@ -240,9 +245,9 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     store = SiteStore(params.store, params.site)
     params_hash = radiomics_params.params_hash()
     every_unit = plan_units(store)
-    units = select_units(every_unit, params.series, params.rois, params.modality_filter())
+    units = select_checked(store, every_unit, params, radiomics_params)
     if not units:
-        summary = nothing_to_extract(params, source, params_hash)
+        summary = nothing_to_extract(params, source, params_hash, inventory(every_unit))
         post_summary(summary, "Radiomics extraction", {"Note": str(summary.extra["note"])})
         return summary.to_dict()
 
@@ -331,7 +336,30 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     return summary.to_dict()
 
 
-def nothing_to_extract(params: ExtractParams, source: str, params_hash: str) -> StageSummary:
+def select_checked(
+    store: SiteStore, units: list[RoiUnit], params: ExtractParams, radiomics: RadiomicsParams
+) -> list[RoiUnit]:
+    """Select the units to extract; a filter the user gave that matches nothing is an error.
+
+    The preset's own modality is not a user filter: ``--params mr`` on a CT-only site selects
+    nothing and the run reports it (the site pipeline runs every preset it was given).
+
+    Raises
+    ------
+    OncoflowError
+        One line naming the filter and what the site has, or a ``label`` no mask carries.
+    """
+    series, rois, modalities = params.explicit_filters()
+    if series or rois or modalities:
+        check_selection(units, series, rois, modalities)
+    selected = select_units(units, params.series, params.rois, params.modality_filter())
+    check_label(store, selected, radiomics)
+    return selected
+
+
+def nothing_to_extract(
+    params: ExtractParams, source: str, params_hash: str, have: str = ""
+) -> StageSummary:
     """Return the summary of a run whose filters select no (series, ROI): nothing is written."""
     modalities = ",".join(params.modality_filter()) or "all"
     return StageSummary(
@@ -344,7 +372,7 @@ def nothing_to_extract(params: ExtractParams, source: str, params_hash: str) -> 
             "table": None,
             "rows": 0,
             "note": f"nothing to extract: no harmonised ROI matches the filters "
-            f"(modalities: {modalities})",
+            f"(modalities: {modalities}; the site has {have or 'nothing harmonised'})",
         },
     )
 
@@ -367,8 +395,11 @@ def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSu
     # before starting any service: fail in one line on bad parameters or no harmonised table,
     # and return at once when the filters select nothing
     radiomics_params, source = load_params(params.params_spec())
-    every_unit = plan_units(SiteStore(params.store, params.site))
-    if not select_units(every_unit, params.series, params.rois, params.modality_filter()):
-        return nothing_to_extract(params, source, radiomics_params.params_hash())
+    store = SiteStore(params.store, params.site)
+    every_unit = plan_units(store)
+    if not select_checked(store, every_unit, params, radiomics_params):
+        return nothing_to_extract(
+            params, source, radiomics_params.params_hash(), inventory(every_unit)
+        )
     result = run_on_dask(extract_flow, runtime, params)
     return StageSummary.from_dict(Stage.EXTRACT, params.site, result)

@@ -29,7 +29,7 @@ from tasks.cohort.publish import (
     prepare_target,
     stage_files,
 )
-from tasks.cohort.select import PlannedFile
+from tasks.cohort.select import PlannedFile, check_publishable
 from tasks.cohort.spec import load_spec
 from tasks.cohort.storage import Retrier, RetryPolicy
 from tasks.errors import OncoflowError, StageFailed, validation_message
@@ -222,5 +222,10 @@ def publish_flow(params: PublishParams) -> dict[str, Any]:
 
 
 def publish(params: PublishParams, runtime: RuntimeOptions) -> dict[str, Any]:
-    """Run the publish flow on the configured task runner (what the CLI and tests call)."""
+    """Run the publish flow on the configured task runner (what the CLI and tests call).
+
+    The spec and the site's inputs are checked first, so a bad spec is one line, not a
+    failed flow run with a traceback.
+    """
+    check_publishable(SiteStore(params.store, params.site), load_spec(params.cohort))
     return run_on_dask(publish_flow, runtime, params)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 from pydantic import ValidationError
 
 
@@ -23,3 +26,23 @@ def validation_message(exc: ValidationError) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return `` (did you mean 'x'?)`` for the closest of ``choices`` to ``word``, else ``""``.
+
+    Parameters
+    ----------
+    word
+        The unknown name the user wrote.
+    choices
+        The names that would have been accepted.
+
+    Examples
+    --------
+    >>> did_you_mean("binwidth", ["binWidth", "binCount"])
+    " (did you mean 'binWidth'?)"
+    """
+    options = {c.lower(): c for c in choices}
+    found = difflib.get_close_matches(str(word).lower(), list(options), n=1, cutoff=0.6)
+    return f" (did you mean {options[found[0]]!r}?)" if found else ""

@@ -26,6 +26,7 @@ from tasks.store import (
     SiteStore,
     sha256_bytes,
 )
+from tasks.store_checks import missing_input
 
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 PSEUDONYM = re.compile(r"^[0-9][0-9.]{0,63}$|^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -104,7 +105,7 @@ class CohortSelection:
 def _require(store: SiteStore, key: str, what: str) -> pa.Table:
     table = store.read_table(key)
     if table is None:
-        raise OncoflowError(f"site {store.site} has no {what} ({key}): run the earlier stages")
+        raise missing_input(store, f"{what} ({key})", "the earlier stages")
     return table
 
 
@@ -156,18 +157,35 @@ def resolve_feature_table(store: SiteStore, name: str) -> str:
     A preset name (``ct``, ``mr``, ``pet``) is resolved to its params hash by the radiomics
     parameter model, so the cohort picks the table that preset produced.
     """
-    params_hash = name
+    params_hash, label = name, name
     if not PARAMS_HASH.match(name):
         from tasks.radiomics.params import load_params
 
-        params, _ = load_params(name)
+        params, label = load_params(name)
+        label = label.removeprefix("preset:")
         params_hash = params.params_hash()
     key = f"{FEATURES}/{params_hash}.parquet"
     if not store.exists(key):
         raise OncoflowError(
-            f"site {store.site} has no feature table for {name!r}: run extract with it first"
+            f"site {store.site} has no feature table for {label!r}: run `oncoflow extract "
+            f"--params {label}` first"
         )
     return key
+
+
+def check_publishable(store: SiteStore, spec: CohortSpec) -> None:
+    """Check, before any flow run, that the site has what the spec needs (one-line errors).
+
+    Raises
+    ------
+    OncoflowError
+        When the store or site is missing, nothing is harmonised, or the feature table the
+        spec names (hash, preset or parameter file) was not extracted.
+    """
+    if store.read_table(HARMONISED_SERIES) is None:
+        raise missing_input(store, "harmonised series", "oncoflow harmonise")
+    if spec.features is not None:
+        resolve_feature_table(store, spec.features)
 
 
 def published_feature_columns(columns: Iterable[str]) -> list[str]:

@@ -14,7 +14,8 @@ Example (``deployments/cohorts/lung-ct.yaml``)::
       date_to: "2030-12-31"
       roi: [gtv]
       site: [site-a]
-    features: ct               # a params hash or a preset name; omit for no features
+    features: ct               # a params hash, a preset name or a parameter file (path
+                               # relative to this file); omit for no features
     include:
       images: true
       masks: true
@@ -37,11 +38,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import OncoflowError
+from tasks.errors import OncoflowError, did_you_mean
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 PARAMS_HASH = re.compile(r"^[0-9a-f]{64}$")
 PRESET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+PARAMS_SUFFIXES = (".yaml", ".yml", ".json")
 
 #: Short licence identifiers mapped to their SPDX URL (others must be given as a URL).
 LICENCES = {
@@ -137,7 +139,9 @@ class CohortSpec(BaseModel):
     keywords: list[str] = Field(default_factory=list, description="dcat:keyword values.")
     selection: Selection = Field(default_factory=Selection)
     features: str | None = Field(
-        None, description="Feature table: a params hash or a preset name (None: no features)."
+        None,
+        description="Feature table: a params hash, a preset name, or a pyradiomics parameter "
+        "file (a path relative to the spec file); None: no features.",
     )
     include: Include = Field(default_factory=Include)
     combat: CombatSpec | None = Field(
@@ -167,8 +171,12 @@ class CohortSpec(BaseModel):
     @field_validator("features")
     @classmethod
     def _features(cls, value: str | None) -> str | None:
-        if value is not None and not (PARAMS_HASH.match(value) or PRESET.match(value)):
-            raise ValueError("must be a params hash (hex) or a preset name")
+        if value is not None and not (
+            PARAMS_HASH.match(value) or PRESET.match(value) or is_params_file(value)
+        ):
+            raise ValueError(
+                "must be a params hash (hex), a preset name or a parameter file (.yaml, .json)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -183,12 +191,51 @@ class CohortSpec(BaseModel):
         return LICENCES.get(self.licence, self.licence)
 
 
+def is_params_file(value: str) -> bool:
+    """Whether a ``features`` value names a parameter file (by its suffix)."""
+    return Path(value).suffix.lower() in PARAMS_SUFFIXES
+
+
+def _resolve_features(spec: CohortSpec, folder: Path, origin: str) -> CohortSpec:
+    """Make a ``features`` parameter file absolute (relative to the spec's folder) and check it.
+
+    Raises
+    ------
+    OncoflowError
+        One line when the file is missing or is not a valid parameter file.
+    """
+    value = spec.features
+    if value is None or PARAMS_HASH.match(value) or not is_params_file(value):
+        return spec
+    from tasks.radiomics.params import load_params_file
+
+    path = Path(value) if Path(value).is_absolute() else folder / value
+    if not path.is_file():
+        raise OncoflowError(f"{origin}: features: parameter file {value!r} not found")
+    load_params_file(str(path), Path(value).name)  # one-line error when invalid
+    return spec.model_copy(update={"features": str(path.resolve())})
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Return the field names of the spec section at ``loc`` (for the did-you-mean hint)."""
+    model: type[BaseModel] = CohortSpec
+    for part in loc:
+        field_info = model.model_fields.get(str(part))
+        inner = getattr(field_info, "annotation", None) if field_info else None
+        candidates = [a for a in getattr(inner, "__args__", (inner,)) if isinstance(a, type)]
+        nested = [a for a in candidates if issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "spec"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown field"
+        msg = "unknown field" + did_you_mean(str(err["loc"][-1]), _fields_at(err["loc"][:-1]))
     elif err["type"] == "missing":
         msg = "required field is missing"
     return f"{where}: {msg}"
@@ -235,4 +282,4 @@ def load_spec(path: str | Path) -> CohortSpec:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise OncoflowError(f"{path.name}{where}: not valid YAML") from None
-    return parse_spec(data, origin=path.name)
+    return _resolve_features(parse_spec(data, origin=path.name), path.parent, path.name)

@@ -11,6 +11,7 @@ from tasks.errors import OncoflowError
 from tasks.harmonise.series import META_COLUMNS, SegmentationRef, SeriesUnit
 from tasks.records import QuarantineRecord, Reason, Stage
 from tasks.store import DEID_DICOM, DEID_SERIES, SiteStore
+from tasks.store_checks import missing_input
 
 IMAGE_KINDS = ("image", "multiframe")
 SEGMENTATION_KINDS = ("rtstruct", "seg")
@@ -63,9 +64,7 @@ def plan_units(store: SiteStore) -> tuple[list[SeriesUnit], list[QuarantineRecor
     """
     table = store.read_table(DEID_SERIES)
     if table is None:
-        raise OncoflowError(
-            f"no de-identified series for site {store.site!r}: run `oncoflow deidentify` first"
-        )
+        raise missing_input(store, "de-identified series", "oncoflow deidentify")
     missing = DEID_NEEDED - set(table.column_names)
     if missing:
         raise OncoflowError(f"{DEID_SERIES} lacks columns: {', '.join(sorted(missing))}")

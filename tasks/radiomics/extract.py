@@ -35,6 +35,7 @@ from tasks.radiomics.cache import (
 from tasks.radiomics.params import SHAPE_CLASSES, RadiomicsParams
 from tasks.records import Reason, Status, UnitResult
 from tasks.store import HARMONISED_SERIES, SiteStore, sha256_bytes
+from tasks.store_checks import missing_input
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +123,7 @@ def plan_units(store: SiteStore) -> list[RoiUnit]:
     """
     table = store.read_table(HARMONISED_SERIES)
     if table is None:
-        raise OncoflowError(
-            f"no harmonised images for site {store.site!r}: run `oncoflow harmonise` first"
-        )
+        raise missing_input(store, "harmonised images", "oncoflow harmonise")
     needed = {"series", "image", "image_sha256", "size", "rois", "masks", "mask_sha256", "status"}
     missing = sorted(needed - set(table.column_names))
     if missing:
@@ -161,14 +160,17 @@ def select_units(
     rois: list[str] | None = None,
     modalities: list[str] | None = None,
 ) -> list[RoiUnit]:
-    """Keep the units of the given series, ROI names and modalities (empty filter: all)."""
-    wanted_series, wanted_rois = set(series or []), set(rois or [])
+    """Keep the units of the given series, ROI names and modalities (empty filter: all).
+
+    ROI names and modalities compare case-insensitively.
+    """
+    wanted_series, wanted_rois = set(series or []), {r.lower() for r in rois or []}
     wanted_modalities = {m.upper() for m in modalities or []}
     return [
         u
         for u in units
         if (not wanted_series or u.series in wanted_series)
-        and (not wanted_rois or u.roi in wanted_rois)
+        and (not wanted_rois or u.roi.lower() in wanted_rois)
         and (not wanted_modalities or u.modality.upper() in wanted_modalities)
     ]
 

@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.errors import OncoflowError
+from tasks.errors import OncoflowError, did_you_mean
 
 #: Folder holding the shipped presets (``deployments/radiomics/<name>.yaml``).
 PRESET_DIR = Path(__file__).resolve().parents[2] / "deployments" / "radiomics"
@@ -198,6 +198,51 @@ class Settings(BaseModel):
         return self
 
 
+#: Settings that act only together with another one: (setting, the setting it needs).
+_NEEDS: tuple[tuple[str, str], ...] = (
+    ("resegmentMode", "resegmentRange"),
+    ("resegmentShape", "resegmentRange"),
+    ("normalizeScale", "normalize"),
+    ("removeOutliers", "normalize"),
+    ("force2Ddimension", "force2D"),
+)
+
+
+def settings_conflict(where: str, settings: Settings | None, base: Settings | None) -> str:
+    """Return a one-line description of contradictory settings, or ``""``.
+
+    Parameters
+    ----------
+    where
+        Section name for the message (``setting`` or ``imageType.<name>``).
+    settings
+        The section's own settings (an image type's overrides, or the ``setting`` section).
+    base
+        The ``setting`` section the overrides apply on top of (None for ``setting`` itself).
+
+    Notes
+    -----
+    pyradiomics silently ignores ``binWidth`` when ``binCount`` is given in the same section,
+    and ignores ``resegmentMode``/``resegmentShape`` without ``resegmentRange``,
+    ``normalizeScale``/``removeOutliers`` without ``normalize: true`` and ``force2Ddimension``
+    without ``force2D: true``; a file relying on them would not compute what it says.
+    """
+    if settings is None:
+        return ""
+    own = settings.model_dump(exclude_none=True)
+    if "binWidth" in own and "binCount" in own:
+        return (
+            f"{where}: binWidth and binCount both given (pyradiomics would ignore binWidth): "
+            "keep one"
+        )
+    effective = {**(base.model_dump(exclude_none=True) if base else {}), **own}
+    for key, needed in _NEEDS:
+        if key in own and not effective.get(needed):
+            value = "true" if needed in ("normalize", "force2D") else "a value"
+            return f"{where}.{key}: has no effect without {needed} ({value}): remove it or set both"
+    return ""
+
+
 class VoxelSettings(BaseModel):
     """The ``voxelSetting`` section (voxel-based extraction; validated and hashed)."""
 
@@ -242,12 +287,20 @@ class RadiomicsParams(BaseModel):
             known = set(classes[str(name)].getFeatureNames())
             unknown = sorted(set(features or []) - known)
             if unknown:
-                raise ValueError(f"featureClass.{name}: unknown features {unknown}")
+                raise ValueError(
+                    f"featureClass.{name}: unknown features {unknown}"
+                    + did_you_mean(unknown[0], known)
+                )
         for name, overrides in self.imageType.items():
             if name == ImageType.LOG:
                 sigma = (overrides.sigma if overrides else None) or self.setting.sigma
                 if not sigma:
                     raise ValueError("imageType.LoG: needs sigma (in setting or under LoG)")
+        problem = settings_conflict("setting", self.setting, None)
+        for name, overrides in self.imageType.items():
+            problem = problem or settings_conflict(f"imageType.{name}", overrides, self.setting)
+        if problem:
+            raise ValueError(problem)
         return self
 
     # -- canonical form -------------------------------------------------------------------
@@ -314,13 +367,22 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Return the keys accepted where an unknown key was found (for the did-you-mean hint)."""
+    if len(loc) <= 1:
+        return list(RadiomicsParams.model_fields)
+    if loc[0] == "voxelSetting":
+        return list(VoxelSettings.model_fields)
+    return list(Settings.model_fields)
+
+
 def _message(exc: ValidationError) -> str:
     seen: list[str] = []
     for err in exc.errors(include_url=False):
         loc = _location(tuple(err["loc"]))
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + did_you_mean(str(err["loc"][-1]), _known_keys(err["loc"]))
         elif err["type"] == "enum" and loc in {"imageType", "featureClass"}:
             msg = f"unknown name {err.get('input')!r}"
         text = f"{loc}: {msg}" if loc else msg
@@ -362,9 +424,11 @@ def validate_params(data: Any, source: str = "parameters") -> RadiomicsParams:
             allowed = {str(m) for m in (ImageType if section == "imageType" else FeatureClass)}
             unknown = [str(k) for k in value if str(k) not in allowed]
             if unknown:
+                hint = (
+                    did_you_mean(unknown[0], allowed) or f" (known: {', '.join(sorted(allowed))})"
+                )
                 raise OncoflowError(
-                    f"parameter file {source}: {section}.{unknown[0]}: unknown name "
-                    f"(known: {', '.join(sorted(allowed))})"
+                    f"parameter file {source}: {section}.{unknown[0]}: unknown name{hint}"
                 )
     try:
         # Strict mode keeps types honest; enum keys arrive as text, so validate from JSON-like

@@ -117,6 +117,9 @@ def test_plan_units_from_deid_table(store) -> None:
 
 
 def test_plan_without_deid_is_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(OncoflowError, match="has no site 'site-b'"):
+        plan_units(SiteStore(str(tmp_path), "site-b"))
+    (tmp_path / "site-b").mkdir()
     with pytest.raises(OncoflowError, match="run `oncoflow deidentify` first"):
         plan_units(SiteStore(str(tmp_path), "site-b"))
 
@@ -354,7 +357,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     bad.write_text("gantry_tilt: sideways\n")
     for args, needle in [
         (["--store", str(tmp_path), "--config", str(bad)], "gantry_tilt"),
-        (["--store", str(tmp_path)], "run `oncoflow deidentify` first"),
+        (["--store", str(tmp_path)], "has no site 'site-x'"),
+        (["--store", str(tmp_path / "nowhere")], "does not exist"),
     ]:
         with pytest.raises(SystemExit) as info:
             main(["harmonise", "--site", "site-x", *args])

@@ -94,6 +94,9 @@ def test_no_harmonised_table_or_no_matching_roi_needs_no_services(tmp_path):
     from tasks.store import SiteStore
 
     runtime = RuntimeOptions(workers=1)
+    with pytest.raises(OncoflowError, match="has no site 'site-a'"):
+        extract_radiomics(build_params("site-a", str(tmp_path), "ct"), runtime)
+    (tmp_path / "site-a").mkdir()
     with pytest.raises(OncoflowError, match="run `oncoflow harmonise` first"):
         extract_radiomics(build_params("site-a", str(tmp_path), "ct"), runtime)
     store = SiteStore(str(tmp_path), "site-a")
