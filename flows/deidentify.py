@@ -43,7 +43,6 @@ from tasks.store import (
     DEID_AUDIT,
     DEID_DICOM,
     DEID_SERIES,
-    TMP_MARK,
     SiteStore,
     open_url,
     validate_site,
@@ -171,18 +170,7 @@ def plan_jobs(table: pa.Table) -> list[SeriesJob]:
 
 def remove_stale(store: SiteStore, keep: set[str]) -> int:
     """Remove objects under ``deid/dicom/`` that this run did not produce; return how many."""
-    root = store.path(DEID_DICOM)
-    if not store.fs.exists(root):
-        return 0
-    store.fs.invalidate_cache(root)
-    removed = 0
-    prefix = store.path("")
-    for path in store.fs.find(root):
-        key = path[len(prefix) :].lstrip("/") if path.startswith(prefix) else path
-        if key not in keep or TMP_MARK in key:
-            store.fs.rm_file(path)
-            removed += 1
-    return removed
+    return store.prune(DEID_DICOM, keep)
 
 
 def _failed(job_label: str, exc: BaseException) -> SeriesOutcome:

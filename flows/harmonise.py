@@ -92,17 +92,9 @@ def _failed(unit: SeriesUnit, exc: BaseException) -> SeriesOutcome:
 
 def _remove_stale(store: SiteStore, keep: set[str]) -> int:
     """Remove output folders of series that are no longer harmonised; return how many."""
-    root = store.path(HARMONISED)
-    if not store.fs.exists(root):
-        return 0
-    store.fs.invalidate_cache(root)
-    removed = 0
-    for entry in store.fs.ls(root, detail=True):
-        name = entry["name"].rstrip("/").rsplit("/", 1)[1]
-        if entry["type"] == "directory" and name not in keep:
-            store.fs.rm(entry["name"], recursive=True)
-            removed += 1
-    return removed
+    return store.prune(
+        HARMONISED, {HARMONISED_SERIES, *(output_dir(s) for s in keep)}, children=True
+    )
 
 
 def qc_report(store: SiteStore, outcomes: list[SeriesOutcome], limit: int) -> str:

@@ -54,7 +54,7 @@ from tasks.dicom.listing import (
 )
 from tasks.errors import OncoflowError, StageFailed
 from tasks.records import Stage, StageSummary
-from tasks.store import SiteStore, open_url, protocol_of, validate_site
+from tasks.store import Existing, SiteStore, open_url, protocol_of, validate_site
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL.
 SOURCE_METADATA_KEY = "source"
@@ -126,21 +126,7 @@ def open_store(url: str, site: str) -> SiteStore:
     A missing local folder is created; an object store's bucket must already exist.
     """
     store = SiteStore(url, site)
-    fs = store.fs
-    protocol = protocol_of(fs)
-    try:
-        if protocol in ("file", "local"):
-            fs.makedirs(store.root, exist_ok=True)
-        elif protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
-            bucket = store.root.split("/", 1)[0]
-            if not fs.exists(bucket):
-                raise OncoflowError(f"store bucket not found: {protocol}://{bucket}")
-        else:
-            fs.exists(store.root)
-    except OncoflowError:
-        raise
-    except Exception as exc:
-        raise OncoflowError(f"store unreachable: {url} ({type(exc).__name__})") from None
+    store.check_reachable()
     return store
 
 
@@ -153,7 +139,7 @@ def check_inputs(params: IngestParams) -> SiteStore:
 def _store_prefix_in_source(params: IngestParams, store: SiteStore) -> str | None:
     """Source-relative prefix of the store when the store lies inside the source, else None."""
     source_fs, source_root = open_url(params.source)
-    if protocol_of(source_fs) != protocol_of(store.fs):
+    if protocol_of(source_fs) != store.protocol:
         return None
     root = source_root.rstrip("/") + "/"
     store_root = store.path("").rstrip("/") + "/"
@@ -173,7 +159,7 @@ def _listing(params: IngestParams, store: SiteStore) -> list[ListedFile]:
 def _write_plan(store: SiteStore, files: list[ListedFile]) -> str:
     """Write the files to parse (private: it holds paths) and return the plan's store key."""
     key = f"{PARTS_DIR}/plan-{batch_key(files)}.json"
-    store.write_bytes(key, files_to_json(files), skip_unchanged=False)
+    store.write_bytes(key, files_to_json(files), mode=Existing.OVERWRITE)
     return key
 
 

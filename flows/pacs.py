@@ -36,7 +36,6 @@ from tasks.pacs.dicomweb import (
     commit_series,
     describe_error,
     dicomweb_client,
-    discard,
     now_iso,
     parse_date,
     parse_source,
@@ -262,7 +261,7 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
             params.retries,
             params.retry_delay_seconds,
         )
-        discard(store, plan_key)
+        store.remove(plan_key)
         for job in jobs:
             got = raw_results.get(job.series_key, {"error": "no result"})
             results[job.series_key] = str(got["error"]) if "error" in got else SeriesPull(**got)
@@ -355,7 +354,7 @@ def _settle_study(
     if errors:
         for p in pulled:
             if isinstance(p, SeriesPull):
-                discard(store, p.staging)
+                store.remove(p.staging)
         previous = failures.get(plan.study_key, {})
         failures[plan.study_key] = {
             "study_uid": plan.study_uid,

@@ -11,18 +11,27 @@ Layout (architecture contract)::
     STORE/<site>/harmonised/<series>/...
     STORE/<site>/features/<params-hash>.parquet
 
-Every write goes to a temporary key first and is then moved onto its final key, so a crash
-never leaves a half-written object under a name that looks complete. ``write_*`` helpers skip
-the write when the bytes are unchanged, which makes re-runs write nothing.
+The store owns every write. Each object goes to a temporary key first and is then moved onto
+its final key, so a crash never leaves a half-written object under a name that looks complete.
+What happens to an existing object is an explicit :class:`Existing` mode (the default skips the
+write when the bytes are unchanged, which makes re-runs write nothing). A group of objects is
+written with :meth:`SiteStore.commit` (old marker removed, objects written, marker last);
+outputs no longer produced are removed with :meth:`SiteStore.prune`; a staged prefix becomes
+final with :meth:`SiteStore.move`. Nothing outside this module touches the filesystem of a
+store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import re
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
@@ -56,6 +65,22 @@ QUARANTINE_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+
+
+class Existing(StrEnum):
+    """What a write does when its key already holds an object."""
+
+    SKIP_UNCHANGED = "skip-unchanged"
+    """Leave an object with identical content untouched; replace a different one."""
+    OVERWRITE = "overwrite"
+    """Always replace the object."""
+    SKIP = "skip"
+    """Leave any existing object untouched."""
+    FAIL = "fail"
+    """Raise :class:`FileExistsError`."""
+
+
+LOCAL_PROTOCOLS = ("file", "local")
 
 
 def validate_site(site: str) -> str:
@@ -99,10 +124,15 @@ def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
     return proto[0] if isinstance(proto, (tuple, list)) else proto
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem."""
+    return protocol_of(fs) in LOCAL_PROTOCOLS
+
+
 def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Return a full URL for ``path`` on ``fs`` (adds the protocol for remote filesystems)."""
     proto = protocol_of(fs)
-    return path if proto in ("file", "local") else f"{proto}://{path}"
+    return path if proto in LOCAL_PROTOCOLS else f"{proto}://{path}"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -176,7 +206,9 @@ class SiteStore:
         """Read an object."""
         return self.fs.cat_file(self._fresh(self.path(key)))
 
-    def write_bytes(self, key: str, data: bytes, *, skip_unchanged: bool = True) -> bool:
+    def write_bytes(
+        self, key: str, data: bytes, *, mode: Existing = Existing.SKIP_UNCHANGED
+    ) -> bool:
         """Write an object atomically (temporary key, then move).
 
         Parameters
@@ -185,16 +217,25 @@ class SiteStore:
             Store-relative key.
         data
             Content.
-        skip_unchanged
-            Leave an existing object with identical content untouched.
+        mode
+            What to do when the key already holds an object (see :class:`Existing`).
 
         Returns
         -------
         bool
             True when something was written.
+
+        Raises
+        ------
+        FileExistsError
+            With ``mode=Existing.FAIL`` when the key already holds an object.
         """
         final = self.path(key)
-        if skip_unchanged and self.fs.exists(final):
+        if mode != Existing.OVERWRITE and self.fs.exists(final):
+            if mode == Existing.SKIP:
+                return False
+            if mode == Existing.FAIL:
+                raise FileExistsError(key)
             try:
                 if sha256_bytes(self.fs.cat_file(final)) == sha256_bytes(data):
                     return False
@@ -212,13 +253,310 @@ class SiteStore:
         self.fs.invalidate_cache(parent)
         return True
 
-    def read_table(self, key: str) -> pa.Table | None:
-        """Read a Parquet table, or None when the key does not exist."""
+    def stage_bytes(self, key: str, data: bytes) -> None:
+        """Write an object directly, without a temporary key.
+
+        Only for keys under a staging prefix that becomes visible as a whole through
+        :meth:`move` (the staging prefix itself is the temporary key).
+        """
+        path = self.path(key)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, data)
+
+    def commit(
+        self,
+        outputs: Mapping[str, bytes],
+        marker: str,
+        marker_data: bytes,
+        *,
+        mode: Existing = Existing.SKIP_UNCHANGED,
+    ) -> list[str]:
+        """Write a group of objects so that the group is complete exactly when its marker exists.
+
+        The old marker is removed first, each object is written atomically, the marker last: a
+        crash in between leaves no marker, so readers (and the next run) see no complete
+        output.
+
+        Parameters
+        ----------
+        outputs
+            Store-relative key -> content of every object of the group (not the marker).
+        marker
+            Key of the marker (for example a provenance document).
+        marker_data
+            Content of the marker.
+        mode
+            Write mode of each object (see :class:`Existing`).
+
+        Returns
+        -------
+        list of str
+            Keys written (unchanged objects are left out).
+        """
+        self.remove(marker)
+        written = [k for k, data in outputs.items() if self.write_bytes(k, data, mode=mode)]
+        if self.write_bytes(marker, marker_data, mode=Existing.OVERWRITE):
+            written.append(marker)
+        return written
+
+    def remove(self, key: str) -> bool:
+        """Remove an object or a whole prefix; return False when there was nothing."""
+        path = self.path(key)
+        self._fresh(path)
+        if not self.fs.exists(path):
+            return False
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            return False
+        finally:
+            self.fs.invalidate_cache(path)
+            self.fs.invalidate_cache(path.rsplit("/", 1)[0])
+        return True
+
+    def _key(self, path: str) -> str:
+        prefix = self.root.rstrip("/") + "/"
+        path = path.rstrip("/")
+        return path[len(prefix) :] if path.startswith(prefix) else path
+
+    def children(self, prefix: str) -> list[str]:
+        """Return the keys of the direct children of ``prefix`` (objects and folders), sorted.
+
+        A missing prefix has no children.
+        """
+        path = self.path(prefix)
+        self.fs.invalidate_cache(path)
+        if not self.fs.exists(path):
+            return []
+        try:
+            return sorted(self._key(p) for p in self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def find(self, prefix: str) -> list[str]:
+        """Return the keys of every object under ``prefix``, sorted (none when missing)."""
+        path = self.path(prefix)
+        self.fs.invalidate_cache(path)
+        return sorted(self._key(p) for p in self.fs.find(path))
+
+    def modified(self, prefix: str) -> dict[str, str]:
+        """Return key -> last-modified stamp of every object under ``prefix``.
+
+        The stamp is whatever the filesystem reports (mtime or LastModified) as a string: equal
+        stamps mean the object was not rewritten.
+        """
+        out = {}
+        for key in self.find(prefix):
+            info = self.fs.info(self.path(key))
+            out[key] = str(info.get("mtime", info.get("LastModified", info.get("created"))))
+        return out
+
+    def prune(
+        self,
+        prefix: str,
+        keep: Iterable[str],
+        *,
+        children: bool = False,
+        select: Callable[[str], bool] | None = None,
+    ) -> int:
+        """Remove what is under ``prefix`` and not in ``keep``, and every temporary object.
+
+        Parameters
+        ----------
+        prefix
+            Store-relative prefix to prune.
+        keep
+            Keys to keep: object keys, or with ``children=True`` keys of direct children.
+        children
+            Prune the direct children of ``prefix`` (whole folders) instead of each object.
+        select
+            Only consider keys for which ``select(key)`` is true (others are kept).
+
+        Returns
+        -------
+        int
+            How many objects (or children) were removed.
+        """
+        kept = set(keep)
+        keys = self.children(prefix) if children else self.find(prefix)
+        removed = 0
+        for key in keys:
+            stale = key not in kept and (select is None or select(key))
+            if stale or TMP_MARK in key.rsplit("/", 1)[-1]:
+                removed += self.remove(key)
+        return removed
+
+    def move(
+        self,
+        src: str,
+        dst: str,
+        *,
+        mode: Existing = Existing.OVERWRITE,
+        select: Callable[[str], bool] | None = None,
+    ) -> int:
+        """Move the objects under prefix ``src`` onto prefix ``dst``; return how many moved.
+
+        With ``mode=Existing.OVERWRITE`` an existing ``dst`` prefix is removed first, and on a
+        local store the whole prefix moves with one directory rename. Otherwise (or with
+        ``select``) each object moves on its own, an existing object at its destination handled
+        by ``mode``.
+
+        Parameters
+        ----------
+        src, dst
+            Store-relative prefixes.
+        mode
+            What to do with an existing destination (see :class:`Existing`).
+        select
+            Only move the objects whose key relative to ``src`` satisfies ``select``.
+
+        Returns
+        -------
+        int
+            Number of objects moved (on the one-rename path: the number of objects under
+            ``src``).
+        """
+        fs = self.fs
+        src_path, dst_path = self.path(src), self.path(dst)
+        self._fresh(src_path)
+        if not fs.exists(src_path):
+            return 0
+        keys = [k[len(src) + 1 :] for k in self.find(src)]
+        parent = dst_path.rsplit("/", 1)[0]
+        fs.makedirs(parent, exist_ok=True)
+        if mode == Existing.OVERWRITE and select is None:
+            self.remove(dst)
+            if is_local(fs):
+                fs.mv(src_path, dst_path, recursive=True)  # one rename of the directory
+                fs.invalidate_cache(parent)
+                return len(keys)
+        moved = 0
+        for rel in keys:
+            if select is not None and not select(rel):
+                continue
+            target = f"{dst_path}/{rel}"
+            if mode != Existing.OVERWRITE and fs.exists(target):
+                if mode == Existing.FAIL:
+                    raise FileExistsError(f"{dst}/{rel}")
+                if mode == Existing.SKIP or sha256_bytes(fs.cat_file(target)) == sha256_bytes(
+                    fs.cat_file(f"{src_path}/{rel}")
+                ):
+                    fs.rm_file(f"{src_path}/{rel}")
+                    continue
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.mv(f"{src_path}/{rel}", target)
+            moved += 1
+        if select is None:
+            self.remove(src)
+        else:
+            _remove_empty_dirs(fs, src_path)
+        fs.invalidate_cache(parent)
+        fs.invalidate_cache(src_path)
+        return moved
+
+    def read_many(self, keys: Iterable[str], *, attempts: int = 3) -> dict[str, bytes]:
+        """Read many objects at once (concurrently on object stores); missing ones are left out.
+
+        Objects whose read failed for another reason than "not found" (a dropped connection
+        under load, throttling) are read again one by one, so a transient error never passes
+        for a missing object; the last error is raised.
+
+        Parameters
+        ----------
+        keys
+            Store-relative keys.
+        attempts
+            Reads of one object before its error is raised.
+
+        Returns
+        -------
+        dict
+            Key -> content of the objects that exist.
+        """
+        paths = {self.path(k): k for k in keys}
+        if not paths:
+            return {}
+        # s3fs answers from its listing cache, which does not know objects written since by
+        # other processes (the workers): forget the listings of these folders first.
+        for parent in sorted({p.rsplit("/", 1)[0] for p in paths}):
+            self.fs.invalidate_cache(parent)
+        raw = self.fs.cat(list(paths), on_error="return")
+        if isinstance(raw, bytes):  # fsspec returns bare bytes for a single path
+            raw = {next(iter(paths)): raw}
+        found: dict[str, bytes] = {}
+        for path, key in paths.items():
+            data = raw.get(path, FileNotFoundError(path))
+            for attempt in range(attempts):
+                if isinstance(data, FileNotFoundError):
+                    break
+                if not isinstance(data, BaseException):
+                    found[key] = data
+                    break
+                if attempt == attempts - 1:
+                    raise data
+                try:
+                    data = self.fs.cat_file(path)
+                except Exception as exc:  # retried; re-raised after the last attempt
+                    data = exc
+        return found
+
+    def check_reachable(self, *, create: bool = True) -> None:
+        """Check the store can be used, with a one-line error otherwise.
+
+        A missing local folder is created (with ``create``); an object store's bucket must
+        already exist.
+
+        Raises
+        ------
+        OncoflowError
+            When the bucket is missing or the store cannot be reached.
+        """
+        fs = self.fs
+        protocol = protocol_of(fs)
+        try:
+            if is_local(fs):
+                if create:
+                    fs.makedirs(self.root, exist_ok=True)
+            elif protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+                bucket = self.root.split("/", 1)[0]
+                if not fs.exists(bucket):
+                    raise OncoflowError(f"store bucket not found: {protocol}://{bucket}")
+            else:
+                fs.exists(self.root)
+        except OncoflowError:
+            raise
+        except Exception as exc:
+            raise OncoflowError(f"store unreachable: {self.url} ({type(exc).__name__})") from None
+
+    @property
+    def local(self) -> bool:
+        """Whether the store is on the local filesystem."""
+        return is_local(self.fs)
+
+    @property
+    def protocol(self) -> str:
+        """The main protocol of the store's filesystem (``file``, ``s3``, ...)."""
+        return protocol_of(self.fs)
+
+    def connect_duckdb(self) -> Any:
+        """Return a new DuckDB connection that can read this store's URLs."""
+        import duckdb
+
+        con = duckdb.connect()
+        if not self.local:
+            con.register_filesystem(self.fs)
+        return con
+
+    def read_table(self, key: str, columns: list[str] | None = None) -> pa.Table | None:
+        """Read a Parquet table (optionally some columns), or None when the key does not exist.
+
+        The schema metadata of the file is kept.
+        """
         path = self._fresh(self.path(key))
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "rb") as fh:
-            return pq.read_table(fh)
+            return pq.read_table(fh, columns=columns)
 
     def write_table(
         self, key: str, table: pa.Table, metadata: dict[str, str] | None = None
@@ -250,3 +588,12 @@ class SiteStore:
         table = self.read_table(QUARANTINE)
         rows = table.to_pylist() if table is not None else []
         return [r for r in rows if stage is None or r["stage"] == str(stage)]
+
+
+def _remove_empty_dirs(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Remove empty directories under ``root`` (local stores; object stores have none)."""
+    if not is_local(fs) or not os.path.isdir(root):
+        return
+    for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda x: -len(x[0])):
+        with contextlib.suppress(OSError):  # not empty: an object arrived meanwhile
+            os.rmdir(dirpath)

@@ -28,7 +28,6 @@ from tasks.store import (
     CATALOG_SERIES,
     QUARANTINE,
     SiteStore,
-    protocol_of,
 )
 
 #: Version of the catalogue rules; a change forces a rebuild of series and quarantine.
@@ -82,15 +81,10 @@ class CatalogCounts:
 
 def read_catalog_state(store: SiteStore) -> CatalogState:
     """Read the (path, size, mtime, status) columns of the catalogue and its version."""
-    path = store.path(CATALOG_INSTANCES)
-    if not store.fs.exists(path):
+    table = store.read_table(CATALOG_INSTANCES, columns=["path", "size", "mtime", "status"])
+    if table is None:
         return CatalogState()
-    import pyarrow.parquet as pq
-
-    with store.fs.open(path, "rb") as fh:
-        pf = pq.ParquetFile(fh)
-        meta = pf.schema_arrow.metadata or {}
-        table = pf.read(columns=["path", "size", "mtime", "status"])
+    meta = table.schema.metadata or {}
     version = meta.get(VERSION_KEY.encode(), b"").decode()
     cols = [table.column(name).to_pylist() for name in ("path", "size", "mtime", "status")]
     rows = list(zip(*cols, strict=True))
@@ -113,10 +107,7 @@ def read_parts(store: SiteStore, parts: Iterable[str]) -> list[dict[str, Any]]:
 
 def remove_parts(store: SiteStore) -> None:
     """Delete the batch part files (after a merge, or left over by a crashed run)."""
-    path = store.path(PARTS_DIR)
-    if store.fs.exists(path):
-        store.fs.rm(path, recursive=True)
-        store.fs.invalidate_cache(store.path("catalog"))
+    store.remove(PARTS_DIR)
 
 
 def merge_catalog(
@@ -185,15 +176,7 @@ def _value_counts(table: pa.Table, column: str) -> dict[str, int]:
 
 def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
     """Fill ``counts`` from the tables in the store (reads only a few columns)."""
-    import pyarrow.parquet as pq
-
-    def columns(key: str, names: list[str]) -> pa.Table | None:
-        path = store.path(key)
-        if not store.fs.exists(path):
-            return None
-        with store.fs.open(path, "rb") as fh:
-            return pq.read_table(fh, columns=names)
-
+    columns = store.read_table
     instances = columns(CATALOG_INSTANCES, ["status"])
     if instances is not None:
         counts.files = _value_counts(instances, "status")
@@ -261,9 +244,7 @@ def connect_catalog(store: SiteStore) -> duckdb.DuckDBPyConnection:
     views = catalog_views(store)
     if "instances" not in views:
         raise OncoflowError(f"no catalogue for site {store.site!r} in {store.url}: run ingest")
-    con = duckdb.connect()
-    if protocol_of(store.fs) not in ("file", "local"):
-        con.register_filesystem(store.fs)
+    con = store.connect_duckdb()
     for name, url in views.items():
         quoted = url.replace("'", "''")
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{quoted}')")

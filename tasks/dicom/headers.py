@@ -65,7 +65,7 @@ from tasks.dicom.listing import (
     files_to_json,
 )
 from tasks.records import Reason
-from tasks.store import SiteStore, open_url, protocol_of
+from tasks.store import Existing, SiteStore, open_url, protocol_of
 
 #: Where batch tasks write their private part files (store-relative, cleaned after the merge).
 PARTS_DIR = "catalog/_parts"
@@ -888,7 +888,7 @@ def files_key(batch_key: str) -> str:
 
 def write_batch_files(store: SiteStore, batch: Batch) -> None:
     """Write a batch's file list to the store, where its task reads it."""
-    store.write_bytes(files_key(batch.key), files_to_json(batch.files), skip_unchanged=False)
+    store.write_bytes(files_key(batch.key), files_to_json(batch.files), mode=Existing.OVERWRITE)
 
 
 def parse_batch_to_part(

@@ -167,11 +167,11 @@ def _mask_record(series: str, problem: MaskProblem) -> QuarantineRecord:
 
 def _read_all(store: SiteStore, keys: list[str]) -> dict[str, bytes]:
     """Read many objects at once (concurrent on object stores)."""
-    paths = {store.path(k): k for k in keys}
-    got = store.fs.cat(list(paths), on_error="raise")
-    if isinstance(got, bytes):  # a single path
-        got = {next(iter(paths)): got}
-    return {paths[p]: data for p, data in got.items()}
+    got = store.read_many(keys)
+    missing = [k for k in keys if k not in got]
+    if missing:
+        raise FileNotFoundError(missing[0])
+    return got
 
 
 def _existing(store: SiteStore, series: str, key: str) -> dict[str, Any] | None:
@@ -185,18 +185,13 @@ def _existing(store: SiteStore, series: str, key: str) -> dict[str, Any] | None:
         return None
     # Every recorded output must still be there (a deleted file means: compute again).
     names = {k.rsplit("/", 1)[1] for k in doc.get("outputs", {}).get("keys", [])}
-    folder = store.path(output_dir(series))
-    store.fs.invalidate_cache(folder)
-    present = {p.rsplit("/", 1)[1] for p in store.fs.ls(folder, detail=False)}
+    present = {k.rsplit("/", 1)[1] for k in store.children(output_dir(series))}
     return doc if names <= present else None
 
 
 def _clear(store: SiteStore, series: str) -> None:
     """Remove a series' outputs (before rewriting them or when it is quarantined)."""
-    path = store.path(output_dir(series))
-    if store.fs.exists(path):
-        store.fs.rm(path, recursive=True)
-        store.fs.invalidate_cache(path)
+    store.remove(output_dir(series))
 
 
 def _build_masks(
@@ -388,18 +383,11 @@ def _compute(
             "mask_problems": [[p.roi, str(p.reason), p.detail] for p in problems],
         },
     )
-    # Commit protocol: drop the old marker, write the files, remove stale masks, marker last.
-    if store.exists(prov_key):
-        store.fs.rm_file(store.path(prov_key))
-    for out_key, content in outputs.items():
-        store.write_bytes(out_key, content)
-    folder = store.path(base)
-    store.fs.invalidate_cache(folder)
-    for path in store.fs.ls(folder, detail=False):
-        name = path.rsplit("/", 1)[1]
-        if name.startswith("mask-") and f"{base}/{name}" not in outputs:
-            store.fs.rm_file(path)
-    store.write_bytes(prov_key, document)
+    # Commit: drop the old marker, write the files, remove stale masks, marker last.
+    store.prune(
+        base, {*outputs, prov_key}, select=lambda k: k.rsplit("/", 1)[1].startswith("mask-")
+    )
+    store.commit(outputs, prov_key, document)
     records = tuple(_mask_record(unit.series, p) for p in problems)
     return SeriesOutcome(
         UnitResult(unit.series, Status.OK, outputs=tuple(sorted([*outputs, prov_key]))),

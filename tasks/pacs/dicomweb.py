@@ -40,7 +40,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import OncoflowError
 from tasks.pacs.credentials import DicomwebCredentials, load_credentials
-from tasks.store import SiteStore, protocol_of
+from tasks.store import Existing, SiteStore
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ def write_plan(store: SiteStore, jobs: list[SeriesJob]) -> str:
     The plan holds UIDs, so it is passed to the pulling subflow by key, never as a parameter.
     """
     body = json.dumps([asdict(j) for j in jobs], separators=(",", ":")).encode()
-    store.write_bytes(PLAN_KEY, body, skip_unchanged=False)
+    store.write_bytes(PLAN_KEY, body, mode=Existing.OVERWRITE)
     return PLAN_KEY
 
 
@@ -521,8 +521,6 @@ def _retrieve_into(
         TAG_SOP_UID,
     )
     expected = {_value(i, TAG_SOP_UID) for i in listed} - {None}
-    fs = store.fs
-    fs.makedirs(store.path(staging), exist_ok=True)
     nbytes = 0
     for ds in client.iter_series(job.study_uid, job.series_uid, media_types=ANY_TRANSFER_SYNTAX):
         if str(ds.get("SeriesInstanceUID", "")) != job.series_uid:
@@ -531,7 +529,7 @@ def _retrieve_into(
         if not UID_PATTERN.match(sop_uid):
             raise PullError("the server returned an instance without a valid SOPInstanceUID")
         data = encode_dataset(ds)
-        fs.pipe_file(store.path(f"{staging}/{opaque_key(sop_uid)}.dcm"), data)
+        store.stage_bytes(f"{staging}/{opaque_key(sop_uid)}.dcm", data)
         received.add(sop_uid)
         nbytes += len(data)
     missing = expected - received
@@ -563,15 +561,13 @@ def retrieve_series(
     """
     store = SiteStore(store_url, site)
     staging = f"{RAW_STAGING_DICOMWEB}/{job.series_key}-{uuid.uuid4().hex[:12]}"
-    fs = store.fs
     received: set[str] = set()
     nbytes = 0
     try:
         with dicomweb_client(base_url, load_credentials(secret_block), timeout) as client:
             nbytes = _retrieve_into(client, job, store, staging, received)
     except BaseException as exc:
-        if fs.exists(store.path(staging)):
-            fs.rm(store.path(staging), recursive=True)
+        store.remove(staging)
         if isinstance(exc, PullError):
             raise
         if isinstance(exc, Exception):
@@ -603,23 +599,9 @@ def pull_series_task(
 # --------------------------------------------------------------------------- commit
 
 
-def discard(store: SiteStore, prefix: str) -> None:
-    """Remove a store-relative prefix if it exists."""
-    path = store.path(prefix)
-    if store.fs.exists(path):
-        store.fs.rm(path, recursive=True)
-
-
 def clean_staging(store: SiteStore) -> int:
     """Remove staging left by an interrupted run; return how many prefixes were removed."""
-    root = store.path(RAW_STAGING_DICOMWEB)
-    if not store.fs.exists(root):
-        return 0
-    entries = store.fs.ls(root, detail=False)
-    for entry in entries:
-        store.fs.rm(entry, recursive=True)
-    store.fs.invalidate_cache(root)
-    return len(entries)
+    return store.prune(RAW_STAGING_DICOMWEB, (), children=True)
 
 
 def commit_series(store: SiteStore, pulled: SeriesPull) -> str:
@@ -634,18 +616,7 @@ def commit_series(store: SiteStore, pulled: SeriesPull) -> str:
         The store-relative prefix of the committed series.
     """
     final = series_prefix(pulled.study_key, pulled.series_key)
-    fs = store.fs
-    discard(store, final)
-    src, dst = store.path(pulled.staging), store.path(final)
-    parent = dst.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    if protocol_of(fs) in ("file", "local"):
-        fs.mv(src, dst, recursive=True)  # one rename of the directory
-    else:
-        for path in sorted(fs.find(src)):
-            fs.mv(path, f"{dst}/{path[len(src) + 1 :]}")
-        discard(store, pulled.staging)
-    fs.invalidate_cache(parent)
+    store.move(pulled.staging, final, mode=Existing.OVERWRITE)
     return final
 
 

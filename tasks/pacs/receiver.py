@@ -15,21 +15,18 @@ Raw-zone layout (private zone, opaque names)::
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import fsspec
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from tasks.errors import OncoflowError
 from tasks.pacs.dicomweb import UID_PATTERN, opaque_key
-from tasks.store import TMP_MARK, SiteStore, protocol_of
+from tasks.store import TMP_MARK, Existing, SiteStore
 
 log = logging.getLogger("oncoflow.receiver")
 
@@ -177,9 +174,9 @@ class StorageReceiver:
             # Temporary key, then rename: readers never see a partial file. A second attempt
             # covers a commit removing the (then empty) study folder at the same moment.
             try:
-                self.store.write_bytes(key, data, skip_unchanged=False)
+                self.store.write_bytes(key, data, mode=Existing.OVERWRITE)
             except FileNotFoundError:
-                self.store.write_bytes(key, data, skip_unchanged=False)
+                self.store.write_bytes(key, data, mode=Existing.OVERWRITE)
         except Exception as exc:
             self.stats.failed += 1
             log.error("could not write a received instance: %s", type(exc).__name__)
@@ -193,17 +190,11 @@ class StorageReceiver:
 
     def _recover(self) -> None:
         """Remove temporary files of an earlier process; schedule its incoming studies."""
-        root = self.store.path(RAW_INCOMING)
-        fs = self.store.fs
-        if not fs.exists(root):
-            return
-        for path in fs.find(root):
-            if path.rsplit("/", 1)[-1].startswith(TMP_MARK):
-                fs.rm_file(path)
+        self.store.prune(RAW_INCOMING, (), select=lambda _key: False)  # temporary objects only
         now = time.monotonic()
         with self._lock:
-            for entry in fs.ls(root, detail=False):
-                self._last.setdefault(entry.rstrip("/").rsplit("/", 1)[-1], now)
+            for entry in self.store.children(RAW_INCOMING):
+                self._last.setdefault(entry.rsplit("/", 1)[-1], now)
 
     def due(self, force: bool = False) -> dict[str, float]:
         """Studies quiet for ``quiet_seconds`` (all pending ones when ``force``)."""
@@ -240,29 +231,13 @@ class StorageReceiver:
 
     def _commit_study(self, study: str) -> int:
         """Move the complete files of one study; return how many were moved."""
-        fs = self.store.fs
-        src_root = self.store.path(f"{RAW_INCOMING}/{study}")
-        if not fs.exists(src_root):
-            return 0
-        moved = 0
-        for path in sorted(fs.find(src_root)):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(TMP_MARK) or not name.endswith(".dcm"):
-                continue
-            rel = path[len(src_root) + 1 :]
-            dst = self.store.path(f"{RAW_RECEIVED}/{study}/{rel}")
-            fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-            fs.mv(path, dst)
-            moved += 1
-        _remove_empty_dirs(fs, src_root)
-        fs.invalidate_cache(self.store.path(RAW_INCOMING))
-        return moved
+        return self.store.move(
+            f"{RAW_INCOMING}/{study}",
+            f"{RAW_RECEIVED}/{study}",
+            select=lambda rel: _complete_instance(rel.rsplit("/", 1)[-1]),
+        )
 
 
-def _remove_empty_dirs(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """Remove empty directories under ``root`` (local stores; object stores have none)."""
-    if protocol_of(fs) not in ("file", "local") or not os.path.isdir(root):
-        return
-    for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda x: -len(x[0])):
-        with contextlib.suppress(OSError):  # not empty: an instance arrived meanwhile
-            os.rmdir(dirpath)
+def _complete_instance(name: str) -> bool:
+    """Whether a file name under ``_incoming`` is a completely written instance."""
+    return name.endswith(".dcm") and not name.startswith(TMP_MARK)

@@ -180,32 +180,9 @@ def read_parts(store: SiteStore, keys: list[str], attempts: int = 3) -> dict[str
     (a dropped connection under load, throttling) are read again one by one, so a transient
     error never passes for a cache miss.
     """
-    if not keys:
-        return {}
-    paths = {store.path(k): k for k in keys}
-    # s3fs answers size/exists from its listing cache, which does not know objects written
-    # since by other processes (the workers): forget the listings of these folders first.
-    for parent in sorted({p.rsplit("/", 1)[0] for p in paths}):
-        store.fs.invalidate_cache(parent)
-    raw = store.fs.cat(list(paths), on_error="return")
-    found: dict[str, CachedPart] = {}
-    for path, key in paths.items():
-        data = raw.get(path, FileNotFoundError(path))
-        for attempt in range(attempts):
-            if isinstance(data, FileNotFoundError):
-                break
-            if not isinstance(data, BaseException):
-                found[key] = CachedPart.from_bytes(data)
-                break
-            if attempt == attempts - 1:
-                raise data
-            try:
-                data = store.fs.cat_file(path)
-            except FileNotFoundError as exc:
-                data = exc
-            except Exception as exc:  # retried above; re-raised after the last attempt
-                data = exc
-    return found
+    return {
+        k: CachedPart.from_bytes(d) for k, d in store.read_many(keys, attempts=attempts).items()
+    }
 
 
 def write_part(store: SiteStore, key: str, part: CachedPart) -> bool:

@@ -59,8 +59,7 @@ def _planted(cohort: Path) -> list[str]:
 
 
 def _files(store: SiteStore, prefix: str) -> dict[str, bytes]:
-    root = store.path(prefix)
-    return {p[len(store.root) + 1 :]: store.fs.cat_file(p) for p in sorted(store.fs.find(root))}
+    return {key: store.read_bytes(key) for key in store.find(prefix)}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +87,7 @@ def run(
             first = deidentify(build_params(SITE, url), runtime)
             t2 = time.perf_counter()
             files_first = _files(store, "deid")
-            mtimes = {p: store.fs.info(p)["mtime"] for p in store.fs.find(store.path("deid"))}
+            mtimes = store.modified("deid")
             t3 = time.perf_counter()
             second = deidentify(build_params(SITE, url), runtime)
             t4 = time.perf_counter()
@@ -193,7 +192,7 @@ def test_rerun_writes_nothing(run):
     assert second.extra["table_written"] is False and second.extra["audit_written"] is False
     assert second.extra["series_computed"] == 0
     assert _files(store, "deid") == run["files"]
-    after = {p: store.fs.info(p)["mtime"] for p in store.fs.find(store.path("deid"))}
+    after = store.modified("deid")
     assert after == run["mtimes"]
 
 

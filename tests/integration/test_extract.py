@@ -62,11 +62,7 @@ def read_table(store: SiteStore, key: str):
 
 
 def cache_listing(store: SiteStore) -> dict[str, str]:
-    store.fs.invalidate_cache()
-    return {
-        p: str(store.fs.info(p).get("LastModified"))
-        for p in store.fs.find(store.path(CACHE_PREFIX))
-    }
+    return store.modified(CACHE_PREFIX)
 
 
 async def artifacts_of(flow_run_id):
@@ -133,7 +129,7 @@ def test_extract_flow_on_s3(prefect_api, s3_bucket, tmp_path, capsys):
         assert {"markdown", "progress", "table"} <= kinds
 
         # 2. rerun through the CLI: nothing computed, nothing rewritten
-        table_modified = store.fs.info(store.path(key))["LastModified"]
+        table_modified = store.modified(key)
         listing = cache_listing(store)
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
@@ -143,8 +139,7 @@ def test_extract_flow_on_s3(prefect_api, s3_bucket, tmp_path, capsys):
         again = json.loads(capsys.readouterr().out)
         assert (again["parts_computed"], again["table_written"]) == (0, False)
         assert again["parts_reused"] == 21
-        store.fs.invalidate_cache()
-        assert store.fs.info(store.path(key))["LastModified"] == table_modified
+        assert store.modified(key) == table_modified
         assert cache_listing(store) == listing
 
         # 3. a changed LoG sigma recomputes the LoG part only

@@ -94,11 +94,7 @@ def test_killed_worker_run_completes_with_the_same_table(cluster, reference, par
                 deadline = time.monotonic() + 300
                 while time.monotonic() < deadline and not killed:
                     # mid-run: some results are cached already, and a worker is executing one
-                    done = (
-                        store.fs.find(store.path(CACHE_PREFIX))
-                        if store.exists(CACHE_PREFIX)
-                        else []
-                    )
+                    done = store.find(CACHE_PREFIX)
                     if done:
                         pids = client.run(os.getpid)
                         busy = client.run(lambda dask_worker: len(dask_worker.state.executing))

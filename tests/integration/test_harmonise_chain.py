@@ -7,6 +7,7 @@ key the generator wrote.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -166,7 +167,7 @@ def test_rtstruct_rasterisation_matches_truth_voxels(chain) -> None:
         if image_row is None or image_row["status"] != "ok":
             continue
         rt_row = deid[keys.remap_uid(series.series_instance_uid)]
-        ds = pydicom.dcmread(store.fs.open(store.path(rt_row["paths"][0])))
+        ds = pydicom.dcmread(io.BytesIO(store.read_bytes(rt_row["paths"][0])))
         image = read_image(store, image_row["image"])
         for_uid = deid[image_row["series"]]["frame_of_reference"]
         masks = rtstruct_masks(ds, image, for_uid, HarmoniseConfig())

@@ -145,9 +145,7 @@ def test_pull_everything_then_nothing_then_only_the_new_study(
     for study in first:
         assert_study_in_raw(store, study)
     assert_no_identifiers_in_names(store, first)
-    assert not store.exists(RAW_STAGING_DICOMWEB) or not store.fs.ls(
-        store.path(RAW_STAGING_DICOMWEB)
-    )
+    assert store.children(RAW_STAGING_DICOMWEB) == []
     state = json.loads(store.read_bytes(STATE_KEY))
     assert len(state["series"]) == 3
     assert state["sources"][orthanc.dicomweb]["failed"] == {}
@@ -199,16 +197,15 @@ def test_pull_into_an_s3_store(orthanc: Orthanc, dask_address: str, s3_bucket: s
     summary = pull_dicomweb(params(orthanc, store_url), runtime).to_dict()
     assert summary["studies"] == {"found": 1, "pulled": 1, "skipped": 0, "failed": 0}
     store = SiteStore(store_url, SITE)
-    store.fs.invalidate_cache()
-    keys = store.fs.find(store.path(RAW_DICOMWEB))
+    keys = store.find(RAW_DICOMWEB)
     assert len(keys) == 6
     pulled = {
-        str(pydicom.dcmread(io.BytesIO(store.fs.cat_file(k))).SOPInstanceUID): k for k in keys
+        str(pydicom.dcmread(io.BytesIO(store.read_bytes(k))).SOPInstanceUID): k for k in keys
     }
     assert set(pulled) == set(study.sop_uids)
     for sop, key in pulled.items():
         assert key.endswith(f"/{opaque_key(sop)}.dcm") and sop not in key
-    assert store.fs.find(store.path(RAW_STAGING_DICOMWEB)) == []
+    assert store.find(RAW_STAGING_DICOMWEB) == []
     assert catalogued_series(store) == {uid: 3 for uid in study.series_uids}
 
 

@@ -109,7 +109,7 @@ def test_defective_rois_are_quarantined_with_a_reason(store, roi, reason):
 def test_missing_or_changed_input_fails_without_raising(store):
     params = validate_params({"imageType": {"Original": {}}, "setting": {"binWidth": 25}})
     u = unit(store, CT.series, "gtv")
-    store.fs.rm_file(store.path(u.mask))
+    store.remove(u.mask)
     outcome = extract_roi(store, u, params)
     assert (outcome.status, outcome.error_class) == (Status.FAILED, "InputError")
     assert "missing" in outcome.detail
@@ -121,8 +121,7 @@ def test_missing_or_changed_input_fails_without_raising(store):
 
 
 def _cache_state(store: SiteStore) -> dict[str, float]:
-    root = store.path(CACHE_PREFIX)
-    return {p: store.fs.info(p)["mtime"] for p in store.fs.find(root)}
+    return store.modified(CACHE_PREFIX)
 
 
 def test_rerun_computes_and_writes_nothing_and_a_changed_parameter_recomputes_only_its_part(

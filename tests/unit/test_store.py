@@ -3,7 +3,7 @@ import pytest
 
 from tasks.errors import OncoflowError
 from tasks.records import QuarantineRecord, Reason, Stage
-from tasks.store import QUARANTINE, SiteStore, table_to_parquet_bytes
+from tasks.store import QUARANTINE, Existing, SiteStore, table_to_parquet_bytes
 
 
 def test_write_table_roundtrip_and_skip_unchanged(tmp_path):
@@ -63,5 +63,63 @@ def test_s3_store_roundtrip(s3_bucket):
     assert store.write_bytes("x/y.bin", b"hello") is True
     assert store.write_bytes("x/y.bin", b"hello") is False
     assert store.read_bytes("x/y.bin") == b"hello"
-    listing = store.fs.ls(store.path("x"), refresh=True)
-    assert [p.rsplit("/", 1)[1] for p in listing] == ["y.bin"]
+    assert store.children("x") == ["x/y.bin"]
+    store.commit({"x/z.bin": b"z"}, "x/done", b"1")
+    assert store.read_many(["x/z.bin", "x/none"]) == {"x/z.bin": b"z"}
+    assert store.move("x", "moved") == 3
+    assert store.find("") == ["moved/done", "moved/y.bin", "moved/z.bin"]
+    assert store.prune("moved", {"moved/done"}) == 2
+
+
+def test_write_modes(tmp_path):
+    store = SiteStore(str(tmp_path), "site-a")
+    assert store.write_bytes("k", b"one") is True
+    assert store.write_bytes("k", b"two", mode=Existing.SKIP) is False
+    assert store.read_bytes("k") == b"one"
+    with pytest.raises(FileExistsError):
+        store.write_bytes("k", b"two", mode=Existing.FAIL)
+    assert store.write_bytes("k", b"one", mode=Existing.OVERWRITE) is True
+    assert store.write_bytes("k", b"two") is True
+    assert store.read_bytes("k") == b"two"
+
+
+def test_commit_writes_marker_last_and_prune_keeps_what_is_asked(tmp_path):
+    store = SiteStore(str(tmp_path), "site-a")
+    store.write_bytes("out/s1/done.json", b"old marker")
+    written = store.commit({"out/s1/a": b"A", "out/s1/b": b"B"}, "out/s1/done.json", b"new")
+    assert written == ["out/s1/a", "out/s1/b", "out/s1/done.json"]
+    assert store.read_bytes("out/s1/done.json") == b"new"
+    # unchanged objects are not written again; the marker always is
+    assert store.commit({"out/s1/a": b"A"}, "out/s1/done.json", b"new") == ["out/s1/done.json"]
+    store.write_bytes("out/s2/a", b"A")
+    (tmp_path / "site-a/out/.tmp-123-x").write_bytes(b"partial")
+    assert store.prune("out", {"out/s1"}, children=True) == 2
+    assert store.children("out") == ["out/s1"]
+    assert store.prune("out/s1", {"out/s1/a"}, select=lambda k: k.endswith("/b")) == 1
+    assert store.find("out") == ["out/s1/a", "out/s1/done.json"]
+    assert store.prune("missing", ()) == 0
+
+
+def test_move_prefix_replaces_and_selects(tmp_path):
+    store = SiteStore(str(tmp_path), "site-a")
+    store.write_bytes("final/x/old.dcm", b"old")
+    store.stage_bytes("staging/1/a.dcm", b"a")
+    store.stage_bytes("staging/1/sub/b.dcm", b"b")
+    assert store.move("staging/1", "final/x") == 2
+    assert store.find("final") == ["final/x/a.dcm", "final/x/sub/b.dcm"]
+    assert not store.exists("staging/1")
+    store.stage_bytes("in/s/a.dcm", b"a2")
+    store.stage_bytes("in/s/.tmp-9-c.dcm", b"partial")
+    moved = store.move("in/s", "final/x", mode=Existing.SKIP, select=lambda r: ".tmp-" not in r)
+    assert moved == 0  # a.dcm exists at the destination: kept, the source dropped
+    assert store.read_bytes("final/x/a.dcm") == b"a"
+    assert store.find("in") == ["in/s/.tmp-9-c.dcm"]
+
+
+def test_read_many_leaves_out_missing(tmp_path):
+    store = SiteStore(str(tmp_path), "site-a")
+    store.write_bytes("a", b"1")
+    store.write_bytes("d/b", b"2")
+    assert store.read_many(["a", "d/b", "nope"]) == {"a": b"1", "d/b": b"2"}
+    assert store.read_many(["a"]) == {"a": b"1"}
+    assert store.read_many([]) == {}
