@@ -55,6 +55,10 @@ class Reason(StrEnum):
     # deidentify
     BURNED_IN_ANNOTATION = "burned-in-annotation"
     DEID_ERROR = "deid-error"
+    INVALID_ATTRIBUTE = "invalid-attribute"
+    ENCAPSULATED_DOCUMENT = "encapsulated-document"
+    OVERLAY_IN_PIXEL_DATA = "overlay-in-pixel-data"
+    INPUT_TOO_LARGE = "input-too-large"
     # harmonise
     GANTRY_TILT = "gantry-tilt"
     MISSING_SUV_DATA = "missing-suv-data"

@@ -49,6 +49,15 @@ from pydicom.uid import (
 from pydicom.uid import UID_dictionary as WELL_KNOWN_UIDS
 
 from tasks.deid.descriptors import VOCABULARY, clean_descriptor, identifier_tokens
+from tasks.deid.policy import (
+    PIXEL_DATA,
+    REMOVALS,
+    REQUIRED,
+    decide,
+    effective_vr,
+    valid_text_value,
+    valid_value,
+)
 from tasks.deid.profile import (
     METHOD_CODES,
     NUMERIC_VRS,
@@ -57,7 +66,6 @@ from tasks.deid.profile import (
     DeidOptions,
     keyword_of,
     method_codes,
-    resolve,
 )
 from tasks.deid.pseudonyms import DateShift, SiteKeys
 
@@ -73,6 +81,8 @@ _CLEANABLE_VRS = frozenset({"LO", "SH", "UC", "LT", "ST", "UT", "CS"})
 _REPLACING = frozenset({Action.EMPTY, Action.DUMMY, Action.PSEUDONYM, Action.REPLACE})
 _SAFE_PRIVATE_VRS = NUMERIC_VRS - {"OB", "OW", "OD", "OF", "OL", "OV", "AT"}
 _WORD = re.compile(r"[A-Za-z0-9]+")
+#: VRs of kept values that need no look (binary data such as Pixel Data).
+UNCHECKED_VRS = frozenset({"OB", "OW", "OB or OW"})
 #: VRs whose dummy value is text.
 _DUMMY_TEXT = {"PN": "ANONYMOUS", "AE": "ANONYMOUS", "CS": "ANONYMIZED", "AS": "000Y"}
 _DUMMY_OTHER = {"DA": "19000101", "TM": "000000", "DT": "19000101000000"}
@@ -213,20 +223,24 @@ class _Walker:
     and cleaned in :meth:`finish`, once every name in the dataset is known.
     """
 
-    def __init__(self, ctx: DeidContext) -> None:
+    def __init__(self, ctx: DeidContext, raws: dict | None = None) -> None:
         self.ctx = ctx
-        self.audit = ctx.audit
+        self.audit: Counter[tuple[str, str]] = Counter()
         self.forbidden: frozenset[str] = frozenset()
         self.names: list[str] = [str(v) for v in ctx.extra_identifiers]
         self.others: list[str] = []
         self.deferred: list[tuple[Dataset, BaseTag, str, Action]] = []
         self._actions = ctx.action_cache
         self._fast_keep = ctx.fast_keep
+        #: the top-level elements as read, before the instance checks converted some of them
+        self.raws: dict | None = raws
+        #: keyword of a required attribute whose value was malformed (quarantine)
+        self.invalid_required = ""
 
     def note(self, attribute: str, action: Action | str) -> None:
         self.audit[(attribute, action.value if isinstance(action, Action) else action)] += 1
 
-    def walk(self, ds: Dataset) -> None:
+    def walk(self, ds: Dataset, top: bool = False) -> None:
         """Apply the profile to every element of ``ds`` and of its sequence items.
 
         Elements are converted from their raw encoding only when their value is needed, so
@@ -237,7 +251,14 @@ class _Walker:
         creators: dict[int, str] = {}
         fast = self._fast_keep
         audit = self.audit
-        for tag, raw in list(ds.items()):
+        # the elements as read (before any check converted them): written VRs and raw values
+        raws = self.raws if top and self.raws is not None else dict(ds._dict)
+        for tag, current in list(ds.items()):
+            if top and tag > PIXEL_DATA:
+                del ds[tag]
+                self.note(_label(int(tag)), Action.REMOVE_AFTER_PIXEL_DATA)
+                continue
+            raw = raws.get(tag, current)
             vr = getattr(raw, "VR", None)
             key = fast.get((int(tag), vr))
             if key is not None:  # a kept element that needs no look at its value
@@ -261,7 +282,7 @@ class _Walker:
                 del ds[tag]
                 self.note("Overlay" if group >= 0x6000 else "Curve", Action.REMOVE)
                 continue
-            self.public(ds, tag, _vr(tag, raw), done, vr)
+            self.public(ds, tag, raw, done, top)
         if private_seen:
             self.drop_empty_creators(ds)
 
@@ -294,19 +315,21 @@ class _Walker:
 
     # -- public elements -------------------------------------------------------------------
     def public(
-        self, ds: Dataset, tag: BaseTag, vr: str, done: set[int], raw_vr: str | None = None
+        self, ds: Dataset, tag: BaseTag, raw: object, done: set[int], top: bool
     ) -> None:
+        raw_vr = getattr(raw, "VR", None)
+        vr = effective_vr(int(tag), raw_vr)
         keyword = keyword_of(int(tag))
-        scheme = str(ds.get("CodingSchemeDesignator", "")) if keyword in CODE_KEYWORDS else ""
-        if scheme in STANDARD_SCHEMES:
-            action = Action.KEEP
-        elif keyword == "TextValue":
-            action = Action.CLEAN  # Clean Structured Content: SR text items keep vocabulary only
-        else:
-            key = (int(tag), vr)
-            action = self._actions.get(key)
-            if action is None:
-                action = self._actions[key] = resolve(tag, vr, self.ctx.options)
+        key = (int(tag), raw_vr)
+        action = self._actions.get(key)
+        if action is None:
+            action = self._actions[key] = decide(int(tag), raw_vr, self.ctx.options)
+        scheme = ""
+        if action not in REMOVALS:
+            if keyword in CODE_KEYWORDS:
+                scheme = str(ds.get("CodingSchemeDesignator", ""))
+            if scheme in STANDARD_SCHEMES:
+                action = Action.KEEP
         if vr == "PN":
             self.names.extend(str(v) for v in _values(ds[tag]))
         elif vr in ("DA", "DT"):
@@ -314,15 +337,18 @@ class _Walker:
         elif keyword in IDENTIFIER_KEYWORDS:
             self.others.extend(str(v) for v in _values(ds[tag]))
         if action is Action.KEEP:
+            if not _valid(raw, vr):
+                self.invalid(ds, tag, keyword, top)
+                return
             if vr in _KEPT_TEXT_VRS:
                 self.deferred.append((ds, tag, keyword, action))
                 return
             self.note(keyword, action)
-            if not scheme and keyword != "TextValue" and vr != "PN" and vr not in ("DA", "DT"):
+            if vr in UNCHECKED_VRS and not scheme and keyword != "TextValue":
                 # same tag and raw VR next time: count it without any other work
                 self._fast_keep[(int(tag), raw_vr)] = (keyword, Action.KEEP.value)
             return
-        if action is Action.REMOVE:
+        if action in REMOVALS:
             del ds[tag]
             self.note(keyword, action)
             return
@@ -352,6 +378,13 @@ class _Walker:
                 del ds[tag]
                 action = Action.REMOVE
         self.note(keyword, action)
+
+    def invalid(self, ds: Dataset, tag: BaseTag, keyword: str, top: bool) -> None:
+        """Remove a kept element whose value is malformed (remember it when required)."""
+        del ds[tag]
+        self.note(keyword, Action.REMOVE_INVALID_VALUE)
+        if top and int(tag) in REQUIRED and not self.invalid_required:
+            self.invalid_required = keyword
 
     def finish(self) -> None:
         """Clean the deferred text elements now that every identifier word is known."""
@@ -519,7 +552,26 @@ def _method_element(codes: list[str], syntax: UID) -> RawDataElement:
     )
 
 
-def deidentify_dataset(ds: Dataset, ctx: DeidContext) -> Dataset:
+class InvalidInstance(ValueError):
+    """A required attribute has a malformed value: the instance is quarantined.
+
+    The message is the attribute's keyword (never its value).
+    """
+
+
+def _valid(raw: object, vr: str) -> bool:
+    """:func:`tasks.deid.policy.valid_value` of an element as read (or as built in memory)."""
+    if isinstance(raw, RawDataElement):
+        return raw.value is None or valid_value(vr, raw.value)
+    return valid_text_value(vr, getattr(raw, "value", None))
+
+
+def _label(tag: int) -> str:
+    """Audit label of any tag: a keyword, ``(GGGG,EEEE)`` or a private group ``(GGGG,xxxx)``."""
+    return _private_label(tag >> 16) if tag >> 16 & 1 else keyword_of(tag)
+
+
+def deidentify_dataset(ds: Dataset, ctx: DeidContext, raws: dict | None = None) -> Dataset:
     """De-identify ``ds`` in place and return it.
 
     Parameters
@@ -529,16 +581,28 @@ def deidentify_dataset(ds: Dataset, ctx: DeidContext) -> Dataset:
     ctx
         Keys, options and the patient's original PatientID; its ``audit`` counter receives
         one count per (attribute, action).
+    raws
+        The top-level elements as read (``dict(ds._dict)`` right after reading, before any
+        check converted them), for the written VRs and values; default: ``ds`` as it is now.
 
     Returns
     -------
     Dataset
         The same dataset, de-identified.
+
+    Raises
+    ------
+    InvalidInstance
+        When a required attribute (:data:`tasks.deid.policy.REQUIRED`) has a malformed value;
+        ``ctx.audit`` is then unchanged.
     """
     source_syntax = _transfer_syntax(ds)
-    walker = _Walker(ctx)
-    walker.walk(ds)
+    walker = _Walker(ctx, raws)
+    walker.walk(ds, top=True)
     walker.finish()
+    if walker.invalid_required:
+        raise InvalidInstance(walker.invalid_required)
+    ctx.audit.update(walker.audit)
     method = f"DICOM PS3.15 E.1-1 {PROFILE_VERSION} key {ctx.keys.key_id}"
     for tag, vr, value in (
         (0x00100010, "PN", ctx.patient),  # PatientName

@@ -513,6 +513,12 @@ class Action(StrEnum):
     PSEUDONYM = "pseudonym"
     REPLACE = "replace"
     RECURSE = "recurse"
+    REMOVE_UNKNOWN = "remove-unknown"
+    REMOVE_RETIRED = "remove-retired"
+    REMOVE_INVALID_VR = "remove-invalid-vr"
+    REMOVE_INVALID_VALUE = "remove-invalid-value"
+    REMOVE_NOT_ALLOWED = "remove-not-allowed"
+    REMOVE_AFTER_PIXEL_DATA = "remove-after-pixel-data"
 
 
 class ProfileRow(BaseModel):
@@ -875,6 +881,13 @@ def _resolve_cached(
         return Action.KEEP if keyword in SAFE_TEXT_KEYWORDS else Action.CLEAN
     # PN, LT, ST, UT, AE, UR, UN and anything else unknown.
     return Action.REMOVE
+
+
+def resolve_for(
+    tag: int, vr: str, patient_characteristics: tuple[str, ...], clean_descriptors: bool
+) -> Action:
+    """:func:`resolve` with the options it reads given one by one (for cached callers)."""
+    return _resolve_cached(tag, vr.split(" or ")[0], patient_characteristics, clean_descriptors)
 
 
 def resolve(tag: BaseTag | int, vr: str, options: DeidOptions) -> Action:

@@ -57,10 +57,12 @@ from tasks.deid.dataset import (
     CODE_KEYWORDS,
     IDENTIFIER_KEYWORDS,
     STANDARD_SCHEMES,
+    UNCHECKED_VRS,
     DeidContext,
     _dictionary_vr,
     _dummy,
     _forbidden,
+    _label,
     _method_sequence_bytes,
     _numeric,
     _private_label,
@@ -68,7 +70,15 @@ from tasks.deid.dataset import (
 )
 from tasks.deid.descriptors import clean_descriptor
 from tasks.deid.pixels import burned_in_risk, matching_rule
-from tasks.deid.profile import PROFILE_VERSION, Action, keyword_of, method_codes, resolve
+from tasks.deid.policy import (
+    PIXEL_DATA,
+    REMOVALS,
+    REQUIRED,
+    decide,
+    effective_vr,
+    valid_value,
+)
+from tasks.deid.profile import PROFILE_VERSION, Action, keyword_of, method_codes
 
 _TAG = struct.Struct("<HH")
 _TAG_LENGTH = struct.Struct("<HHL")
@@ -543,6 +553,7 @@ class _Walker:
         self.forbidden: frozenset[str] = frozenset()
         self._actions = ctx.action_cache
         self._fast_keep = ctx.fast_keep
+        self.invalid_required = ""
 
     def note(self, attribute: str, action: Action) -> None:
         self.audit[(attribute, action.value)] += 1
@@ -621,14 +632,18 @@ class _Walker:
             self.replace(item, tag, vr, values[0] if len(values) == 1 else values)
 
     # -- the walk ----------------------------------------------------------------------------
-    def walk(self, item: _Item) -> None:
+    def walk(self, item: _Item, top: bool = False) -> None:
         done: set[int] = set()
         private_seen = False
         creators: dict[int, str] = {}
         fast = self._fast_keep
         audit = self.audit
         elems = item.elems
-        for tag, vr in [(t, e.current_vr()) for t, e in elems.items()]:
+        for tag, vr in [(t, e.vr) for t, e in elems.items()]:
+            if top and tag > PIXEL_DATA:
+                del elems[tag]
+                self.note(_label(tag), Action.REMOVE_AFTER_PIXEL_DATA)
+                continue
             key = fast.get((tag, vr))
             if key is not None:
                 audit[key] += 1
@@ -650,8 +665,7 @@ class _Walker:
                 del elems[tag]
                 self.note("Overlay" if group >= 0x6000 else "Curve", Action.REMOVE)
                 continue
-            read_vr = vr if vr and vr != "UN" else _dictionary_vr(tag) or vr or "UN"
-            self.public(item, tag, read_vr, done, vr)
+            self.public(item, tag, done, vr, top)
         if private_seen:
             self.drop_empty_creators(item)
 
@@ -716,21 +730,22 @@ class _Walker:
                 del elems[tag]
                 self.note(_private_label(group), Action.REMOVE)
 
-    def public(self, item: _Item, tag: int, vr: str, done: set[int], raw_vr: str | None) -> None:
+    def public(
+        self, item: _Item, tag: int, done: set[int], raw_vr: str | None, top: bool
+    ) -> None:
+        vr = effective_vr(tag, raw_vr)
         keyword = keyword_of(tag)
         elems = item.elems
+        key = (tag, raw_vr)
+        action = self._actions.get(key)
+        if action is None:
+            action = self._actions[key] = decide(tag, raw_vr, self.ctx.options)
         scheme = ""
-        if keyword in CODE_KEYWORDS and _CODING_SCHEME_DESIGNATOR in elems:
-            scheme = self.scheme(item)
-        if scheme in STANDARD_SCHEMES:
-            action = Action.KEEP
-        elif keyword == "TextValue":
-            action = Action.CLEAN
-        else:
-            key = (tag, vr)
-            action = self._actions.get(key)
-            if action is None:
-                action = self._actions[key] = resolve(tag, vr, self.ctx.options)
+        if action not in REMOVALS:
+            if keyword in CODE_KEYWORDS and _CODING_SCHEME_DESIGNATOR in elems:
+                scheme = self.scheme(item)
+            if scheme in STANDARD_SCHEMES:
+                action = Action.KEEP
         if vr == "PN":
             self.names.extend(self.str_values(item, tag))
         elif vr in ("DA", "DT"):
@@ -738,14 +753,21 @@ class _Walker:
         elif keyword in IDENTIFIER_KEYWORDS:
             self.others.extend(self.str_values(item, tag))
         if action is Action.KEEP:
+            elem = elems[tag]
+            if vr not in UNCHECKED_VRS and not valid_value(vr, item.data[elem.vstart : elem.vend]):
+                del elems[tag]
+                self.note(keyword, Action.REMOVE_INVALID_VALUE)
+                if top and tag in REQUIRED and not self.invalid_required:
+                    self.invalid_required = keyword
+                return
             if vr in _KEPT_TEXT_VRS:
                 self.deferred.append((item, tag, keyword, action))
                 return
             self.note(keyword, action)
-            if not scheme and keyword != "TextValue" and vr != "PN" and vr not in ("DA", "DT"):
+            if vr in UNCHECKED_VRS and not scheme and keyword != "TextValue":
                 self._fast_keep[(tag, raw_vr)] = (keyword, Action.KEEP.value)
             return
-        if action is Action.REMOVE:
+        if action in REMOVALS:
             del elems[tag]
             self.note(keyword, action)
             return
@@ -1106,8 +1128,10 @@ def rewrite_instance(data: bytes, ctx: DeidContext) -> Rewritten:
         if (pixel.vend - pixel.vstart) % 2:
             raise Unsupported("odd pixel data length")
     walker = _Walker(ctx)
-    walker.walk(top)
+    walker.walk(top, top=True)
     walker.finish()
+    if walker.invalid_required:
+        return Rewritten(reason="invalid-attribute", detail=f"malformed {walker.invalid_required}")
     elems = top.elems
     method = f"DICOM PS3.15 E.1-1 {PROFILE_VERSION} key {ctx.keys.key_id}"
     for tag, vr, value in (

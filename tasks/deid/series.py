@@ -22,7 +22,13 @@ from prefect.cache_policies import NO_CACHE
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tasks.deid.dataset import DeidContext, deidentify_dataset, encode_dataset, quiet_pydicom
+from tasks.deid.dataset import (
+    DeidContext,
+    InvalidInstance,
+    deidentify_dataset,
+    encode_dataset,
+    quiet_pydicom,
+)
 from tasks.deid.pixels import blank_rectangles, burned_in_risk, matching_rule
 from tasks.deid.profile import DeidOptions
 from tasks.deid.pseudonyms import SiteKeys
@@ -186,6 +192,7 @@ def _deidentify_with_pydicom(data: bytes, ctx: DeidContext) -> InstanceOutcome:
         with quiet_pydicom():
             try:
                 ds = dcmread(io.BytesIO(data), force=True)
+                raws = dict(ds._dict)  # as read: written VRs and values, before any check
                 _ = ds.get("SOPInstanceUID")
             except Exception as exc:
                 return InstanceOutcome(None, Reason.UNREADABLE_HEADER, type(exc).__name__)
@@ -213,7 +220,10 @@ def _deidentify_with_pydicom(data: bytes, ctx: DeidContext) -> InstanceOutcome:
                     str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
                 )
             stage = "deidentify"
-            deidentify_dataset(ds, ctx)
+            try:
+                deidentify_dataset(ds, ctx, raws)
+            except InvalidInstance as exc:
+                return InstanceOutcome(None, Reason.INVALID_ATTRIBUTE, f"malformed {exc}")
             stage = "encode"
             encoded = encode_dataset(ds)
     except Exception as exc:
