@@ -333,6 +333,8 @@ def select_cohort(store: SiteStore, spec: CohortSpec) -> CohortSelection:
         raise OncoflowError(f"cohort {spec.name} selects no series at site {store.site}")
     series_table = pa.Table.from_pylist(rows, schema=SERIES_SCHEMA)
     features, meta = _select_features(store, spec, keep)
+    if features is not None:
+        _plan_reports(store, features, meta.get("oncoflow.params_hash", ""), harmonised, files)
     return CohortSelection(
         site=store.site,
         series=series_table,
@@ -340,6 +342,27 @@ def select_cohort(store: SiteStore, spec: CohortSpec) -> CohortSelection:
         features_metadata=meta,
         files_by_series=files,
     )
+
+
+def _plan_reports(
+    store: SiteStore,
+    features: pa.Table,
+    params_hash: str,
+    harmonised: pa.Table,
+    files: dict[str, list[PlannedFile]],
+) -> None:
+    """Add the DICOM SR measurement report of every published feature row that has one."""
+    from tasks.radiomics.sr import report_key
+
+    rois = {r["series"]: r["rois"] or [] for r in harmonised.select(["series", "rois"]).to_pylist()}
+    for row in features.select(["series", "roi"]).to_pylist():
+        series, roi = row["series"], row["roi"]
+        key = report_key(params_hash, series, roi)
+        if not params_hash or series not in files or not store.exists(key):
+            continue
+        index = rois[series].index(roi) if roi in rois.get(series, []) else 0
+        name = f"sr/{series}/{_safe_roi(roi, index)}.dcm"
+        files[series].append(_with_hash(store, PlannedFile(key, name, "")))
 
 
 def _with_hash(store: SiteStore, planned: PlannedFile) -> PlannedFile:

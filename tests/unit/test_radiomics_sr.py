@@ -1,0 +1,265 @@
+"""DICOM SR (TID 1500) of the features: round trip with highdicom and dcmqi, codes, no identifier.
+
+The chain is real: de-identified CT + DICOM SEG (highdicom) -> harmonise -> pyradiomics ->
+features table -> reports, read back by highdicom and by dcmqi's ``tid1500reader``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pyarrow as pa
+import pydicom
+import pytest
+
+from tasks.cohort.select import select_cohort
+from tasks.cohort.spec import parse_spec
+from tasks.deid.scan_phi import IdentifierMatcher, scan_bytes
+from tasks.harmonise.config import HarmoniseConfig
+from tasks.harmonise.plan import SERIES_SCHEMA
+from tasks.harmonise.plan import plan_units as plan_series
+from tasks.harmonise.series import harmonise_series
+from tasks.radiomics.cache import read_parts
+from tasks.radiomics.extract import extract_roi, plan_units
+from tasks.radiomics.ibsi import FEATURE_COLUMN
+from tasks.radiomics.params import validate_params
+from tasks.radiomics.sr import report_key, write_reports
+from tasks.radiomics.table import FeatureRow, build_features_table, features_key
+from tasks.store import HARMONISED_SERIES, SiteStore
+from tests.harmonise_dicom import (
+    Geometry,
+    deid_store,
+    image_series,
+    rtstruct,
+    segmentation,
+    sphere_contours,
+)
+
+G = Geometry(size=(24, 24, 10), spacing=(1.0, 1.0, 2.0), origin=(-12, -12, -9))
+PARAMS = validate_params(
+    {
+        "setting": {"binWidth": 25, "sigma": [1.0]},
+        "imageType": {"Original": {}, "LoG": {}},
+        "featureClass": {"shape": [], "firstorder": [], "glcm": [], "ngtdm": []},
+    }
+)
+#: Identifiers planted in the de-identified headers, outside what a report may copy.
+PLANTED = {
+    "ReferringPhysicianName": "Παπαδόπουλος^Σπυρίδων",
+    "InstitutionName": "Болница Свети Георги Пловдив",
+    "OperatorsName": "Wójcik^Małgorzata",
+    "PatientBirthDate": "19530417",
+    "AccessionNumber": "ACC88231977",
+    "StudyID": "Ó Súilleabháin",
+    "PatientComments": "Kovácsné Szabó Erzsébet",
+}
+
+
+def _lesion_ct(key: str) -> tuple[list, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    points = G.points()
+    centre = G.physical(np.array([11.5, 11.5, 4.5]))
+    inside = np.linalg.norm(points - centre, axis=-1) <= 6.5
+    hu = np.where(
+        inside, 60.0 + 40 * rng.normal(size=inside.shape), -700 + 30 * rng.normal(size=inside.shape)
+    )
+    node = np.linalg.norm(points - (centre + np.array([0, 0, 6.0])), axis=-1) <= 3.5
+    images = image_series(hu, G, series_key=key)
+    for ds in images:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        for keyword, value in PLANTED.items():
+            setattr(ds, keyword, value)
+    return images, inside.astype(np.uint8), (node & ~inside).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[SiteStore, dict[str, str]]:
+    """A site store after harmonise and extract: one SEG-masked CT, one RTSTRUCT-masked CT."""
+    store = SiteStore(str(tmp_path_factory.mktemp("sr")), "site-a")
+    ct, gtv, node = _lesion_ct("ct")
+    seg = segmentation(ct, {"GTV-1": gtv, "Node": node})
+    seg.SpecificCharacterSet = "ISO_IR 192"
+    for keyword, value in PLANTED.items():
+        setattr(seg, keyword, value)
+    other, _, _ = _lesion_ct("other")
+    centre = G.physical(np.array([11.5, 11.5, 4.5]))
+    rt = rtstruct(other, {"GTV-1": sphere_contours(G, centre, 6.0, 32)})
+    keys = deid_store(
+        store,
+        {
+            "ct": {"datasets": ct},
+            "seg": {"datasets": [seg], "kind": "seg", "refs": ["ct"]},
+            "other": {"datasets": other, "patient": "PSN-0002"},
+            "rt": {"datasets": [rt], "kind": "rtstruct", "refs": ["other"], "patient": "PSN-0002"},
+        },
+    )
+    config = HarmoniseConfig(roi_map={"gtv": ["GTV.*"], "node": ["Node"]})
+    units, _ = plan_series(store)
+    rows = [harmonise_series(store, u, config).row for u in units]
+    store.write_table(HARMONISED_SERIES, pa.Table.from_pylist(rows, schema=SERIES_SCHEMA))
+    feature_rows = []
+    for unit in plan_units(store):
+        outcome = extract_roi(store, unit, PARAMS)
+        values: dict[str, float] = {}
+        for part in read_parts(store, list(outcome.parts)).values():
+            values.update(part.features or {})
+        feature_rows.append(FeatureRow(unit, str(outcome.status), features=values))
+    table, metadata = build_features_table("site-a", feature_rows, PARAMS)
+    store.write_table(features_key(PARAMS.params_hash()), table, metadata)
+    return store, keys
+
+
+@pytest.fixture(scope="module")
+def reports(site):
+    store, _ = site
+    table = store.read_table(features_key(PARAMS.params_hash()))
+    return table, write_reports(store, table, PARAMS.params_hash())
+
+
+def _rows(table: pa.Table) -> dict[tuple[str, str], dict]:
+    return {(r["series"], r["roi"]): r for r in table.to_pylist()}
+
+
+def test_reports_written_for_seg_masks_and_skipped_otherwise(site, reports):
+    store, keys = site
+    table, outcomes = reports
+    by_key = {(o.series, o.roi): o for o in outcomes}
+    assert by_key[(keys["ct"], "gtv")].status == "written"
+    assert by_key[(keys["ct"], "node")].status == "written"
+    assert by_key[(keys["other"], "gtv")].status == "skipped"
+    assert by_key[(keys["other"], "gtv")].reason == "no-dicom-segmentation"
+    again = write_reports(store, table, PARAMS.params_hash())
+    assert {o.status for o in again if o.key} == {"unchanged"}
+
+
+def test_highdicom_reads_values_codes_and_references(site, reports):
+    store, keys = site
+    table, _ = reports
+    row = _rows(table)[(keys["ct"], "gtv")]
+    columns = [c for c in table.column_names if FEATURE_COLUMN.match(c)]
+    ds = pydicom.dcmread(store.path(report_key(PARAMS.params_hash(), keys["ct"], "gtv")))
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    deid = store.read_table("deid/series.parquet").to_pylist()
+    seg_key = next(r["paths"][0] for r in deid if r["series"] == keys["seg"])
+    seg = pydicom.dcmread(store.path(seg_key))
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert {g.tracking_identifier for g in groups} == {"gtv original", "gtv log-sigma-1-0-mm-3D"}
+    got: dict[str, float] = {}
+    for group in groups:
+        ref = group.referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert ref.referenced_segment_numbers == [1]
+        sources = [i.value for i in ref if i.name.meaning == "Source Series for Segmentation"]
+        assert sources == [keys["ct"]]
+        prefix = group.tracking_identifier.split(" ", 1)[1]
+        method = group.method
+        assert (method.value if method else "") == ("L6PA" if prefix.startswith("log") else "")
+        for m in group.get_measurements():
+            meaning = m.name.meaning if m.name.scheme_designator == "99PYRADIOMICS" else None
+            got[(prefix, m.name.value, meaning)] = (m.value, m.unit.value)  # type: ignore[index]
+    fields = table.schema
+    expected = 0
+    for column in columns:
+        value = row[column]
+        if value is None or not math.isfinite(value):
+            continue
+        expected += 1
+        prefix, cls, feature = column.split("_")
+        code = fields.field(column).metadata[b"ibsi"].decode()
+        key = (
+            (prefix, code, None)
+            if code
+            else next(k for k in got if k[0] == prefix and k[2] == f"{cls}_{feature}")
+        )
+        assert got[key][0] == pytest.approx(value, rel=1e-12), column
+    assert expected == len(got)
+    assert got[("original", "RNU0", None)][1] == "mm3"
+    assert got[("original", "Q4LE", None)][1] == "[hnsf'U]"
+    assert got[("original", "TU9B", None)][1] == "1"
+
+
+def test_dcmqi_reads_the_same_values(site, reports, tmp_path: Path):
+    reader = shutil.which("tid1500reader")  # dcmqi's reader (PyPI dcmqi, in the dev group)
+    assert reader, "dcmqi's tid1500reader is not installed"
+    store, keys = site
+    table, _ = reports
+    row = _rows(table)[(keys["ct"], "node")]
+    out = tmp_path / "sr.json"
+    subprocess.run(
+        [
+            reader,
+            "--inputDICOM",
+            store.path(report_key(PARAMS.params_hash(), keys["ct"], "node")),
+            "--outputMetadata",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    doc = json.loads(out.read_text())
+    groups = doc["Measurements"]
+    assert len(groups) == 2
+    original = next(g for g in groups if g["TrackingIdentifier"] == "node original")
+    assert original["SourceSeriesForImageSegmentation"] == keys["ct"]
+    assert original["ReferencedSegment"] == 2
+    items = {i["quantity"]["CodeValue"]: float(i["value"]) for i in original["measurementItems"]}
+    assert items["RNU0"] == pytest.approx(row["original_shape_MeshVolume"], rel=1e-6)
+    assert items["Q4LE"] == pytest.approx(row["original_firstorder_Mean"], rel=1e-6)
+    assert items["QCDE"] == pytest.approx(row["original_ngtdm_Coarseness"], rel=1e-6)
+    ibsi_in_row = sum(
+        1
+        for f in table.schema
+        if f.name.startswith("original_")
+        and (f.metadata or {}).get(b"ibsi")
+        and row[f.name] is not None
+        and math.isfinite(row[f.name])
+    )
+    assert (
+        sum(
+            1
+            for i in original["measurementItems"]
+            if i["quantity"]["CodingSchemeDesignator"] == "IBSI"
+        )
+        == ibsi_in_row
+    )
+
+
+def test_no_identifier_in_any_report(site, reports):
+    store, _ = site
+    _, outcomes = reports
+    matcher = IdentifierMatcher([*PLANTED.values(), "Παπαδόπουλος", "Wójcik", "Kovácsné"])
+    for outcome in outcomes:
+        if not outcome.key:
+            continue
+        data = store.read_bytes(outcome.key)
+        assert scan_bytes(outcome.key, data, matcher) == [], outcome.key
+        ds = pydicom.dcmread(store.path(outcome.key))
+        assert ds.PatientID.startswith("PSN-") and str(ds.PatientName) == ds.PatientID
+        for value in PLANTED.values():
+            assert value.encode("utf-8") not in data
+
+
+def test_publication_plans_the_reports(site, reports):
+    store, keys = site
+    spec = parse_spec(
+        {
+            "name": "sr-cohort",
+            "title": "SR cohort",
+            "description": "Reports travel with the features.",
+            "licence": "CC-BY-4.0",
+            "features": PARAMS.params_hash(),
+        }
+    )
+    selection = select_cohort(store, spec)
+    names = {f.name: f for f in selection.files}
+    for roi in ("gtv", "node"):
+        planned = names[f"sr/{keys['ct']}/{roi}.dcm"]
+        assert planned.source == report_key(PARAMS.params_hash(), keys["ct"], roi)
+    assert not any(n.startswith(f"sr/{keys['other']}/") for n in names)
