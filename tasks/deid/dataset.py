@@ -48,7 +48,12 @@ from pydicom.uid import (
 )
 from pydicom.uid import UID_dictionary as WELL_KNOWN_UIDS
 
-from tasks.deid.descriptors import VOCABULARY, clean_descriptor, identifier_tokens
+from tasks.deid.descriptors import (
+    VOCABULARY,
+    clean_descriptor,
+    identifier_tokens,
+    site_vocabulary,
+)
 from tasks.deid.policy import (
     PIXEL_DATA,
     REMOVALS,
@@ -146,6 +151,7 @@ class DeidContext:
             (t.creator.strip().upper(), t.group, t.element) for t in self.options.safe_private
         }
         self.safe_private_groups = frozenset(t.group for t in self.options.safe_private)
+        self.vocabulary = site_vocabulary(tuple(self.options.vocabulary))
         self._uid_cache: dict[str, str] = {}
         self.action_cache: dict[tuple[int, str], Action] = {}
         #: (tag, VR as read) of kept elements whose value needs no look: counted, not visited.
@@ -394,7 +400,10 @@ class _Walker:
                 self.note(keyword, action)
                 continue
             elem = ds[tag]
-            cleaned = [clean_descriptor(str(v), self.forbidden) for v in _values(elem)]
+            cleaned = [
+                clean_descriptor(str(v), self.forbidden, self.ctx.vocabulary)
+                for v in _values(elem)
+            ]
             _set_values(elem, [c for c in cleaned if c])
             self.note(keyword, Action.CLEAN)
         self.deferred.clear()

@@ -656,6 +656,13 @@ class DeidOptions(BaseModel):
         True,
         description="Clean free-text descriptors against a vocabulary (off: remove them).",
     )
+    vocabulary: tuple[str, ...] = Field(
+        (),
+        description=(
+            "Site words kept by Clean Descriptors in addition to the reviewed vocabulary "
+            "(technical terms only: never names)."
+        ),
+    )
     safe_private: tuple[SafePrivateTag, ...] = Field(
         DEFAULT_SAFE_PRIVATE, description="Private elements kept (numeric values only)."
     )

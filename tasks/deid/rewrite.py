@@ -864,7 +864,10 @@ class _Walker:
                 self.note(keyword, action)
                 continue
             conv = self.convert(item, tag)
-            cleaned = [clean_descriptor(str(v), self.forbidden) for v in _values(conv)]  # type: ignore[arg-type]
+            cleaned = [
+                clean_descriptor(str(v), self.forbidden, self.ctx.vocabulary)
+                for v in _values(conv)  # type: ignore[arg-type]
+            ]
             kept = [c for c in cleaned if c]
             vr = conv.VR
             if tag == _SPECIFIC_CHARACTER_SET:
