@@ -1,7 +1,8 @@
 """Flow ``extract-radiomics``: pyradiomics features of every harmonised (series, ROI).
 
-Reads ``harmonised/series.parquet``, submits one Dask task per (series, ROI), largest images
-first, each computing only what the content-addressed cache lacks, and writes
+Reads ``harmonised/series.parquet``, submits one Dask task per image with ROIs to compute
+(each filtered image made once for all of the image's ROIs), largest images first, each
+computing only what the content-addressed cache lacks, and writes
 ``features/<params-hash>.parquet`` plus the stage's quarantine rows. The run fails (final state
 Failed) when the share of failed units exceeds ``max_failure_ratio``; quarantined ROIs (empty,
 one voxel, outside the image, ...) do not count as failures.
@@ -20,10 +21,22 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.reporting import Progress, markdown_table, post_summary, post_table
-from flows.runtime import RuntimeOptions, default_task_runner, pin_native_threads, run_on_dask
+from flows.runtime import (
+    RuntimeOptions,
+    default_task_runner,
+    ensure_prefect_api,
+    pin_native_threads,
+    run_on_dask,
+)
 from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.radiomics.cache import read_parts
-from tasks.radiomics.extract import RoiOutcome, RoiUnit, extract_roi, plan_units, select_units
+from tasks.radiomics.extract import (
+    RoiOutcome,
+    RoiUnit,
+    extract_image_rois,
+    plan_units,
+    select_units,
+)
 from tasks.radiomics.filters import check_label, check_selection, inventory
 from tasks.radiomics.params import Preset, RadiomicsParams, load_params
 from tasks.radiomics.sr import reports_prefix, write_reports
@@ -134,21 +147,41 @@ def build_params(
 
 
 @task(
-    name="extract-roi",
-    task_run_name="extract-{unit.roi}-{unit.image_sha256:.12}",
+    name="extract-image",
+    task_run_name="extract-{units[0].image_sha256:.12}",
     retries=2,
     retry_delay_seconds=2,
     cache_policy=NO_CACHE,
 )
-def extract_roi_task(
-    store_url: str, site: str, unit: RoiUnit, params: RadiomicsParams
-) -> RoiOutcome:
-    """Extract one (series, ROI) on a worker, one native thread per worker process.
+def extract_image_task(
+    store_url: str, site: str, units: list[RoiUnit], params: RadiomicsParams
+) -> list[RoiOutcome]:
+    """Extract the ROIs of one image on a worker, each filtered image made once.
 
+    One native thread per worker process.
     Store errors other than a missing object propagate, so Prefect retries them.
     """
     pin_native_threads()
-    return extract_roi(SiteStore(store_url, site), unit, params)
+    return extract_image_rois(SiteStore(store_url, site), units, params)
+
+
+def group_by_image(units: list[RoiUnit]) -> list[list[RoiUnit]]:
+    """Group units by image, keeping the units' order (largest images first).
+
+    Parameters
+    ----------
+    units
+        Units in scheduling order.
+
+    Returns
+    -------
+    list of list of RoiUnit
+        One group per image, in the order of each image's first unit.
+    """
+    groups: dict[tuple[str, str], list[RoiUnit]] = {}
+    for unit in units:
+        groups.setdefault((unit.image, unit.image_sha256), []).append(unit)
+    return list(groups.values())
 
 
 def _collect_rows(
@@ -259,18 +292,20 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
         progress.advance(len(outcomes))
     to_compute = [u for u in units if u.key not in outcomes]
     futures = {}
-    for rank, unit in enumerate(to_compute):  # largest images first, also by Dask priority
-        with dask.annotate(priority=len(to_compute) - rank):
-            future = extract_roi_task.submit(params.store, params.site, unit, radiomics_params)
-        futures[future] = unit
+    groups = group_by_image(to_compute)
+    for rank, group in enumerate(groups):  # largest images first, also by Dask priority
+        with dask.annotate(priority=len(groups) - rank):
+            future = extract_image_task.submit(params.store, params.site, group, radiomics_params)
+        futures[future] = group
     for future in as_completed(list(futures)):
-        unit = futures[future]
+        group = futures[future]
         try:
-            outcome = future.result()
+            done = future.result()
         except Exception as exc:  # retries exhausted, worker lost for good, ...
-            outcome = RoiOutcome(unit.key, Status.FAILED, error_class=type(exc).__name__)
-        outcomes[unit.key] = outcome
-        progress.advance()
+            done = [RoiOutcome(u.key, Status.FAILED, error_class=type(exc).__name__) for u in group]
+        for outcome in done:
+            outcomes[outcome.key] = outcome
+        progress.advance(len(done))
 
     selected = {u.key for u in units}
     others = [u for u in every_unit if u.key not in selected]
@@ -402,9 +437,17 @@ def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSu
     radiomics_params, source = load_params(params.params_spec())
     store = SiteStore(params.store, params.site)
     every_unit = plan_units(store)
-    if not select_checked(store, every_unit, params, radiomics_params):
+    selected = select_checked(store, every_unit, params, radiomics_params)
+    if not selected:
         return nothing_to_extract(
             params, source, radiomics_params.params_hash(), inventory(every_unit)
         )
-    result = run_on_dask(extract_flow, runtime, params)
+    if len(_cached_outcomes(store, selected, radiomics_params)) == len(selected):
+        # every result is cached: the flow only assembles the table, no Dask cluster to start
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        ensure_prefect_api()
+        result = extract_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(params)
+    else:
+        result = run_on_dask(extract_flow, runtime, params)
     return StageSummary.from_dict(Stage.EXTRACT, params.site, result)

@@ -34,6 +34,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
+from tasks.cohort.catalogue import CatalogueSpec
 from tasks.cohort.manifest import (
     build_manifest,
     content_hash,
@@ -55,6 +56,7 @@ from tasks.cohort.storage import (
 from tasks.cohort.verify import (
     MANIFEST,
     MARKER,
+    METADATA,
     STAGING,
     SUMS,
     check_objects,
@@ -87,6 +89,7 @@ class PublishPlan:
     tables: dict[str, bytes]
     schemas: dict[str, pa.Schema]
     staged: dict[str, int] = field(default_factory=dict)
+    catalogue: CatalogueSpec = field(default_factory=CatalogueSpec)
 
     @property
     def staging_key(self) -> str:
@@ -203,6 +206,7 @@ def plan_publication(store: SiteStore, spec: CohortSpec, to: str) -> PublishPlan
         files=selection.files_by_series,
         tables=tables,
         schemas=schemas,
+        catalogue=spec.catalogue,
     )
     plan.digest = content_hash(description, plan.payload_sums())
     return plan
@@ -352,7 +356,7 @@ def finalize(
     for name, data in sorted(plan.tables.items()):
         retry(f"uploading {name}", put_bytes, fs, f"{staging}/{name}", data)
     payload = plan.payload_sums()
-    problems, _ = check_objects(fs, staging, payload, retry, allowed_extra=(MANIFEST, SUMS))
+    problems, _ = check_objects(fs, staging, payload, retry, allowed_extra=(*METADATA, SUMS))
     if problems:
         raise OncoflowError(f"staged version failed verification: {problems[0]}")
     sizes = retry("listing staged objects", list_objects, fs, staging)
@@ -370,11 +374,17 @@ def finalize(
         url=unstrip(fs, vpath),
     )
     manifest_data = manifest_bytes(manifest)
-    all_sums = {**payload, MANIFEST: sha256_bytes(manifest_data)}
+    previous = unstrip(fs, state.latest[1]) if state.latest else None
+    metadata = {
+        MANIFEST: manifest_data,
+        **dcat_records(manifest, manifest_data, plan.catalogue, sizes, previous),
+    }
+    all_sums = {**payload, **{name: sha256_bytes(data) for name, data in metadata.items()}}
     sums_data = sha256sums(all_sums)
-    retry("uploading the manifest", put_bytes, fs, f"{staging}/{MANIFEST}", manifest_data)
+    for name, data in metadata.items():
+        retry(f"uploading {name}", put_bytes, fs, f"{staging}/{name}", data)
     retry("uploading SHA256SUMS", put_bytes, fs, f"{staging}/{SUMS}", sums_data)
-    for name, data in ((MANIFEST, manifest_data), (SUMS, sums_data)):
+    for name, data in (*metadata.items(), (SUMS, sums_data)):
         if sha256_of(fs, f"{staging}/{name}", retry) != sha256_bytes(data):
             raise OncoflowError(f"staged {name} failed verification")
 
@@ -426,6 +436,28 @@ def finalize(
         retries=retry.retries,
         leak_gate=gate,
     )
+
+
+def dcat_records(
+    manifest: dict[str, Any],
+    manifest_data: bytes,
+    catalogue: CatalogueSpec,
+    sizes: dict[str, int],
+    previous: str | None,
+) -> dict[str, bytes]:
+    """Return the HealthDCAT-AP record of a version as ``{dcat.ttl: ..., dcat.jsonld: ...}``."""
+    from tasks.cohort.dcat import DCAT_JSONLD, DCAT_TTL, build_record, record_bytes
+
+    graph = build_record(
+        manifest,
+        catalogue,
+        version_url=str(manifest["url"]),
+        previous_url=previous,
+        sizes={**sizes, MANIFEST: len(manifest_data)},
+        manifest_sha256=sha256_bytes(manifest_data),
+    )
+    ttl, jsonld = record_bytes(graph)
+    return {DCAT_TTL: ttl, DCAT_JSONLD: jsonld}
 
 
 def _commit_marker(fs: fsspec.AbstractFileSystem, vpath: str, data: bytes, retry: Retrier) -> None:

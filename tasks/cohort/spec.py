@@ -24,6 +24,10 @@ Example (``deployments/cohorts/lung-ct.yaml``)::
       roi: gtv
       categorical: [sex]
       continuous: [age]
+    catalogue:                  # optional: HealthDCAT-AP record settings (tasks.cohort.catalogue)
+      publisher: {name: Site A Hospital, contact: "mailto:data@site-a.example"}
+      contact: "mailto:data@site-a.example"
+      hdab: {name: Health Data Access Body, contact: "https://hdab.example"}
 
 Dates are compared with the *shifted* acquisition dates of the de-identified catalogue.
 """
@@ -38,6 +42,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.cohort.catalogue import CatalogueSpec
 from tasks.errors import OncoflowError, did_you_mean
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -146,6 +151,10 @@ class CohortSpec(BaseModel):
     include: Include = Field(default_factory=Include)
     combat: CombatSpec | None = Field(
         None, description="Also publish ComBat summary statistics (needs a feature table)."
+    )
+    catalogue: CatalogueSpec = Field(
+        default_factory=CatalogueSpec,
+        description="HealthDCAT-AP settings: publisher, contact, access body, access rights.",
     )
 
     @field_validator("name")

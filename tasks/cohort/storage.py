@@ -169,10 +169,14 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
 
 
 def copy_object(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    """Copy one object within a filesystem (server-side on S3)."""
+    """Copy one object within a filesystem (server-side on S3).
+
+    ``cp_file`` copies one known object (on S3: one HEAD and one COPY request); ``copy`` would
+    first expand the path and list the destination, several more requests that can each fail.
+    """
     if is_local(fs):
         os.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-    fs.copy(src, dst)
+    fs.cp_file(src, dst)
 
 
 def list_objects(fs: fsspec.AbstractFileSystem, prefix: str) -> dict[str, int]:

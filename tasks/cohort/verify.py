@@ -23,6 +23,8 @@ from tasks.store import open_url, unstrip
 MARKER = "COMMITTED"
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
+#: Metadata objects of a version (listed in ``SHA256SUMS``, not in the manifest's distribution).
+METADATA = (MANIFEST, "dcat.ttl", "dcat.jsonld")
 VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
 STAGING = ".staging"
 
@@ -174,7 +176,7 @@ def manifest_problems(
         for d in manifest.get("distribution", [])
         if isinstance(d, dict)
     }
-    payload = {k: v for k, v in sums.items() if k != MANIFEST}
+    payload = {k: v for k, v in sums.items() if k not in METADATA}
     for name in sorted(set(listed) | set(payload)):
         if listed.get(name) != payload.get(name):
             problems.append(f"{MANIFEST}: distribution entry {name} disagrees with {SUMS}")

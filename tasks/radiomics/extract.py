@@ -33,6 +33,7 @@ from tasks.radiomics.cache import (
     write_part,
 )
 from tasks.radiomics.params import SHAPE_CLASSES, RadiomicsParams
+from tasks.radiomics.shared_filters import can_share_filters, features_per_mask
 from tasks.records import Reason, Status, UnitResult
 from tasks.store import HARMONISED_SERIES, SiteStore, sha256_bytes
 from tasks.store_checks import missing_input
@@ -253,78 +254,158 @@ def extract_roi(store: SiteStore, unit: RoiUnit, params: RadiomicsParams) -> Roi
         ``ok`` with the cache keys of every part, ``quarantined`` with a reason for a defective
         ROI, or ``failed`` with the error class for an unexpected error.
     """
+    return extract_image_rois(store, [unit], params)[0]
+
+
+def extract_image_rois(
+    store: SiteStore, units: list[RoiUnit], params: RadiomicsParams
+) -> list[RoiOutcome]:
+    """Extract several ROIs of one image, reading the image and filtering it once.
+
+    Parameters
+    ----------
+    store
+        The site store holding ``harmonised/`` and the cache.
+    units
+        ROIs of the same image (same ``image`` key and hash).
+    params
+        Validated pyradiomics parameters.
+
+    Returns
+    -------
+    list of RoiOutcome
+        One per unit, in the order given (see :func:`extract_roi`).
+
+    Raises
+    ------
+    ValueError
+        When the units do not share one image.
+    """
+    if len({(u.image, u.image_sha256) for u in units}) > 1:
+        raise ValueError("extract_image_rois takes ROIs of one image")
     parts = plan_parts(params)
-    keys = [object_key(unit.image_sha256, unit.mask_sha256, p) for p in parts]
-    cached = read_parts(store, keys)
-    missing = [p for p, k in zip(parts, keys, strict=True) if k not in cached]
-    computed = 0
+    keys = {u.key: [object_key(u.image_sha256, u.mask_sha256, p) for p in parts] for u in units}
+    cached = read_parts(store, [k for ks in keys.values() for k in ks])
+    to_compute = [u for u in units if any(k not in cached for k in keys[u.key])]
+    computed: dict[str, int] = {}
     cpu = 0.0
-    if missing:
+    failed: dict[str, RoiOutcome] = {}
+    if to_compute:
         started = time.process_time()
+        missing = [p for p in parts if any(object_key(u.image_sha256, u.mask_sha256, p)
+                                           not in cached for u in to_compute)]  # fmt: skip
         try:
-            fresh = compute_parts(store, unit, params, missing)
+            fresh, errors = compute_image_parts(store, to_compute, params, missing)
         except InputError as exc:
-            return RoiOutcome(
-                unit.key, Status.FAILED, error_class="InputError", detail=str(exc), parts=()
-            )
+            fresh, errors = {}, {u.key: exc for u in to_compute}
         except Exception as exc:  # unexpected: report, never raise into the flow
-            logger.warning("extraction of one ROI failed: %s", type(exc).__name__)
-            return RoiOutcome(
-                unit.key,
+            logger.warning("extraction of one image's ROIs failed: %s", type(exc).__name__)
+            fresh, errors = {}, {u.key: exc for u in to_compute}
+        for key, exc in errors.items():
+            failed[key] = RoiOutcome(
+                key,
                 Status.FAILED,
                 error_class=type(exc).__name__,
-                detail=_first_line(exc),
+                detail=str(exc) if isinstance(exc, InputError) else _first_line(exc),
             )
-        for part, key in zip(parts, keys, strict=True):
-            if part in fresh:
-                write_part(store, key, fresh[part])
-                cached[key] = fresh[part]
-        computed = len(fresh)
-        cpu = round(time.process_time() - started, 3)
-    outcome = [cached[k] for k in keys]
-    bad = next((c for c in outcome if not c.ok), None)
-    common = {
-        "parts": tuple(keys),
-        "parts_computed": computed,
-        "parts_reused": len(keys) - computed,
-        "compute_seconds": cpu,
-    }
-    if bad is not None:
-        return RoiOutcome(
-            unit.key, Status.QUARANTINED, reason=bad.reason, detail=bad.detail, **common
-        )
-    return RoiOutcome(unit.key, Status.OK, **common)
+        for unit in to_compute:
+            unit_parts = fresh.get(unit.key, {})
+            computed[unit.key] = 0
+            for part, key in zip(parts, keys[unit.key], strict=True):
+                if part in unit_parts and key not in cached:
+                    write_part(store, key, unit_parts[part])
+                    cached[key] = unit_parts[part]
+                    computed[unit.key] += 1
+        cpu = round((time.process_time() - started) / len(to_compute), 3)
+    outcomes = []
+    for unit in units:
+        if unit.key in failed:
+            outcomes.append(failed[unit.key])
+            continue
+        done = computed.get(unit.key, 0)
+        common = {
+            "parts": tuple(keys[unit.key]),
+            "parts_computed": done,
+            "parts_reused": len(parts) - done,
+            "compute_seconds": cpu if unit.key in computed else 0.0,
+        }
+        bad = next((cached[k] for k in keys[unit.key] if not cached[k].ok), None)
+        if bad is not None:
+            outcomes.append(
+                RoiOutcome(
+                    unit.key, Status.QUARANTINED, reason=bad.reason, detail=bad.detail, **common
+                )
+            )
+        else:
+            outcomes.append(RoiOutcome(unit.key, Status.OK, **common))
+    return outcomes
 
 
-def compute_parts(
-    store: SiteStore, unit: RoiUnit, params: RadiomicsParams, missing: list[Part]
-) -> dict[Part, CachedPart]:
-    """Compute the ``missing`` parts of one unit with one pyradiomics ``execute`` call.
+def compute_image_parts(
+    store: SiteStore, units: list[RoiUnit], params: RadiomicsParams, missing: list[Part]
+) -> tuple[dict[str, dict[Part, CachedPart]], dict[str, Exception]]:
+    """Compute the ``missing`` parts of ROIs of one image, each filtered image made once.
 
-    A defective ROI gives every missing part the same quarantine outcome.
+    A defective ROI gives every missing part of its own the same quarantine outcome; the
+    other ROIs are unaffected. Where filters cannot be shared (resampling, ``preCrop``,
+    LBP3D) every ROI gets its own ``execute``.
+
+    Returns
+    -------
+    tuple
+        Parts by unit key, and the units that could not be computed (a mask object missing
+        or differing from its hash: :class:`InputError`).
 
     Raises
     ------
     InputError
-        When the image or mask object is missing or differs from its recorded hash.
+        When the image object is missing or differs from its recorded hash.
     """
+    errors: dict[str, Exception] = {}
+    masks: dict[str, sitk.Image] = {}
     with tempfile.TemporaryDirectory(prefix="oncoflow-radiomics-") as tmp:
-        image_path = _local_copy(store, unit.image, unit.image_sha256, Path(tmp) / "image.nii.gz")
-        mask_path = _local_copy(store, unit.mask, unit.mask_sha256, Path(tmp) / "mask.nii.gz")
+        image_path = _local_copy(
+            store, units[0].image, units[0].image_sha256, Path(tmp) / "image.nii.gz"
+        )
         try:
             image = sitk.ReadImage(str(image_path))
-            mask = sitk.ReadImage(str(mask_path))
         except RuntimeError:
             raise InputError("image or mask is not a readable NIfTI file") from None
-    try:
-        check_mask(image, mask, params.setting.label or 1)
-        features = run_extractor(image, mask, params, missing)
-    except Quarantine as q:
-        return {p: CachedPart(p.name, reason=str(q.reason), detail=q.detail) for p in missing}
-    except ValueError as exc:
-        reason, detail = classify_value_error(exc)
-        return {p: CachedPart(p.name, reason=str(reason), detail=detail) for p in missing}
-    return split_features(features, missing)
+        for i, unit in enumerate(units):
+            try:
+                path = _local_copy(store, unit.mask, unit.mask_sha256, Path(tmp) / f"m{i}.nii.gz")
+                masks[unit.key] = sitk.ReadImage(str(path))
+            except InputError as exc:
+                errors[unit.key] = exc
+            except RuntimeError:
+                errors[unit.key] = InputError("image or mask is not a readable NIfTI file")
+    label = params.setting.label or 1
+    results: dict[str, dict[str, float] | Quarantine | ValueError] = {}
+    for key, mask in masks.items():
+        try:
+            check_mask(image, mask, label)
+        except Quarantine as q:
+            results[key] = q
+    valid = {k: m for k, m in masks.items() if k not in results}
+    if len(valid) > 1 and can_share_filters(params):
+        results.update(features_per_mask(build_extractor(params, missing), image, valid))
+    else:
+        for key, mask in valid.items():
+            try:
+                results[key] = run_extractor(image, mask, params, missing)
+            except ValueError as exc:
+                results[key] = exc
+    fresh: dict[str, dict[Part, CachedPart]] = {}
+    for key, result in results.items():
+        if isinstance(result, Quarantine):
+            reason, detail = result.reason, result.detail
+        elif isinstance(result, ValueError):
+            reason, detail = classify_value_error(result)
+        else:
+            fresh[key] = split_features(result, missing)
+            continue
+        fresh[key] = {p: CachedPart(p.name, reason=str(reason), detail=detail) for p in missing}
+    return fresh, errors
 
 
 def _local_copy(store: SiteStore, key: str, sha256: str, target: Path) -> Path:

@@ -74,7 +74,7 @@ def reference(cluster, params_file, tmp_path_factory) -> bytes:
         summary, table = run(store, params_file, RuntimeOptions(dask_address=cluster.address))
         after = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
     assert summary["parts_computed"] == 16
-    assert after - before >= 8 * 3  # the tasks went through the external scheduler
+    assert after - before >= 4 * 3  # one task per image went through the external scheduler
     return table
 
 

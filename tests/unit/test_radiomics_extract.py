@@ -7,7 +7,7 @@ import pytest
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
 from tasks.radiomics.cache import CACHE_PREFIX, part_for_feature, plan_parts, read_parts
-from tasks.radiomics.extract import extract_roi, plan_units, select_units
+from tasks.radiomics.extract import extract_image_rois, extract_roi, plan_units, select_units
 from tasks.radiomics.params import Preset, load_params, validate_params
 from tasks.radiomics.samples import (
     SampleRoi,
@@ -24,6 +24,7 @@ CT = SampleSeries(
     size=(36, 36, 16),
     rois=(
         SampleRoi("gtv", 7.0),
+        SampleRoi("node", 4.0),
         SampleRoi("empty", kind="empty"),
         SampleRoi("one", kind="one-voxel"),
         SampleRoi("outside", 6.0, kind="outside"),
@@ -32,6 +33,13 @@ CT = SampleSeries(
     ),
     seed=3,
 )
+DEFECTS = [
+    ("empty", Reason.EMPTY_MASK),
+    ("one", Reason.ONE_VOXEL_MASK),
+    ("outside", Reason.MASK_OUTSIDE_IMAGE),
+    ("tiny", Reason.ROI_TOO_SMALL),
+    ("shifted", Reason.MASK_GEOMETRY_MISMATCH),
+]
 MR = SampleSeries(series_key(2), "MR", size=(28, 28, 12), rois=(SampleRoi("gtv", 4.0),), seed=4)
 
 
@@ -85,16 +93,7 @@ def test_features_equal_pyradiomics_execute(store, preset, spec):
     assert any(n.startswith("wavelet-HHL_glszm_") for n in names)
 
 
-@pytest.mark.parametrize(
-    ("roi", "reason"),
-    [
-        ("empty", Reason.EMPTY_MASK),
-        ("one", Reason.ONE_VOXEL_MASK),
-        ("outside", Reason.MASK_OUTSIDE_IMAGE),
-        ("tiny", Reason.ROI_TOO_SMALL),
-        ("shifted", Reason.MASK_GEOMETRY_MISMATCH),
-    ],
-)
+@pytest.mark.parametrize(("roi", "reason"), DEFECTS)
 def test_defective_rois_are_quarantined_with_a_reason(store, roi, reason):
     params, _ = load_params("ct")  # minimumROISize 8: the 4-voxel disc is too small
     outcome = extract_roi(store, unit(store, CT.series, roi), params)
@@ -153,6 +152,25 @@ def test_rerun_computes_and_writes_nothing_and_a_changed_parameter_recomputes_on
     )
     assert_same_features(features_of(store, third.parts), reference)
     assert any(n.startswith("log-sigma-1-5-mm-3D_") for n in features_of(store, third.parts))
+
+
+def test_rois_of_one_image_share_filtered_images_with_identical_values(store):
+    """Every ROI of a series in one call (filters made once) equals execute() per mask, bit
+    for bit; defective ROIs among them are quarantined alone, as they are one by one."""
+    params, _ = load_params("ct")
+    units = select_units(plan_units(store), [CT.series])
+    assert len(units) == len(CT.rois)
+    outcomes = {o.key: o for o in extract_image_rois(store, units, params)}
+    extractor = RadiomicsFeatureExtractor(str(Preset.CT.path))
+    for u in units:
+        if u.roi not in ("gtv", "node"):
+            assert outcomes[u.key].status == Status.QUARANTINED
+            continue
+        assert outcomes[u.key].status == Status.OK, outcomes[u.key]
+        reference = extractor.execute(store.path(u.image), store.path(u.mask))
+        assert_same_features(features_of(store, outcomes[u.key].parts), reference, rel=0.0)
+    reasons = {u.roi: outcomes[u.key].reason for u in units if u.roi not in ("gtv", "node")}
+    assert reasons == {roi: str(reason) for roi, reason in DEFECTS}  # as one by one (below)
 
 
 def test_parts_follow_feature_names():
