@@ -468,6 +468,36 @@ def federate(
     emit(federate_hub(FederateParams(sources=sources, out=out, k=k, combat=not no_combat)), as_json)
 
 
+@app.command()
+def serve(
+    site: Site,
+    store: Store,
+    to: Annotated[str, typer.Option("--to", help="The site's publication root URL.")],
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8765,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    k: Annotated[int, typer.Option("--k", min=2, help="Counts below k are not answered.")] = 10,
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Laplace epsilon per query.")] = 1.0,
+    rounding: Annotated[int, typer.Option("--rounding", min=1, help="Round to a multiple.")] = 5,
+    token_block: Annotated[
+        str | None, typer.Option("--token-block", help="Prefect Secret block with the token.")
+    ] = None,
+) -> None:
+    """Answer count queries over the site's published cohorts (GET /counts, bearer token)."""
+    from tasks.federation.noise import NoisePolicy
+    from tasks.serve.app import serve as run_server
+    from tasks.store import SiteStore
+
+    SiteStore(store, site)  # validates the site code and the store URL
+    run_server(
+        site,
+        to,
+        host=host,
+        port=port,
+        policy=NoisePolicy(k=k, epsilon=epsilon, rounding=rounding),
+        token_block=token_block,
+    )
+
+
 def _quiet_consoles() -> None:
     """Keep Prefect's and Dask's INFO chatter off the terminal (it still reaches the UI)."""
     if os.environ.get("ONCOFLOW_VERBOSE"):

@@ -25,6 +25,7 @@ from tasks.cohort.storage import Retrier, RetryPolicy, put_bytes
 from tasks.errors import OncoflowError
 from tasks.federation.combat import SiteSummary, estimate
 from tasks.federation.counts import SourceCounts, federated_catalogue
+from tasks.federation.remote import is_endpoint, queried_rows, query_endpoint
 from tasks.federation.sources import PublishedVersion, read_version, version_paths
 from tasks.store import open_url, unstrip
 
@@ -37,11 +38,18 @@ class FederateParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[str] = Field(
-        min_length=1, description="Site publication URLs (root, cohort or version)."
+        min_length=1,
+        description="Site publication URLs (root, cohort or version) or http(s):// endpoints.",
     )
     out: str = Field(description="Hub output URL (catalogue.json, combat/...).")
     k: int = Field(10, ge=2, le=1000, description="Counts below k are suppressed.")
     combat: bool = Field(True, description="Estimate federated ComBat where summaries exist.")
+
+
+@task(name="query-site", task_run_name="query-{url}")
+def query_site_task(url: str) -> dict[str, Any]:
+    """Ask a site's query endpoint for its obfuscated counts."""
+    return query_endpoint(url)
 
 
 @task(name="read-published", task_run_name="read-{url}")
@@ -86,7 +94,9 @@ def federate_flow(params: FederateParams) -> dict[str, Any]:
     """
     from prefect.artifacts import create_markdown_artifact
 
-    futures = [read_source_task.submit(url) for url in params.sources]
+    endpoints = [url for url in params.sources if is_endpoint(url)]
+    futures = [read_source_task.submit(url) for url in params.sources if not is_endpoint(url)]
+    queried = [f.result() for f in [query_site_task.submit(url) for url in endpoints]]
     versions = [v for f in futures for v in f.result()]
     seen: dict[str, str] = {}
     for v in versions:
@@ -95,7 +105,11 @@ def federate_flow(params: FederateParams) -> dict[str, Any]:
             raise OncoflowError(f"{key} is published twice in the inputs: give each once")
         seen[key] = v.url
     sources = [SourceCounts.from_manifest(v.manifest, v.url) for v in versions]
-    catalogue = federated_catalogue(sources, k=params.k)
+    catalogue = federated_catalogue(sources, k=params.k) if sources or not queried else {}
+    catalogue.setdefault("k", params.k)
+    catalogue.setdefault("tables", {})
+    if queried:
+        catalogue["queried"] = queried
     retry = Retrier(RetryPolicy())
     fs, root = open_url(params.out)
     data = (json.dumps(catalogue, indent=2, sort_keys=True) + "\n").encode()
@@ -116,14 +130,18 @@ def federate_flow(params: FederateParams) -> dict[str, Any]:
         if name != "patients":
             sections.append(f"## By {name.replace('_', ' ')} ({table['unit']})")
             sections.append(_table_markdown(table))
-    patients = catalogue["tables"]["patients"]
-    sections.append("## Patients")
-    sections.append(
-        markdown_table(
-            [*patients["rows"], {"site": "all", "cohort": "", "total": patients["total"]}],
-            ["site", "cohort", "total"],
+    if "patients" in catalogue["tables"]:
+        patients = catalogue["tables"]["patients"]
+        sections.append("## Patients")
+        sections.append(
+            markdown_table(
+                [*patients["rows"], {"site": "all", "cohort": "", "total": patients["total"]}],
+                ["site", "cohort", "total"],
+            )
         )
-    )
+    for dim, rows in queried_rows(queried).items() if queried else ():
+        sections.append(f"## {dim.replace('_', ' ')}: sites queried over HTTP (noisy counts)")
+        sections.append(markdown_table(rows, ["site", "value", "patients", "series"]))
     create_markdown_artifact(
         markdown="\n\n".join(sections),
         key=artifact_key("hub", "catalogue"),
@@ -131,7 +149,7 @@ def federate_flow(params: FederateParams) -> dict[str, Any]:
     )
     return {
         "stage": "federate",
-        "sources": len(sources),
+        "sources": len(sources) + len(queried),
         "k": params.k,
         "out": unstrip(fs, root),
         "written": written,

@@ -61,7 +61,8 @@ def version_paths(url: str, retry: Retrier) -> tuple[fsspec.AbstractFileSystem, 
     return fs, found
 
 
-def _checked(fs: fsspec.AbstractFileSystem, path: str, sha256: str, retry: Retrier) -> bytes:
+def read_checked(fs: fsspec.AbstractFileSystem, path: str, sha256: str, retry: Retrier) -> bytes:
+    """Read an object and check it against its SHA-256 (one-line error when it differs)."""
     data = retry(f"reading {path.rsplit('/', 1)[-1]}", fs.cat_file, path)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise OncoflowError(f"{unstrip(fs, path)} does not match its checksum: run verify")
@@ -73,10 +74,10 @@ def read_version(fs: fsspec.AbstractFileSystem, path: str, retry: Retrier) -> Pu
     marker = read_marker(fs, path, retry)
     if marker is None or "manifest_sha256" not in marker:
         raise OncoflowError(f"{unstrip(fs, path)} is not a committed version")
-    manifest = json.loads(_checked(fs, f"{path}/{MANIFEST}", marker["manifest_sha256"], retry))
+    manifest = json.loads(read_checked(fs, f"{path}/{MANIFEST}", marker["manifest_sha256"], retry))
     summary = None
     for entry in manifest.get("distribution", []):
         if entry.get("contentUrl") == COMBAT_SUMMARY:
-            data = _checked(fs, f"{path}/{COMBAT_SUMMARY}", entry.get("sha256", ""), retry)
+            data = read_checked(fs, f"{path}/{COMBAT_SUMMARY}", entry.get("sha256", ""), retry)
             summary = json.loads(data)
     return PublishedVersion(url=unstrip(fs, path), manifest=manifest, combat_summary=summary)

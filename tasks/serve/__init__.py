@@ -1,0 +1,1 @@
+"""The site's read-only query endpoint (FastAPI)."""
