@@ -437,6 +437,30 @@ def publish(
 
 
 @app.command()
+def export(
+    site: Site,
+    store: Store,
+    params: Annotated[
+        str | None,
+        typer.Option("--params", help="Table: preset, parameter file or params hash (prefix)."),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="csv (methods as # lines) or parquet.")] = (
+        "csv"
+    ),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output file (default: <site>-features.<format>).")
+    ] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Write a features table as one flat file with a methods paragraph to paste."""
+    from tasks.research.export import export_features
+    from tasks.store import SiteStore
+
+    target = out or Path(f"{site}-features.{fmt}")
+    emit(export_features(SiteStore(store, site), target, params, fmt), as_json)  # type: ignore[arg-type]
+
+
+@app.command()
 def verify(
     url: Annotated[str, typer.Argument(help="A published version, or a cohort (all versions).")],
     as_json: JsonOut = False,

@@ -30,6 +30,7 @@ from flows.runtime import (
 )
 from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.radiomics.cache import read_parts
+from tasks.radiomics.diagnostics import diagnostics_table, diagnostics_table_key, ok_pairs
 from tasks.radiomics.extract import (
     RoiOutcome,
     RoiUnit,
@@ -49,6 +50,7 @@ from tasks.radiomics.table import (
     features_key,
 )
 from tasks.records import QuarantineRecord, Stage, StageSummary, Status
+from tasks.research.methods import methods_metadata
 from tasks.store import SiteStore, validate_site
 
 FIXED_COLUMNS = (*KEY_COLUMNS, *STATUS_COLUMNS, *PROV_COLUMNS)
@@ -314,8 +316,14 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     rows = _collect_rows(store, every_unit, merged)  # may turn an outcome into a failure
     outcomes = {key: merged[key] for key in outcomes}
     table, metadata = build_features_table(params.site, rows, radiomics_params)
+    metadata.update(methods_metadata(store, radiomics_params, [r.unit.series for r in rows]))
     key = features_key(params_hash)
     written = store.write_table(key, table, metadata)
+    store.write_table(
+        diagnostics_table_key(params_hash),
+        diagnostics_table(store, ok_pairs(rows), radiomics_params),
+        {"oncoflow.table": "diagnostics", "oncoflow.params_hash": params_hash},
+    )
     quarantined = [
         QuarantineRecord(
             item=r.unit.key, kind="mask", stage=Stage.EXTRACT, reason=r.reason, detail=r.detail

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from tasks.cohort.spec import CohortSpec
 from tasks.radiomics.ibsi import field_description
+from tasks.research.methods import manifest_methods
 
 CROISSANT = "http://mlcommons.org/croissant/1.0"
 
@@ -66,6 +67,7 @@ CONTEXT: dict[str, Any] = {
     "subField": "cr:subField",
     "transform": "cr:transform",
     "counts": {"@id": "urn:oncoflow:counts", "@type": "@json"},
+    "methods": {"@id": "urn:oncoflow:methods", "@type": "@json"},
     "contentHash": "urn:oncoflow:contentHash",
     "site": "urn:oncoflow:site",
     "cohort": "urn:oncoflow:cohort",
@@ -167,10 +169,17 @@ def describe(
     site: str,
     series: pa.Table,
     features: pa.Table | None,
+    features_metadata: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Return the version-independent description of a cohort (part of its content hash)."""
+    """Return the version-independent description of a cohort (part of its content hash).
+
+    With a feature table, ``methods`` holds its parameters (as written and effective),
+    versions, units and the harmonisation steps of the published series.
+    """
     coverage = temporal_coverage(series)
+    methods = manifest_methods(features_metadata or {}, series, features)
     return {
+        **({"methods": methods} if methods else {}),
         "cohort": spec.name,
         "title": spec.title,
         "description": spec.description,
@@ -276,6 +285,7 @@ def build_manifest(
         "cohort": description["cohort"],
         "contentHash": digest,
         "counts": description["counts"],
+        **({"methods": description["methods"]} if description.get("methods") else {}),
         "distribution": distribution,
         "recordSet": record_sets,
     }

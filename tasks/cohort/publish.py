@@ -196,7 +196,9 @@ def plan_publication(store: SiteStore, spec: CohortSpec, to: str) -> PublishPlan
             spec.combat.continuous,
         )
         tables[COMBAT_SUMMARY] = json.dumps(summary.to_dict(), sort_keys=True).encode()
-    description = describe(spec, store.site, selection.series, selection.features)
+    description = describe(
+        spec, store.site, selection.series, selection.features, selection.features_metadata
+    )
     plan = PublishPlan(
         site=store.site,
         cohort=spec.name,

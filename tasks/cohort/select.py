@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from tasks.cohort.spec import PARAMS_HASH, CohortSpec
 from tasks.errors import OncoflowError
+from tasks.research.methods import restrict_to_series
 from tasks.store import (
     DEID_SERIES,
     FEATURES,
@@ -228,7 +229,9 @@ def _select_features(
         for k, v in (table.schema.metadata or {}).items()
         if not k.startswith(b"ARROW:") and k != b"pandas"
     }
-    return out.replace_schema_metadata(None), meta
+    return out.replace_schema_metadata(None), restrict_to_series(
+        meta, set(out.column("series").to_pylist())
+    )
 
 
 def select_cohort(store: SiteStore, spec: CohortSpec) -> CohortSelection:

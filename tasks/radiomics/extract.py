@@ -32,6 +32,7 @@ from tasks.radiomics.cache import (
     read_parts,
     write_part,
 )
+from tasks.radiomics.diagnostics import compute_diagnostics, diagnostics_key, write_diagnostics
 from tasks.radiomics.params import SHAPE_CLASSES, RadiomicsParams
 from tasks.radiomics.shared_filters import can_share_filters, features_per_mask
 from tasks.records import Reason, Status, UnitResult
@@ -395,6 +396,14 @@ def compute_image_parts(
                 results[key] = run_extractor(image, mask, params, missing)
             except ValueError as exc:
                 results[key] = exc
+    by_key = {u.key: u for u in units}
+    for key, result in results.items():
+        unit = by_key[key]
+        if isinstance(result, dict) and not store.exists(
+            diagnostics_key(unit.image_sha256, unit.mask_sha256, params)
+        ):
+            found = compute_diagnostics(image, valid[key], params)
+            write_diagnostics(store, unit.image_sha256, unit.mask_sha256, params, found)
     fresh: dict[str, dict[Part, CachedPart]] = {}
     for key, result in results.items():
         if isinstance(result, Quarantine):

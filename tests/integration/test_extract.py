@@ -18,8 +18,10 @@ from flows.extract import build_params, extract_flow, extract_radiomics
 from flows.runtime import RuntimeOptions, dask_cluster, task_runner
 from tasks.errors import StageFailed
 from tasks.radiomics.cache import CACHE_PREFIX
+from tasks.radiomics.diagnostics import diagnostics_table_key
 from tasks.radiomics.params import load_params
 from tasks.radiomics.samples import SampleRoi, SampleSeries, series_key, write_harmonised_sample
+from tasks.research.methods import read_methods
 from tasks.store import SiteStore
 
 pytestmark = pytest.mark.integration
@@ -125,6 +127,23 @@ def test_extract_flow_on_s3(prefect_api, s3_bucket, tmp_path, capsys):
                 math.isnan(value) and math.isnan(ok[name])
             ), name
         assert any(c.startswith("log-sigma-1-0-mm-3D_") for c in table.column_names)
+        # pyradiomics' per-ROI diagnostics are kept in a side table, its settings in metadata
+        diagnostics = read_table(store, diagnostics_table_key(summary["params_hash"])).to_pylist()
+        diag = {(r["series"], r["roi"]): r for r in diagnostics}
+        assert set(diag) == {k for k, r in by_key.items() if r["status"] == "ok"}
+        for name in (
+            "Mask-original_VoxelNum",
+            "Mask-original_BoundingBox",
+            "Image-original_Spacing",
+        ):
+            want = reference[f"diagnostics_{name}"]
+            got = diag[(SPECS[2].series, "node")][f"diagnostics_{name}"]
+            assert got == (list(want) if isinstance(want, tuple) else want), name
+        methods = read_methods(table.schema.metadata)
+        effective = methods["effective_settings"]
+        assert effective["setting"]["binWidth"] == 25 and effective["setting"]["padDistance"] == 5
+        assert effective["imageType"]["LoG"]["sigma"] == [1.0]
+        assert methods["versions"]["pyradiomics"] == "3.0.1"
         kinds = {a.type for a in asyncio.run(artifacts_of(state.state_details.flow_run_id))}
         assert {"markdown", "progress", "table"} <= kinds
 

@@ -131,7 +131,8 @@ def test_rerun_computes_and_writes_nothing_and_a_changed_parameter_recomputes_on
     first = extract_roi(store, u, ct)
     assert first.parts_computed == len(plan_parts(ct)) == 4  # shape, LoG, Original, Wavelet
     before = _cache_state(store)
-    assert len(before) == 4
+    assert len(before) == 4 + 1  # and pyradiomics' diagnostics of the (image, mask) pair
+    assert sum("/diagnostics-" in k for k in before) == 1
 
     again = extract_roi(store, u, ct)
     assert (again.parts_computed, again.parts_reused) == (0, 4)
@@ -144,7 +145,7 @@ def test_rerun_computes_and_writes_nothing_and_a_changed_parameter_recomputes_on
     third = extract_roi(store, u, changed)
     assert (third.parts_computed, third.parts_reused) == (1, 3)
     after = _cache_state(store)
-    assert len(after) == 5
+    assert len(after) == 6  # diagnostics depend on the global settings only: not rewritten
     assert {k: v for k, v in after.items() if k in before} == before
     # the mixed cached/new result still equals one direct execute() with the new parameters
     reference = RadiomicsFeatureExtractor(changed.canonical()).execute(

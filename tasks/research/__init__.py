@@ -1,0 +1,1 @@
+"""What researchers need around the pipeline: methods-section provenance, exports, own data."""
