@@ -536,6 +536,10 @@ def main(argv: list[str] | None = None) -> None:
 
     _quiet_consoles()
     apply_prefect_defaults()  # before Prefect is imported, so its settings see them
+    if not os.environ.get("ONCOFLOW_DEBUG"):
+        from flows.runtime import hide_expected_tracebacks
+
+        hide_expected_tracebacks()
     from tasks.errors import OncoflowError
 
     try:

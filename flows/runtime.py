@@ -4,13 +4,21 @@
   server is started for the whole command and its URL exported into the environment *before*
   any Dask worker starts, so workers report to it instead of each starting a server of their own.
 * Task runner: a Dask ``LocalCluster`` (one thread per worker process, dashboard off) by
-  default, or an existing scheduler given by ``--dask-address``.
+  default, or an existing scheduler given by ``--dask-address``. Worker processes get their
+  native thread pools pinned to one thread and a fixed glibc mmap threshold in their
+  environment before they start (Dask's pre-spawn environment), so domain code never has to.
+
+No module state: the temporary server lives in the environment (``PREFECT_API_URL``, marked as
+ours by ``ONCOFLOW_TEMPORARY_PREFECT_API``) until interpreter exit, and the cluster shared by the
+flow runs of one command is a context variable set inside :func:`dask_cluster`.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
+import logging
 import os
 import socket
 import subprocess
@@ -35,6 +43,9 @@ THREAD_ENV = {
     "NUMEXPR_NUM_THREADS": "1",
     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
 }
+
+#: Marks ``PREFECT_API_URL`` as the temporary server this command started (value: the URL).
+TEMPORARY_API_ENV = "ONCOFLOW_TEMPORARY_PREFECT_API"
 
 #: Prefect settings applied when the operator has not set them.
 PREFECT_DEFAULTS = {
@@ -99,7 +110,7 @@ class PrefectApi:
         OncoflowError
             When the temporary server exits or does not answer within ``timeout`` seconds.
         """
-        if self.ready or self.process is None:
+        if self.ready or not self.temporary:
             self.ready = True
             return
         import httpx
@@ -109,7 +120,7 @@ class PrefectApi:
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
-                code = self.process.poll()
+                code = self.process.poll() if self.process is not None else None
                 if code is not None:
                     raise OncoflowError(
                         f"could not start a temporary Prefect server (it exited with code {code})"
@@ -125,7 +136,12 @@ class PrefectApi:
 
 
 def pin_native_threads() -> None:
-    """Pin OpenMP/BLAS/ITK thread pools to one thread in this process and its children."""
+    """Pin OpenMP/BLAS/ITK thread pools to one thread in this process and its children.
+
+    Worker processes of oncoflow's LocalCluster get the same environment before they start
+    (:func:`_worker_environment`); a ``dask worker`` started by hand needs :data:`THREAD_ENV`
+    in its environment (docs/production.md).
+    """
     for key, value in THREAD_ENV.items():
         os.environ.setdefault(key, value)
     try:
@@ -142,7 +158,59 @@ def apply_prefect_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-_API: PrefectApi | None = None
+class _ExpectedErrors(logging.Filter):
+    """Log records of an expected error (:class:`OncoflowError`): no traceback, or not at all."""
+
+    def __init__(self, drop: bool) -> None:
+        super().__init__()
+        self.drop = drop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OncoflowError) or getattr(record, "oncoflow_expected", False):
+            if self.drop:
+                return False
+            record.oncoflow_expected = True
+            record.exc_info = None
+            record.exc_text = None
+        elif self.drop and self._final_state_of_expected_error(record):
+            return False
+        return True
+
+    @staticmethod
+    def _final_state_of_expected_error(record: logging.LogRecord) -> bool:
+        """Tell whether a record is a run's final state line for an expected error (no exc_info)."""
+        message = record.getMessage()
+        if not message.startswith("Finished in state Failed"):
+            return False
+        names = [OncoflowError, *OncoflowError.__subclasses__()]
+        return any(f"{cls.__name__}: " in message for cls in names)
+
+
+def hide_expected_tracebacks(console: bool = True) -> None:
+    """Keep tracebacks of expected errors out of Prefect's logs (the UI) and the console.
+
+    An :class:`OncoflowError` raised in a flow (a missing file, an invalid value) is logged by
+    Prefect's engine with its traceback; the run log keeps the message only, and the console
+    leaves it to the command's one line ``error: ...`` (``console=True``).
+    """
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    names = ("prefect.flow_runs", "prefect.task_runs")
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ExpectedErrors) for f in logger.filters):
+            logger.addFilter(_ExpectedErrors(drop=False))
+    if not console:
+        return
+    for name in ("", "prefect", *names):
+        for handler in logging.getLogger(name).handlers:
+            is_console = isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            )
+            if is_console and not any(isinstance(f, _ExpectedErrors) for f in handler.filters):
+                handler.addFilter(_ExpectedErrors(drop=True))
 
 
 def _free_port() -> int:
@@ -216,19 +284,17 @@ def ensure_prefect_api(wait: bool = True) -> PrefectApi:
     The temporary server stops at interpreter exit, after Prefect's own exit handlers have
     flushed logs and events (stopping it earlier makes the process hang).
     """
-    global _API
-    if _API is None:
-        _API = _open_prefect_api()
+    api = _open_prefect_api()
     if wait:
-        _API.wait_ready()
-    return _API
+        api.wait_ready()
+    return api
 
 
 def _open_prefect_api() -> PrefectApi:
     apply_prefect_defaults()
     url = os.environ.get("PREFECT_API_URL")
     if url:
-        return PrefectApi(url=url, temporary=False)
+        return PrefectApi(url=url, temporary=os.environ.get(TEMPORARY_API_ENV) == url)
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -243,6 +309,7 @@ def _open_prefect_api() -> PrefectApi:
         raise OncoflowError(f"could not start a temporary Prefect server: {exc}") from None
     # Registered now, so it runs after the exit handlers Prefect registers later (LIFO).
     atexit.register(_stop_server_process, process)
+    os.environ[TEMPORARY_API_ENV] = url
     # Child processes (Dask workers) read the environment; this process's Prefect already
     # built its settings at import time, so update them too, for the life of the command.
     # Flow-run heartbeats exist so that a lasting server can mark a silent run crashed; this
@@ -255,10 +322,14 @@ def _open_prefect_api() -> PrefectApi:
         updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     )
     scope.__enter__()
+    atexit.register(lambda: scope)  # keeps the scope referenced for the life of the command
     return PrefectApi(url=url, temporary=True, process=process, settings_scope=scope)
 
 
-_SHARED_ADDRESS: str | None = None
+#: Address of the cluster of an enclosing :func:`dask_cluster` block (None outside one).
+_shared_address: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "oncoflow_shared_dask_address", default=None
+)
 
 
 @contextlib.contextmanager
@@ -269,9 +340,9 @@ def dask_cluster(options: RuntimeOptions) -> Iterator[str]:
     ``LocalCluster`` per flow run (each start costs seconds). With ``options.dask_address`` the
     existing scheduler is used and nothing is started.
     """
-    global _SHARED_ADDRESS
-    if options.dask_address or _SHARED_ADDRESS:  # an existing scheduler, or nested in a block
-        yield options.dask_address or _SHARED_ADDRESS  # type: ignore[misc]
+    existing = options.dask_address or _shared_address.get()
+    if existing:  # an existing scheduler, or nested in a block
+        yield existing
         return
     from distributed import LocalCluster
 
@@ -279,21 +350,22 @@ def dask_cluster(options: RuntimeOptions) -> Iterator[str]:
     api = ensure_prefect_api(wait=False)  # the server boots while the cluster starts
     with LocalCluster(**_local_cluster_kwargs(options)) as cluster:
         api.wait_ready()
-        previous, _SHARED_ADDRESS = _SHARED_ADDRESS, cluster.scheduler_address
+        token = _shared_address.set(cluster.scheduler_address)
         try:
             yield cluster.scheduler_address
         finally:
-            _SHARED_ADDRESS = previous
+            _shared_address.reset(token)
 
 
 #: glibc mmap threshold for worker processes (bytes), see :func:`_set_worker_malloc`.
 WORKER_MMAP_THRESHOLD = str(16 * 2**20)
 
 
-def _set_worker_malloc() -> None:
-    """Give Dask worker processes a fixed 16 MiB glibc mmap threshold.
+def _worker_environment() -> None:
+    """Set the environment of oncoflow's LocalCluster workers before they start.
 
-    Dask starts workers with ``MALLOC_TRIM_THRESHOLD_`` set, which also freezes glibc's mmap
+    Native thread pools are pinned to one thread (:data:`THREAD_ENV`), so N workers use N
+    cores. Dask starts workers with ``MALLOC_TRIM_THRESHOLD_`` set, which also freezes glibc's mmap
     threshold at 128 KiB: every buffer the size of a DICOM file is then a fresh ``mmap``
     (page faults, zeroing), and bytes-heavy tasks (DICOMweb decoding, header parsing) ran 2-3x
     slower in a worker than in a plain process (benchmarks/pacs.py). A ``dask worker`` started
@@ -302,9 +374,11 @@ def _set_worker_malloc() -> None:
     import dask
     import distributed  # noqa: F401 - load distributed's defaults before updating them
 
-    key = "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_"
-    if dask.config.get(key, None) is None:
-        dask.config.set({key: WORKER_MMAP_THRESHOLD})
+    wanted = {"MALLOC_MMAP_THRESHOLD_": WORKER_MMAP_THRESHOLD, **THREAD_ENV}
+    for name, value in wanted.items():
+        key = f"distributed.nanny.pre-spawn-environ.{name}"
+        if dask.config.get(key, None) is None:
+            dask.config.set({key: value})
 
 
 def _no_worker_profiling() -> None:
@@ -323,9 +397,10 @@ def _local_cluster_kwargs(options: RuntimeOptions) -> dict[str, object]:
     # The dashboard is off, but the scheduler's small HTTP server still tries port 8787 first
     # and warns when a second cluster on the host has it: expected, not worth a warning.
     warnings.filterwarnings("ignore", message="Port 8787 is already in use")
-    _set_worker_malloc()
+    _worker_environment()
     _no_worker_profiling()
     return {
+        "worker_class": "flows.workers.PatientNanny",
         "n_workers": options.workers,
         "threads_per_worker": 1,
         "processes": True,
@@ -353,7 +428,7 @@ def task_runner(options: RuntimeOptions):
 
     pin_native_threads()
     ensure_prefect_api()
-    address = options.dask_address or _SHARED_ADDRESS
+    address = options.dask_address or _shared_address.get()
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(

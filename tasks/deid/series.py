@@ -383,9 +383,6 @@ def deidentify_series_task(
     job: SeriesJob, label: str, store_url: str, site: str, source_url: str, options: DeidOptions
 ) -> SeriesOutcome:
     """Prefect task: :func:`deidentify_series` on a Dask worker (``label`` = pseudonymous key)."""
-    from flows.runtime import pin_native_threads
-
-    pin_native_threads()
     return deidentify_series(job, store_url, site, source_url, options)
 
 

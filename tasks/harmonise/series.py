@@ -406,8 +406,5 @@ def _compute(
 def harmonise_series_task(
     store_url: str, site: str, unit: SeriesUnit, config: HarmoniseConfig
 ) -> SeriesOutcome:
-    """Prefect task: harmonise one series on a worker (native threads pinned to one)."""
-    from flows.runtime import pin_native_threads
-
-    pin_native_threads()
+    """Prefect task: harmonise one series on a worker (its native threads pinned by the runtime)."""
     return harmonise_series(SiteStore(store_url, site), unit, config)

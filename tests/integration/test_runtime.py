@@ -1,6 +1,7 @@
 """The runtime starts one Prefect server per command and Dask workers report to it."""
 
 import asyncio
+import logging
 import os
 
 from prefect import flow, task
@@ -11,12 +12,13 @@ from flows.runtime import RuntimeOptions, dask_cluster, task_runner
 
 
 @task
-def where_am_i(i: int) -> tuple[int, int, str]:
-    return i, os.getpid(), os.environ.get("PREFECT_API_URL", "")
+def where_am_i(i: int) -> tuple[int, int, str, str]:
+    threads = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "")
+    return i, os.getpid(), os.environ.get("PREFECT_API_URL", ""), threads
 
 
 @flow
-def probe(n: int) -> list[tuple[int, int, str]]:
+def probe(n: int) -> list[tuple[int, int, str, str]]:
     futures = [where_am_i.submit(i) for i in range(n)]
     return [f.result() for f in futures]
 
@@ -29,8 +31,9 @@ async def _task_runs_of(flow_run_id) -> int:
         return len(runs)
 
 
-def test_workers_report_to_the_one_server(prefect_api):
+def test_workers_report_to_the_one_server(prefect_api, caplog):
     options = RuntimeOptions(workers=2)
+    caplog.set_level(logging.WARNING)
     with dask_cluster(options) as address:
         assert address.startswith("tcp://127.0.0.1:")
         state = probe.with_options(task_runner=task_runner(options))(6, return_state=True)
@@ -44,6 +47,9 @@ def test_workers_report_to_the_one_server(prefect_api):
     assert os.getpid() not in {r[1] for r in results}  # ran in worker processes
     assert len({r[1] for r in results + state2.result()}) <= 2
     assert asyncio.run(_task_runs_of(state.state_details.flow_run_id)) == 6
+    assert {r[3] for r in results} == {"1"}  # native threads pinned before the worker started
+    # workers exit cleanly: no "Worker process still alive after 4.0 seconds, killing"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_temporary_server_ends_with_its_command_even_when_killed(tmp_path):

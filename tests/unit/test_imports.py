@@ -15,10 +15,7 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {
     "being rewritten into one (privacy issue); its internals are left to that work",
     frozenset({"flows.ingest", "flows.pacs"}): "removed with the stage runner",
 }
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    ("tasks.deid.series", "flows.runtime"): "pin_native_threads: moving to the worker set-up",
-    ("tasks.harmonise.series", "flows.runtime"): "pin_native_threads: moving to the worker set-up",
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:
