@@ -83,13 +83,14 @@ class Canary:
     def words(self) -> tuple[str, ...]:
         """The distinctive words searched for.
 
-        Each name part of 3+ letters; for ideographic names the given name (two ideographs),
-        since one ideograph alone is not distinctive.
+        Each name part of 4+ letters (shorter ones, such as the Irish particle ``Nic``, occur
+        by chance in pseudonyms and codes); for ideographic names the given name (two
+        ideographs), since one ideograph alone is not distinctive.
         """
         if all(ord(ch) >= 0x2E80 for ch in self.family + self.given):
             return (self.given,)
         parts = f"{self.family} {self.given}".replace("-", " ").split()
-        return tuple(p for p in parts if len(p) >= 3)
+        return tuple(p for p in parts if len(p) >= 4)
 
 
 #: ISO_IR 192 (UTF-8) encodes every canary; the single-byte sets only their own scripts.

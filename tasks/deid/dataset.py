@@ -72,7 +72,7 @@ from tasks.deid.profile import (
     keyword_of,
     method_codes,
 )
-from tasks.deid.pseudonyms import DateShift, SiteKeys
+from tasks.deid.pseudonyms import DateShift, SiteKeys, patient_key
 
 #: Coding schemes whose code meanings are standard vocabulary (kept verbatim).
 STANDARD_SCHEMES = frozenset(
@@ -134,6 +134,9 @@ class DeidContext:
     extra_identifiers
         More identifying values (e.g. from the private catalogue) whose words must not
         survive in cleaned descriptors.
+    fallback_key
+        What identifies the patient when PatientID is empty (the study UID): see
+        :func:`tasks.deid.pseudonyms.patient_key`.
     """
 
     keys: SiteKeys
@@ -143,8 +146,11 @@ class DeidContext:
     audit: Counter[tuple[str, str]] = field(default_factory=Counter)
     pixels_cleaned: bool = False
     series_uid_override: dict[str, str] = field(default_factory=dict)
+    fallback_key: str = ""
 
     def __post_init__(self) -> None:
+        # an empty PatientID gets its own stand-in key: never another patient's pseudonym
+        self.patient_id = patient_key(self.patient_id, self.fallback_key)
         self.patient = self.keys.patient_pseudonym(self.patient_id)
         self.shift: DateShift = self.keys.date_shift(self.patient_id)
         self._safe_private = {
@@ -357,6 +363,8 @@ class _Walker:
         if action in REMOVALS:
             del ds[tag]
             self.note(keyword, action)
+            if action is Action.REMOVE_INVALID_VR and top and int(tag) in REQUIRED:
+                self.invalid_required = self.invalid_required or keyword
             return
         if action in _REPLACING:
             value = {

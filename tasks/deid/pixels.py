@@ -128,3 +128,99 @@ def blank_rectangles(ds: Dataset, rule: PixelCleaningRule) -> None:
     )
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.BurnedInAnnotation = "NO"
+
+
+class PixelLayoutError(ValueError):
+    """Native pixel data whose unused bits cannot be cleared safely (quarantine)."""
+
+
+#: Encapsulated document SOP classes (PDF, CDA, STL, OBJ, MTL and any later 1.104.x).
+DOCUMENT_SOP_PREFIX = "1.2.840.10008.5.1.4.1.1.104."
+ENCAPSULATED_DOCUMENT = 0x00420011
+
+
+def document_kind(sop_class: str, has_document: bool) -> str:
+    """Return why an instance is an encapsulated document, or ``""`` when it is not.
+
+    Parameters
+    ----------
+    sop_class
+        SOPClassUID.
+    has_document
+        Whether the top level holds EncapsulatedDocument (0042,0011).
+
+    Returns
+    -------
+    str
+        ``"sop-class"`` or ``"encapsulated-document"`` (a code, never a value); ``""``.
+    """
+    if sop_class.startswith(DOCUMENT_SOP_PREFIX):
+        return "sop-class"
+    if has_document:
+        return "encapsulated-document"
+    return ""
+
+
+def clear_unused_bits(
+    raw: bytes,
+    bits_allocated: int,
+    bits_stored: int,
+    high_bit: int,
+    signed: bool,
+    little_endian: bool = True,
+) -> bytes | None:
+    """Clear the bits of native pixel data outside BitsStored (where old overlays hide).
+
+    Parameters
+    ----------
+    raw
+        The native (uncompressed) PixelData value.
+    bits_allocated, bits_stored, high_bit
+        Image Pixel module values.
+    signed
+        PixelRepresentation is 1: the bits above HighBit must repeat the sign bit.
+    little_endian
+        Byte order of the data set.
+
+    Returns
+    -------
+    bytes or None
+        The cleaned value, or None when no unused bit was set (nothing to change).
+
+    Raises
+    ------
+    PixelLayoutError
+        When the pixel description is not one this handles (unused bits below the stored
+        ones, an odd allocation): the caller quarantines the instance.
+    """
+    if bits_stored >= bits_allocated:
+        return None
+    if bits_allocated not in (8, 16, 32) or high_bit != bits_stored - 1 or bits_stored < 1:
+        raise PixelLayoutError("unsupported pixel bit layout")
+    size = bits_allocated // 8
+    if len(raw) % size:
+        raise PixelLayoutError("pixel data length")
+    order = "<" if little_endian else ">"
+    unsigned = np.frombuffer(raw, dtype=f"{order}u{size}")
+    mask = (1 << bits_stored) - 1
+    stored = unsigned & mask
+    if signed:
+        sign = 1 << (bits_stored - 1)
+        full = (1 << bits_allocated) - 1
+        expected = np.where(stored & sign, stored | (full ^ mask), stored).astype(unsigned.dtype)
+    else:
+        expected = stored
+    if np.array_equal(expected, unsigned):
+        return None
+    return expected.astype(unsigned.dtype).tobytes()
+
+
+def declares_overlay_in_pixels(groups: dict[int, bool]) -> bool:
+    """Whether overlay groups store their bits in PixelData (no OverlayData of their own).
+
+    Parameters
+    ----------
+    groups
+        Overlay group (``0x6000``-``0x601E``) -> whether it holds OverlayData (60xx,3000).
+    """
+    return any(not has_data for has_data in groups.values())

@@ -116,6 +116,8 @@ def decide(tag: int, written_vr: str | None, options: DeidOptions) -> Action:
     Action
         What to do; one of :data:`REMOVALS` when the element goes.
     """
+    if written_vr is not None and " or " in written_vr:
+        written_vr = None  # built in memory with the dictionary's alternatives: not written
     return _decide(
         tag, written_vr, tuple(options.patient_characteristics), options.clean_descriptors
     )

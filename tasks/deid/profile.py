@@ -669,6 +669,17 @@ class DeidOptions(BaseModel):
     pixel_rules: tuple[PixelCleaningRule, ...] = Field(
         (), description="Pixel cleaning rules for series that may carry burned-in text."
     )
+    max_input_mb: int = Field(
+        2048, gt=0, description="Largest source file read (MiB); larger ones are quarantined."
+    )
+    max_inflated_mb: int = Field(
+        1024,
+        gt=0,
+        description=(
+            "Largest data set inflated from a deflated file, or pixel data decoded for "
+            "cleaning (MiB); beyond it the instance is quarantined (input-too-large)."
+        ),
+    )
 
 
 #: De-identification Method Code Sequence codes (CID 7050, scheme DCM).

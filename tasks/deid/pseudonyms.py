@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import re
+import secrets
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
@@ -55,6 +56,37 @@ def normalise_identifier(value: str) -> str:
     return str(value).replace("\x00", "").strip()
 
 
+#: Prefix of the stand-in key of a patient without PatientID (a NUL never survives
+#: :func:`normalise_identifier`, so no real PatientID can produce it).
+NO_PATIENT_ID = "\x00no-patient-id:"
+
+
+def patient_key(patient_id: str, fallback: str = "") -> str:
+    """Return the key a patient's pseudonym and date shift derive from.
+
+    Parameters
+    ----------
+    patient_id
+        The original PatientID (or a key this function returned before).
+    fallback
+        What identifies the patient when PatientID is empty or missing: the study (or series)
+        UID. Without it, a random key (one pseudonym per call, never shared).
+
+    Returns
+    -------
+    str
+        The normalised PatientID; for an empty one, a stand-in key from ``fallback`` that no
+        PatientID can equal, so patients without an ID never share a pseudonym or a shift.
+    """
+    if str(patient_id).startswith(NO_PATIENT_ID):
+        return str(patient_id)
+    clean = normalise_identifier(patient_id)
+    if clean:
+        return clean
+    stand_in = normalise_identifier(fallback) or secrets.token_hex(16)
+    return NO_PATIENT_ID + stand_in
+
+
 @dataclass(frozen=True)
 class SiteKeys:
     """Purpose-specific keys of one site (never printed: ``repr`` hides the key bytes).
@@ -85,8 +117,12 @@ class SiteKeys:
         )
 
     def patient_pseudonym(self, patient_id: str) -> str:
-        """Return the patient pseudonym: base32 of HMAC(patient key, PatientID), 26 characters."""
-        digest = _mac(self.patient_key, normalise_identifier(patient_id))
+        """Return the patient pseudonym: base32 of HMAC(patient key, PatientID), 26 characters.
+
+        An empty PatientID gets a random stand-in (see :func:`patient_key`): pass the key of
+        :func:`patient_key` with a fallback for a stable pseudonym.
+        """
+        digest = _mac(self.patient_key, patient_key(patient_id))
         return base64.b32encode(digest).decode("ascii")[:PSEUDONYM_LENGTH]
 
     def remap_uid(self, uid: str) -> str:
@@ -104,7 +140,7 @@ class SiteKeys:
 
     def date_shift(self, patient_id: str) -> DateShift:
         """Return the patient's date shift (same for every study of the patient)."""
-        digest = _mac(self.date_key, normalise_identifier(patient_id))
+        digest = _mac(self.date_key, patient_key(patient_id))
         days = MIN_SHIFT_DAYS + int.from_bytes(digest[:8], "big") % SHIFT_SPAN_DAYS
         seconds = 1 + int.from_bytes(digest[8:16], "big") % 86399
         return DateShift(days=days, seconds=seconds)

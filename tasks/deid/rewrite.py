@@ -47,6 +47,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import AMBIGUOUS_VR, EXPLICIT_VR_LENGTH_32
 
+from tasks.deid.checks import MEGABYTE, TooLarge, inflate_bounded, patient_age, screen
 from tasks.deid.dataset import (
     _CLEANABLE_VRS,
     _KEPT_TEXT_VRS,
@@ -69,7 +70,7 @@ from tasks.deid.dataset import (
     _values,
 )
 from tasks.deid.descriptors import clean_descriptor
-from tasks.deid.pixels import burned_in_risk, matching_rule
+from tasks.deid.pixels import PixelLayoutError, clear_unused_bits
 from tasks.deid.policy import (
     PIXEL_DATA,
     REMOVALS,
@@ -90,13 +91,11 @@ _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _CODING_SCHEME_DESIGNATOR = 0x00080102
-_DIRECTORY_RECORD_SEQUENCE = 0x00041220
 _UNDEFINED = 0xFFFFFFFF
 _ITEM_DELIMITER_BYTES = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
 _SEQUENCE_DELIMITER_BYTES = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _LONG_VRS = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
 _AMBIGUOUS = frozenset(str(vr) for vr in AMBIGUOUS_VR)
-DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: Top-level elements the checks before the walk read (converted through pydicom, as there).
 _CHECKED_TAGS = (
     0x00080005,  # SpecificCharacterSet
@@ -390,7 +389,10 @@ def _encodings(raw: bytes) -> list[str]:
     ).value
     if not value:
         raise Unsupported("empty character set")
-    return convert_encodings(value)
+    try:
+        return convert_encodings(value)
+    except (LookupError, ValueError) as exc:  # a malformed or unknown term: pydicom decides
+        raise Unsupported("character set") from exc
 
 
 def _convert_pydicom(raw: RawDataElement, encoding: list[str] | None = None) -> DataElement:
@@ -770,6 +772,8 @@ class _Walker:
         if action in REMOVALS:
             del elems[tag]
             self.note(keyword, action)
+            if action is Action.REMOVE_INVALID_VR and top and tag in REQUIRED:
+                self.invalid_required = self.invalid_required or keyword
             return
         if action in _REPLACING:
             if action is Action.DUMMY and vr == "SQ":
@@ -996,7 +1000,7 @@ def _file_meta(sop_class: str, sop_instance: str, syntax: str) -> bytes:
 # -- the file --------------------------------------------------------------------------------
 
 
-def _read_meta(data: bytes) -> tuple[str, int]:
+def read_meta(data: bytes) -> tuple[str, int]:
     """Return (transfer syntax UID, dataset offset) of a Part 10 file, or Unsupported."""
     if len(data) < 144 or data[128:132] != b"DICM":
         raise Unsupported("no DICOM prefix")
@@ -1062,24 +1066,38 @@ def _checks(top: _Item, ctx: DeidContext) -> tuple[Dataset, Rewritten | None, st
             ds._dict[BaseTag(tag)] = _raw_element(top, elem)
     ds.set_original_encoding(top.implicit, True, top.encoding)
     _ = ds.get("SOPInstanceUID")
-    if str(ds.get("SOPClassUID", "")) == DICOMDIR_SOP_CLASS or _DIRECTORY_RECORD_SEQUENCE in elems:
-        return ds, Rewritten(reason="dicomdir", detail="DICOMDIR"), ""
-    if not ds.get("SOPInstanceUID") or not ds.get("SOPClassUID"):
-        return ds, Rewritten(reason="missing-uids", detail="no SOP instance or class UID"), ""
-    risk = burned_in_risk(ds)
-    if risk:
-        if matching_rule(ds, ctx.options.pixel_rules) is None:
-            detail = f"may carry burned-in text ({risk})"
-            return ds, Rewritten(reason="burned-in-annotation", detail=detail), ""
+    pixel = elems.get(_PIXEL_DATA)
+    screened = screen(ds, elems.keys(), pixel is not None and pixel.undefined, ctx.options)
+    if screened.reason:
+        return ds, Rewritten(reason=screened.reason, detail=screened.detail), ""
+    if screened.rule is not None:
         raise Unsupported("pixel cleaning")
-    age = ""
-    if "PatientAge" in ctx.options.patient_characteristics:
-        from tasks.deid.series import _age
+    if pixel is not None and not pixel.undefined and pixel.vend > pixel.vstart:
+        bits = [_unsigned_short(top, tag) for tag in _PIXEL_BITS]
+        try:
+            cleared = clear_unused_bits(
+                top.data[pixel.vstart : pixel.vend], bits[0], bits[1], bits[2], bits[3] == 1
+            )
+        except PixelLayoutError as exc:
+            return ds, Rewritten(reason="overlay-in-pixel-data", detail=f"pixels: {exc}"), ""
+        if cleared is not None:
+            pixel.new = (pixel.vr or "OW", cleared)
+            pixel.start = -1
+    return ds, None, patient_age(ds, ctx.options)
 
-        age = str(ds.get("PatientAge", "") or "") or _age(
-            str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
-        )
-    return ds, None, age
+
+#: BitsAllocated, BitsStored, HighBit, PixelRepresentation.
+_PIXEL_BITS = (0x00280100, 0x00280101, 0x00280102, 0x00280103)
+
+
+def _unsigned_short(item: _Item, tag: int) -> int:
+    """Return a US value read from its bytes (0 when absent; Unsupported when not one US)."""
+    elem = item.elems.get(tag)
+    if elem is None:
+        return 0
+    if elem.vend - elem.vstart != 2 or elem.vr not in (None, "US"):
+        raise Unsupported("pixel description")
+    return _US.unpack_from(item.data, elem.vstart)[0]
 
 
 def rewrite_instance(data: bytes, ctx: DeidContext) -> Rewritten:
@@ -1103,12 +1121,14 @@ def rewrite_instance(data: bytes, ctx: DeidContext) -> Rewritten:
     Unsupported
         When the file needs the pydicom path; ``ctx`` is then unchanged.
     """
-    syntax, offset = _read_meta(data)
+    syntax, offset = read_meta(data)
     implicit, deflated = _syntax_encoding(syntax)
     body = data
     if deflated:
         try:
-            body = zlib.decompress(data[offset:], -zlib.MAX_WBITS)
+            body = inflate_bounded(data[offset:], ctx.options.max_inflated_mb * MEGABYTE)
+        except TooLarge as exc:
+            return Rewritten(reason="input-too-large", detail=str(exc))
         except zlib.error as exc:
             raise Unsupported("deflate") from exc
         offset = 0
@@ -1174,6 +1194,8 @@ def rewrite_instance(data: bytes, ctx: DeidContext) -> Rewritten:
         out.append(deflated_bytes)
     else:
         out.extend(dataset)
+    if pixel is not None and pixel.new is not None:
+        walker.audit[("PixelData", "clear-unused-bits")] += 1
     ctx.audit.update(walker.audit)
     references = 0x00081115 in elems or 0x30060010 in elems
     return Rewritten(data=b"".join(out), age=age, references=references)

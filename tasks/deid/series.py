@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import io
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from tasks.deid.checks import (
+    MEGABYTE,
+    TooLarge,
+    decoded_size,
+    inflate_bounded,
+    patient_age,
+    screen,
+)
 from tasks.deid.dataset import (
     DeidContext,
     InvalidInstance,
@@ -29,15 +39,16 @@ from tasks.deid.dataset import (
     encode_dataset,
     quiet_pydicom,
 )
-from tasks.deid.pixels import blank_rectangles, burned_in_risk, matching_rule
+from tasks.deid.pixels import PixelLayoutError, blank_rectangles, clear_unused_bits
+from tasks.deid.policy import PIXEL_DATA
 from tasks.deid.profile import DeidOptions
-from tasks.deid.pseudonyms import SiteKeys
-from tasks.deid.rewrite import rewrite_instance
+from tasks.deid.pseudonyms import SiteKeys, patient_key
+from tasks.deid.rewrite import Unsupported, read_meta, rewrite_instance
 from tasks.deid.secret import load_site_secret
 from tasks.records import Reason, Status, UnitResult
 from tasks.store import DEID_DICOM, SiteStore, open_url
 
-DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -92,17 +103,6 @@ def pseudonymous_series_uid(keys: SiteKeys, series_key: str, series_instance_uid
 def instance_key(patient: str, study: str, series: str, index: int) -> str:
     """Store key of the ``index``-th (1-based, slice order) instance of a de-identified series."""
     return f"{DEID_DICOM}/{patient}/{study}/{series}/{index:05d}.dcm"
-
-
-def _age(birth: str, study: str) -> str:
-    """DICOM age string (``063Y``) from original DA values, or ``""``."""
-    try:
-        b = date(int(birth[:4]), int(birth[4:6]), int(birth[6:8]))
-        s = date(int(study[:4]), int(study[4:6]), int(study[6:8]))
-    except (ValueError, TypeError, IndexError):
-        return ""
-    years = s.year - b.year - ((s.month, s.day) < (b.month, b.day))
-    return f"{years:03d}Y" if 0 <= years < 1000 else ""
 
 
 def _referenced_series(ds: Dataset, own: str) -> set[str]:
@@ -164,20 +164,24 @@ def deidentify_instance(data: bytes, ctx: DeidContext) -> InstanceOutcome:
     -------
     InstanceOutcome
         The de-identified file, or no dataset and a reason: ``unreadable-header``,
-        ``missing-uids``, ``dicomdir``, ``burned-in-annotation`` (no cleaning rule covers it)
-        or ``deid-error``. Details never hold header values.
+        ``missing-uids``, ``dicomdir``, ``encapsulated-document``, ``burned-in-annotation``
+        (no cleaning rule covers it), ``overlay-in-pixel-data``, ``invalid-attribute``,
+        ``input-too-large`` or ``deid-error``. Details never hold header values.
 
     Notes
     -----
     Files go through :func:`tasks.deid.rewrite.rewrite_instance` (the byte-stream rewriter,
-    same output) when it handles them, else through pydicom: read, check, de-identify the
-    dataset, encode.
+    same decisions, same output) when it handles them, else through pydicom: read, check,
+    de-identify the dataset, encode. The rewriter hands a file over only by raising its own
+    :class:`~tasks.deid.rewrite.Unsupported`; any other exception quarantines the file.
     """
     with quiet_pydicom():
         try:
             fast = rewrite_instance(data, ctx)
-        except Exception:  # Unsupported, or anything unexpected: the pydicom path decides
+        except Unsupported:
             fast = None
+        except Exception as exc:  # a defect of the rewriter: never a traceback, never a leak
+            return InstanceOutcome(None, Reason.DEID_ERROR, f"rewrite failed: {type(exc).__name__}")
     if fast is not None:
         if fast.reason:
             return InstanceOutcome(None, Reason(fast.reason), fast.detail)
@@ -185,40 +189,60 @@ def deidentify_instance(data: bytes, ctx: DeidContext) -> InstanceOutcome:
     return _deidentify_with_pydicom(data, ctx)
 
 
+def _inflation_check(data: bytes, limit: int) -> None:
+    """Raise :class:`TooLarge` when a deflated file would inflate beyond ``limit`` bytes."""
+    try:
+        syntax, offset = read_meta(data)
+    except Unsupported:
+        return  # pydicom decides; its reader finds no deflated syntax it can read either
+    if syntax == DeflatedExplicitVRLittleEndian:
+        with contextlib.suppress(zlib.error):
+            inflate_bounded(data[offset:], limit)
+
+
 def _deidentify_with_pydicom(data: bytes, ctx: DeidContext) -> InstanceOutcome:
     """De-identify through pydicom: read, check, de-identify the dataset, encode."""
     stage = "read"
+    limit = ctx.options.max_inflated_mb * MEGABYTE
     try:
         with quiet_pydicom():
+            try:
+                _inflation_check(data, limit)
+            except TooLarge as exc:
+                return InstanceOutcome(None, Reason.INPUT_TOO_LARGE, str(exc))
             try:
                 ds = dcmread(io.BytesIO(data), force=True)
                 raws = dict(ds._dict)  # as read: written VRs and values, before any check
                 _ = ds.get("SOPInstanceUID")
             except Exception as exc:
                 return InstanceOutcome(None, Reason.UNREADABLE_HEADER, type(exc).__name__)
-            if (
-                str(ds.get("SOPClassUID", "")) == DICOMDIR_SOP_CLASS
-                or "DirectoryRecordSequence" in ds
-            ):
-                return InstanceOutcome(None, Reason.DICOMDIR, "DICOMDIR")
-            if not ds.get("SOPInstanceUID") or not ds.get("SOPClassUID"):
-                return InstanceOutcome(None, Reason.MISSING_UIDS, "no SOP instance or class UID")
             stage = "pixels"
-            risk = burned_in_risk(ds)
-            if risk:
-                rule = matching_rule(ds, ctx.options.pixel_rules)
-                if rule is None:
-                    return InstanceOutcome(
-                        None, Reason.BURNED_IN_ANNOTATION, f"may carry burned-in text ({risk})"
-                    )
-                blank_rectangles(ds, rule)
-                ctx.pixels_cleaned = True
-                ctx.audit[("PixelData", f"clean:{rule.name}")] += 1
-            age = ""
-            if "PatientAge" in ctx.options.patient_characteristics:
-                age = str(ds.get("PatientAge", "") or "") or _age(
-                    str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
+            pixel = raws.get(PIXEL_DATA)
+            compressed = isinstance(pixel, RawDataElement) and pixel.length == UNDEFINED_LENGTH
+            screened = screen(ds, raws.keys(), compressed, ctx.options)
+            if screened.reason:
+                return InstanceOutcome(None, Reason(screened.reason), screened.detail)
+            if isinstance(pixel, RawDataElement) and not compressed and pixel.value:
+                cleared = clear_unused_bits(
+                    pixel.value,
+                    int(ds.get("BitsAllocated", 0) or 0),
+                    int(ds.get("BitsStored", 0) or 0),
+                    int(ds.get("HighBit", 0) or 0),
+                    int(ds.get("PixelRepresentation", 0) or 0) == 1,
+                    bool(getattr(ds, "original_encoding", (None, True))[1]),
                 )
+                if cleared is not None:
+                    ds.PixelData = cleared
+                    ctx.audit[("PixelData", "clear-unused-bits")] += 1
+            if screened.rule is not None:
+                if decoded_size(ds) > limit:
+                    return InstanceOutcome(
+                        None, Reason.INPUT_TOO_LARGE, "decoded pixel data over the bound"
+                    )
+                blank_rectangles(ds, screened.rule)
+                ctx.pixels_cleaned = True
+                ctx.audit[("PixelData", f"clean:{screened.rule.name}")] += 1
+            age = patient_age(ds, ctx.options)
             stage = "deidentify"
             try:
                 deidentify_dataset(ds, ctx, raws)
@@ -226,6 +250,8 @@ def _deidentify_with_pydicom(data: bytes, ctx: DeidContext) -> InstanceOutcome:
                 return InstanceOutcome(None, Reason.INVALID_ATTRIBUTE, f"malformed {exc}")
             stage = "encode"
             encoded = encode_dataset(ds)
+    except PixelLayoutError as exc:  # unused pixel bits that cannot be cleared
+        return InstanceOutcome(None, Reason.OVERLAY_IN_PIXEL_DATA, f"{stage}: {exc}")
     except Exception as exc:
         return InstanceOutcome(None, Reason.DEID_ERROR, f"{stage} failed: {type(exc).__name__}")
     return InstanceOutcome(ds, age=age, data=encoded)
@@ -271,7 +297,8 @@ def deidentify_series(
         error) with a reason; never raises for bad input.
     """
     keys = SiteKeys.derive(load_site_secret(site), site)
-    patient = keys.patient_pseudonym(job.patient_id)
+    key = patient_key(job.patient_id, job.study_instance_uid or job.series_instance_uid)
+    patient = keys.patient_pseudonym(key)
     series = pseudonymous_series_uid(keys, job.series_key, job.series_instance_uid)
     study = keys.remap_uid(job.study_instance_uid)
     store = SiteStore(store_url, site)
@@ -299,7 +326,7 @@ def deidentify_series(
     ctx = DeidContext(
         keys=keys,
         options=options,
-        patient_id=job.patient_id,
+        patient_id=key,
         extra_identifiers=job.extra_identifiers,
         series_uid_override=override,
     )
@@ -309,7 +336,10 @@ def deidentify_series(
     referenced: set[str] = set()
     for index, path in enumerate(job.paths, start=1):
         try:
-            data = fs.cat_file(f"{root}/{path}")
+            data = read_bounded(fs, f"{root}/{path}", options.max_input_mb * MEGABYTE)
+        except TooLarge as exc:
+            _discard(store, written)
+            return _quarantined(row, Reason.INPUT_TOO_LARGE, str(exc))
         except Exception as exc:  # vanished or unreadable source file
             _discard(store, written)
             return _quarantined(row, Reason.DEID_ERROR, f"read failed: {type(exc).__name__}")
@@ -345,6 +375,21 @@ def deidentify_series(
         written=len(written),
         outputs=tuple(outputs),
     )
+
+
+def read_bounded(fs: Any, path: str, limit: int) -> bytes:
+    """Read a whole file, never more than ``limit`` bytes into memory.
+
+    Raises
+    ------
+    TooLarge
+        When the file holds more than ``limit`` bytes.
+    """
+    with fs.open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"source file over {limit // MEGABYTE} MiB")
+    return data
 
 
 def _rtstruct_frame(ds: Dataset) -> str:

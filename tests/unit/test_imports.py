@@ -11,8 +11,6 @@ PACKAGES = ("flows", "tasks")
 #: Known exceptions, each with the reason it is left; the test fails when one is fixed, so the
 #: list only shrinks.
 KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"tasks.deid.rewrite", "tasks.deid.series"}): "the de-identification engine is "
-    "being rewritten into one (privacy issue); its internals are left to that work",
     frozenset({"flows.ingest", "flows.pacs"}): "removed with the stage runner",
 }
 KNOWN_UPWARD: dict[tuple[str, str], str] = {}
