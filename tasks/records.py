@@ -72,6 +72,8 @@ class Reason(StrEnum):
     ONE_VOXEL_MASK = "one-voxel-mask"
     EXTRACTION_ERROR = "extraction-error"
     ROI_TOO_SMALL = "roi-too-small"
+    # publish (release preparation)
+    DUPLICATE_PIXEL_DATA = "duplicate-pixel-data"
     MASK_GEOMETRY_MISMATCH = "mask-geometry-mismatch"
 
 

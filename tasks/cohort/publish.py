@@ -42,6 +42,7 @@ from tasks.cohort.manifest import (
     manifest_bytes,
     sha256sums,
 )
+from tasks.cohort.risk import RISK_REPORT, prepare_selection, report_bytes
 from tasks.cohort.select import CohortSelection, PlannedFile, select_cohort
 from tasks.cohort.spec import CohortSpec
 from tasks.cohort.storage import (
@@ -160,7 +161,10 @@ def cohort_path(to: str, cohort: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def plan_publication(store: SiteStore, spec: CohortSpec, to: str) -> PublishPlan:
-    """Select the cohort and compute its tables and content hash (reads the site store only).
+    """Select and prepare the cohort, and compute its tables and content hash.
+
+    The release checks of ``tasks.cohort.risk`` run here; the only writes are the site's
+    detailed release report and the publish stage's quarantine rows.
 
     Parameters
     ----------
@@ -177,7 +181,11 @@ def plan_publication(store: SiteStore, spec: CohortSpec, to: str) -> PublishPlan
         The plan; ``digest`` identifies the content.
     """
     selection: CohortSelection = select_cohort(store, spec)
-    tables = {"series.parquet": table_to_parquet_bytes(selection.series)}
+    selection, release = prepare_selection(store, spec, selection)
+    tables = {
+        "series.parquet": table_to_parquet_bytes(selection.series),
+        RISK_REPORT: report_bytes(release.public()),
+    }
     schemas = {"series.parquet": selection.series.schema}
     if selection.features is not None:
         tables["features.parquet"] = table_to_parquet_bytes(

@@ -28,6 +28,9 @@ Example (``deployments/cohorts/lung-ct.yaml``)::
       publisher: {name: Site A Hospital, contact: "mailto:data@site-a.example"}
       contact: "mailto:data@site-a.example"
       hdab: {name: Health Data Access Body, contact: "https://hdab.example"}
+    risk:                       # optional: re-identification risk gate (tasks.cohort.risk)
+      min_k: 5                  # refuse to publish below k = 5 after generalisation
+      min_l: 1
 
 Dates are compared with the *shifted* acquisition dates of the de-identified catalogue.
 """
@@ -43,6 +46,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.cohort.catalogue import CatalogueSpec
+from tasks.cohort.risk import RiskSpec
 from tasks.errors import OncoflowError, did_you_mean
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -155,6 +159,10 @@ class CohortSpec(BaseModel):
     catalogue: CatalogueSpec = Field(
         default_factory=CatalogueSpec,
         description="HealthDCAT-AP settings: publisher, contact, access body, access rights.",
+    )
+    risk: RiskSpec = Field(
+        default_factory=RiskSpec,
+        description="Release checks: minimum k-anonymity and l-diversity, generalisation.",
     )
 
     @field_validator("name")
