@@ -708,12 +708,52 @@ def _read_full(fp: BinaryIO, size: int) -> _Header:
     )
 
 
+#: VRs with a 4-byte length in explicit VR encoding (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})  # fmt: skip
+
+
+def _meta_vr_invalid(fp: BinaryIO) -> bool:
+    """Whether an element of the file meta group (explicit VR little endian) has no valid VR.
+
+    Reads the group's element headers from byte 132 and leaves ``fp`` there. A file whose meta
+    group is cut short is left to the readers (they report the truncation).
+    """
+    pos = 132
+    try:
+        for _ in range(256):
+            fp.seek(pos)
+            head = fp.read(8)
+            if len(head) < 8 or head[:2] != b"\x02\x00":
+                return False
+            vr = head[4:6]
+            if vr not in _VALID_VRS:
+                return True
+            if vr in _LONG_VRS:
+                extra = fp.read(4)
+                if len(extra) < 4:
+                    return False
+                length = int.from_bytes(extra, "little")
+                if length == 0xFFFFFFFF:
+                    return False
+                pos += 12 + length
+            else:
+                pos += 8 + int.from_bytes(head[6:8], "little")
+        return False
+    finally:
+        fp.seek(132)
+
+
 def _parse_open_file(
     fp: BinaryIO, row: dict[str, Any], size: int, fast: bool = True
 ) -> dict[str, Any]:
     head = fp.read(132)
     if len(head) < 132 or head[128:132] != b"DICM":
         return _quarantine(row, Reason.NOT_DICOM, "no DICM prefix at byte 128")
+    if _meta_vr_invalid(fp):
+        # the readers would each guess differently (one skips the element, the other reads
+        # the rest of the file as its value): decided here, the same for both
+        return _quarantine(row, Reason.UNREADABLE_HEADER, "file meta element with an invalid VR")
     header = _read_fast(fp, size) if fast else None
     if header is None:
         try:

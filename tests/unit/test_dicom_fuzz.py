@@ -76,6 +76,16 @@ def test_samples_are_ok():
         assert _row(data)["status"] == "ok", name
 
 
+def test_a_file_meta_vr_corruption_gets_one_verdict_from_both_readers():
+    """Regression: ``JPEG2000.dcm`` with byte 137 set to 0 (the meta group length's VR ``UL``
+    becomes ``U\\0``) was ``ok`` for the fast reader and ``missing-uids`` for the full one."""
+    data = bytearray(SAMPLES["JPEG2000.dcm"])
+    assert data[136:138] == b"UL"
+    data[137] = 0
+    row = _row(bytes(data))  # checks that both readers agree
+    assert (row["status"], row["reason"]) == ("quarantined", "unreadable-header")
+
+
 @FUZZ
 @given(st.binary(max_size=4096))
 def test_random_bytes(data):
