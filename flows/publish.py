@@ -1,11 +1,12 @@
 """Flow ``publish-cohort``: a cohort spec to an immutable, verified version on object storage.
 
 Plans the cohort in the flow (selection, tables, content hash), stops when the latest version
-already has this content, stages every series' files with one Dask task per series, then
-verifies, runs the leak gate and commits (``tasks.cohort.publish`` explains the protocol). A new
-version emits the Prefect event ``oncoflow.cohort.published`` and a link artifact to its
-manifest. Any series that cannot be staged fails the run and nothing is committed: a cohort is
-published whole or not at all.
+already has this content, runs the leak gate at the site on every series' files (one Dask task
+per series) and on the tables, manifest and checksums, and only then stages every series' files
+(one Dask task per series), verifies and commits (``tasks.cohort.publish`` explains the
+protocol). A new version emits the Prefect event ``oncoflow.cohort.published`` and a link
+artifact to its manifest. Any series that cannot be gated or staged fails the run and nothing is
+committed: a cohort is published whole or not at all.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from flows.reporting import Progress, artifact_key, markdown_table, post_summary
 from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
 from tasks.cohort.publish import (
+    GateOutcome,
     PublishPlan,
     PublishResult,
     finalize,
+    gate_files,
+    gate_sealed,
     plan_publication,
     prepare_target,
+    refuse,
+    seal_version,
     stage_files,
 )
 from tasks.cohort.select import PlannedFile, check_publishable
@@ -73,6 +79,42 @@ def build_params(site: str, store: str, cohort: str, to: str) -> PublishParams:
         return PublishParams(site=site, store=store, cohort=cohort, to=to)
     except ValidationError as exc:
         raise OncoflowError(validation_message(exc)) from None
+
+
+@task(name="gate-series", task_run_name="gate-{series}")
+def gate_series_task(
+    store_url: str, site: str, series: str, files: list[PlannedFile]
+) -> GateOutcome:
+    """Run the leak gate on one series' files at the site (reads the store, uploads nothing)."""
+    return gate_files(SiteStore(store_url, site), files)
+
+
+def _gate_all(params: PublishParams, plan: PublishPlan) -> GateOutcome:
+    """Gate every series' files with one task per series; one line error when a task fails."""
+    progress = Progress(len(plan.files), "series gated")
+    futures = {
+        gate_series_task.submit(params.store, params.site, series, files): series
+        for series, files in sorted(plan.files.items())
+    }
+    total = GateOutcome()
+    errors: list[str] = []
+    for future in as_completed(list(futures)):
+        try:
+            outcome = future.result()
+        except OncoflowError as exc:
+            errors.append(str(exc).splitlines()[0][:200])
+        except Exception as exc:  # worker lost for good
+            errors.append(f"{type(exc).__name__} while gating a series")
+        else:
+            total.findings.extend(outcome.findings)
+            total.sizes.update(outcome.sizes)
+        progress.advance()
+    if errors:
+        raise StageFailed(
+            f"{len(errors)} of {len(futures)} series could not be gated ({sorted(errors)[0]}); "
+            "nothing was published"
+        )
+    return total
 
 
 @task(name="stage-series", task_run_name="stage-{series}")
@@ -166,6 +208,13 @@ def publish_flow(params: PublishParams) -> dict[str, Any]:
     done, cleaned = prepare_target(plan, retry)
     results: list[UnitResult] = []
     if done is None:
+        # The leak gate runs at the site on every object first; the target receives bytes only
+        # after it passed (tasks.cohort.publish explains the protocol).
+        outcome = _gate_all(params, plan)
+        sealed = seal_version(plan, outcome.sizes, retry, params.date_published)
+        findings = outcome.findings + gate_sealed(store, sealed)
+        if findings:
+            raise refuse(plan, findings, retry)
         progress = Progress(len(plan.files), "series staged")
         futures = {
             stage_series_task.submit(
@@ -188,7 +237,7 @@ def publish_flow(params: PublishParams) -> dict[str, Any]:
                 f"({first.error_class}: {first.detail or 'see the task logs'}); "
                 "nothing was published, run again to resume"
             )
-        result = finalize(store, plan, retry, date_published=params.date_published)
+        result = finalize(plan, sealed, retry)
         result.cleaned = cleaned
         result.uploaded = sum(len(r.outputs) for r in results)
         result.reused = sum(len(files) for files in plan.files.values()) - result.uploaded

@@ -9,6 +9,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles. "ci" (the default, chosen by tests/run.sh and by a bare pytest run) is
+# derandomised: every run draws the same examples, so a test fails or passes the same way on
+# every machine and a failure found once is found again. "explore" draws new random examples
+# on every run (and more of them): run it by hand to look for new failures, see
+# docs/deidentification.md (Testing). Tests' own @settings (max_examples, deadline) still apply.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("explore", derandomize=False, max_examples=500, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Isolate Prefect's home (database, local result storage) for the whole session.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="oncoflow-prefect-")

@@ -21,6 +21,8 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 fi
 
 uv sync --locked --quiet
+# Property-based tests run derandomised (tests/conftest.py); HYPOTHESIS_PROFILE=explore draws anew.
+export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 uv run --locked ruff check .
 set +e
 uv run --locked pytest -m "not slow" "$@"

@@ -8,10 +8,14 @@ Protocol (each step retried on transient storage errors, never on others):
 2. *Clean*: delete leftovers of killed runs, i.e. version directories without a commit
    marker and staging prefixes of other content. The staging prefix of *this* content is kept,
    so its objects are reused (after re-hashing) instead of uploaded again.
-3. *Stage*: upload every payload object under ``<TO>/<cohort>/.staging/<content-hash>/``,
-   then the manifest and ``SHA256SUMS``; list and re-hash everything staged.
-4. *Gate*: run the de-identification leak gate over the staged objects; any hit deletes the
-   staging prefix and nothing is committed.
+3. *Gate* (at the site, before any upload): read every planned file from the site store
+   (checked against its planned SHA-256), build the tables, the manifest and ``SHA256SUMS`` in
+   memory, and run the de-identification leak gate over all of them. Any hit stops the run:
+   nothing of this content is uploaded, and a staging prefix of the same content left by an
+   earlier run is removed, so the target holds nothing of it.
+4. *Stage*: upload exactly the gated bytes (each checked against the SHA-256 the gate saw)
+   under ``<TO>/<cohort>/.staging/<content-hash>/``, then the manifest and ``SHA256SUMS``;
+   list and re-hash everything staged.
 5. *Commit*: copy the staged objects to ``v<N>/`` (server-side on S3), check the copies, then
    create ``v<N>/COMMITTED`` exclusively (conditional PUT): the marker is the last write and
    the only thing that makes a version visible. Finally delete the staging prefix.
@@ -283,6 +287,23 @@ def prepare_target(plan: PublishPlan, retry: Retrier) -> tuple[PublishResult | N
     return None, cleaned
 
 
+def read_source(store: SiteStore, planned: PlannedFile) -> bytes:
+    """Read a planned file from the site store and check it is the planned content.
+
+    Raises
+    ------
+    OncoflowError
+        When the source is missing or its SHA-256 differs from the plan.
+    """
+    try:
+        data = store.read_bytes(planned.source)
+    except FileNotFoundError:
+        raise OncoflowError(f"{planned.name}: its source file is missing") from None
+    if sha256_bytes(data) != planned.sha256:
+        raise OncoflowError(f"{planned.name}: source changed since it was planned")
+    return data
+
+
 def stage_files(
     store: SiteStore,
     plan: PublishPlan,
@@ -290,6 +311,9 @@ def stage_files(
     retry: Retrier,
 ) -> tuple[list[str], int]:
     """Upload the files of one series to the staging prefix (reuse verified staged copies).
+
+    Call only after the leak gate passed on these files (:func:`gate_files`): the bytes
+    uploaded are checked to have the SHA-256 the gate saw.
 
     Returns
     -------
@@ -305,12 +329,7 @@ def stage_files(
         if planned.name in plan.staged and sha256_of(fs, dest, retry) == planned.sha256:
             reused += 1
             continue
-        try:
-            data = store.read_bytes(planned.source)
-        except FileNotFoundError:
-            raise OncoflowError(f"{planned.name}: its source file is missing") from None
-        if sha256_bytes(data) != planned.sha256:
-            raise OncoflowError(f"{planned.name}: source changed since it was planned")
+        data = read_source(store, planned)
         retry(f"uploading {planned.name}", put_bytes, fs, dest, data)
         uploaded.append(planned.name)
     return uploaded, reused
@@ -319,10 +338,10 @@ def stage_files(
 def default_leak_gate(
     store: SiteStore, read: Callable[[str], bytes], names: list[str]
 ) -> list[str]:
-    """Run the de-identification leak gate over the staged version.
+    """Run the de-identification leak gate over objects of a version before they leave the site.
 
-    Every staged object (tables, manifest, NIfTI, DICOM) is scanned for the identifying values
-    of the site's private catalogue and for identifier patterns (the scanner of
+    Every object (DICOM, NIfTI, tables, manifest) is scanned for the identifying values of the
+    site's private catalogue and for identifier patterns (the scanner of
     :mod:`tasks.deid.scan_phi`). Findings name the object and the attribute, never the value.
 
     Parameters
@@ -330,18 +349,18 @@ def default_leak_gate(
     store
         The site store (its private catalogue gives the identifiers to look for).
     read
-        Returns the bytes of a staged object by name (with retries).
+        Returns the bytes of an object by name, exactly the bytes that would be uploaded.
     names
-        Names of the staged objects.
+        Names of the objects.
 
     Raises
     ------
     OncoflowError
         When the site has no private catalogue to take identifiers from.
     """
-    from tasks.deid.scan_phi import Finding, IdentifierMatcher, catalogue_identifiers, scan_bytes
+    from tasks.deid.scan_phi import Finding, scan_bytes, store_matcher
 
-    matcher = IdentifierMatcher(catalogue_identifiers(store))
+    matcher = store_matcher(store)
     findings: set[Finding] = set()
     for name in names:
         for attribute, kind in scan_bytes(name, read(name), matcher):
@@ -349,17 +368,125 @@ def default_leak_gate(
     return [f.line() for f in sorted(findings)]
 
 
-def finalize(
-    store: SiteStore,
-    plan: PublishPlan,
-    retry: Retrier,
-    *,
-    date_published: str | None = None,
-    leak_gate: LeakGate = default_leak_gate,
-) -> PublishResult:
-    """Stage the tables, manifest and checksums, verify, gate and commit a new version.
+@dataclass
+class GateOutcome:
+    """What the leak gate found in some objects of a version, and their sizes in bytes.
 
-    Call after every series' files were staged with :func:`stage_files`.
+    ``findings`` name the object and the attribute, never a value.
+    """
+
+    findings: list[str] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def gate_files(
+    store: SiteStore, files: list[PlannedFile], leak_gate: LeakGate = default_leak_gate
+) -> GateOutcome:
+    """Run the leak gate on planned files, reading them from the site store (nothing uploaded).
+
+    Each file is read and checked against its planned SHA-256, so the bytes scanned are the
+    bytes :func:`stage_files` uploads later (it checks the same hash).
+    """
+    by_name = {f.name: f for f in files}
+    sizes: dict[str, int] = {}
+
+    def read(name: str) -> bytes:
+        data = read_source(store, by_name[name])
+        sizes[name] = len(data)
+        return data
+
+    findings = leak_gate(store, read, sorted(by_name))
+    for name in sorted(set(by_name) - set(sizes)):
+        read(name)  # a gate that skipped a file: its size is still needed for the manifest
+    return GateOutcome(findings=list(findings), sizes=sizes)
+
+
+@dataclass
+class SealedVersion:
+    """A version's number and in-memory objects (tables, manifest, DCAT, SHA256SUMS)."""
+
+    number: int
+    objects: dict[str, bytes]
+    sums: dict[str, str]
+
+    @property
+    def names(self) -> list[str]:
+        """Every object name of the version except the commit marker."""
+        return sorted([*self.sums, SUMS])
+
+
+def seal_version(
+    plan: PublishPlan, sizes: dict[str, int], retry: Retrier, date_published: str | None = None
+) -> SealedVersion:
+    """Build the manifest, DCAT record and ``SHA256SUMS`` of the next version locally.
+
+    Only the target's list of versions is read; nothing is written.
+
+    Parameters
+    ----------
+    plan
+        The publication plan.
+    sizes
+        Size in bytes of every planned file (from :func:`gate_files`).
+    retry
+        Retrier for listing the target's versions.
+    date_published
+        ISO date written in the manifest (default: today).
+    """
+    fs, path = cohort_path(plan.to, plan.cohort)
+    state = cohort_state(fs, path, retry)
+    number = (state.latest[0] if state.latest else 0) + 1
+    payload = plan.payload_sums()
+    all_sizes = {**sizes, **{name: len(data) for name, data in plan.tables.items()}}
+    missing = sorted(set(payload) - set(all_sizes))
+    if missing:
+        raise OncoflowError(f"{missing[0]}: not read by the leak gate")
+    manifest = build_manifest(
+        plan.description,
+        version=number,
+        date_published=date_published or dt.date.today().isoformat(),
+        files={name: (sha, all_sizes[name]) for name, sha in payload.items()},
+        schemas=plan.schemas,
+        digest=plan.digest,
+        url=unstrip(fs, f"{path}/v{number}"),
+    )
+    manifest_data = manifest_bytes(manifest)
+    previous = unstrip(fs, state.latest[1]) if state.latest else None
+    metadata = {
+        MANIFEST: manifest_data,
+        **dcat_records(manifest, manifest_data, plan.catalogue, all_sizes, previous),
+    }
+    all_sums = {**payload, **{name: sha256_bytes(data) for name, data in metadata.items()}}
+    objects = {**plan.tables, **metadata, SUMS: sha256sums(all_sums)}
+    return SealedVersion(number=number, objects=objects, sums=all_sums)
+
+
+def gate_sealed(
+    store: SiteStore, sealed: SealedVersion, leak_gate: LeakGate = default_leak_gate
+) -> list[str]:
+    """Run the leak gate on a sealed version's in-memory objects (tables, manifest, sums)."""
+    return list(leak_gate(store, sealed.objects.__getitem__, sorted(sealed.objects)))
+
+
+def refuse(plan: PublishPlan, findings: list[str], retry: Retrier) -> OncoflowError:
+    """Return the error of a failed gate, after removing any staging of this content.
+
+    Nothing of this content was uploaded by this run; a staging prefix of the same content left
+    by an earlier run is removed too, so the target holds nothing of it.
+    """
+    fs, path = cohort_path(plan.to, plan.cohort)
+    retry("removing staging", remove_prefix, fs, f"{path}/{plan.staging_key}")
+    return OncoflowError(
+        f"leak gate found {len(findings)} residual identifier(s) in cohort {plan.cohort}; "
+        f"nothing was published (first: {sorted(findings)[0]})"
+    )
+
+
+def finalize(plan: PublishPlan, sealed: SealedVersion, retry: Retrier) -> PublishResult:
+    """Upload the sealed objects, verify the staged version and commit it.
+
+    Call only after the leak gate passed on every object (:func:`gate_files`,
+    :func:`gate_sealed`) and every series' files were staged with :func:`stage_files`.
     """
     fs, path = cohort_path(plan.to, plan.cohort)
     staging = f"{path}/{plan.staging_key}"
@@ -369,50 +496,18 @@ def finalize(
     problems, _ = check_objects(fs, staging, payload, retry, allowed_extra=(*METADATA, SUMS))
     if problems:
         raise OncoflowError(f"staged version failed verification: {problems[0]}")
-    sizes = retry("listing staged objects", list_objects, fs, staging)
-
-    state = cohort_state(fs, path, retry)
-    number = (state.latest[0] if state.latest else 0) + 1
-    vpath = f"{path}/v{number}"
-    manifest = build_manifest(
-        plan.description,
-        version=number,
-        date_published=date_published or dt.date.today().isoformat(),
-        files={name: (sha, sizes[name]) for name, sha in payload.items()},
-        schemas=plan.schemas,
-        digest=plan.digest,
-        url=unstrip(fs, vpath),
-    )
-    manifest_data = manifest_bytes(manifest)
-    previous = unstrip(fs, state.latest[1]) if state.latest else None
-    metadata = {
-        MANIFEST: manifest_data,
-        **dcat_records(manifest, manifest_data, plan.catalogue, sizes, previous),
-    }
-    all_sums = {**payload, **{name: sha256_bytes(data) for name, data in metadata.items()}}
-    sums_data = sha256sums(all_sums)
-    for name, data in metadata.items():
+    for name, data in sorted(sealed.objects.items()):
+        if name in plan.tables:
+            continue
         retry(f"uploading {name}", put_bytes, fs, f"{staging}/{name}", data)
-    retry("uploading SHA256SUMS", put_bytes, fs, f"{staging}/{SUMS}", sums_data)
-    for name, data in (*metadata.items(), (SUMS, sums_data)):
         if sha256_of(fs, f"{staging}/{name}", retry) != sha256_bytes(data):
             raise OncoflowError(f"staged {name} failed verification")
 
-    def read_staged(name: str) -> bytes:
-        return retry(f"reading {name}", fs.cat_file, f"{staging}/{name}")
-
-    hits = leak_gate(store, read_staged, sorted(all_sums))
-    if hits:
-        retry("removing staging", remove_prefix, fs, staging)
-        raise OncoflowError(
-            f"leak gate found {len(hits)} residual identifier(s) in cohort {plan.cohort}; "
-            f"nothing was published (first: {hits[0]})"
-        )
-    gate = "passed"
-
+    number = sealed.number
+    vpath = f"{path}/v{number}"
     if read_marker(fs, vpath, retry) is not None:
         raise OncoflowError(f"{plan.cohort}/v{number} appeared during publishing: run again")
-    names = sorted([*all_sums, SUMS])
+    names = sealed.names
     for name in names:
         retry(f"committing {name}", copy_object, fs, f"{staging}/{name}", f"{vpath}/{name}")
     copied = retry("listing the new version", list_objects, fs, vpath)
@@ -420,14 +515,15 @@ def finalize(
     for name in names:
         if copied.get(name) != staged_sizes.get(name):
             raise OncoflowError(f"v{number}/{name}: copy differs from the staged object")
+    sums_data = sealed.objects[SUMS]
     marker = {
         "cohort": plan.cohort,
         "site": plan.site,
         "version": number,
         "content_hash": plan.digest,
-        "manifest_sha256": all_sums[MANIFEST],
+        "manifest_sha256": sealed.sums[MANIFEST],
         "sha256sums": hashlib.sha256(sums_data).hexdigest(),
-        "files": len(all_sums),
+        "files": len(sealed.sums),
     }
     marker_data = json.dumps(marker, sort_keys=True).encode()
     _commit_marker(fs, vpath, marker_data, retry)
@@ -442,9 +538,9 @@ def finalize(
         url=unstrip(fs, vpath),
         content_hash=plan.digest,
         created=True,
-        files=len(all_sums),
+        files=len(sealed.sums),
         retries=retry.retries,
-        leak_gate=gate,
+        leak_gate="passed",
     )
 
 
@@ -519,11 +615,18 @@ def publish_cohort(
     done, cleaned = prepare_target(plan, retry)
     if done is not None:
         return done
+    # The gate reads every object at the site; the target receives bytes only after it passed.
+    files = [f for series in sorted(plan.files) for f in plan.files[series]]
+    outcome = gate_files(store, files, leak_gate)
+    sealed = seal_version(plan, outcome.sizes, retry, date_published)
+    findings = outcome.findings + gate_sealed(store, sealed, leak_gate)
+    if findings:
+        raise refuse(plan, findings, retry)
     uploaded = reused = 0
     for series in sorted(plan.files):
         names, count = stage_files(store, plan, plan.files[series], retry)
         uploaded += len(names)
         reused += count
-    result = finalize(store, plan, retry, date_published=date_published, leak_gate=leak_gate)
+    result = finalize(plan, sealed, retry)
     result.uploaded, result.reused, result.cleaned = uploaded, reused, cleaned
     return result

@@ -7,6 +7,7 @@ SIGKILL mid-staging or mid-commit (the next run resumes or cleans).
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import fsspec
 import pytest
@@ -22,7 +24,7 @@ import s3fs
 from botocore.exceptions import ClientError
 from s3fs.errors import translate_boto_error
 
-from tasks.cohort.publish import publish_cohort
+from tasks.cohort.publish import plan_publication, publish_cohort
 from tasks.cohort.spec import parse_spec
 from tasks.cohort.storage import RetryPolicy
 from tasks.cohort.verify import verify_url
@@ -184,7 +186,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
     import fsspec, s3fs
-    from tasks.cohort.publish import publish_cohort
+    from tasks.cohort.publish import plan_publication, publish_cohort
     from tasks.cohort.spec import parse_spec
     from tasks.store import SiteStore
 
@@ -251,3 +253,52 @@ def test_killed_publish_is_resumed_or_cleaned(
     report = verify_url(f"{to}/lung")
     assert report.ok and report.versions == ["v1"], report.problems
     assert not [k for k in keys(fs, prefix) if "/.staging/" in k]
+
+
+def test_a_canary_in_a_file_to_publish_fails_the_gate_and_nothing_reaches_s3(
+    tmp_path: Path, s3_bucket: str, s3_endpoint: str
+) -> None:
+    """The gate runs at the site before any upload: a failed gate leaves zero objects."""
+    import pydicom
+
+    from tests.unit.test_cohort_fixture import mrn
+
+    store = build_site(str(tmp_path / "store"))
+    fs = plain_fs(s3_endpoint)
+    to = f"{s3_bucket}/gated"
+    spec = {**SPEC, "include": {"dicom": True}}
+    key = next(k for k in store.fs.find(store.path("deid/dicom")) if k.endswith(".dcm"))
+    ds = pydicom.dcmread(io.BytesIO(store.fs.cat_file(key)))
+    ds.SeriesDescription = "CT ΘΩΡΑΚΑΣ Παπαδόπουλος"  # a Greek name in a descriptor
+    ds.private_block(0x0011, "HIS", create=True).add_new(0x01, "UN", mrn("site-a", 0).encode())
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    store.fs.pipe_file(key, buf.getvalue())
+    # an earlier run of the same content left a staged object: it must go too
+    plan = plan_publication(store, parse_spec(spec), to)
+    fs.pipe_file(f"{to.removeprefix('s3://')}/lung/{plan.staging_key}/left.bin", b"x")
+
+    class Recording(s3fs.S3FileSystem):
+        calls: ClassVar[list[str]] = []
+
+        async def _call_s3(self, method, *args, **kwargs):
+            Recording.calls.append(str(method))
+            return await super()._call_s3(method, *args, **kwargs)
+
+    with use_s3_class(Recording), pytest.raises(OncoflowError) as err:
+        publish(store, to, spec=spec)
+    writes = [c for c in Recording.calls if "put" in c or "copy" in c or "upload" in c]
+    assert Recording.calls and writes == []  # not one byte was sent to the target
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("leak gate found ")
+    assert "nothing was published" in message
+    assert mrn("site-a", 0) not in message and "Παπα" not in message
+    assert keys(fs, f"{to.removeprefix('s3://')}/lung") == []
+    # the same store without the canary publishes
+    ds = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    ds.SeriesDescription = "CT THORAX"
+    del ds[0x00110010], ds[0x00111001]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    store.fs.pipe_file(key, buf.getvalue())
+    assert publish(store, to, spec=spec).leak_gate == "passed"

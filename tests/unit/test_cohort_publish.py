@@ -132,13 +132,22 @@ def test_leftovers_of_a_killed_run_are_cleaned(store, tmp_path: Path) -> None:
 def test_leak_gate_hit_commits_nothing(store, tmp_path: Path) -> None:
     out = tmp_path / "pub"
 
+    seen: list[str] = []
+
     def gate(_store, read, names):
-        assert "series.parquet" in names and read("series.parquet")[:4] == b"PAR1"
+        assert tree(out) == []  # the gate runs before anything reaches the target
+        seen.extend(names)
+        if "series.parquet" not in names:
+            return []
+        assert read("series.parquet")[:4] == b"PAR1"
         return ["series.parquet: a patient identifier"]
 
     with pytest.raises(OncoflowError, match="leak gate found 1 residual identifier"):
         publish(store, str(out), leak_gate=gate)
     assert tree(out) == []
+    # every object of the version went through the gate: files, tables, manifest, checksums
+    assert {"series.parquet", "manifest.json", "SHA256SUMS"} <= set(seen)
+    assert any(name.endswith(".dcm") for name in seen)
 
 
 def test_changed_source_after_harmonise_is_refused(store, tmp_path: Path) -> None:
