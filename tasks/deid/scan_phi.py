@@ -56,6 +56,7 @@ from pydicom.uid import UID_dictionary as WELL_KNOWN_UIDS
 
 from tasks.deid.dataset import STANDARD_SCHEMES, quiet_pydicom
 from tasks.deid.descriptors import VOCABULARY, token_allowed
+from tasks.deid.descriptors import words as descriptor_words
 from tasks.deid.gate_dates import DateMention, find_dates, has_date, parse_da
 from tasks.deid.gate_text import (
     WORD,
@@ -63,6 +64,7 @@ from tasks.deid.gate_text import (
     fold,
     not_spaced,
     printable,
+    strip_marks,
     variants,
     words,
 )
@@ -326,7 +328,9 @@ PARTICLES = frozenset(
 def _worth_a_word(token: str) -> bool:
     if len(token) < 3 and not not_spaced(token):
         return False
-    return token not in VOCABULARY and token not in GENERIC_WORDS and token not in PARTICLES
+    if token in GENERIC_WORDS or token in PARTICLES:
+        return False
+    return token not in VOCABULARY and strip_marks(token) not in VOCABULARY
 
 
 def _form(token: str, form: int) -> str:
@@ -647,18 +651,14 @@ def _check_element(
             if kind:
                 scan.add(where, kind)
                 break
-        if _is_descriptor(tag, vr) and any(not _vocabulary_word(w) for w in WORD.findall(declared)):
+        unknown = (w for w in descriptor_words(declared) if not token_allowed(w))
+        if _is_descriptor(tag, vr) and any(unknown):
             scan.add(where, "non-vocabulary-word")
 
 
 def _is_descriptor(tag: int, vr: str) -> bool:
     """Whether the profile cleans this attribute against the vocabulary (Clean Descriptors)."""
     return resolve(tag, vr, DeidOptions()) is Action.CLEAN
-
-
-def _vocabulary_word(word: str) -> bool:
-    """Whether a word may stay in a descriptor (the de-identification vocabulary decides)."""
-    return token_allowed(word)
 
 
 def _text_pattern(text: str) -> str:
@@ -785,7 +785,8 @@ def _read_header(stream: BinaryIO, scan: _Scan) -> tuple[Dataset, Dataset, Binar
         data = inflater.decompress(stream.read(), MAX_INFLATED_BYTES)
         if inflater.unconsumed_tail:
             raise _TooLarge
-        stream = io.BytesIO(data)
+        # bytes after the end of the deflate stream are data after the data set too
+        stream = io.BytesIO(data + inflater.unused_data)
         ds = read_dataset(stream, False, True, stop_when=_at_pixels)
         return meta, ds, stream, False, True
     stream.seek(0)

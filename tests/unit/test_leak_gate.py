@@ -86,7 +86,7 @@ def _source(name: str = NAMES[0][1]) -> Dataset:
     ds.PixelRepresentation = 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = b"\x01\x00\x02\x00\x03\x00\x04\x00"
+    ds.add_new(0x7FE00010, "OW", b"\x01\x00\x02\x00\x03\x00\x04\x00")
     return ds
 
 
