@@ -8,23 +8,30 @@ column totals and a grand total. Before release:
   as ``<10``;
 * **complementary suppression**: every published sum (a row, a column, the totals) that
   contains a suppressed count gets at least one more suppressed count, chosen among the
-  smallest counts ``>= k`` and shown as ``*``, until no suppressed count can be worked out from
-  the published numbers: not exactly (checked by linear algebra on all sums together, with the
-  totals shared between tables counted once) and not by the bounds a reader knows (a ``<10``
-  count is 1 to k-1, a ``*`` count at least k), e.g. two ``<10`` cells known to sum to 2.
+  smallest counts ``>= k`` and shown as ``*``, until no suppressed small count can be worked
+  out from the published numbers.
+
+"Worked out" is checked exactly, as a reader would attack it: an integer program
+(:func:`scipy.optimize.milp`) over every published number, every sum linking them (the totals
+shared between tables counted once), the logical bounds between counts (a cell's patients
+cannot exceed its series: ``patients <= series`` per site and in total; a series-with-ROI count
+cannot exceed the site's series) and what a reader knows of suppressed counts (a ``<k`` count
+is 1 to k-1, a ``*`` count at least k). For each suppressed small count it finds the smallest
+and the largest feasible value; the count is protected when at least two whole values remain
+(the interval is then a range inside 1..k-1, never one value). Instance counts are not
+published by the hub, so ``series <= instances`` adds nothing here.
 
 Zeros are published: a zero is never a small cell. Suppressed values never leave this module.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
 
 from tasks.errors import OncoflowError
 
@@ -82,6 +89,8 @@ class CountSystem:
 
     values: dict[str, int] = field(default_factory=dict)
     sums: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+    #: ``(small, large)``: the count ``small`` can never exceed the count ``large``.
+    bounds: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, cell: str, value: int) -> None:
         """Add a count (a shared cell, e.g. a total used by two tables, must agree)."""
@@ -96,69 +105,92 @@ class CountSystem:
             raise OncoflowError(f"counts do not add up to {total}")
         self.sums.append((parts, total))
 
+    def add_bound(self, small: str, large: str) -> None:
+        """Record that the count ``small`` never exceeds ``large`` (patients and series)."""
+        if self.values[small] > self.values[large]:
+            raise OncoflowError(f"{small} exceeds {large}")
+        self.bounds.append((small, large))
+
     def equations(self) -> list[tuple[str, ...]]:
         """Every sum as the list of its cells (parts and total)."""
         return [(*parts, total) for parts, total in self.sums]
 
 
-def _protected(system: CountSystem, suppressed: set[str], primary: set[str], k: int) -> list[str]:
-    """Return the suppressed primary cells a reader could pin to one value (empty when safe)."""
-    unknown = sorted(suppressed)
-    if not unknown:
-        return []
-    index = {c: i for i, c in enumerate(unknown)}
-    rows = []
-    for parts, total in system.sums:
-        coeffs = np.zeros(len(unknown))
-        for cell, sign in [*((p, 1.0) for p in parts), (total, -1.0)]:
-            if cell in index:
-                coeffs[index[cell]] += sign
-        if coeffs.any():
-            rows.append(coeffs)
-    exposed = []
-    if rows:
-        # a hidden count is determined by the sums iff the null space has no freedom along it
-        matrix = np.array(rows)
-        _, sing, vt = np.linalg.svd(matrix)
-        rank = int((sing > 1e-9 * max(1.0, sing[0])).sum())
-        null = vt[rank:].T  # columns span the null space
-        for cell in unknown:
-            if cell in primary and (null.shape[1] == 0 or np.abs(null[index[cell]]).max() < 1e-9):
-                exposed.append(cell)
-    # Bounds a reader knows: '<k' counts are 1..k-1, '*' counts at least k, the rest exact.
-    # Propagating them through every sum gives valid bounds; a count whose bounds meet is
-    # pinned (propagation may miss some pins that only linear programming finds).
-    low = {
-        c: (1 if c in primary else k) if c in suppressed else v for c, v in system.values.items()
-    }
-    high = {
-        c: (k - 1 if c in primary else math.inf) if c in suppressed else v
+class ReaderProgram:
+    """What a reader can infer from released counts: an integer program over the unknowns.
+
+    The reader knows every released number, every sum and bound of the system, that a ``"<k"``
+    count is 1..k-1 and a ``"*"`` count at least k, and that counts are whole numbers.
+    """
+
+    def __init__(self, system: CountSystem, released: Mapping[str, int | str], k: int) -> None:
+        self.unknown = sorted(c for c, v in released.items() if isinstance(v, str))
+        self.index = {c: i for i, c in enumerate(self.unknown)}
+        self.released = released
+        rows, low, high = [], [], []
+        for terms, lo, hi in [
+            *(
+                ([*((p, 1.0) for p in parts), (total, -1.0)], 0.0, 0.0)
+                for parts, total in system.sums
+            ),
+            *(([(small, 1.0), (large, -1.0)], -np.inf, 0.0) for small, large in system.bounds),
+        ]:
+            coeffs = np.zeros(len(self.unknown))
+            known = 0.0
+            for name, sign in terms:
+                if name in self.index:
+                    coeffs[self.index[name]] += sign
+                else:
+                    known += sign * int(released[name])
+            if coeffs.any():
+                rows.append(coeffs)
+                low.append(lo - known)
+                high.append(hi - known)
+        small = SMALL.format(k=k)
+        self.constraints = [LinearConstraint(np.array(rows), low, high)] if rows else []
+        self.bounds = Bounds(
+            np.array([1.0 if released[c] == small else float(k) for c in self.unknown]),
+            np.array([k - 1.0 if released[c] == small else np.inf for c in self.unknown]),
+        )
+
+    def range(self, cell: str) -> tuple[int, int]:
+        """Return the smallest and largest value of ``cell`` consistent with the release."""
+        if cell not in self.index:
+            value = int(self.released[cell])
+            return value, value
+        goal = np.zeros(len(self.unknown))
+        goal[self.index[cell]] = 1.0
+        ends = []
+        for sign in (1.0, -1.0):
+            result = milp(
+                sign * goal,
+                constraints=self.constraints,
+                integrality=np.ones(len(self.unknown)),
+                bounds=self.bounds,
+            )
+            if result.status != 0 or result.x is None:
+                raise OncoflowError(f"suppression check failed for {cell}: {result.message}")
+            ends.append(round(float(result.x[self.index[cell]])))
+        return ends[0], ends[1]
+
+
+def _released(
+    system: CountSystem, suppressed: set[str], primary: set[str], k: int
+) -> dict[str, int | str]:
+    small = SMALL.format(k=k)
+    return {
+        c: (small if c in primary else MASKED if c in suppressed else v)
         for c, v in system.values.items()
     }
-    for _ in range(100):
-        changed = False
-        for parts, total in system.sums:
-            # total = sum(parts); each part = total - sum(other parts)
-            lo_sum = sum(low[p] for p in parts)
-            hi_sum = sum(high[p] for p in parts)
-            if lo_sum > low[total]:
-                low[total], changed = lo_sum, True
-            if hi_sum < high[total]:
-                high[total], changed = hi_sum, True
-            for p in parts:
-                new_lo = low[total] - (hi_sum - high[p])
-                new_hi = high[total] - (lo_sum - low[p])
-                if new_lo > low[p]:
-                    low[p], changed = new_lo, True
-                if new_hi < high[p]:
-                    high[p], changed = new_hi, True
-        if not changed:
-            break
-    exposed_set = set(exposed)
-    for cell in unknown:
-        if cell in primary and cell not in exposed_set and high[cell] <= low[cell]:
-            exposed.append(cell)
-    return exposed
+
+
+def _pinned(system: CountSystem, suppressed: set[str], primary: set[str], k: int) -> Iterator[str]:
+    """Yield the suppressed small counts a reader could pin to one value."""
+    program = ReaderProgram(system, _released(system, suppressed, primary, k), k)
+    for cell in sorted(primary):
+        lo, hi = program.range(cell)
+        if hi - lo < 1:
+            yield cell
 
 
 def suppress(system: CountSystem, k: int = 10) -> dict[str, int | str]:
@@ -181,38 +213,41 @@ def suppress(system: CountSystem, k: int = 10) -> dict[str, int | str]:
         raise OncoflowError("k must be at least 2")
     primary = {c for c, v in system.values.items() if 0 < v < k}
     suppressed = set(primary)
-    equations = system.equations()
-    for _ in range(10 * len(system.values) + 10):
+    groups = [*system.equations(), *system.bounds]
+    for _ in range(len(system.values) + 10):
+        # a sum with one hidden count gives it away: hide one more there first
         changed = False
-        for cells in equations:
-            hidden = [c for c in cells if c in suppressed]
-            if len(hidden) == 1:
+        for cells in system.equations():
+            if sum(c in suppressed for c in cells) == 1:
                 changed |= _add_complement(system, suppressed, cells)
         if changed:
             continue
-        exposed = _protected(system, suppressed, primary, k)
-        if not exposed:
-            break
-        cell = exposed[0]
-        touching = [cells for cells in equations if cell in cells]
-        if not any(_add_complement(system, suppressed, cells) for cells in touching):
-            # every count around it is already hidden: hide the next smallest anywhere linked
-            linked = {c for cells in touching for c in cells} | set(
-                itertools.chain.from_iterable(
-                    cells for cells in equations if set(cells) & {c for t in touching for c in t}
-                )
-            )
-            candidates = sorted(
-                (system.values[c], c) for c in linked if c not in suppressed and system.values[c]
-            )
-            if not candidates:
+        fixed = exposed = False
+        for cell in _pinned(system, suppressed, primary, k):
+            exposed = True
+            # hide the smallest count of a sum or bound of the pinned count (one per round)
+            if any(_add_complement(system, suppressed, g) for g in groups if cell in g):
+                fixed = True
                 break
-            suppressed.add(candidates[0][1])
-    small = SMALL.format(k=k)
-    return {
-        c: (small if c in primary else MASKED if c in suppressed else v)
-        for c, v in system.values.items()
-    }
+        if not exposed:
+            return _released(system, suppressed, primary, k)
+        if not fixed:
+            # every count around it is hidden: hide the smallest count next to a hidden one
+            frontier = sorted(
+                (system.values[c], c)
+                for g in groups
+                if suppressed & set(g)
+                for c in g
+                if c not in suppressed and system.values[c] > 0
+            )
+            if not frontier:
+                break
+            suppressed.add(frontier[0][1])
+    # fail closed: hide every count; if a small count is still pinned, release nothing
+    suppressed |= {c for c, v in system.values.items() if v > 0}
+    if next(_pinned(system, suppressed, primary, k), None) is not None:
+        raise OncoflowError("these counts cannot be released without revealing a small count")
+    return _released(system, suppressed, primary, k)
 
 
 def _add_complement(system: CountSystem, suppressed: set[str], cells: Sequence[str]) -> bool:
@@ -244,6 +279,8 @@ def build_system(sources: Sequence[SourceCounts]) -> tuple[CountSystem, dict[str
     system.add("patients|*", sum(s.patients for s in sources))
     system.add_sum([f"series|{label}" for label in labels], "series|*")
     system.add_sum([f"patients|{label}" for label in labels], "patients|*")
+    for label in [*labels, "*"]:
+        system.add_bound(f"patients|{label}", f"series|{label}")
     columns: dict[str, list[str]] = {}
     for dim in DIMENSIONS:
         cats = sorted({c for s in sources for c in s.by[dim]})
@@ -262,6 +299,12 @@ def build_system(sources: Sequence[SourceCounts]) -> tuple[CountSystem, dict[str
             system.add_sum([f"roi-masks|{lab}" for lab in labels], "roi-masks|*")
         for s in sources:
             system.add_sum([f"{dim}|{s.label}|{c}" for c in cats], f"{row_total}|{s.label}")
+            if not additive:  # a site's series with one ROI are some of its series
+                for cat in cats:
+                    system.add_bound(f"{dim}|{s.label}|{cat}", f"series|{s.label}")
+        if not additive:
+            for cat in cats:
+                system.add_bound(f"{dim}|*|{cat}", "series|*")
         for cat in cats:
             system.add_sum([f"{dim}|{lab}|{cat}" for lab in labels], f"{dim}|*|{cat}")
         system.add_sum([f"{dim}|*|{c}" for c in cats], f"{row_total}|*")

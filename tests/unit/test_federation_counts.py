@@ -187,7 +187,7 @@ def random_sources(draw):
         first = draw(st.integers(0, total))
         body = {parts[0]: first, parts[1]: total - first}
         roi = {r: draw(st.integers(0, total)) for r in rois}
-        patients = draw(st.integers(min(total, 1), max(total, 1)))
+        patients = draw(st.integers(min(total, 1), total))
         out.append(source(f"site-{chr(97 + i)}", mod, body, roi, patients))
     return out
 
