@@ -522,6 +522,36 @@ def serve(
     )
 
 
+@app.command()
+def readiness(
+    site: Site,
+    store: Store,
+    to: Annotated[str | None, typer.Option("--to", help="The site's publication root.")] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option("--endpoint", envvar="ONCOFLOW_SERVE_URL", help="URL of oncoflow serve."),
+    ] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Report which tier (1 catalogue, 2 queries, 3 processing-ready) the site meets."""
+    from tasks.cohort.readiness import TIERS, assess
+
+    report = assess(site, store, to=to, endpoint=endpoint)
+    if as_json:
+        emit(report.to_dict(), True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"site {site}: tier {report.tier} ({TIERS.get(report.tier, 'none')})")
+    for column in ("tier", "requirement", "", "detail"):
+        table.add_column(column)
+    for item in report.items:
+        mark = "[green]yes[/green]" if item.ok else "[red]missing[/red]"
+        table.add_row(str(item.tier), item.name, mark, item.detail)
+    Console().print(table)
+
+
 def _quiet_consoles() -> None:
     """Keep Prefect's and Dask's INFO chatter off the terminal (it still reaches the UI)."""
     if os.environ.get("ONCOFLOW_VERBOSE"):

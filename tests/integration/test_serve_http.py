@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +16,7 @@ from tasks.cohort.publish import publish_cohort
 from tasks.cohort.spec import parse_spec
 from tasks.cohort.storage import RetryPolicy
 from tests.services import BIN, free_port, spawn, stop, wait_for
-from tests.unit.test_cohort_fixture import SeriesSpec, build_site
+from tests.unit.test_cohort_fixture import PARAMS_HASH, SeriesSpec, build_site
 
 pytestmark = pytest.mark.integration
 
@@ -23,14 +26,32 @@ SERIES = (
     *(SeriesSpec("CT", "CHEST", ("gtv",), f"2021{1 + i % 9:02d}10", patient=i) for i in range(13)),
     SeriesSpec("MR", "BRAIN", ("gtv",), "20220301", patient=13),
 )
-SPEC = {"name": "lung", "title": "Lung", "description": "Chest CT", "licence": "CC-BY-4.0"}
+SPEC = {
+    "name": "lung",
+    "title": "Lung",
+    "description": "Chest CT",
+    "licence": "CC-BY-4.0",
+    "keywords": ["CT"],
+    "features": PARAMS_HASH,
+    "catalogue": {
+        "publisher": {"name": "Site A", "contact": "mailto:data@site-a.example"},
+        "contact": "mailto:data@site-a.example",
+        "hdab": {"name": "HDAB", "contact": "https://hdab.example"},
+    },
+}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A site store with 14 patients and its published cohort."""
     root = tmp_path_factory.mktemp("serve")
     store = build_site(str(root / "store"), series=SERIES, with_seg=False)
     publish_cohort(store, parse_spec(SPEC), str(root / "pub"), policy=RetryPolicy(attempts=2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(root: Path) -> Iterator[str]:
     port = free_port()
     proc = spawn(
         [str(BIN / "oncoflow"), "serve", "--site", "site-a", "--store", str(root / "store"),
@@ -111,3 +132,37 @@ def test_the_hub_queries_a_site_over_http(
     # the hub shows what the site answered: the same numbers as a direct query
     direct = get(server, "/counts", modality="CT").json()
     assert site["by"]["modality"]["CT"]["series"] == direct["series"]
+
+
+def readiness(root: Path, *args: str) -> dict:
+    proc = subprocess.run(
+        [str(BIN / "oncoflow"), "readiness", "--site", "site-a", "--store", str(root / "store"),
+         "--json", *args],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "ONCOFLOW_SERVE_TOKEN": TOKEN},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_readiness_tier_3_where_everything_is_there(server: str, root: Path) -> None:
+    report = readiness(root, "--to", str(root / "pub"), "--endpoint", server)
+    assert report["tier"] == 3, report["missing"]
+    assert report["missing"] == []
+    names = {i["name"] for i in report["items"]}
+    assert {"query endpoint", "images, masks and features published"} <= names
+
+
+def test_readiness_names_what_is_missing_without_a_publication(root: Path) -> None:
+    from tasks.cohort.readiness import assess
+
+    empty = root / "nothing-published"
+    empty.mkdir()
+    report = assess("site-a", str(root / "store"), to=str(empty)).to_dict()
+    assert report["tier"] == 0
+    missing = "\n".join(report["missing"])
+    assert "tier 1: published cohort version" in missing
+    assert "tier 2: query endpoint (no endpoint URL given (--endpoint))" in missing
+    assert "tier 3: images, masks and features published (no published version)" in missing
+    # the site's own data is there: harmonised images and features are not missing
+    assert "harmonised images" not in missing and "feature table" not in missing
