@@ -28,7 +28,7 @@ app = typer.Typer(
 #: booting before the command imports its stage, instead of after.
 REPORTING_COMMANDS = frozenset(
     {"ingest", "receive", "harmonise", "extract", "deidentify", "run", "demo", "publish"}
-    | {"federate"}
+    | {"federate", "robustness"}
 )
 
 
@@ -275,6 +275,45 @@ def extract(
 
     summary = extract_radiomics(
         build_params(site, store, params, series, roi, max_failure_ratio, modality),
+        runtime=runtime_options(workers, dask_address),
+    )
+    emit(summary, as_json)
+
+
+@app.command()
+def robustness(
+    site: Site,
+    store: Store,
+    params: Annotated[
+        str,
+        typer.Option(
+            "--params", help="pyradiomics parameter file (YAML/JSON) or preset: ct, mr, pet."
+        ),
+    ],
+    series: Annotated[
+        list[str] | None, typer.Option("--series", help="Only this series key (repeatable).")
+    ] = None,
+    roi: Annotated[
+        list[str] | None, typer.Option("--roi", help="Only this ROI name (repeatable).")
+    ] = None,
+    modality: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--modality", help="Only this modality (repeatable; default: the preset's own)."
+        ),
+    ] = None,
+    icc_threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Stable when ICC(3,1) >= this.")
+    ] = 0.75,
+    workers: Workers = 2,
+    dask_address: DaskAddress = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Perturbed replicas and negative controls: features/<params-hash>.robustness.parquet."""
+    from flows.robustness import assess_robustness, build_params
+
+    summary = assess_robustness(
+        build_params(site, store, params, series, roi, modality, icc_threshold),
         runtime=runtime_options(workers, dask_address),
     )
     emit(summary, as_json)

@@ -19,6 +19,7 @@ class Stage(StrEnum):
     DEIDENTIFY = "deidentify"
     HARMONISE = "harmonise"
     EXTRACT = "extract"
+    ROBUSTNESS = "robustness"
     PUBLISH = "publish"
 
 
