@@ -641,9 +641,9 @@ def _check_element(
         ):
             scan.add(where, "uid-not-remapped")
     elif vr in TEXT_VRS and keyword not in _PATTERN_EXEMPT:
-        if (
-            keyword in ("CodeMeaning", "CodeValue")
-            and str(ds.get("CodingSchemeDesignator", "")) in STANDARD_SCHEMES
+        scheme = str(ds.get("CodingSchemeDesignator", ""))
+        if keyword in ("CodeMeaning", "CodeValue") and (
+            scheme in STANDARD_SCHEMES or _reviewed_feature_code(ds, scheme)
         ):
             return
         for text in texts:
@@ -654,6 +654,14 @@ def _check_element(
         unknown = (w for w in descriptor_words(declared) if not token_allowed(w))
         if _is_descriptor(tag, vr) and any(unknown):
             scan.add(where, "non-vocabulary-word")
+
+
+def _reviewed_feature_code(ds: Dataset, scheme: str) -> bool:
+    """Whether a code item is a radiomics feature or filter code of the reviewed IBSI table."""
+    from tasks.radiomics.ibsi import reviewed_codes
+
+    code = (scheme, str(ds.get("CodeValue", "")), str(ds.get("CodeMeaning", "")))
+    return code in reviewed_codes()
 
 
 def _is_descriptor(tag: int, vr: str) -> bool:

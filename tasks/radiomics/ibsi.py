@@ -21,8 +21,10 @@ every feature column of a features table, the field metadata
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import re
+from base64 import b64encode
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +36,10 @@ if TYPE_CHECKING:
     from tasks.radiomics.params import RadiomicsParams
 
 TABLE_FILE = Path(__file__).with_name("ibsi_features.csv")
+#: Coding schemes of the feature codes in DICOM SR: IBSI identifiers, and pyradiomics' own
+#: private scheme (as its ``labs/pyradiomics-dcm`` converter codes features IBSI lacks).
+IBSI_SCHEME = "IBSI"
+PRIVATE_SCHEME = "99PYRADIOMICS"
 
 #: A pyradiomics feature column: ``<image type>_<feature class>_<feature>``.
 FEATURE_COLUMN = re.compile(
@@ -138,6 +144,30 @@ def parse_table(text: str) -> IbsiTable:
 def load_table() -> IbsiTable:
     """Return the reviewed table shipped beside this module."""
     return parse_table(TABLE_FILE.read_text(encoding="utf-8"))
+
+
+def private_code_value(meaning: str) -> str:
+    """Return the 6-character code value pyradiomics-dcm gives a feature (``class_feature``)."""
+    return b64encode(hashlib.sha1(meaning.encode()).digest()).decode("ascii")[:6]
+
+
+@lru_cache(maxsize=1)
+def reviewed_codes() -> frozenset[tuple[str, str, str]]:
+    """Every (scheme, value, meaning) a measurement report may use beyond standard schemes.
+
+    The leak gate keeps code items found here: they come from the reviewed table, never from
+    patient data.
+    """
+    table = load_table()
+    # the report's language, highdicom's default (RFC 5646)
+    codes: set[tuple[str, str, str]] = {("RFC5646", "en-US", "English (United States)")}
+    for entry in [*table.features.values(), *table.filters.values()]:
+        if entry.ibsi:
+            codes.add((IBSI_SCHEME, entry.ibsi, entry.ibsi_name))
+    for cls, name in table.features:
+        meaning = f"{cls}_{name}"
+        codes.add((PRIVATE_SCHEME, private_code_value(meaning), meaning))
+    return frozenset(codes)
 
 
 @dataclass(frozen=True)

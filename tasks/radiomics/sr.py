@@ -27,7 +27,6 @@ import io
 import json
 import math
 import warnings
-from base64 import b64encode
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +37,16 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from tasks.radiomics.cache import PYRADIOMICS_VERSION
-from tasks.radiomics.ibsi import FEATURE_COLUMN, describe_column, load_table
+from tasks.radiomics.ibsi import (
+    FEATURE_COLUMN,
+    IBSI_SCHEME,
+    PRIVATE_SCHEME,
+    describe_column,
+    load_table,
+    private_code_value,
+)
 from tasks.store import DEID_SERIES, FEATURES, HARMONISED, SiteStore
 
-#: Private coding scheme of features IBSI does not define (as pyradiomics-dcm codes them).
-PRIVATE_SCHEME = "99PYRADIOMICS"
-IBSI_SCHEME = "IBSI"
 SR_SERIES_NUMBER = 9100
 #: Header bytes read per DICOM file (patient, study and SOP attributes come first).
 HEADER_BLOCK = 1 << 16
@@ -86,11 +89,6 @@ def params_label(params_hash: str) -> str:
     """
     groups = " ".join(params_hash[i : i + 4] for i in range(0, len(params_hash), 4))
     return f"parameters sha256 {groups}"
-
-
-def private_code_value(meaning: str) -> str:
-    """Return the 6-character code value pyradiomics-dcm gives a feature without an IBSI id."""
-    return b64encode(hashlib.sha1(meaning.encode()).digest()).decode("ascii")[:6]
 
 
 def unit_code(token: str, modality: str, image_type: str) -> hd.sr.CodedConcept:
@@ -333,7 +331,6 @@ def _report_object(
         instance_number=1,
         manufacturer="oncoflow",
         is_complete=True,
-        series_description=f"Radiomics features {roi}",
     )
     # highdicom records the evidence's acquisition equipment, of which nothing is kept here
     if "ContributingEquipmentSequence" in sr:

@@ -6,6 +6,7 @@ features table -> reports, read back by highdicom and by dcmqi's ``tid1500reader
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -239,7 +240,8 @@ def test_no_identifier_in_any_report(site, reports):
         if not outcome.key:
             continue
         data = store.read_bytes(outcome.key)
-        assert scan_bytes(outcome.key, data, matcher) == [], outcome.key
+        hits = scan_bytes(outcome.key, data, matcher)
+        assert hits == [], outcome.key
         ds = pydicom.dcmread(store.path(outcome.key))
         assert ds.PatientID.startswith("PSN-") and str(ds.PatientName) == ds.PatientID
         for value in PLANTED.values():
@@ -263,3 +265,18 @@ def test_publication_plans_the_reports(site, reports):
         planned = names[f"sr/{keys['ct']}/{roi}.dcm"]
         assert planned.source == report_key(PARAMS.params_hash(), keys["ct"], roi)
     assert not any(n.startswith(f"sr/{keys['other']}/") for n in names)
+
+
+def test_leak_gate_keeps_only_reviewed_codes(site, reports):
+    store, keys = site
+    path = store.path(report_key(PARAMS.params_hash(), keys["ct"], "gtv"))
+    ds = pydicom.dcmread(path)
+    items = [i for i in ds.iterall() if i.keyword == "ConceptNameCodeSequence"]
+    code = next(c[0] for c in items if c[0].CodingSchemeDesignator == "IBSI")
+    code.CodeMeaning = "Kovácsné Szabó"  # same scheme, not a reviewed meaning
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    kinds = {
+        k for a, k in scan_bytes("x.dcm", buf.getvalue(), IdentifierMatcher([])) if "Code" in a
+    }
+    assert kinds
