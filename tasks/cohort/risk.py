@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.errors import OncoflowError
+
+log = logging.getLogger(__name__)
 
 RISK_REPORT = "risk-report.json"
 DUPLICATE = "duplicate-pixel-data"
@@ -362,6 +365,8 @@ def prepare_selection(store: Any, spec: Any, selection: Any) -> tuple[Any, Relea
         for series, planned in selection.files_by_series.items()
         if series in kept
     }
+    if spec.include.dicom and spec.include.seg_from_masks:
+        _export_segs(store, spec, rows, files, harmonised, no_voxels, report)
     features = selection.features
     if features is not None and features.num_rows:
         mask = pc.is_in(features.column("series"), value_set=pa.array(sorted(kept), pa.string()))
@@ -402,3 +407,46 @@ def _quarantine(store: Any, cohort: str, report: ReleaseReport) -> None:
     ]  # fmt: skip
     if mine or len(others) != len(publish_rows):
         store.replace_quarantine(Stage.PUBLISH, others + mine)
+
+
+def _export_segs(
+    store: Any,
+    spec: Any,
+    rows: list[dict[str, Any]],
+    files: dict[str, list[Any]],
+    harmonised: pa.Table | None,
+    no_voxels: set[str],
+    report: ReleaseReport,
+) -> None:
+    """Add a DICOM SEG made from the masks of every published series that has none."""
+    import hashlib
+
+    from tasks.cohort.seg_export import SegSettings, export_segs
+    from tasks.cohort.select import PlannedFile
+
+    settings = SegSettings(spec.include.annotation_method, spec.include.annotation_algorithm)
+    by_series = {r["series"]: r for r in harmonised.to_pylist()} if harmonised else {}
+    for row in rows:
+        series = row["series"]
+        if not row["rois"] or not row["dicom"] or row["seg_series"] or series in no_voxels:
+            continue
+        source = by_series.get(series, {})
+        masks = dict(zip(source.get("rois") or [], source.get("masks") or [], strict=False))
+        wanted = {"series": series, "rois": [r for r in row["rois"] if r in masks]}
+        wanted["masks"] = [masks[r] for r in wanted["rois"]]
+        prefix = f"dicom/{series}/"
+        sources = {series: [f.source for f in files[series] if f.name.startswith(prefix)]}
+        try:
+            made = export_segs(store, [wanted], sources, settings)
+        except (OncoflowError, ValueError, AttributeError, RuntimeError) as exc:
+            report.missing.setdefault("dicom_seg", []).append(series)
+            log.info("series %s: no DICOM SEG (%s)", series, type(exc).__name__)
+            continue
+        if series not in made:
+            continue
+        seg_series, key = made[series]
+        name = f"dicom/{seg_series}/00000.dcm"
+        sha = hashlib.sha256(store.read_bytes(key)).hexdigest()
+        files[series].append(PlannedFile(key, name, sha))
+        row["dicom"] = [*row["dicom"], name]
+        row["seg_series"] = [seg_series]

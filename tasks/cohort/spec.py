@@ -115,6 +115,15 @@ class Include(BaseModel):
     images: bool = Field(True, description="Harmonised images (NIfTI).")
     masks: bool = Field(True, description="ROI masks (NIfTI).")
     dicom: bool = Field(False, description="De-identified DICOM and referencing DICOM SEG.")
+    seg_from_masks: bool = Field(
+        True, description="With dicom: export the masks of series without a SEG as DICOM SEG."
+    )
+    annotation_method: str = Field(
+        "manual", description="How the masks were made: manual, semiautomatic, automatic."
+    )
+    annotation_algorithm: str | None = Field(
+        None, description="Name of the segmentation algorithm (semi-automatic, automatic)."
+    )
 
 
 class CombatSpec(BaseModel):
