@@ -3,18 +3,42 @@
 Every command prints a short summary (or JSON with ``--json``) and exits 0 when the run
 completed, even with quarantined items; otherwise it prints one line ``error: <reason>`` and
 exits non-zero. Set ``ONCOFLOW_DEBUG=1`` to get the traceback instead.
+
+Adding a command
+----------------
+Write a function under ``@command()`` that declares its own options (``Site``, ``Store`` and
+the other ``Annotated`` types below are shared), builds its parameter model, calls one runner
+and returns what to print (an object with ``to_dict()``, a dict, or None)::
+
+    @command()
+    def robustness(site: Site, store: Store, params: Params, runtime: RuntimeOptions) -> Any:
+        \"\"\"One line for ``oncoflow --help``.\"\"\"
+        from flows.robustness import RobustnessParams, run_robustness
+
+        return run_robustness(RobustnessParams(site=site, store=store, params=params), runtime)
+
+A ``runtime`` parameter gives the command the options every running command shares
+(``--workers``, ``--dask-address``) as one :class:`flows.runtime.RuntimeOptions`, and makes the
+command start reporting to Prefect early; every command gets ``--json``. Errors: raise
+:class:`tasks.errors.OncoflowError` (or let a parameter model's ``ValidationError`` through) for
+a mistake the user can fix; :func:`main` prints it as one line.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
-import click
 import typer
+from typer._click import exceptions as click_errors
+
+from flows.runtime import RuntimeOptions
 
 app = typer.Typer(
     name="oncoflow",
@@ -25,11 +49,8 @@ app = typer.Typer(
 )
 
 #: Commands that report to Prefect: a temporary server (when no PREFECT_API_URL is set) starts
-#: booting before the command imports its stage, instead of after.
-REPORTING_COMMANDS = frozenset(
-    {"ingest", "receive", "harmonise", "extract", "deidentify", "run", "demo", "publish"}
-    | {"federate", "robustness"}
-)
+#: booting before the command imports its stage, instead of after. Filled by :func:`command`.
+REPORTING_COMMANDS: set[str] = set()
 
 
 @app.callback()
@@ -41,9 +62,12 @@ def _start_reporting(ctx: typer.Context) -> None:
         ensure_prefect_api(wait=False)
 
 
-# Common options (architecture contract).
+# Options shared by commands (architecture contract).
 Site = Annotated[str, typer.Option("--site", help="Site code: lowercase letters, digits, dashes.")]
 Store = Annotated[str, typer.Option("--store", help="Site store URL (path, file://, s3://...).")]
+FailureRatio = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Fail above this share of failed units.")
+]
 Workers = Annotated[
     int,
     typer.Option(
@@ -60,12 +84,73 @@ DaskAddress = Annotated[
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
 
+_SHARED_RUNTIME = [
+    inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, default=2, annotation=Workers),
+    inspect.Parameter(
+        "dask_address", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=DaskAddress
+    ),
+]
+_SHARED_JSON = inspect.Parameter(
+    "as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOut
+)
 
-def runtime_options(workers: int, dask_address: str | None) -> Any:
-    """Build :class:`flows.runtime.RuntimeOptions` from the common CLI options."""
-    from flows.runtime import RuntimeOptions
 
-    return RuntimeOptions(workers=workers, dask_address=dask_address)
+def command(
+    name: str | None = None, *, reports: bool | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command; its shared options are declared here once.
+
+    Parameters
+    ----------
+    name
+        Command name (default: the function's name).
+    reports
+        Whether the command reports to Prefect (default: when it takes ``runtime``).
+
+    Returns
+    -------
+    callable
+        The decorator. The function keeps its own signature; the command gets ``--json`` and,
+        when the function takes ``runtime``, ``--workers`` and ``--dask-address``. What the
+        function returns is printed by :func:`emit` (nothing for None).
+    """
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(fn)
+        hints = get_type_hints(fn, include_extras=True)
+        own = [
+            p.replace(annotation=hints[p.name])
+            for p in signature.parameters.values()
+            if p.name not in ("runtime", "as_json")
+        ]
+        takes_runtime = "runtime" in signature.parameters
+        prints_itself = "as_json" in signature.parameters
+        shared = [*(_SHARED_RUNTIME if takes_runtime else []), _SHARED_JSON]
+
+        @functools.wraps(fn)
+        def run_command(**values: Any) -> None:
+            as_json = values.pop("as_json")
+            if takes_runtime:
+                values["runtime"] = RuntimeOptions(
+                    workers=values.pop("workers"), dask_address=values.pop("dask_address")
+                )
+            if prints_itself:
+                values["as_json"] = as_json
+            result = fn(**values)
+            if result is not None and not prints_itself:
+                emit(result, as_json)
+
+        run_command.__annotations__ = {p.name: p.annotation for p in [*own, *shared]}
+        run_command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*own, *shared], return_annotation=None
+        )
+        command_name = name or fn.__name__.replace("_", "-")
+        if reports if reports is not None else takes_runtime:
+            REPORTING_COMMANDS.add(command_name)
+        app.command(command_name)(run_command)
+        return fn
+
+    return register
 
 
 def emit(summary: Any, as_json: bool) -> None:
@@ -97,29 +182,21 @@ def emit(summary: Any, as_json: bool) -> None:
     Console().print(table)
 
 
-@app.command()
+@command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder for the synthetic cohort.")],
     sites: Annotated[int, typer.Option(min=1, max=26, help="Number of sites.")] = 3,
     patients: Annotated[int, typer.Option(min=1, max=500, help="Patients per site.")] = 3,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    as_json: JsonOut = False,
-) -> None:
+) -> Any:
     """Write a deterministic synthetic multi-site DICOM cohort and its truth.json."""
     from tasks.synthetic import generate_cohort
 
     truth = generate_cohort(out, sites=sites, patients=patients, seed=seed)
-    emit(
-        {
-            "out": str(out),
-            "sites": len(truth.sites),
-            "truth": str(Path(out) / "truth.json"),
-        },
-        as_json,
-    )
+    return {"out": str(out), "sites": len(truth.sites), "truth": str(Path(out) / "truth.json")}
 
 
-@app.command()
+@command()
 def ingest(
     source: Annotated[
         str,
@@ -129,9 +206,7 @@ def ingest(
     ],
     site: Site,
     store: Store,
-    workers: Workers = 2,
-    dask_address: DaskAddress = None,
-    as_json: JsonOut = False,
+    runtime: RuntimeOptions,
     modality: Annotated[
         list[str] | None, typer.Option("--modality", help="DICOMweb: modality in study (repeat).")
     ] = None,
@@ -162,8 +237,7 @@ def ingest(
             until=until,
             secret_block=secret_block,
         )
-        emit(pull_dicomweb(params, runtime_options(workers, dask_address)), as_json)
-        return
+        return pull_dicomweb(params, runtime)
     if modality or since != "last" or until or secret_block:
         from tasks.errors import OncoflowError
 
@@ -174,13 +248,14 @@ def ingest(
 
     summary = ingest_dicom(
         IngestParams(source=source, site=site, store=store),
-        runtime=runtime_options(workers, dask_address),
+        runtime=runtime,
     )
-    emit(summary, as_json)
+    return summary
 
 
-@app.command()
+@command()
 def receive(
+    runtime: RuntimeOptions,
     site: Site,
     store: Store,
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 11112,
@@ -195,10 +270,7 @@ def receive(
     no_ingest: Annotated[
         bool, typer.Option("--no-ingest", help="Only land files in the raw zone.")
     ] = False,
-    workers: Workers = 2,
-    dask_address: DaskAddress = None,
-    as_json: JsonOut = False,
-) -> None:
+) -> Any:
     """Receive studies over DICOM C-STORE into the site's raw zone and ingest them (a service)."""
     from flows.pacs import run_receiver
 
@@ -211,13 +283,14 @@ def receive(
         host=host,
         quiet_seconds=quiet_seconds,
         ingest=not no_ingest,
-        runtime=runtime_options(workers, dask_address),
+        runtime=runtime,
     )
-    emit(stats, as_json)
+    return stats
 
 
-@app.command()
+@command()
 def harmonise(
+    runtime: RuntimeOptions,
     site: Site,
     store: Store,
     config: Annotated[
@@ -227,22 +300,20 @@ def harmonise(
     max_failure_ratio: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Fail above this share of failed series.")
     ] = 0.1,
-    workers: Workers = 2,
-    dask_address: DaskAddress = None,
-    as_json: JsonOut = False,
-) -> None:
+) -> Any:
     """Harmonise de-identified series into volumes, masks, QC pictures and provenance."""
     from flows.harmonise import build_params, harmonise
 
     summary = harmonise(
         build_params(site, store, config, max_failure_ratio),
-        runtime=runtime_options(workers, dask_address),
+        runtime=runtime,
     )
-    emit(summary, as_json)
+    return summary
 
 
-@app.command()
+@command()
 def extract(
+    runtime: RuntimeOptions,
     site: Site,
     store: Store,
     params: Annotated[
@@ -266,22 +337,20 @@ def extract(
     max_failure_ratio: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Fail above this share of failed ROIs.")
     ] = 0.1,
-    workers: Workers = 2,
-    dask_address: DaskAddress = None,
-    as_json: JsonOut = False,
-) -> None:
+) -> Any:
     """Extract pyradiomics features of the harmonised images into features/<params-hash>.parquet."""
     from flows.extract import build_params, extract_radiomics
 
     summary = extract_radiomics(
         build_params(site, store, params, series, roi, max_failure_ratio, modality),
-        runtime=runtime_options(workers, dask_address),
+        runtime=runtime,
     )
-    emit(summary, as_json)
+    return summary
 
 
-@app.command()
+@command()
 def robustness(
+    runtime: RuntimeOptions,
     site: Site,
     store: Store,
     params: Annotated[
@@ -305,22 +374,18 @@ def robustness(
     icc_threshold: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Stable when ICC(3,1) >= this.")
     ] = 0.75,
-    workers: Workers = 2,
-    dask_address: DaskAddress = None,
-    as_json: JsonOut = False,
-) -> None:
+) -> Any:
     """Perturbed replicas and negative controls: features/<params-hash>.robustness.parquet."""
     from flows.robustness import assess_robustness, build_params
 
-    summary = assess_robustness(
-        build_params(site, store, params, series, roi, modality, icc_threshold),
-        runtime=runtime_options(workers, dask_address),
+    return assess_robustness(
+        build_params(site, store, params, series, roi, modality, icc_threshold), runtime=runtime
     )
-    emit(summary, as_json)
 
 
-@app.command()
+@command()
 def deidentify(
+    runtime: RuntimeOptions,
     site: Site,
     store: Store,
     source: Annotated[
@@ -331,21 +396,18 @@ def deidentify(
         Path | None,
         typer.Option("--options", help="YAML profile options (pixel cleaning rules, ...)."),
     ] = None,
-    workers: Workers = 2,
-    dask_address: DaskAddress = None,
-    as_json: JsonOut = False,
-) -> None:
+) -> Any:
     """De-identify the site's catalogued DICOM into deid/ (PS3.15 profile, keyed pseudonyms)."""
     from flows.deidentify import build_params
     from flows.deidentify import deidentify as run_deidentify
 
     summary = run_deidentify(
-        build_params(site, store, source, options), runtime=runtime_options(workers, dask_address)
+        build_params(site, store, source, options), runtime=runtime
     )
-    emit(summary, as_json)
+    return summary
 
 
-@app.command("scan-phi")
+@command("scan-phi")
 def scan_phi(
     path: Annotated[
         str, typer.Argument(help="Folder, file or URL to scan (e.g. STORE/SITE/deid).")
@@ -375,8 +437,9 @@ def scan_phi(
         typer.echo("scan-phi: no identifiers found")
 
 
-@app.command()
+@command()
 def run(
+    runtime: RuntimeOptions,
     source: Annotated[
         str, typer.Argument(help="Source URL: folder, s3://..., dicomweb+http://...")
     ],
@@ -388,10 +451,7 @@ def run(
     ] = None,
     cohort: Annotated[str | None, typer.Option("--cohort", help="Cohort spec to publish.")] = None,
     to: Annotated[str | None, typer.Option("--to", help="Publication URL.")] = None,
-    workers: Workers = 2,
-    dask_address: DaskAddress = None,
-    as_json: JsonOut = False,
-) -> None:
+) -> Any:
     """Run the site pipeline: ingest, deidentify, harmonise, extract (and publish)."""
     from pydantic import ValidationError
 
@@ -414,15 +474,16 @@ def run(
             params=params or [],
             cohort=cohort,
             to=to,
-            runtime=runtime_options(workers, dask_address),
+            runtime=runtime,
         )
     except ValidationError as exc:
         raise OncoflowError(validation_message(exc)) from None
-    emit(run_pipeline(pipeline_params), as_json)
+    return run_pipeline(pipeline_params)
 
 
-@app.command()
+@command()
 def demo(
+    runtime: RuntimeOptions,
     out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = (
         Path("oncoflow-demo")
     ),
@@ -432,8 +493,6 @@ def demo(
     ui: Annotated[
         bool, typer.Option("--ui", help="Start `prefect server` with its UI and leave it up.")
     ] = False,
-    workers: Workers = 2,
-    dask_address: DaskAddress = None,
     as_json: JsonOut = False,
 ) -> None:
     """Run three synthetic sites end to end, through publish and the hub, and summarise."""
@@ -444,7 +503,7 @@ def demo(
         sites=sites,
         patients=patients,
         seed=seed,
-        runtime=runtime_options(workers, dask_address),
+        runtime=runtime,
         ui=ui,
     )
     if as_json:
@@ -453,29 +512,27 @@ def demo(
         print_demo(result)
 
 
-@app.command()
+@command()
 def publish(
+    runtime: RuntimeOptions,
     site: Site,
     store: Store,
     cohort: Annotated[
         str, typer.Option("--cohort", help="Cohort spec (YAML), see deployments/cohorts/.")
     ],
     to: Annotated[str, typer.Option("--to", help="Publication root URL, e.g. s3://bucket/x.")],
-    workers: Workers = 2,
-    dask_address: DaskAddress = None,
-    as_json: JsonOut = False,
-) -> None:
+) -> Any:
     """Publish a cohort as an immutable, verified version <TO>/<cohort>/v<N>/."""
     from flows.publish import build_params
     from flows.publish import publish as publish_cohort
 
     result = publish_cohort(
-        build_params(site, store, cohort, to), runtime=runtime_options(workers, dask_address)
+        build_params(site, store, cohort, to), runtime=runtime
     )
-    emit(result, as_json)
+    return result
 
 
-@app.command()
+@command()
 def export(
     site: Site,
     store: Store,
@@ -489,17 +546,16 @@ def export(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output file (default: <site>-features.<format>).")
     ] = None,
-    as_json: JsonOut = False,
-) -> None:
+) -> Any:
     """Write a features table as one flat file with a methods paragraph to paste."""
     from tasks.research.export import export_features
     from tasks.store import SiteStore
 
     target = out or Path(f"{site}-features.{fmt}")
-    emit(export_features(SiteStore(store, site), target, params, fmt), as_json)  # type: ignore[arg-type]
+    return export_features(SiteStore(store, site), target, params, fmt)  # type: ignore[arg-type]
 
 
-@app.command()
+@command()
 def verify(
     url: Annotated[str, typer.Argument(help="A published version, or a cohort (all versions).")],
     as_json: JsonOut = False,
@@ -514,7 +570,7 @@ def verify(
         raise OncoflowError(f"verification failed: {report.problems[0]}")
 
 
-@app.command()
+@command(reports=True)
 def federate(
     sources: Annotated[
         list[str], typer.Argument(help="Site publication URLs (root, cohort or version).")
@@ -522,16 +578,15 @@ def federate(
     out: Annotated[str, typer.Option("--out", help="Hub output URL.")],
     k: Annotated[int, typer.Option("--k", min=2, help="Counts below k are suppressed.")] = 10,
     no_combat: Annotated[bool, typer.Option("--no-combat", help="Skip federated ComBat.")] = False,
-    as_json: JsonOut = False,
-) -> None:
+) -> Any:
     """Build the hub catalogue (suppressed counts) and federated ComBat adjustments."""
     from flows.federate import FederateParams
     from flows.federate import federate as federate_hub
 
-    emit(federate_hub(FederateParams(sources=sources, out=out, k=k, combat=not no_combat)), as_json)
+    return federate_hub(FederateParams(sources=sources, out=out, k=k, combat=not no_combat))
 
 
-@app.command()
+@command()
 def serve(
     site: Site,
     store: Store,
@@ -561,7 +616,7 @@ def serve(
     )
 
 
-@app.command()
+@command()
 def readiness(
     site: Site,
     store: Store,
@@ -601,38 +656,46 @@ def _quiet_consoles() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn every error into one line and a non-zero exit code."""
-    from flows.runtime import apply_prefect_defaults
+    from flows.runtime import apply_prefect_defaults, quiet_exit_progress
 
     _quiet_consoles()
     apply_prefect_defaults()  # before Prefect is imported, so its settings see them
+    quiet_exit_progress()
     if not os.environ.get("ONCOFLOW_DEBUG"):
         from flows.runtime import hide_expected_tracebacks
 
         hide_expected_tracebacks()
-    from tasks.errors import OncoflowError
-
     try:
         app(args=argv, standalone_mode=False)
-    except OncoflowError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except click_errors.NoArgsIsHelpError:
+        sys.exit(0)
+    except click_errors.ClickException as exc:  # usage errors, invalid option values
+        typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code or 2)
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("error: aborted", err=True)
         sys.exit(130)
     except Exception as exc:
-        # Typer vendors its own click: recognise usage errors by their interface.
-        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            if type(exc).__name__ == "NoArgsIsHelpError":
-                sys.exit(0)
-            typer.echo(f"error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code or 2)
         if os.environ.get("ONCOFLOW_DEBUG"):
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        typer.echo(f"error: {type(exc).__name__}: {first}", err=True)
-        sys.exit(1)
+        code, line = _one_line(exc)
+        typer.echo(f"error: {line}", err=True)
+        sys.exit(code)
     sys.exit(0)
 
+
+def _one_line(exc: Exception) -> tuple[int, str]:
+    """Exit code and one line for an error: expected ones (the user can fix) exit with 2."""
+    from pydantic import ValidationError
+
+    from tasks.errors import OncoflowError, validation_message
+
+    if isinstance(exc, OncoflowError):
+        return 2, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, ValidationError):
+        return 2, validation_message(exc)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return 1, f"{type(exc).__name__}: {first}"
 
 if __name__ == "__main__":
     main()

@@ -187,6 +187,16 @@ class _ExpectedErrors(logging.Filter):
         return any(f"{cls.__name__}: " in message for cls in names)
 
 
+def quiet_exit_progress() -> None:
+    """Keep Prefect's at-exit progress line off the logs.
+
+    When the interpreter exits, Prefect stops its events service and logs ``Still processing
+    items: N items remaining...`` at WARNING whenever any event is still queued, which is the
+    case after every run (the service then sends them). It is progress, not a problem.
+    """
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+
+
 def hide_expected_tracebacks(console: bool = True) -> None:
     """Keep tracebacks of expected errors out of Prefect's logs (the UI) and the console.
 
