@@ -1,4 +1,7 @@
-"""Catalogue settings of a cohort: who publishes it, whom to contact, who grants access.
+"""Catalogue and release settings of a cohort (the ``catalogue`` and ``risk`` spec blocks).
+
+Who publishes it, whom to contact, who grants access; and the release checks' minimum k and l
+(``RiskSpec``, see :mod:`tasks.cohort.risk`).
 
 The ``catalogue`` block of a cohort spec (see :mod:`tasks.cohort.spec`)::
 
@@ -84,3 +87,15 @@ def missing_fields(catalogue: CatalogueSpec | None) -> list[str]:
     if catalogue.hdab is None and catalogue.access_rights != "PUBLIC":
         missing.append("catalogue.hdab")
     return missing
+
+
+class RiskSpec(BaseModel):
+    """Release checks of a cohort (the ``risk`` block of the cohort spec)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_k: int = Field(
+        1, ge=1, le=1000, description="Smallest k-anonymity allowed (1: report only)."
+    )
+    min_l: int = Field(1, ge=1, le=100, description="Smallest l-diversity allowed.")
+    generalise: bool = Field(True, description="Generalise quasi-identifiers until k is met.")

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.cohort.catalogue import RiskSpec
 from tasks.errors import OncoflowError
 
 log = logging.getLogger(__name__)
@@ -61,18 +61,6 @@ HEAD_NECK_ROIS = frozenset(
      "optic_nerve", "optic_chiasm", "cochlea", "mandible", "larynx", "oral_cavity", "pharynx",
      "submandibular", "face", "skull"}
 )  # fmt: skip
-
-
-class RiskSpec(BaseModel):
-    """Release checks of a cohort (the ``risk`` block of the cohort spec)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_k: int = Field(
-        1, ge=1, le=1000, description="Smallest k-anonymity allowed (1: report only)."
-    )
-    min_l: int = Field(1, ge=1, le=100, description="Smallest l-diversity allowed.")
-    generalise: bool = Field(True, description="Generalise quasi-identifiers until k is met.")
 
 
 def _years(age: str | None) -> int | None:

@@ -45,8 +45,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.cohort.catalogue import CatalogueSpec
-from tasks.cohort.risk import RiskSpec
+from tasks.cohort.catalogue import CatalogueSpec, RiskSpec
 from tasks.errors import OncoflowError, did_you_mean
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
