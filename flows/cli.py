@@ -201,7 +201,8 @@ def ingest(
     source: Annotated[
         str,
         typer.Argument(
-            help="Source URL: folder, file://, s3://..., or dicomweb+http://host:port/dicom-web"
+            help="Source: DICOM folder, file://, s3://..., dicomweb+http://host:port/dicom-web, "
+            "a cases CSV (Image, Mask columns) or a folder of NIfTI/NRRD <case>_image/_mask pairs"
         ),
     ],
     site: Site,
@@ -244,6 +245,13 @@ def ingest(
         raise OncoflowError(
             "--modality, --since, --until and --secret-block apply to dicomweb+ sources only"
         )
+    from tasks.volumes.cases import is_volume_source
+
+    if is_volume_source(source):  # a cases CSV or a folder of NIfTI/NRRD pairs
+        from flows.volumes import ingest_volumes
+
+        emit(ingest_volumes(source, site, store), as_json)
+        return
     from flows.ingest import IngestParams, ingest_dicom
 
     summary = ingest_dicom(

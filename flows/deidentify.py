@@ -48,6 +48,15 @@ from tasks.store import (
     validate_site,
 )
 from tasks.store_checks import missing_input
+from tasks.volumes.deid import (
+    DEID_VOLUMES,
+    VolumeJob,
+    VolumeOutcome,
+    deidentify_volume_task,
+    plan_volume_jobs,
+    volume_records,
+    volume_series_uid,
+)
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL (docs/tables.md).
 SOURCE_METADATA_KEY = b"source"
@@ -70,6 +79,7 @@ DEID_SERIES_SCHEMA = pa.schema(
         ("referenced_series", pa.list_(pa.string())),
         ("status", pa.string()),
         ("reason", pa.string()),
+        ("rois", pa.list_(pa.string())),
     ]
 )
 
@@ -180,9 +190,29 @@ def _failed(job_label: str, exc: BaseException) -> SeriesOutcome:
     )
 
 
-def _deid_rows(outcomes: list[SeriesOutcome]) -> pa.Table:
-    rows = sorted((o.row for o in outcomes if o.row), key=lambda r: r["series"])
+def _deid_rows(outcomes: list[SeriesOutcome], volumes: list[VolumeOutcome]) -> pa.Table:
+    rows = [o.row for o in outcomes if o.row] + [r for v in volumes for r in v.rows]
+    rows.sort(key=lambda r: r["series"])
     return pa.Table.from_pylist(rows, schema=DEID_SERIES_SCHEMA)
+
+
+def _deidentify_volumes(
+    params: DeidParams, keys: SiteKeys, jobs: list[VolumeJob]
+) -> list[VolumeOutcome]:
+    """De-identify the catalogued NIfTI/NRRD volumes, one task each (see tasks/volumes)."""
+    labels = [volume_series_uid(keys, job) for job in jobs]
+    futures = {
+        deidentify_volume_task.submit(job, label, params.store, params.site): label
+        for job, label in zip(jobs, labels, strict=True)
+    }
+    done: dict[str, VolumeOutcome] = {}
+    for future in as_completed(list(futures)):
+        try:
+            done[futures[future]] = future.result()
+        except Exception as exc:  # retries exhausted or worker lost: count it, never re-raise
+            unit = UnitResult(futures[future], Status.FAILED, error_class=type(exc).__name__)
+            done[futures[future]] = VolumeOutcome(unit)
+    return [done[label] for label in labels]
 
 
 @flow(
@@ -212,11 +242,12 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
     logger = get_run_logger()
     store = SiteStore(params.store, params.site)
     catalog = store.read_table(CATALOG_SERIES)
-    if catalog is None:
+    volume_jobs = plan_volume_jobs(store)
+    if catalog is None and not volume_jobs:
         raise missing_input(store, "catalogue", "oncoflow ingest")
-    source = source_root(store, catalog, params.source)
+    source = source_root(store, catalog, params.source) if catalog is not None else ""
     keys = SiteKeys.derive(load_site_secret(params.site), params.site)
-    jobs = plan_jobs(catalog)
+    jobs = plan_jobs(catalog) if catalog is not None else []
     logger.info(
         "de-identifying %d series (profile %s, key %s)", len(jobs), PROFILE_VERSION, keys.key_id
     )
@@ -237,13 +268,14 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
             outcomes[i] = _failed(labels[i], exc)
         progress.advance()
     done = [o for o in outcomes if o is not None]
+    volumes = _deidentify_volumes(params, keys, volume_jobs)
 
     table_written = store.write_table(
         DEID_SERIES,
-        _deid_rows(done),
+        _deid_rows(done, volumes),
         {"oncoflow.deid.profile": PROFILE_VERSION, "oncoflow.deid.key_id": keys.key_id},
     )
-    counts = counter_from(done)
+    counts = counter_from([*done, *volumes])  # type: ignore[list-item]
     audit_written = store.write_table(
         DEID_AUDIT, audit_table(counts), {"oncoflow.deid.profile": PROFILE_VERSION}
     )
@@ -261,11 +293,13 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
                     detail=outcome.unit.detail or outcome.unit.error_class,
                 )
             )
+    records.extend(volume_records(volumes))
     store.replace_quarantine(Stage.DEIDENTIFY, records)
     keep = {key for o in done if o.unit.status == Status.OK for key in o.outputs}
     removed = remove_stale(store, keep)
+    removed += store.prune(DEID_VOLUMES, {k for v in volumes for k in v.outputs})
 
-    results = [o.unit for o in done]
+    results = [o.unit for o in [*done, *volumes]]
     summary = StageSummary.from_results(
         Stage.DEIDENTIFY,
         params.site,
@@ -273,7 +307,7 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         table=DEID_SERIES,
         table_written=table_written,
         audit_written=audit_written,
-        objects_written=sum(o.written for o in done),
+        objects_written=sum(o.written for o in [*done, *volumes]),
         series_computed=sum(1 for r in results if r.status == Status.OK and r.computed),
         series_unchanged=sum(1 for r in results if r.status == Status.OK and not r.computed),
         stale_removed=removed,
@@ -329,7 +363,11 @@ def deidentify(params: DeidParams, runtime: RuntimeOptions | None = None) -> Sta
     store = SiteStore(params.store, params.site)
     catalog = store.read_table(CATALOG_SERIES)
     if catalog is None:
-        raise missing_input(store, "catalogue", "oncoflow ingest")
+        if not plan_volume_jobs(store):
+            raise missing_input(store, "catalogue", "oncoflow ingest")
+        load_site_secret(params.site)
+        result = run_on_dask(deidentify_flow, runtime, params)
+        return StageSummary.from_dict(Stage.DEIDENTIFY, params.site, result)
     source = source_root(store, catalog, params.source)
     try:
         fs, root = open_url(source)

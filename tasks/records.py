@@ -76,6 +76,9 @@ class Reason(StrEnum):
     # publish (release preparation)
     DUPLICATE_PIXEL_DATA = "duplicate-pixel-data"
     MASK_GEOMETRY_MISMATCH = "mask-geometry-mismatch"
+    # ingest of NIfTI/NRRD cases (tasks/volumes)
+    MISSING_FILE = "missing-file"
+    MISSING_MASK = "missing-mask"
 
 
 @dataclass(frozen=True)

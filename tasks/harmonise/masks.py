@@ -430,8 +430,8 @@ def seg_masks(
 
 
 def read_nifti(data: bytes) -> sitk.Image:
-    """Read a NIfTI image (``.nii`` or ``.nii.gz`` content) with SimpleITK."""
-    suffix = ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii"
+    """Read a NIfTI image (``.nii`` or ``.nii.gz`` content) or an NRRD file with SimpleITK."""
+    suffix = ".nrrd" if data[:4] == b"NRRD" else ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii"
     fd, path = tempfile.mkstemp(suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -13,8 +13,10 @@ from tasks.records import QuarantineRecord, Reason, Stage
 from tasks.store import DEID_DICOM, DEID_SERIES, SiteStore
 from tasks.store_checks import missing_input
 
-IMAGE_KINDS = ("image", "multiframe")
-SEGMENTATION_KINDS = ("rtstruct", "seg")
+IMAGE_KINDS = ("image", "multiframe", "volume")
+SEGMENTATION_KINDS = ("rtstruct", "seg", "label")
+#: Segmentation kinds of deid/series.parquet read as label images (``rois``: their ROI name).
+LABEL_KINDS = {"label": "nifti"}
 
 #: Schema of ``harmonised/series.parquet`` (contract in docs/tables.md).
 SERIES_SCHEMA = pa.schema(
@@ -40,7 +42,7 @@ DEID_NEEDED = {"series", "kind", "paths", "status", "modality"}
 def store_key(path: str) -> str:
     """Return the store key of a ``paths`` entry of ``deid/series.parquet``."""
     path = path.lstrip("/")
-    return path if path.startswith(f"{DEID_DICOM}/") else f"{DEID_DICOM}/{path}"
+    return path if path.startswith(("deid/dicom/", "deid/volumes/")) else f"{DEID_DICOM}/{path}"
 
 
 def plan_units(store: SiteStore) -> tuple[list[SeriesUnit], list[QuarantineRecord]]:
@@ -77,8 +79,9 @@ def plan_units(store: SiteStore) -> tuple[list[SeriesUnit], list[QuarantineRecor
             continue
         ref = SegmentationRef(
             series=row["series"],
-            kind=row["kind"],
+            kind=LABEL_KINDS.get(row["kind"], row["kind"]),
             keys=tuple(store_key(p) for p in row.get("paths") or []),
+            roi=next(iter(row.get("rois") or []), ""),
         )
         targets = [s for s in row.get("referenced_series") or [] if s in images]
         if not targets:
@@ -102,6 +105,7 @@ def plan_units(store: SiteStore) -> tuple[list[SeriesUnit], list[QuarantineRecor
                 keys=tuple(store_key(p) for p in row.get("paths") or []),
                 segmentations=tuple(segs_by_image.get(series, [])),
                 meta=meta,
+                kind=row.get("kind") or "image",
             )
         )
     return units, records

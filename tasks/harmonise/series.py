@@ -23,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.harmonise.config import HarmoniseConfig
-from tasks.harmonise.intensity import harmonise_intensity
+from tasks.harmonise.intensity import IntensityResult, harmonise_intensity
 from tasks.harmonise.masks import (
     Mask,
     MaskProblem,
@@ -36,7 +36,7 @@ from tasks.harmonise.masks import (
 from tasks.harmonise.provenance import Step, code_version, content_key, provenance_json
 from tasks.harmonise.qc import qc_png
 from tasks.harmonise.quarantine import Quarantined
-from tasks.harmonise.volume import read_volume, resample_to_spacing
+from tasks.harmonise.volume import read_volume, read_volume_file, resample_to_spacing
 from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitResult
 from tasks.store import HARMONISED, SiteStore, sha256_bytes
 
@@ -91,12 +91,15 @@ class SeriesUnit:
         Its segmentation objects.
     meta
         EUCAIM minimum-set values from ``deid/series.parquet``.
+    kind
+        ``image``/``multiframe`` (DICOM instances) or ``volume`` (one NIfTI/NRRD file).
     """
 
     series: str
     keys: tuple[str, ...]
     segmentations: tuple[SegmentationRef, ...] = ()
     meta: dict[str, str] = field(default_factory=dict)
+    kind: str = "image"
 
     @property
     def label(self) -> str:
@@ -312,11 +315,15 @@ def _compute(
     key: str,
 ) -> SeriesOutcome:
     image_inputs = {k: inputs[k] for k in unit.keys}
-    try:
-        datasets = [pydicom.dcmread(io.BytesIO(data[k])) for k in unit.keys]
-    except Exception:
-        raise Quarantined(Reason.UNREADABLE_HEADER, "an instance cannot be parsed") from None
-    volume = read_volume(datasets, config)
+    if unit.kind == "volume":
+        volume = read_volume_file(data[unit.keys[0]], unit.meta.get("modality") or "OT")
+        datasets = [pydicom.Dataset()]  # no DICOM attributes (PET: values kept as given)
+    else:
+        try:
+            datasets = [pydicom.dcmread(io.BytesIO(data[k])) for k in unit.keys]
+        except Exception:
+            raise Quarantined(Reason.UNREADABLE_HEADER, "an instance cannot be parsed") from None
+        volume = read_volume(datasets, config)
     steps = [Step("read-series", volume.parameters, image_inputs)]
     masks, problems = _build_masks(
         unit, data, volume.image, volume.frame_of_reference, config, steps
@@ -346,7 +353,10 @@ def _compute(
                 },
             )
         )
-    intensity = harmonise_intensity(image, volume.modality, datasets[0], config)
+    if unit.kind == "volume" and volume.modality == "PT":  # no DICOM attributes for SUV
+        intensity = IntensityResult(image, "PT-as-given", {"suv": "not computed: no DICOM"})
+    else:
+        intensity = harmonise_intensity(image, volume.modality, datasets[0], config)
     image = intensity.image
     steps.append(Step("intensity", {"unit": intensity.intensity, **intensity.parameters}))
     if problems and not masks:

@@ -552,3 +552,31 @@ def resample_to_spacing(
         default,
         image.GetPixelID() if is_label else sitk.sitkFloat32,
     )
+
+
+def read_volume_file(data: bytes, modality: str) -> Volume:
+    """Read a de-identified NIfTI/NRRD volume (non-DICOM cohorts) as the series' volume.
+
+    Geometry is kept as the file gives it: the de-identified copies are NRRD, whose spacing and
+    origin are exact decimal text, so the spacing recorded in ``harmonised/series.parquet`` is
+    the source's to the last bit (the harmonised ``image.nii.gz`` holds NIfTI's float32 copy).
+
+    Parameters
+    ----------
+    data
+        The file content.
+    modality
+        The modality the cases CSV gave (``OT`` when none).
+    """
+    from tasks.harmonise.masks import read_nifti
+
+    image = read_nifti(data)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise Quarantined(Reason.UNSUPPORTED_IMAGE, "volume is not a 3-D scalar image")
+    parameters = {
+        "source": "nrrd" if data[:4] == b"NRRD" else "nifti",
+        "spacing_mm": [float(v) for v in image.GetSpacing()],
+        "size": [int(v) for v in image.GetSize()],
+        "dtype": sitk.GetPixelIDValueAsString(image.GetPixelID()),
+    }
+    return Volume(image=image, frame_of_reference="", modality=modality, parameters=parameters)

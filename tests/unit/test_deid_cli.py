@@ -19,6 +19,9 @@ def _run(argv, capsys) -> tuple[int, str]:
 def test_missing_catalogue(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ONCOFLOW_SITE_SECRET", "s" * 40)
     code, err = _run(["deidentify", "--site", "site-a", "--store", str(tmp_path)], capsys)
+    assert code == 2 and "has no site 'site-a'" in err and "\n" not in err
+    (tmp_path / "site-a").mkdir()
+    code, err = _run(["deidentify", "--site", "site-a", "--store", str(tmp_path)], capsys)
     assert code == 2 and err.startswith("error: no catalogue") and "\n" not in err
 
 
