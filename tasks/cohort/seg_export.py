@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from tasks.dicom.uids import replace_generated_uids
 from tasks.errors import OncoflowError
 
-HIGHDICOM_UID_ROOT = "1.2.826.0.1.3680043.10.511."
 EXPORT_PREFIX = "deid/seg-export"
 TUMOUR = ("gtv", "ctv", "ptv", "tumour", "tumor", "lesion", "nodule", "metastasis")
 METHODS = ("manual", "semiautomatic", "automatic")
@@ -213,22 +213,7 @@ def _plain(seg: Any) -> None:
 
 def _deterministic(seg: Any, seed: str, image: Any) -> None:
     """Replace random UIDs and wall-clock dates by derived UIDs and the images' dates."""
-    mapping: dict[str, str] = {}
-
-    def visit(dataset: Any) -> None:
-        for elem in dataset:
-            if elem.VR == "SQ":
-                for item in elem.value:
-                    visit(item)
-            elif (
-                elem.VR == "UI"
-                and isinstance(elem.value, str)
-                and elem.value.startswith(HIGHDICOM_UID_ROOT)
-            ):
-                mapping.setdefault(elem.value, derived_uid(seed, "hd", str(len(mapping))))
-                elem.value = mapping[elem.value]
-
-    visit(seg)
+    replace_generated_uids(seg, lambda n: derived_uid(seed, "hd", str(n)))
     date = str(getattr(image, "SeriesDate", "") or getattr(image, "StudyDate", "") or "")
     seg.ContentDate = seg.SeriesDate = seg.InstanceCreationDate = date
     seg.ContentTime = seg.SeriesTime = seg.InstanceCreationTime = "000000"

@@ -11,12 +11,12 @@ from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
 
+from tasks.dicom.uids import replace_generated_uids
 from tasks.synthetic.dicom_images import SOFTWARE_VERSION, make_uid, new_dataset
 from tasks.synthetic.identifiers import dicom_date, dicom_time
 from tasks.synthetic.phantoms import Grid, Lesion, ds_str
 
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
-HIGHDICOM_UID_ROOT = "1.2.826.0.1.3680043.10.511."
 COLOURS = (["255", "0", "0"], ["0", "160", "255"])
 
 
@@ -127,23 +127,7 @@ def rtstruct(
 
 def _replace_generated_uids(ds: Dataset, uid_parts: tuple[object, ...]) -> None:
     """Replace UIDs highdicom drew at random by deterministic ones (same value, same UID)."""
-    mapping: dict[str, str] = {}
-
-    def visit(dataset: Dataset) -> None:
-        for elem in dataset:
-            if elem.VR == "SQ":
-                for item in elem.value:
-                    visit(item)
-            elif (
-                elem.VR == "UI"
-                and isinstance(elem.value, str)
-                and elem.value.startswith(HIGHDICOM_UID_ROOT)
-            ):
-                if elem.value not in mapping:
-                    mapping[elem.value] = make_uid(*uid_parts, "hd", len(mapping))
-                elem.value = mapping[elem.value]
-
-    visit(ds)
+    replace_generated_uids(ds, lambda n: make_uid(*uid_parts, "hd", n))
 
 
 def segmentation(

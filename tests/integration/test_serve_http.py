@@ -166,3 +166,15 @@ def test_readiness_names_what_is_missing_without_a_publication(root: Path) -> No
     assert "tier 3: images, masks and features published (no published version)" in missing
     # the site's own data is there: harmonised images and features are not missing
     assert "harmonised images" not in missing and "feature table" not in missing
+
+
+def test_the_token_can_come_from_a_prefect_secret_block(prefect_api: str) -> None:
+    from prefect.blocks.system import Secret
+
+    from tasks.errors import OncoflowError
+    from tasks.serve.app import load_token
+
+    Secret(value=TOKEN).save("oncoflow-serve-token-test", overwrite=True)
+    assert load_token("oncoflow-serve-token-test") == TOKEN
+    with pytest.raises(OncoflowError, match="cannot read the Prefect Secret block"):
+        load_token("no-such-block")
