@@ -250,8 +250,7 @@ def ingest(
     if is_volume_source(source):  # a cases CSV or a folder of NIfTI/NRRD pairs
         from flows.volumes import ingest_volumes
 
-        emit(ingest_volumes(source, site, store), as_json)
-        return
+        return ingest_volumes(source, site, store)
     from flows.ingest import IngestParams, ingest_dicom
 
     summary = ingest_dicom(

@@ -441,10 +441,4 @@ def ingest_source(
         return pull_dicomweb(
             PullParams(source=source, site=site, store=store), runtime or RuntimeOptions()
         )
-    from tasks.volumes.cases import is_volume_source
-
-    if is_volume_source(source):  # a cases CSV or a folder of NIfTI/NRRD pairs
-        from flows.volumes import ingest_volumes
-
-        return ingest_volumes(source, site, store)
     return ingest_dicom(IngestParams(source=source, site=site, store=store), runtime)

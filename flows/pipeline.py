@@ -71,7 +71,7 @@ class SitePipelineParams(BaseModel):
 
 
 def ingest_any(source: str, site: str, store: str, runtime: RuntimeOptions) -> StageSummary:
-    """Ingest from any source: a ``dicomweb+http(s)://`` PACS, or a folder / fsspec URL.
+    """Ingest from any source: a ``dicomweb+http(s)://`` PACS, a folder / fsspec URL, or NIfTI/NRRD.
 
     A PACS pull lands studies in the site's raw zone and ingests that, so both kinds of source
     feed the same catalogue.
@@ -80,6 +80,12 @@ def ingest_any(source: str, site: str, store: str, runtime: RuntimeOptions) -> S
         from flows.pacs import PullParams, pull_dicomweb
 
         return pull_dicomweb(PullParams(source=source, site=site, store=store), runtime)
+    from tasks.volumes.cases import is_volume_source
+
+    if is_volume_source(source):  # a cases CSV or a folder of NIfTI/NRRD pairs
+        from flows.volumes import ingest_volumes
+
+        return ingest_volumes(source, site, store)
     from flows.ingest import IngestParams, ingest_dicom
 
     return ingest_dicom(IngestParams(source=source, site=site, store=store), runtime=runtime)
