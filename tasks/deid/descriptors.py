@@ -135,6 +135,7 @@ _TECHNICAL = regex.compile(
     r"|[a-z]{1,2}\d{1,3}[a-z]{0,2})",
     regex.IGNORECASE,
 )
+_DIGIT = regex.compile(r"\d")
 _EMPTY_BRACKETS = regex.compile(r"[\(\[\{][\s\W_]*[\)\]\}]")
 _SPACES = regex.compile(r"\s{2,}")
 _SEPARATOR_RUNS = regex.compile(r"(?:\s*[-_.,;:/\\|+&*#'\"]\s*){2,}")
@@ -158,6 +159,8 @@ def identifier_tokens(values: Iterable[str]) -> frozenset[str]:
 
 def remove_dates(text: str) -> str:
     """Replace every date and time in ``text`` by a space."""
+    if _DIGIT.search(text) is None:  # every date and time form has a digit
+        return text
     folded = fold(text)
     spans = [m.span() for m in _DATE_TIME.finditer(folded)]
     if not spans:
@@ -212,6 +215,12 @@ def clean_descriptor(
     """
     if not text:
         return ""
+    return _clean(text, forbidden, extra)
+
+
+@lru_cache(maxsize=8192)
+def _clean(text: str, forbidden: frozenset[str], extra: frozenset[str]) -> str:
+    """:func:`clean_descriptor` (a series repeats its descriptors on every instance)."""
     text = unicodedata.normalize("NFC", text)
     undated = remove_dates(text)
     kept = _TOKEN.sub(

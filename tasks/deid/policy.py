@@ -16,6 +16,9 @@ and write bytes. The decision, in order:
    or remapped by value representation (:func:`tasks.deid.profile.resolve`);
 6. everything else: removed (``remove-not-allowed``).
 
+``EncapsulatedDocument`` is kept only for the document classes a site allowed in its options
+(instances of other classes are quarantined before the walk, see :mod:`tasks.deid.checks`).
+
 Kept values must be well formed for their VR (:func:`valid_value`), else they are removed
 (``remove-invalid-value``); when such an attribute is one the instance cannot do without
 (:data:`REQUIRED`), the instance is quarantined. Elements after Pixel Data at the top level
@@ -69,6 +72,7 @@ REQUIRED = frozenset(
 #: Attributes replaced by the pseudonym or the site code, whatever the lists say.
 _ALWAYS_DECIDED = frozenset({0x00100010, 0x00100020, 0x00080080})
 _TEXT_VALUE = 0x0040A160
+ENCAPSULATED_DOCUMENT = 0x00420011
 
 
 @cache
@@ -82,8 +86,14 @@ def dictionary_vrs(tag: int) -> tuple[str, ...]:
 
 @cache
 def _decide(
-    tag: int, written_vr: str | None, patient_characteristics: tuple[str, ...], clean: bool
+    tag: int,
+    written_vr: str | None,
+    patient_characteristics: tuple[str, ...],
+    clean: bool,
+    documents: bool,
 ) -> Action:
+    if tag == ENCAPSULATED_DOCUMENT and documents and written_vr in (None, "OB"):
+        return Action.KEEP  # a document class the site allowed (others never reach the walk)
     vrs = dictionary_vrs(tag)
     if not vrs:
         return Action.REMOVE_UNKNOWN
@@ -119,7 +129,11 @@ def decide(tag: int, written_vr: str | None, options: DeidOptions) -> Action:
     if written_vr is not None and " or " in written_vr:
         written_vr = None  # built in memory with the dictionary's alternatives: not written
     return _decide(
-        tag, written_vr, tuple(options.patient_characteristics), options.clean_descriptors
+        tag,
+        written_vr,
+        tuple(options.patient_characteristics),
+        options.clean_descriptors,
+        bool(options.document_classes),
     )
 
 
@@ -167,8 +181,23 @@ def valid_value(vr: str, raw: bytes) -> bool:
         binary value of the wrong length...). Text VRs (LO, SH, UC...) have no form: their
         content is cleaned against the vocabulary instead.
     """
+    if len(raw) <= 64:  # short values repeat from slice to slice: decided once
+        key = (vr, raw)
+        known = _VALID_CACHE.get(key)
+        if known is None:
+            if len(_VALID_CACHE) > 8192:
+                _VALID_CACHE.clear()
+            known = _VALID_CACHE[key] = _valid(vr, raw)
+        return known
+    return _valid(vr, raw)
+
+
+_VALID_CACHE: dict[tuple[str, bytes], bool] = {}
+
+
+def _valid(vr: str, raw: bytes) -> bool:
     if " or " in vr:
-        return any(valid_value(v, raw) for v in vr.split(" or "))
+        return any(_valid(v, raw) for v in vr.split(" or "))
     size = _SIZES.get(vr)
     if size is not None:
         return len(raw) % size == 0

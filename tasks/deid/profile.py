@@ -669,6 +669,14 @@ class DeidOptions(BaseModel):
     pixel_rules: tuple[PixelCleaningRule, ...] = Field(
         (), description="Pixel cleaning rules for series that may carry burned-in text."
     )
+    document_classes: tuple[str, ...] = Field(
+        (),
+        description=(
+            "SOP Class UIDs of encapsulated documents (PDF, CDA, STL, OBJ, MTL...) a site has "
+            "reviewed as safe to publish; their EncapsulatedDocument is kept. Others are "
+            "quarantined (encapsulated-document)."
+        ),
+    )
     max_input_mb: int = Field(
         2048, gt=0, description="Largest source file read (MiB); larger ones are quarantined."
     )

@@ -24,9 +24,11 @@ both paths give the same bytes and audit on real-world, synthetic and random fil
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -395,10 +397,26 @@ def _encodings(raw: bytes) -> list[str]:
         raise Unsupported("character set") from exc
 
 
+@contextlib.contextmanager
+def _pydicom_reads() -> Iterator[None]:
+    """Hand a value pydicom cannot convert or write over to the pydicom path (Unsupported).
+
+    Only pydicom's own conversions and writers run inside: an error of this module's byte
+    handling still surfaces as itself.
+    """
+    try:
+        yield
+    except Unsupported:
+        raise
+    except Exception as exc:
+        raise Unsupported(f"value pydicom cannot read ({type(exc).__name__})") from exc
+
+
 def _convert_pydicom(raw: RawDataElement, encoding: list[str] | None = None) -> DataElement:
     from pydicom.dataelem import convert_raw_data_element
 
-    return convert_raw_data_element(raw, encoding=encoding)
+    with _pydicom_reads():
+        return convert_raw_data_element(raw, encoding=encoding)
 
 
 # -- value conversion, as pydicom's converters do it -----------------------------------------
@@ -522,10 +540,11 @@ def _canonical(item: _Item, elem: _Elem, creator: bytes | None) -> bytes:
                 BaseTag(block), None, len(creator), creator, 0, item.implicit, True
             )
         mini.set_original_encoding(item.implicit, True, item.encoding)
-        converted = mini[elem.tag]
-        if converted.VR in _AMBIGUOUS or converted.VR == "SQ":
-            raise Unsupported("VR corrected by pydicom")
-        cached = _write_pydicom(converted, item)
+        with _pydicom_reads():
+            converted = mini[elem.tag]
+            if converted.VR in _AMBIGUOUS or converted.VR == "SQ":
+                raise Unsupported("VR corrected by pydicom")
+            cached = _write_pydicom(converted, item)
         if len(_CANONICAL) > 4096:
             _CANONICAL.clear()
         if len(raw) <= 1024:
@@ -717,7 +736,8 @@ class _Walker:
         creator = item.elems[block]
         mini._dict[BaseTag(block)] = _raw_element(item, creator)
         mini.set_original_encoding(item.implicit, True, item.encoding)
-        converted = mini[tag]
+        with _pydicom_reads():
+            converted = mini[tag]
         if converted.VR in _AMBIGUOUS or converted.VR == "SQ":
             raise Unsupported("private VR")
         elem.conv = converted
@@ -1015,6 +1035,8 @@ def read_meta(data: bytes) -> tuple[str, int]:
         if raw_vr not in ENCODED_VR:
             raise Unsupported("file meta VR")
         if raw_vr.decode("ascii") in _LONG_VRS:
+            if pos + 12 > size:
+                raise Unsupported("truncated file meta")
             length = _UL.unpack_from(data, pos + 8)[0]
             vstart = pos + 12
         else:
@@ -1065,9 +1087,12 @@ def _checks(top: _Item, ctx: DeidContext) -> tuple[Dataset, Rewritten | None, st
         if elem is not None:
             ds._dict[BaseTag(tag)] = _raw_element(top, elem)
     ds.set_original_encoding(top.implicit, True, top.encoding)
-    _ = ds.get("SOPInstanceUID")
     pixel = elems.get(_PIXEL_DATA)
-    screened = screen(ds, elems.keys(), pixel is not None and pixel.undefined, ctx.options)
+    with _pydicom_reads():  # the checks read these values through pydicom
+        _ = ds.get("SOPInstanceUID")
+        screened = screen(ds, elems.keys(), pixel is not None and pixel.undefined, ctx.options)
+        age_ds = ds if "PatientAge" in ctx.options.patient_characteristics else None
+        age = patient_age(age_ds, ctx.options) if age_ds is not None else ""
     if screened.reason:
         return ds, Rewritten(reason=screened.reason, detail=screened.detail), ""
     if screened.rule is not None:
@@ -1083,7 +1108,7 @@ def _checks(top: _Item, ctx: DeidContext) -> tuple[Dataset, Rewritten | None, st
         if cleared is not None:
             pixel.new = (pixel.vr or "OW", cleared)
             pixel.start = -1
-    return ds, None, patient_age(ds, ctx.options)
+    return ds, None, age
 
 
 #: BitsAllocated, BitsStored, HighBit, PixelRepresentation.

@@ -251,6 +251,22 @@ def _patch(data: bytes, tag: int, element: bytes) -> bytes:
     return data[:start] + element + data[start + 8 + length :]
 
 
+def test_a_document_class_the_site_allowed_keeps_its_document_only():
+    stl = "1.2.840.10008.5.1.4.1.1.104.3"
+    ds = new_dataset(stl, "1.2.826.0.1.3680043.8.498.7771")
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4.1", "1.2.3.4.3"
+    ds.PatientName, ds.PatientID, ds.Modality = "Müller^Jürgen", "P-1", "M3D"
+    ds.DocumentTitle = "Müller Jürgen"
+    ds.EncapsulatedDocument = b"solid phantom\nendsolid phantom \n"  # even length
+    data = _bytes(ds)
+    assert _both(data, DeidOptions())[0].reason is Reason.ENCAPSULATED_DOCUMENT
+    result, _, _ = _both(data, DeidOptions(document_classes=(stl,)))
+    assert result.reason is None
+    out = dcmread(io.BytesIO(result.data))
+    assert out.EncapsulatedDocument == ds.EncapsulatedDocument
+    assert find_canaries(result.data) == []  # the title with the name is not kept
+
+
 def test_patients_without_id_never_share_a_pseudonym_or_shift():
     options = DeidOptions()
     a = DeidContext(keys=KEYS, options=options, patient_id="", fallback_key="1.2.3.1")
