@@ -95,6 +95,7 @@ class PublishPlan:
     schemas: dict[str, pa.Schema]
     staged: dict[str, int] = field(default_factory=dict)
     catalogue: CatalogueSpec = field(default_factory=CatalogueSpec)
+    release: dict[str, Any] = field(default_factory=dict)
 
     @property
     def staging_key(self) -> str:
@@ -124,6 +125,7 @@ class PublishResult:
     retries: int = 0
     leak_gate: str = "not-run"
     cleaned: list[str] = field(default_factory=list)
+    release: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable summary."""
@@ -141,6 +143,7 @@ class PublishResult:
             "retries": self.retries,
             "leak_gate": self.leak_gate,
             "cleaned": self.cleaned,
+            "release": self.release,
         }
 
 
@@ -221,6 +224,7 @@ def plan_publication(store: SiteStore, spec: CohortSpec, to: str) -> PublishPlan
         tables=tables,
         schemas=schemas,
         catalogue=spec.catalogue,
+        release=release.summary(spec.name),
     )
     plan.digest = content_hash(description, plan.payload_sums())
     return plan
@@ -280,6 +284,7 @@ def prepare_target(plan: PublishPlan, retry: Retrier) -> tuple[PublishResult | N
                 retries=retry.retries,
                 leak_gate="not-run",
                 cleaned=cleaned,
+                release=plan.release,
             ),
             cleaned,
         )
@@ -541,6 +546,7 @@ def finalize(plan: PublishPlan, sealed: SealedVersion, retry: Retrier) -> Publis
         files=len(sealed.sums),
         retries=retry.retries,
         leak_gate="passed",
+        release=plan.release,
     )
 
 

@@ -144,6 +144,16 @@ class ReleaseReport:
             "missing_metadata": {k: len(v) for k, v in sorted(self.missing.items())},
         }
 
+    def summary(self, cohort: str) -> dict[str, Any]:
+        """Return what the publish result shows: the level applied, series set aside, report key."""
+        return {
+            "generalisation": self.generalisation,
+            "k": self.levels[self.level]["k"] if self.level is not None else None,
+            "withheld": sum(len(v) for v in self.withheld.values()),
+            "features_only": sum(len(v) for v in self.features_only.values()),
+            "report": f"reports/publish/{cohort}-risk.json",
+        }
+
     def private(self) -> dict[str, Any]:
         """Return the site's detailed report: the summary plus the pseudonymous series keys."""
         return {
@@ -364,7 +374,7 @@ def prepare_selection(store: Any, spec: Any, selection: Any) -> tuple[Any, Relea
         selection, series=table, features=features, files_by_series=files
     )
     _quarantine(store, spec.name, report)
-    store.write_bytes(f"reports/publish/{spec.name}-risk.json", report_bytes(report.private()))
+    store.write_bytes(report.summary(spec.name)["report"], report_bytes(report.private()))
     return prepared, report
 
 

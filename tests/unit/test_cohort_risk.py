@@ -123,6 +123,8 @@ def test_planted_duplicate_is_caught_and_a_head_mr_is_not_published_as_voxels(
     assert report["features_only"] == {"head-neck-not-defaced": 1}
     assert report["duplicates_across_patients"] == 1
     assert withheld not in (version / "risk-report.json").read_text()  # counts only
+    assert result.release == {"generalisation": "none", "k": 1, "withheld": 1, "features_only": 1,
+                              "report": "reports/publish/all-risk.json"}  # fmt: skip
     detail = json.loads(store.read_bytes("reports/publish/all-risk.json"))
     assert detail["withheld_series"] == {"duplicate-pixel-data": [withheld]}
     assert detail["features_only_series"] == {"head-neck-not-defaced": [mr["series"]]}
