@@ -54,6 +54,7 @@ from tasks.dicom.listing import (
 )
 from tasks.errors import OncoflowError, StageFailed
 from tasks.records import Stage, StageSummary
+from tasks.refs import site_ref_key
 from tasks.store import Existing, SiteStore, open_url, protocol_of, validate_site
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL.
@@ -158,7 +159,7 @@ def _listing(params: IngestParams, store: SiteStore) -> list[ListedFile]:
 
 def _write_plan(store: SiteStore, files: list[ListedFile]) -> str:
     """Write the files to parse (private: it holds paths) and return the plan's store key."""
-    key = f"{PARTS_DIR}/plan-{batch_key(files)}.json"
+    key = f"{PARTS_DIR}/plan-{batch_key(files, site_ref_key(store))}.json"
     store.write_bytes(key, files_to_json(files), mode=Existing.OVERWRITE)
     return key
 
@@ -214,7 +215,9 @@ def parse_headers_flow(
     started, started_at = time.perf_counter(), time.time()
     site_store = SiteStore(store, site)
     files = files_from_json(site_store.read_bytes(plan))
-    batches = make_batches(files, batch_size_for(len(files), workers, batch_size))
+    batches = make_batches(
+        files, batch_size_for(len(files), workers, batch_size), site_ref_key(site_store)
+    )
     for batch in batches:
         write_batch_files(site_store, batch)
     progress = Progress(len(files), "DICOM files parsed")

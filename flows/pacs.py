@@ -47,6 +47,7 @@ from tasks.pacs.dicomweb import (
 )
 from tasks.pacs.receiver import ReceiverStats, StorageReceiver
 from tasks.records import Stage, StageSummary
+from tasks.refs import site_ref_key
 from tasks.store import SiteStore, validate_site
 
 
@@ -243,6 +244,7 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
             study_dates,
             attempts=params.retries + 1,
             delay=params.retry_delay_seconds,
+            key=site_ref_key(store),
         )
     jobs = [job for plan in plans for job in plan.jobs]
     t_search = time.perf_counter()

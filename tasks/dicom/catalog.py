@@ -23,6 +23,7 @@ from tasks.dicom.listing import STATUS_DELETED, ListingDiff, item_ref
 from tasks.dicom.series import build_series, series_table
 from tasks.errors import OncoflowError
 from tasks.records import Stage
+from tasks.refs import site_ref_key
 from tasks.store import (
     CATALOG_INSTANCES,
     CATALOG_SERIES,
@@ -66,7 +67,7 @@ class CatalogCounts:
     reasons
         Ingest quarantine rows by reason.
     quarantine
-        Ingest quarantine rows with opaque item references (``ref`` is a hash of the item).
+        Ingest quarantine rows with opaque item references (``ref``: keyed hash of the item).
     written
         Tables written in this run (unchanged tables are skipped).
     """
@@ -194,15 +195,16 @@ def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
             m: dict(sorted(c.items())) for m, c in sorted(by_modality.items())
         }
     rows = store.quarantine_rows(Stage.INGEST)
+    key = site_ref_key(store)
     counts.reasons = dict(sorted(Counter(r["reason"] for r in rows).items()))
     counts.quarantine = [
         {
-            "ref": item_ref(r["item"]),
+            "ref": item_ref(r["item"], key),
             "kind": r["kind"],
             "reason": r["reason"],
             "detail": r["detail"],
         }
-        for r in sorted(rows, key=lambda r: (r["reason"], item_ref(r["item"])))
+        for r in sorted(rows, key=lambda r: (r["reason"], item_ref(r["item"], key)))
     ]
     return counts
 

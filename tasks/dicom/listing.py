@@ -8,7 +8,6 @@ new or changed files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 import fsspec
 
 from tasks.errors import OncoflowError
+from tasks.refs import RefKey
 from tasks.store import open_url, protocol_of
 
 #: Status values of ``catalog/instances.parquet`` rows.
@@ -256,15 +256,17 @@ def diff_listing(
     return diff
 
 
-def batch_key(files: Sequence[ListedFile]) -> str:
-    """Return a content key for a batch (hash of paths, sizes and change tokens)."""
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.path}\t{f.size}\t{f.mtime}\n".encode("utf-8", "surrogateescape"))
-    return "b" + digest.hexdigest()[:20]
+def batch_key(files: Sequence[ListedFile], key: RefKey) -> str:
+    """Return a content key for a batch: keyed hash of its paths, sizes and change tokens.
+
+    Keyed (:mod:`tasks.refs`): the key names store objects and task runs, so it must not be
+    a plain hash a guessed path could be checked against.
+    """
+    lines = "".join(f"{f.path}\t{f.size}\t{f.mtime}\n" for f in files)
+    return "b" + key.ref(lines, 20)
 
 
-def make_batches(files: Sequence[ListedFile], batch_size: int) -> list[Batch]:
+def make_batches(files: Sequence[ListedFile], batch_size: int, key: RefKey) -> list[Batch]:
     """Split files (sorted by path) into batches of at most ``batch_size``.
 
     The split depends only on the sorted file list, so batch keys are stable across runs.
@@ -272,12 +274,12 @@ def make_batches(files: Sequence[ListedFile], batch_size: int) -> list[Batch]:
     ordered = sorted(files)
     size = max(1, batch_size)
     chunks = [tuple(ordered[i : i + size]) for i in range(0, len(ordered), size)]
-    return [Batch(key=batch_key(chunk), files=chunk) for chunk in chunks]
+    return [Batch(key=batch_key(chunk, key), files=chunk) for chunk in chunks]
 
 
-def item_ref(item: str) -> str:
-    """Return an opaque short reference for a path or key (for artifacts and logs)."""
-    return hashlib.sha256(item.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+def item_ref(item: str, key: RefKey) -> str:
+    """Return an opaque short reference for a path or key (keyed, for artifacts and logs)."""
+    return key.ref(item, 12)
 
 
 def files_to_json(files: Sequence[ListedFile]) -> bytes:

@@ -153,25 +153,33 @@ class ReaderProgram:
             np.array([k - 1.0 if released[c] == small else np.inf for c in self.unknown]),
         )
 
+    def extreme(self, cell: str, largest: bool) -> int:
+        """Return the smallest (or largest) value of ``cell`` consistent with the release."""
+        if cell not in self.index:
+            return int(self.released[cell])
+        goal = np.zeros(len(self.unknown))
+        goal[self.index[cell]] = -1.0 if largest else 1.0
+        result = milp(
+            goal,
+            constraints=self.constraints,
+            integrality=np.ones(len(self.unknown)),
+            bounds=self.bounds,
+        )
+        if result.status != 0 or result.x is None:
+            raise OncoflowError(f"suppression check failed for {cell}: {result.message}")
+        return round(float(result.x[self.index[cell]]))
+
     def range(self, cell: str) -> tuple[int, int]:
         """Return the smallest and largest value of ``cell`` consistent with the release."""
-        if cell not in self.index:
-            value = int(self.released[cell])
-            return value, value
-        goal = np.zeros(len(self.unknown))
-        goal[self.index[cell]] = 1.0
-        ends = []
-        for sign in (1.0, -1.0):
-            result = milp(
-                sign * goal,
-                constraints=self.constraints,
-                integrality=np.ones(len(self.unknown)),
-                bounds=self.bounds,
-            )
-            if result.status != 0 or result.x is None:
-                raise OncoflowError(f"suppression check failed for {cell}: {result.message}")
-            ends.append(round(float(result.x[self.index[cell]])))
-        return ends[0], ends[1]
+        return self.extreme(cell, False), self.extreme(cell, True)
+
+    def pinned(self, cell: str, value: int) -> bool:
+        """Whether ``value`` (the true count) is the only value of ``cell`` a reader can infer.
+
+        The true value is feasible, so one other feasible value settles it: the smallest is
+        found first, the largest only when the smallest is the true value.
+        """
+        return self.extreme(cell, False) == value and self.extreme(cell, True) == value
 
 
 def _released(
@@ -184,13 +192,20 @@ def _released(
     }
 
 
-def _pinned(system: CountSystem, suppressed: set[str], primary: set[str], k: int) -> Iterator[str]:
-    """Yield the suppressed small counts a reader could pin to one value."""
+def _pinned(
+    system: CountSystem, suppressed: set[str], primary: set[str], k: int, safe: set[str]
+) -> Iterator[str]:
+    """Yield the suppressed small counts a reader could pin to one value.
+
+    Cells found protected are added to ``safe`` and not checked again: hiding more counts only
+    widens what a reader can infer, so a protected cell stays protected.
+    """
     program = ReaderProgram(system, _released(system, suppressed, primary, k), k)
-    for cell in sorted(primary):
-        lo, hi = program.range(cell)
-        if hi - lo < 1:
+    for cell in sorted(primary - safe):
+        if program.pinned(cell, system.values[cell]):
             yield cell
+        else:
+            safe.add(cell)
 
 
 def suppress(system: CountSystem, k: int = 10) -> dict[str, int | str]:
@@ -213,6 +228,7 @@ def suppress(system: CountSystem, k: int = 10) -> dict[str, int | str]:
         raise OncoflowError("k must be at least 2")
     primary = {c for c, v in system.values.items() if 0 < v < k}
     suppressed = set(primary)
+    safe: set[str] = set()
     groups = [*system.equations(), *system.bounds]
     for _ in range(len(system.values) + 10):
         # a sum with one hidden count gives it away: hide one more there first
@@ -223,7 +239,7 @@ def suppress(system: CountSystem, k: int = 10) -> dict[str, int | str]:
         if changed:
             continue
         fixed = exposed = False
-        for cell in _pinned(system, suppressed, primary, k):
+        for cell in _pinned(system, suppressed, primary, k, safe):
             exposed = True
             # hide the smallest count of a sum or bound of the pinned count (one per round)
             if any(_add_complement(system, suppressed, g) for g in groups if cell in g):
@@ -245,7 +261,7 @@ def suppress(system: CountSystem, k: int = 10) -> dict[str, int | str]:
             suppressed.add(frontier[0][1])
     # fail closed: hide every count; if a small count is still pinned, release nothing
     suppressed |= {c for c, v in system.values.items() if v > 0}
-    if next(_pinned(system, suppressed, primary, k), None) is not None:
+    if next(_pinned(system, suppressed, primary, k, set()), None) is not None:
         raise OncoflowError("these counts cannot be released without revealing a small count")
     return _released(system, suppressed, primary, k)
 

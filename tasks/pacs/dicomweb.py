@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
@@ -40,6 +39,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import OncoflowError
 from tasks.pacs.credentials import DicomwebCredentials, load_credentials
+from tasks.refs import RefKey, site_ref_key
 from tasks.store import Existing, SiteStore
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,14 @@ class PullError(Exception):
     """A series could not be pulled; the message carries no identifier (no URL, no UID)."""
 
 
-def opaque_key(uid: str) -> str:
-    """Return the opaque object-name key of a DICOM UID (128 bits of SHA-256).
+def opaque_key(uid: str, key: RefKey) -> str:
+    """Return the opaque object-name key of a DICOM UID (128 bits of a keyed HMAC-SHA256).
 
-    Object names in the raw zone never carry identifiers; the same UID always gives the same
-    key, so a re-pull lands on the same name.
+    Object names in the raw zone and task-run names never carry identifiers, nor a plain hash
+    of one (:mod:`tasks.refs`); the same UID always gives the same key at a site, so a
+    re-pull lands on the same name.
     """
-    return hashlib.sha256(f"oncoflow-pacs:{uid}".encode()).hexdigest()[:32]
+    return key.ref(f"oncoflow-pacs:{uid}", 32)
 
 
 def is_dicomweb_source(source: str) -> bool:
@@ -408,6 +409,8 @@ def plan_pull(
     attempts: int = 3,
     delay: float = 1.0,
     threads: int = 8,
+    *,
+    key: RefKey,
 ) -> list[StudyPlan]:
     """Search the source and decide, per series, what to pull.
 
@@ -434,10 +437,10 @@ def plan_pull(
         ) from None
     plans: list[StudyPlan] = []
     for study_uid, series in zip(ordered, all_series, strict=True):
-        study_key = opaque_key(study_uid)
+        study_key = opaque_key(study_uid, key)
         jobs = []
         for series_uid, count in series:
-            series_key = opaque_key(series_uid)
+            series_key = opaque_key(series_uid, key)
             have = state.series.get(series_key)
             if have and (count is None or count == have.get("instances")):
                 continue
@@ -529,7 +532,7 @@ def _retrieve_into(
         if not UID_PATTERN.match(sop_uid):
             raise PullError("the server returned an instance without a valid SOPInstanceUID")
         data = encode_dataset(ds)
-        store.stage_bytes(f"{staging}/{opaque_key(sop_uid)}.dcm", data)
+        store.stage_bytes(f"{staging}/{opaque_key(sop_uid, site_ref_key(store))}.dcm", data)
         received.add(sop_uid)
         nbytes += len(data)
     missing = expected - received

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import Verification
 
 from tasks.errors import OncoflowError
 from tasks.pacs.dicomweb import UID_PATTERN, opaque_key
+from tasks.refs import site_ref_key
 from tasks.store import TMP_MARK, Existing, SiteStore
 
 log = logging.getLogger("oncoflow.receiver")
@@ -167,7 +168,7 @@ class StorageReceiver:
             self.stats.failed += 1
             log.warning("instance refused: missing or malformed UIDs")
             return STATUS_CANNOT_UNDERSTAND
-        study, series, sop = (opaque_key(u) for u in uids)
+        study, series, sop = (opaque_key(u, site_ref_key(self.store)) for u in uids)
         key = f"{RAW_INCOMING}/{study}/{series}/{sop}.dcm"
         try:
             data = event.encoded_dataset(include_meta=True)

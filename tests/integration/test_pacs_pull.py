@@ -31,6 +31,7 @@ from tasks.pacs.dicomweb import (
     plan_pull,
     study_date_filter,
 )
+from tasks.refs import RefKey, site_ref_key
 from tasks.store import SiteStore
 from tests.integration.pacs_support import (
     ORTHANC_PASSWORD,
@@ -96,14 +97,14 @@ def raw_files(store: SiteStore) -> dict[str, tuple[int, int]]:
 
 def assert_study_in_raw(store: SiteStore, study: SyntheticStudy) -> None:
     """Every instance of the study is in the raw zone under hashed names, bytes intact."""
-    root = Path(store.path(RAW_DICOMWEB)) / opaque_key(study.study_uid)
+    root = Path(store.path(RAW_DICOMWEB)) / opaque_key(study.study_uid, site_ref_key(store))
     found = sorted(root.rglob("*.dcm"))
     assert len(found) == len(study.sop_uids)
     sops = {}
     for path in found:
         ds = pydicom.dcmread(path)
-        assert path.parent.name == opaque_key(ds.SeriesInstanceUID)
-        assert path.stem == opaque_key(ds.SOPInstanceUID)
+        assert path.parent.name == opaque_key(ds.SeriesInstanceUID, site_ref_key(store))
+        assert path.stem == opaque_key(ds.SOPInstanceUID, site_ref_key(store))
         sops[str(ds.SOPInstanceUID)] = ds
     assert set(sops) == set(study.sop_uids)
     original = pydicom.dcmread(pydicom.filebase.DicomBytesIO(study.files[0]))
@@ -199,12 +200,10 @@ def test_pull_into_an_s3_store(orthanc: Orthanc, dask_address: str, s3_bucket: s
     store = SiteStore(store_url, SITE)
     keys = store.find(RAW_DICOMWEB)
     assert len(keys) == 6
-    pulled = {
-        str(pydicom.dcmread(io.BytesIO(store.read_bytes(k))).SOPInstanceUID): k for k in keys
-    }
+    pulled = {str(pydicom.dcmread(io.BytesIO(store.read_bytes(k))).SOPInstanceUID): k for k in keys}
     assert set(pulled) == set(study.sop_uids)
     for sop, key in pulled.items():
-        assert key.endswith(f"/{opaque_key(sop)}.dcm") and sop not in key
+        assert key.endswith(f"/{opaque_key(sop, site_ref_key(store))}.dcm") and sop not in key
     assert store.find(RAW_STAGING_DICOMWEB) == []
     assert catalogued_series(store) == {uid: 3 for uid in study.series_uids}
 
@@ -262,6 +261,9 @@ def test_orthanc_stopped_mid_pull_then_a_later_run_completes(
     assert catalogued_series(store) == {s.series_uids[0]: 6 for s in studies}
 
 
+KEY = RefKey(b"k" * 32)
+
+
 def test_search_filters_watermark_and_failed_study_retry(orthanc: Orthanc) -> None:
     """QIDO filters: modality, date range, the watermark, and failed studies searched by UID."""
     today = dt.date.today()
@@ -273,7 +275,7 @@ def test_search_filters_watermark_and_failed_study_retry(orthanc: Orthanc) -> No
         base = orthanc.dicomweb
 
         def found(state: PullState, modalities: list[str], dates: str | None) -> set[str]:
-            return {p.study_uid for p in plan_pull(client, state, base, modalities, dates)}
+            return {p.study_uid for p in plan_pull(client, state, base, modalities, dates, key=KEY)}
 
         empty = PullState()
         assert found(empty, [], None) == {old.study_uid, recent.study_uid}
@@ -288,20 +290,20 @@ def test_search_filters_watermark_and_failed_study_retry(orthanc: Orthanc) -> No
         assert found(empty, [], dates) == {recent.study_uid}
         # A study that failed earlier is searched again by UID even outside the date range.
         state = PullState()
-        state.source(base).failed[opaque_key(old.study_uid)] = {
+        state.source(base).failed[opaque_key(old.study_uid, KEY)] = {
             "study_uid": old.study_uid,
             "attempts": 1,
             "error": "connection failed",
         }
         assert found(state, [], dates) == {old.study_uid, recent.study_uid}
         # Series already pulled with the same instance count are not planned again.
-        state.series[opaque_key(recent.series_uids[0])] = {"study": "x", "instances": 3}
-        plans = {p.study_uid: p for p in plan_pull(client, state, base, [], dates)}
+        state.series[opaque_key(recent.series_uids[0], KEY)] = {"study": "x", "instances": 3}
+        plans = {p.study_uid: p for p in plan_pull(client, state, base, [], dates, key=KEY)}
         assert plans[recent.study_uid].up_to_date
         assert len(plans[old.study_uid].jobs) == 1
         # ...but a series whose instance count changed on the server is pulled again.
-        state.series[opaque_key(recent.series_uids[0])]["instances"] = 2
-        plans = {p.study_uid: p for p in plan_pull(client, state, base, [], dates)}
+        state.series[opaque_key(recent.series_uids[0], KEY)]["instances"] = 2
+        plans = {p.study_uid: p for p in plan_pull(client, state, base, [], dates, key=KEY)}
         assert len(plans[recent.study_uid].jobs) == 1
 
 

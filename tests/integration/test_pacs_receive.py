@@ -19,6 +19,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from tasks.pacs.dicomweb import opaque_key
 from tasks.pacs.receiver import RAW_INCOMING, RAW_RECEIVED, StorageReceiver
+from tasks.refs import site_ref_key
 from tasks.store import SiteStore
 from tests.integration.pacs_support import (
     SyntheticStudy,
@@ -195,8 +196,8 @@ def test_storescu_and_orthanc_cstore_reach_the_catalogue(
     received = files_under(Path(store.path(RAW_RECEIVED)))
     assert len(received) == stats["received"]
     assert {p.parent.parent.name for p in received} == {
-        opaque_key(from_storescu.study_uid),
-        opaque_key(from_orthanc.study_uid),
+        opaque_key(from_storescu.study_uid, site_ref_key(store)),
+        opaque_key(from_orthanc.study_uid, site_ref_key(store)),
     }
     assert files_under(Path(store.path(RAW_INCOMING))) == []
     names = "\n".join(str(p) for p in received)
@@ -252,7 +253,9 @@ def test_connection_dropped_mid_association_leaves_no_partial_file(
     assoc = ae2.associate("127.0.0.1", receiver.bound_port, ae_title="ONCOFLOW")
     assert assoc.send_c_store(pydicom.dcmread(io.BytesIO(small.files[0]))).Status == 0
     assoc.release()
-    assert receiver.commit_due(force=True) == [opaque_key(small.study_uid)]
+    assert receiver.commit_due(force=True) == [
+        opaque_key(small.study_uid, site_ref_key(receiver.store))
+    ]
     landed = files_under(Path(receiver.store.path(RAW_RECEIVED)))
     assert len(landed) == 1 and landed[0].read_bytes()[128:132] == b"DICM"
     assert pydicom.dcmread(landed[0]).SOPInstanceUID == small.sop_uids[0]
@@ -302,6 +305,6 @@ def test_study_is_committed_only_after_it_is_quiet(receiver: StorageReceiver) ->
     assoc.release()
     receiver.quiet_seconds = 0.2
     time.sleep(0.3)
-    assert receiver.commit_due() == [opaque_key(study.study_uid)]
+    assert receiver.commit_due() == [opaque_key(study.study_uid, site_ref_key(receiver.store))]
     assert len(files_under(Path(receiver.store.path(RAW_RECEIVED)))) == 3
     assert files_under(Path(receiver.store.path(RAW_INCOMING))) == []

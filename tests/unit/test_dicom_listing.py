@@ -1,3 +1,4 @@
+import hashlib
 import os
 import re
 
@@ -12,6 +13,7 @@ from tasks.dicom.listing import (
     resolve_source,
 )
 from tasks.errors import OncoflowError
+from tasks.refs import RefKey
 
 
 def test_list_source_recursive_sorted_with_size_and_mtime(tmp_path):
@@ -107,22 +109,50 @@ def test_diff_listing():
     assert diff_listing([ListedFile("same", 10, "t1")], [("same", 10, "t1", "ok")]).is_empty
 
 
+KEY = RefKey(b"k" * 32)
+
+
 def test_batches_are_stable_and_content_keyed():
     files = [ListedFile(f"f{i:03d}", i, "t") for i in range(10)]
-    batches = make_batches(list(reversed(files)), 4)
+    batches = make_batches(list(reversed(files)), 4, KEY)
     assert [len(b.files) for b in batches] == [4, 4, 2]
     assert [b.files[0].path for b in batches] == ["f000", "f004", "f008"]
-    assert [b.key for b in make_batches(files, 4)] == [b.key for b in batches]
+    assert [b.key for b in make_batches(files, 4, KEY)] == [b.key for b in batches]
     changed = [*files[:9], ListedFile("f009", 9, "t-new")]
-    assert [b.key for b in make_batches(changed, 4)][:2] == [b.key for b in batches][:2]
-    assert make_batches(changed, 4)[2].key != batches[2].key
+    assert [b.key for b in make_batches(changed, 4, KEY)][:2] == [b.key for b in batches][:2]
+    assert make_batches(changed, 4, KEY)[2].key != batches[2].key
     assert all(re.fullmatch(r"b[0-9a-f]{20}", b.key) for b in batches)
+    # keyed: another site's key gives other names; no plain hash of the paths
+    assert make_batches(files, 4, RefKey(b"x" * 32))[0].key != batches[0].key
+    plain = hashlib.sha256("".join(f"{f.path}\t{f.size}\t{f.mtime}\n" for f in files[:4]).encode())
+    assert batches[0].key != "b" + plain.hexdigest()[:20]
 
 
-def test_item_ref_is_opaque_and_stable():
-    ref = item_ref("MRN-123_Doe/20200101/1/IM0001.dcm")
+def test_item_ref_is_opaque_stable_and_keyed():
+    path = "MRN-123_Doe/20200101/1/IM0001.dcm"
+    ref = item_ref(path, KEY)
     assert len(ref) == 12 and "Doe" not in ref
-    assert ref == item_ref("MRN-123_Doe/20200101/1/IM0001.dcm")
+    assert ref == item_ref(path, KEY) != item_ref(path, RefKey(b"x" * 32))
+    assert ref != hashlib.sha256(path.encode()).hexdigest()[:12]
+
+
+def test_site_ref_key_from_the_secret_or_kept_in_the_store(tmp_path, monkeypatch):
+    from tasks.deid.secret import SECRET_ENV
+    from tasks.refs import REFERENCE_KEY, site_ref_key
+    from tasks.store import SiteStore
+
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    store = SiteStore(str(tmp_path / "a"), "site-r")
+    first = site_ref_key(store)
+    assert len(store.read_bytes(REFERENCE_KEY)) == 32
+    monkeypatch.setattr("tasks.refs._KEYS", {})
+    assert site_ref_key(store).ref("x") == first.ref("x")  # kept: stable across runs
+    monkeypatch.setenv(SECRET_ENV, "s" * 40)
+    monkeypatch.setattr("tasks.refs._KEYS", {})
+    with_secret = SiteStore(str(tmp_path / "b"), "site-r")
+    assert site_ref_key(with_secret).ref("x") != first.ref("x")
+    assert not with_secret.exists(REFERENCE_KEY)
 
 
 def test_batch_size_aims_at_one_task_per_worker_with_a_floor():

@@ -22,6 +22,7 @@ from tasks.pacs.dicomweb import (
     study_date_filter,
 )
 from tasks.pacs.receiver import validate_ae_title
+from tasks.refs import RefKey
 
 
 def test_parse_source_accepts_dicomweb_urls_and_refuses_credentials() -> None:
@@ -84,9 +85,12 @@ def test_search_all_stops_when_the_server_ignores_offset() -> None:
 
 
 def test_opaque_keys_hide_uids() -> None:
-    key = opaque_key("1.2.840.113619.2.55.3")
+    site = RefKey(b"k" * 32)
+    key = opaque_key("1.2.840.113619.2.55.3", site)
     assert len(key) == 32 and set(key) <= set("0123456789abcdef")
-    assert key == opaque_key("1.2.840.113619.2.55.3") != opaque_key("1.2.840.113619.2.55.4")
+    assert key == opaque_key("1.2.840.113619.2.55.3", site)
+    assert key != opaque_key("1.2.840.113619.2.55.4", site)
+    assert key != opaque_key("1.2.840.113619.2.55.3", RefKey(b"x" * 32))  # keyed
     assert "113619" not in key
 
 
