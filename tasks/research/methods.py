@@ -237,7 +237,9 @@ def _fmt(value: Any) -> str:
 
 
 def _step_sentence(steps_by_series: Mapping[str, list[dict[str, Any]]], config: dict) -> str:
-    names = Counter(s["name"] for steps in steps_by_series.values() for s in steps)
+    names = Counter(
+        name for steps in steps_by_series.values() for name in {s["name"] for s in steps}
+    )
     n = len(steps_by_series)
     parts = []
     if config.get("target_spacing"):
@@ -318,7 +320,8 @@ def methods_text(meta: Mapping[str, Any], table: pa.Table | None = None) -> str:
             f"{setting.get('symmetricalGLCM')}, voxel array shift "
             f"{_fmt(setting.get('voxelArrayShift'))}, normalisation {normalisation}, "
             f"re-segmentation range {_fmt(setting.get('resegmentRange'))}, minimum ROI size "
-            f"{_fmt(setting.get('minimumROISize'))} voxels."
+            f"{_fmt(setting.get('minimumROISize') or 'none')} (voxels), minimum ROI dimensions "
+            f"{_fmt(setting.get('minimumROIDimensions'))}."
         )
     image_types = eff.get("imageType") or {}
     if image_types:

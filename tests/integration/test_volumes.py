@@ -173,3 +173,18 @@ def test_cases_csv_and_folder_rule(tmp_path):
     (tmp_path / "lonely_image.nrrd").write_bytes(b"x")
     (lonely,) = cases_from_folder(str(tmp_path))
     assert (lonely.status, lonely.reason) == ("quarantined", "missing-mask")
+
+
+def test_worked_example_reads_the_tables_with_duckdb_and_plots(cohort, tmp_path):
+    import runpy
+
+    example = runpy.run_path(str(DATA.parents[2] / "examples" / "feature_by_site.py"))
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(PARAMS))
+    feature = "original_shape_VoxelVolume"
+    frame = example["feature_by_site"](Path(cohort["store"].url), params, feature)
+    table = {(r["roi"], r[feature]) for r in cohort["table"].to_pylist()}
+    assert set(zip(frame["roi"], frame["value"], strict=True)) == table
+    assert set(frame["site"]) == {SITE}
+    example["plot"](frame, feature, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
