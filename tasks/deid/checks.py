@@ -17,12 +17,16 @@ from datetime import date
 
 from pydicom.dataset import Dataset
 
-from tasks.deid.pixels import burned_in_risk, document_kind, matching_rule
+from tasks.deid.pixels import (
+    ENCAPSULATED_DOCUMENT,
+    burned_in_risk,
+    document_kind,
+    matching_rule,
+)
 from tasks.deid.profile import DeidOptions, PixelCleaningRule
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 DIRECTORY_RECORD_SEQUENCE = 0x00041220
-ENCAPSULATED_DOCUMENT = 0x00420011
 MEGABYTE = 1 << 20
 
 

@@ -213,14 +213,3 @@ def clear_unused_bits(
     if np.array_equal(expected, unsigned):
         return None
     return expected.astype(unsigned.dtype).tobytes()
-
-
-def declares_overlay_in_pixels(groups: dict[int, bool]) -> bool:
-    """Whether overlay groups store their bits in PixelData (no OverlayData of their own).
-
-    Parameters
-    ----------
-    groups
-        Overlay group (``0x6000``-``0x601E``) -> whether it holds OverlayData (60xx,3000).
-    """
-    return any(not has_data for has_data in groups.values())

@@ -36,6 +36,7 @@ from functools import cache
 from pydicom.datadict import dictionary_is_retired, dictionary_VR
 
 from tasks.deid.allowlist import allowed_tags
+from tasks.deid.pixels import ENCAPSULATED_DOCUMENT
 from tasks.deid.profile import Action, DeidOptions, resolve_for, table
 
 PIXEL_DATA = 0x7FE00010
@@ -72,7 +73,6 @@ REQUIRED = frozenset(
 #: Attributes replaced by the pseudonym or the site code, whatever the lists say.
 _ALWAYS_DECIDED = frozenset({0x00100010, 0x00100020, 0x00080080})
 _TEXT_VALUE = 0x0040A160
-ENCAPSULATED_DOCUMENT = 0x00420011
 
 
 @cache
