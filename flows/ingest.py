@@ -34,10 +34,11 @@ from flows.reporting import Progress, markdown_table, post_summary, post_table
 from flows.runtime import RuntimeOptions, ensure_prefect_api, task_runner
 from tasks.dicom.catalog import (
     CatalogCounts,
+    catalog_is_current,
+    diff_catalog,
     fill_counts,
     merge_catalog,
-    read_catalog_state,
-    read_parts,
+    read_parsed,
     remove_parts,
 )
 from tasks.dicom.headers import PARTS_DIR, parse_batch, warm_up, write_batch_files
@@ -45,7 +46,6 @@ from tasks.dicom.listing import (
     ListedFile,
     ListingDiff,
     batch_key,
-    diff_listing,
     files_from_json,
     files_to_json,
     list_source,
@@ -313,15 +313,15 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
     t0 = time.perf_counter()
     store = check_inputs(params)
     listing = _listing(params, store)
-    state = read_catalog_state(store)
-    diff: ListingDiff = diff_listing(listing, state.rows)
+    diff: ListingDiff = diff_catalog(store, listing)
+    current = catalog_is_current(store, {SOURCE_METADATA_KEY: params.source})
     t_listed = time.perf_counter()
     logger.info(
         "listed %d files: %d new, %d changed, %d unchanged, %d deleted",
         len(listing),
         len(diff.new),
         len(diff.changed),
-        len(diff.unchanged),
+        diff.n_unchanged,
         len(diff.deleted),
     )
     to_parse = diff.to_parse
@@ -330,7 +330,7 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
     timings = {"listing_seconds": round(t_listed - t0, 4)}
     counts = CatalogCounts()
     batches = 0
-    if to_parse or not state.current or diff.deleted:
+    if to_parse or not current or diff.deleted:
         if to_parse:
             remove_parts(store)
             plan = _write_plan(store, to_parse)
@@ -348,11 +348,10 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
                 sum(r["cpu_seconds"] for r in parsed_results), 4
             )
         t_merge = time.perf_counter()
-        rows = read_parts(store, [r["part"] for r in parsed_results])
         counts = merge_catalog(
             store,
             diff,
-            rows,
+            read_parsed(store, [r["part"] for r in parsed_results]),
             params.spacing_tolerance,
             metadata={SOURCE_METADATA_KEY: params.source},
         )
@@ -375,7 +374,7 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
             "files_listed": len(listing),
             "files_new": len(diff.new),
             "files_changed": len(diff.changed),
-            "files_unchanged": len(diff.unchanged),
+            "files_unchanged": diff.n_unchanged,
             "files_deleted": len(diff.deleted),
             "files_parsed": sum(r["files"] for r in parsed_results),
             "files_failed": n_failed,

@@ -555,8 +555,32 @@ class SiteStore:
         path = self._fresh(self.path(key))
         if not self.fs.exists(path):
             return None
+        if self.fs.isdir(path):  # a table in parts (tasks.table_parts): read as one
+            return self._read_parts(key, columns)
         with self.fs.open(path, "rb") as fh:
             return pq.read_table(fh, columns=columns)
+
+    def table_files(self, key: str) -> dict[str, bytes]:
+        """Return the bytes of a table's files: the file, or every part of a parted table.
+
+        Two tables are byte-identical when these dicts are equal (tests of determinism).
+        """
+        path = self._fresh(self.path(key))
+        if self.fs.exists(path) and self.fs.isdir(path):
+            return self.read_many(k for k in self.children(key) if _is_part(k))
+        return {key: self.read_bytes(key)}
+
+    def _read_parts(self, key: str, columns: list[str] | None) -> pa.Table | None:
+        tables = []
+        for part in (k for k in self.children(key) if _is_part(k)):
+            with self.fs.open(self.path(part), "rb") as fh:
+                tables.append(pq.read_table(fh, columns=columns))
+        if not tables:
+            return None
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        sort_key = (table.schema.metadata or {}).get(b"oncoflow.sort_key", b"").decode()
+        order = [(c, "ascending") for c in sort_key.split(",") if c in table.column_names]
+        return table.sort_by(order) if order and len(tables) > 1 else table
 
     def write_table(
         self, key: str, table: pa.Table, metadata: dict[str, str] | None = None
@@ -588,6 +612,11 @@ class SiteStore:
         table = self.read_table(QUARANTINE)
         rows = table.to_pylist() if table is not None else []
         return [r for r in rows if stage is None or r["stage"] == str(stage)]
+
+
+def _is_part(key: str) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith("part-") and name.endswith(".parquet")
 
 
 def _remove_empty_dirs(fs: fsspec.AbstractFileSystem, root: str) -> None:

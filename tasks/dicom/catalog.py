@@ -1,55 +1,57 @@
 """The private catalogue of a site: merging batch parts, series, quarantine, DuckDB views.
 
-``merge_catalog`` combines the rows of the files parsed in this run (the batch part files) with
-the unchanged rows of the existing catalogue, marks deleted files, rebuilds the series and the
-ingest quarantine rows, and writes the tables through :class:`tasks.store.SiteStore` (atomic,
-deterministic, skipped when unchanged). Rows are sorted by key, so the tables are byte-identical
-whatever the number of workers or the order in which batches finished.
+``catalog/instances.parquet`` and ``catalog/series.parquet`` are folders of Parquet parts
+(:mod:`tasks.table_parts`). ``diff_catalog`` compares a listing with the catalogue in DuckDB;
+``merge_catalog`` rebuilds only the series the parsed and deleted files touch and replaces
+only the parts that held their rows, so an increment costs in proportion to what changed and
+no process holds the whole catalogue. Rows inside a part are sorted by key and parts are named
+by content, so the tables are byte-identical whatever the number of workers or the order in
+which batches finished.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from tasks.dicom.headers import INSTANCE_SCHEMA, PARTS_DIR, rows_to_table
-from tasks.dicom.listing import STATUS_DELETED, ListingDiff, item_ref
-from tasks.dicom.series import build_series, series_table
+from tasks.dicom.listing import (
+    STATUS_DELETED,
+    STATUS_OK,
+    STATUS_QUARANTINED,
+    ListedFile,
+    ListingDiff,
+    diff_listing,
+    item_ref,
+)
+from tasks.dicom.series import (
+    DERIVED_REASONS,
+    DUPLICATE_DETAIL,
+    SERIES_SCHEMA,
+    SeriesBuild,
+    build_series,
+    series_table,
+)
 from tasks.errors import OncoflowError
-from tasks.records import Stage
+from tasks.records import QuarantineRecord, Reason, Stage
 from tasks.refs import site_ref_key
 from tasks.store import (
     CATALOG_INSTANCES,
     CATALOG_SERIES,
     QUARANTINE,
+    QUARANTINE_SCHEMA,
     SiteStore,
 )
+from tasks.table_parts import PartedTable
 
 #: Version of the catalogue rules; a change forces a rebuild of series and quarantine.
 CATALOG_VERSION = "1"
 VERSION_KEY = "oncoflow.catalog_version"
-
-
-@dataclass
-class CatalogState:
-    """What the catalogue says about the source, for the incremental diff.
-
-    Attributes
-    ----------
-    rows
-        (path, size, mtime, status) of every catalogued file.
-    current
-        True when the catalogue, series and quarantine exist and were built by this version.
-    """
-
-    rows: list[tuple[str, int, str, str]] = field(default_factory=list)
-    current: bool = False
 
 
 @dataclass
@@ -80,30 +82,106 @@ class CatalogCounts:
     written: list[str] = field(default_factory=list)
 
 
-def read_catalog_state(store: SiteStore) -> CatalogState:
-    """Read the (path, size, mtime, status) columns of the catalogue and its version."""
-    table = store.read_table(CATALOG_INSTANCES, columns=["path", "size", "mtime", "status"])
-    if table is None:
-        return CatalogState()
-    meta = table.schema.metadata or {}
-    version = meta.get(VERSION_KEY.encode(), b"").decode()
-    cols = [table.column(name).to_pylist() for name in ("path", "size", "mtime", "status")]
-    rows = list(zip(*cols, strict=True))
-    current = (
-        version == CATALOG_VERSION and store.exists(CATALOG_SERIES) and store.exists(QUARANTINE)
+def instance_parts(store: SiteStore) -> PartedTable:
+    """``catalog/instances.parquet`` as a folder of parts (rows ordered by path)."""
+    return PartedTable(store, CATALOG_INSTANCES, ("path",))
+
+
+def series_parts(store: SiteStore) -> PartedTable:
+    """``catalog/series.parquet`` as a folder of parts (rows ordered by series key)."""
+    return PartedTable(store, CATALOG_SERIES, ("series_key",))
+
+
+def _sql_list(uris: list[str]) -> str:
+    return "[" + ", ".join("'" + u.replace("'", "''") + "'" for u in uris) + "]"
+
+
+def catalog_is_current(store: SiteStore, metadata: dict[str, str] | None = None) -> bool:
+    """Return whether the catalogue is current.
+
+    Current: the catalogue, series and quarantine exist, were built by this version of the
+    rules and (when given) carry ``metadata``.
+    """
+    instances = instance_parts(store)
+    instances.recover()
+    series_parts(store).recover()
+    meta = instances.schema_metadata()
+    wanted = {**(metadata or {}), VERSION_KEY: CATALOG_VERSION}
+    return (
+        bool(meta)
+        and all(meta.get(k.encode()) == v.encode() for k, v in wanted.items())
+        and series_parts(store).exists()
+        and store.exists(QUARANTINE)
     )
-    return CatalogState(rows=rows, current=current)
 
 
-def read_parts(store: SiteStore, parts: Iterable[str]) -> list[dict[str, Any]]:
-    """Read the rows of batch part files."""
-    rows: list[dict[str, Any]] = []
+def diff_catalog(store: SiteStore, listing: Sequence[ListedFile]) -> ListingDiff:
+    """Compare a listing with the catalogue in DuckDB (the catalogue is never loaded whole).
+
+    Parameters
+    ----------
+    store
+        The site store.
+    listing
+        Current files under the source.
+
+    Returns
+    -------
+    ListingDiff
+        New, changed and newly deleted files; ``unchanged`` is left empty and
+        ``unchanged_count`` set (a list of every unchanged path would grow with the archive).
+    """
+    instances = instance_parts(store)
+    instances.recover()
+    uris = instances.uris()
+    if not uris:
+        return diff_listing(listing, [])
+    listed = pa.table(
+        {
+            "path": pa.array([f.path for f in listing], pa.string()),
+            "size": pa.array([f.size for f in listing], pa.int64()),
+            "mtime": pa.array([f.mtime for f in listing], pa.string()),
+        }
+    )
+    by_path = {f.path: f for f in listing}
+    con = store.connect_duckdb()
+    try:
+        con.register("listed", listed)
+        con.execute(
+            "CREATE TEMP VIEW cat AS SELECT path, size, mtime, status FROM "
+            f"read_parquet({_sql_list(uris)})"
+        )
+        rows = con.execute(
+            "SELECT l.path, c.path IS NULL OR c.status = ? AS is_new FROM listed l "
+            "LEFT JOIN cat c ON c.path = l.path WHERE c.path IS NULL OR c.status = ? "
+            "OR c.size <> l.size OR c.mtime <> l.mtime ORDER BY l.path",
+            [STATUS_DELETED, STATUS_DELETED],
+        ).fetchall()
+        deleted = con.execute(
+            "SELECT c.path FROM cat c ANTI JOIN listed l ON c.path = l.path "
+            "WHERE c.status <> ? ORDER BY c.path",
+            [STATUS_DELETED],
+        ).fetchall()
+    finally:
+        con.close()
+    diff = ListingDiff(
+        new=[by_path[p] for p, is_new in rows if is_new],
+        changed=[by_path[p] for p, is_new in rows if not is_new],
+        deleted=[p for (p,) in deleted],
+    )
+    diff.unchanged_count = len(listing) - len(rows)
+    return diff
+
+
+def read_parsed(store: SiteStore, parts: Iterable[str]) -> pa.Table:
+    """Read the batch part files of this run as one Arrow table (no Python rows)."""
+    tables = []
     for key in parts:
         table = store.read_table(key)
         if table is None:
             raise OncoflowError("a batch part file is missing from the store")
-        rows.extend(table.to_pylist())
-    return rows
+        tables.append(table.cast(INSTANCE_SCHEMA))
+    return pa.concat_tables(tables) if tables else INSTANCE_SCHEMA.empty_table()
 
 
 def remove_parts(store: SiteStore) -> None:
@@ -111,14 +189,26 @@ def remove_parts(store: SiteStore) -> None:
     store.remove(PARTS_DIR)
 
 
+#: Rows handed to :func:`build_series` at once (whole series; memory bounded by this).
+BUILD_CHUNK_ROWS = 20_000
+
+
 def merge_catalog(
     store: SiteStore,
     diff: ListingDiff,
-    parsed: Sequence[dict[str, Any]],
+    parsed: pa.Table | Sequence[dict[str, Any]],
     tolerance: float,
     metadata: dict[str, str] | None = None,
 ) -> CatalogCounts:
-    """Merge parsed rows into the catalogue, rebuild series and quarantine, write the tables.
+    """Merge parsed rows into the catalogue, rebuilding only the series they touch.
+
+    The affected rows are the parsed and deleted files, every row of a series one of them
+    belongs (or belonged) to, and every row sharing a SOP Instance UID with those (duplicate
+    detection), closed under both relations. They are selected with DuckDB over the parts,
+    rebuilt by :func:`~tasks.dicom.series.build_series` a few thousand rows at a time, and
+    written as new parts; the parts that held superseded rows are replaced, all others are
+    left untouched. Without a current catalogue (first run, new rules or new source metadata)
+    everything is affected.
 
     Parameters
     ----------
@@ -127,8 +217,9 @@ def merge_catalog(
     diff
         The listing diff this run was planned from.
     parsed
-        Rows of the files parsed in this run. Files that were to be parsed but have no row
-        (their batch failed) keep their previous row, if any, so the next run retries them.
+        Rows of the files parsed in this run (Arrow table or row dicts). Files that were to be
+        parsed but have no row (their batch failed) keep their previous row, if any, so the
+        next run retries them.
     tolerance
         Slice-gap tolerance (fraction of the median gap).
     metadata
@@ -139,61 +230,258 @@ def merge_catalog(
     CatalogCounts
         Counts and the tables written.
     """
-    old = store.read_table(CATALOG_INSTANCES)
-    by_path: dict[str, dict[str, Any]] = {}
-    if old is not None:
-        deleted = set(diff.deleted)
-        for row in old.to_pylist():
-            if row["path"] in deleted:
-                row.update(status=STATUS_DELETED, reason="", detail="")
-            by_path[row["path"]] = row
-    for row in parsed:
-        by_path[row["path"]] = row
-
-    build = build_series(by_path.values(), tolerance)
-    counts = CatalogCounts()
+    fresh = parsed if isinstance(parsed, pa.Table) else rows_to_table(list(parsed))
+    fresh = fresh.cast(INSTANCE_SCHEMA)
+    instances, series = instance_parts(store), series_parts(store)
+    everything = not catalog_is_current(store, metadata)
     metadata = {**(metadata or {}), VERSION_KEY: CATALOG_VERSION}
-    if store.write_table(CATALOG_INSTANCES, rows_to_table(build.instances), metadata):
-        counts.written.append(CATALOG_INSTANCES)
-    if store.write_table(CATALOG_SERIES, series_table(build.series), metadata):
-        counts.written.append(CATALOG_SERIES)
-    if store.replace_quarantine(Stage.INGEST, build.quarantine):
+    counts = CatalogCounts()
+    con = store.connect_duckdb()
+    try:
+        con.execute("SET threads TO 1")
+        con.register("fresh", fresh)
+        con.register("gone", pa.table({"path": pa.array(diff.deleted, pa.string())}))
+        old_uris = instances.uris()
+        if old_uris:
+            old_sql = f"SELECT * FROM read_parquet({_sql_list(old_uris)})"
+            con.execute(f"CREATE TEMP VIEW old AS {old_sql}")
+        else:
+            con.execute("CREATE TEMP VIEW old AS SELECT * FROM fresh LIMIT 0")
+        _select_affected(con, everything)
+        _mark_duplicates(con)
+        paths_before = _parts_holding(con, old_uris, "path", "SELECT path FROM cur")
+        series_uris = series.uris()
+        series_before = _parts_holding(
+            con, series_uris, "series_instance_uid", "SELECT uid FROM a_series"
+        )
+        old_series_keys = _old_series_keys(con, series_uris)
+        built_quarantine: list[QuarantineRecord] = []
+        new_series: list[pa.Table] = []
+
+        def instance_tables():
+            for build in _builds(con, tolerance):
+                built_quarantine.extend(build.quarantine)
+                new_series.append(series_table(build.series))
+                yield rows_to_table(build.instances)
+
+        def survivors(uris: dict[str, str], column: str, remove: str):
+            for uri in uris.values():
+                kept = con.sql(
+                    f"SELECT * FROM read_parquet('{_q(uri)}') WHERE {column} IS NULL "
+                    f"OR {column} NOT IN ({remove})"
+                ).to_arrow_table()
+                if kept.num_rows:
+                    yield kept
+
+        def instance_parts_bytes():
+            yield from instances.chunks(instance_tables(), metadata)
+            kept = survivors(paths_before, "path", "SELECT path FROM cur")
+            for table in kept:
+                yield instances.part_bytes(table.cast(INSTANCE_SCHEMA), metadata)
+
+        remove_instances = list(paths_before) if not everything else instances.parts()
+        if instances.replace(instance_parts_bytes(), remove_instances):
+            counts.written.append(CATALOG_INSTANCES)
+        if new_series:
+            new_series = [pa.concat_tables(new_series)]
+
+        def series_parts_bytes():
+            yield from series.chunks(new_series, metadata)
+            kept = survivors(series_before, "series_instance_uid", "SELECT uid FROM a_series")
+            for table in kept:
+                yield series.part_bytes(table.cast(SERIES_SCHEMA), metadata)
+
+        remove_series = list(series_before) if not everything else series.parts()
+        if series.replace(series_parts_bytes(), remove_series):
+            counts.written.append(CATALOG_SERIES)
+        affected_items = set(old_series_keys) | {
+            p for (p,) in con.execute("SELECT path FROM cur").fetchall()
+        }
+        affected_items |= {s["series_key"] for t in new_series for s in t.to_pylist()}
+    finally:
+        con.close()
+    for table in (instances, series):
+        adds, removes = table.compaction(metadata)
+        if adds:
+            table.replace(adds, removes)
+    if _replace_ingest_quarantine(store, built_quarantine, None if everything else affected_items):
         counts.written.append(QUARANTINE)
     fill_counts(counts, store)
     return counts
 
 
-def _value_counts(table: pa.Table, column: str) -> dict[str, int]:
-    if table.num_rows == 0:
-        return {}
-    result = pc.value_counts(table.column(column).fill_null(""))
-    return dict(
-        sorted(
-            (str(item["values"]), int(item["counts"]))
-            for item in result.to_pylist()  # small: one entry per distinct value
+def _q(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _select_affected(con: duckdb.DuckDBPyConnection, everything: bool) -> None:
+    """Create ``a_series`` (affected series UIDs) and ``cur`` (the affected rows, updated)."""
+    con.execute("CREATE TEMP TABLE touched AS SELECT path FROM fresh UNION SELECT path FROM gone")
+    if everything:
+        con.execute("CREATE TEMP TABLE affected_old AS SELECT * FROM old")
+    else:
+        seeds = (
+            "SELECT * FROM fresh UNION ALL BY NAME "
+            "SELECT * FROM old WHERE path IN (SELECT path FROM touched)"
         )
+        con.execute(
+            f"CREATE TEMP TABLE a_sop AS SELECT DISTINCT sop_instance_uid AS uid FROM ({seeds}) "
+            "WHERE sop_instance_uid IS NOT NULL AND sop_instance_uid <> ''"
+        )
+        con.execute(
+            "CREATE TEMP TABLE a_ser AS SELECT DISTINCT series_instance_uid AS uid FROM "
+            f"({seeds}) WHERE series_instance_uid IS NOT NULL"
+        )
+        for _ in range(50):  # closure: series of shared SOP UIDs, SOP UIDs of those series
+            added = con.execute(
+                "INSERT INTO a_ser SELECT DISTINCT series_instance_uid FROM old WHERE "
+                "sop_instance_uid IN (SELECT uid FROM a_sop) AND series_instance_uid IS NOT "
+                "NULL AND series_instance_uid NOT IN (SELECT uid FROM a_ser)"
+            ).fetchone()[0]
+            added += con.execute(
+                "INSERT INTO a_sop SELECT DISTINCT sop_instance_uid FROM old WHERE "
+                "series_instance_uid IN (SELECT uid FROM a_ser) AND sop_instance_uid IS NOT "
+                "NULL AND sop_instance_uid <> '' AND sop_instance_uid NOT IN "
+                "(SELECT uid FROM a_sop)"
+            ).fetchone()[0]
+            if not added:
+                break
+        con.execute(
+            "CREATE TEMP TABLE affected_old AS SELECT * FROM old WHERE path IN "
+            "(SELECT path FROM touched) OR series_instance_uid IN (SELECT uid FROM a_ser) "
+            "OR sop_instance_uid IN (SELECT uid FROM a_sop)"
+        )
+    con.execute(
+        "CREATE TEMP TABLE cur AS SELECT * FROM fresh UNION ALL BY NAME "
+        "SELECT * REPLACE ("
+        f"  CASE WHEN path IN (SELECT path FROM gone) THEN '{STATUS_DELETED}' ELSE status END"
+        "   AS status,"
+        "  CASE WHEN path IN (SELECT path FROM gone) THEN '' ELSE reason END AS reason,"
+        "  CASE WHEN path IN (SELECT path FROM gone) THEN '' ELSE detail END AS detail)"
+        " FROM affected_old WHERE path NOT IN (SELECT path FROM fresh)"
+    )
+    con.execute(
+        "CREATE TEMP TABLE a_series AS SELECT DISTINCT series_instance_uid AS uid FROM "
+        "affected_old WHERE series_instance_uid IS NOT NULL UNION SELECT DISTINCT "
+        "series_instance_uid FROM cur WHERE series_instance_uid IS NOT NULL"
     )
 
 
+def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
+    """Quarantine every affected file whose SOP Instance UID an earlier path has.
+
+    What :func:`~tasks.dicom.series.mark_duplicates` does, over the affected rows.
+    """
+    derived = ", ".join(f"'{r}'" for r in sorted(DERIVED_REASONS))
+    con.execute(
+        f"UPDATE cur SET status = '{STATUS_OK}', reason = '', detail = '' "
+        f"WHERE status = '{STATUS_QUARANTINED}' AND reason IN ({derived})"
+    )
+    con.execute(
+        f"UPDATE cur SET status = '{STATUS_QUARANTINED}', "
+        f"reason = '{Reason.DUPLICATE_INSTANCE}', detail = ? WHERE path IN ("
+        "  SELECT path FROM (SELECT path, row_number() OVER (PARTITION BY sop_instance_uid "
+        f"  ORDER BY path) AS n FROM cur WHERE status = '{STATUS_OK}' AND sop_instance_uid "
+        "  IS NOT NULL AND sop_instance_uid <> '') WHERE n > 1)",
+        [DUPLICATE_DETAIL],
+    )
+
+
+def _parts_holding(
+    con: duckdb.DuckDBPyConnection, uris: list[str], column: str, keys_sql: str
+) -> dict[str, str]:
+    """Return part key -> URI of the parts holding a row whose ``column`` is in ``keys_sql``."""
+    if not uris:
+        return {}
+    found = con.execute(
+        f"SELECT DISTINCT filename FROM read_parquet({_sql_list(uris)}, filename = true) "
+        f"WHERE {column} IN ({keys_sql})"
+    ).fetchall()
+    holding = {f for (f,) in found}
+    return {_key_of(u): u for u in uris if u in holding}
+
+
+def _key_of(uri: str) -> str:
+    # part URIs end with <table key>/<part name>; keys are relative to the site root
+    marker = "/catalog/"
+    return "catalog/" + uri.rsplit(marker, 1)[1]
+
+
+def _old_series_keys(con: duckdb.DuckDBPyConnection, uris: list[str]) -> list[str]:
+    if not uris:
+        return []
+    return [
+        k
+        for (k,) in con.execute(
+            f"SELECT series_key FROM read_parquet({_sql_list(uris)}) WHERE series_instance_uid "
+            "IN (SELECT uid FROM a_series)"
+        ).fetchall()
+    ]
+
+
+def _builds(con: duckdb.DuckDBPyConnection, tolerance: float) -> Iterator[SeriesBuild]:
+    """Build series from the affected rows, whole series at a time, in a fixed order."""
+    reader = con.sql(
+        "SELECT * FROM cur ORDER BY series_instance_uid NULLS FIRST, path"
+    ).to_arrow_reader(4096)
+    pending: list[dict[str, Any]] = []
+    for batch in reader:
+        pending.extend(batch.to_pylist())
+        if len(pending) >= BUILD_CHUNK_ROWS:
+            last = pending[-1]["series_instance_uid"]
+            cut = len(pending)
+            while cut > 0 and pending[cut - 1]["series_instance_uid"] == last and last is not None:
+                cut -= 1
+            if cut > 0:
+                yield build_series(pending[:cut], tolerance, duplicates_marked=True)
+                pending = pending[cut:]
+    if pending:
+        yield build_series(pending, tolerance, duplicates_marked=True)
+
+
+def _replace_ingest_quarantine(
+    store: SiteStore, records: list[QuarantineRecord], items: set[str] | None
+) -> bool:
+    """Replace the ingest rows of the quarantine table.
+
+    All of them (``items`` None) or only those about ``items`` (the affected files and series).
+    """
+    if items is None:
+        return store.replace_quarantine(Stage.INGEST, records)
+    current = store.read_table(QUARANTINE)
+    rows = current.to_pylist() if current is not None else []
+    kept = [r for r in rows if not (r["stage"] == str(Stage.INGEST) and r["item"] in items)]
+    kept.extend(r.to_row() for r in records)
+    kept.sort(key=lambda r: (r["stage"], r["kind"], r["item"], r["reason"]))
+    return store.write_table(QUARANTINE, pa.Table.from_pylist(kept, schema=QUARANTINE_SCHEMA))
+
+
 def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
-    """Fill ``counts`` from the tables in the store (reads only a few columns)."""
-    columns = store.read_table
-    instances = columns(CATALOG_INSTANCES, ["status"])
-    if instances is not None:
-        counts.files = _value_counts(instances, "status")
-    series = columns(CATALOG_SERIES, ["series_key", "modality", "status"])
-    if series is not None:
-        counts.series = _value_counts(series, "status")
-        by_modality: dict[str, Counter[str]] = {}
-        for modality, status in zip(
-            series.column("modality").fill_null("").to_pylist(),
-            series.column("status").to_pylist(),
-            strict=True,
-        ):
-            by_modality.setdefault(modality or "-", Counter())[status] += 1
-        counts.series_by_modality = {
-            m: dict(sorted(c.items())) for m, c in sorted(by_modality.items())
-        }
+    """Fill ``counts`` from the tables in the store (DuckDB aggregates over the parts)."""
+    instances, series = instance_parts(store), series_parts(store)
+    con = store.connect_duckdb()
+    try:
+        if instances.exists():
+            counts.files = dict(
+                con.execute(
+                    f"SELECT status, count(*) FROM read_parquet({_sql_list(instances.uris())}) "
+                    "GROUP BY status ORDER BY status"
+                ).fetchall()
+            )
+        if series.exists():
+            rows = con.execute(
+                "SELECT coalesce(nullif(modality, ''), '-'), status, count(*) FROM "
+                f"read_parquet({_sql_list(series.uris())}) GROUP BY ALL ORDER BY ALL"
+            ).fetchall()
+            by_status: Counter[str] = Counter()
+            by_modality: dict[str, dict[str, int]] = {}
+            for modality, status, n in rows:
+                by_status[status] += n
+                by_modality.setdefault(modality, {})[status] = n
+            counts.series = dict(sorted(by_status.items()))
+            counts.series_by_modality = by_modality
+    finally:
+        con.close()
     rows = store.quarantine_rows(Stage.INGEST)
     key = site_ref_key(store)
     counts.reasons = dict(sorted(Counter(r["reason"] for r in rows).items()))
@@ -212,13 +500,11 @@ def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
 def catalog_views(store: SiteStore) -> dict[str, str]:
     """Return the view names and the URLs of the Parquet files that exist."""
     views = {}
-    for name, key in (
-        ("instances", CATALOG_INSTANCES),
-        ("series", CATALOG_SERIES),
-        ("quarantine", QUARANTINE),
-    ):
-        if store.exists(key):
-            views[name] = store.uri(key)
+    for name, table in (("instances", instance_parts(store)), ("series", series_parts(store))):
+        if table.exists():
+            views[name] = table.glob()
+    if store.exists(QUARANTINE):
+        views["quarantine"] = store.uri(QUARANTINE)
     return views
 
 
@@ -257,12 +543,14 @@ __all__ = [
     "CATALOG_VERSION",
     "INSTANCE_SCHEMA",
     "CatalogCounts",
-    "CatalogState",
+    "catalog_is_current",
     "catalog_views",
     "connect_catalog",
+    "diff_catalog",
     "fill_counts",
+    "instance_parts",
     "merge_catalog",
-    "read_catalog_state",
-    "read_parts",
+    "read_parsed",
     "remove_parts",
+    "series_parts",
 ]

@@ -70,6 +70,8 @@ class ListingDiff:
         Files to parse (not in the catalogue, or with another size or change token).
     unchanged
         Paths whose catalogue rows stay as they are.
+    unchanged_count
+        How many they are, when the paths themselves are not listed.
     deleted
         Paths in the catalogue (not yet marked deleted) that are gone from the source.
     """
@@ -78,6 +80,12 @@ class ListingDiff:
     changed: list[ListedFile] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    unchanged_count: int = 0
+
+    @property
+    def n_unchanged(self) -> int:
+        """How many files are unchanged (``unchanged`` is left empty by a diff in DuckDB)."""
+        return max(len(self.unchanged), self.unchanged_count)
 
     @property
     def to_parse(self) -> list[ListedFile]:

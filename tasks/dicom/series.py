@@ -301,6 +301,10 @@ def _series_row(
     }
 
 
+#: Detail of a duplicate-instance quarantine row.
+DUPLICATE_DETAIL = "same SOP Instance UID as another file"
+
+
 def mark_duplicates(rows: list[dict[str, Any]]) -> None:
     """Quarantine every file whose SOP Instance UID was seen in a file earlier by path."""
     seen: set[str] = set()
@@ -314,13 +318,15 @@ def mark_duplicates(rows: list[dict[str, Any]]) -> None:
             row.update(
                 status=STATUS_QUARANTINED,
                 reason=str(Reason.DUPLICATE_INSTANCE),
-                detail="same SOP Instance UID as another file",
+                detail=DUPLICATE_DETAIL,
             )
         else:
             seen.add(uid)
 
 
-def build_series(rows: Iterable[dict[str, Any]], tolerance: float = 0.01) -> SeriesBuild:
+def build_series(
+    rows: Iterable[dict[str, Any]], tolerance: float = 0.01, *, duplicates_marked: bool = False
+) -> SeriesBuild:
     """Group catalogue rows into series, validate them, and collect quarantine records.
 
     Parameters
@@ -330,6 +336,9 @@ def build_series(rows: Iterable[dict[str, Any]], tolerance: float = 0.01) -> Ser
         previous merge are re-evaluated; parse outcomes are kept.
     tolerance
         Allowed slice-gap deviation as a fraction of the median gap.
+    duplicates_marked
+        The rows' duplicate-instance marks were set over a larger set of rows (the catalogue
+        merge does it in DuckDB): keep them instead of re-evaluating them among ``rows``.
 
     Returns
     -------
@@ -337,11 +346,13 @@ def build_series(rows: Iterable[dict[str, Any]], tolerance: float = 0.01) -> Ser
         Updated instance rows (sorted by path), series rows and quarantine records.
     """
     instances = [dict(r) for r in rows]
+    derived = {str(Reason.LOCALIZER)} if duplicates_marked else DERIVED_REASONS
     for row in instances:
-        if row["status"] == STATUS_QUARANTINED and row.get("reason") in DERIVED_REASONS:
+        if row["status"] == STATUS_QUARANTINED and row.get("reason") in derived:
             row.update(status=STATUS_OK, reason="", detail="")
     instances.sort(key=lambda r: r["path"])
-    mark_duplicates(instances)
+    if not duplicates_marked:
+        mark_duplicates(instances)
 
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in instances:

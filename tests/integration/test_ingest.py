@@ -36,11 +36,9 @@ def tree_hashes(root: Path) -> dict[str, str]:
     }
 
 
-def table_state(store: SiteStore) -> dict[str, tuple[bytes, int]]:
-    """Bytes and modification time of each catalogue table."""
-    return {
-        key: (store.read_bytes(key), Path(store.path(key)).stat().st_mtime_ns) for key in TABLES
-    }
+def table_state(store: SiteStore) -> dict[str, tuple[dict[str, bytes], dict[str, str]]]:
+    """Bytes and modification times of each catalogue table's files (its parts)."""
+    return {key: (store.table_files(key), store.modified(key)) for key in TABLES}
 
 
 @dataclass
@@ -50,7 +48,7 @@ class Ingested:
     truth: SiteTruth
     summary: StageSummary
     hashes: dict[str, str]
-    tables: dict[str, tuple[bytes, int]]
+    tables: dict[str, tuple[dict[str, bytes], dict[str, str]]]
     one_worker: SiteStore
 
 
@@ -153,7 +151,7 @@ def test_duckdb_views_answer_queries(ingested):
 
 def test_other_worker_count_and_batch_size_give_identical_tables(ingested):
     for key in TABLES:
-        assert ingested.one_worker.read_bytes(key) == ingested.tables[key][0], key
+        assert ingested.one_worker.table_files(key) == ingested.tables[key][0], key
 
 
 def test_rerun_parses_nothing_and_writes_nothing(ingested):

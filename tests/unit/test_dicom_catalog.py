@@ -1,18 +1,19 @@
 """Merging parsed rows into the catalogue (no Prefect, no Dask: the plain functions)."""
 
 import shutil
+from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from tasks.dicom.catalog import (
     CATALOG_VERSION,
+    catalog_is_current,
     connect_catalog,
+    diff_catalog,
     merge_catalog,
-    read_catalog_state,
 )
 from tasks.dicom.headers import parse_files
-from tasks.dicom.listing import diff_listing, list_source
+from tasks.dicom.listing import list_source
 from tasks.errors import OncoflowError
 from tasks.store import SiteStore
 from tests.unit.dicom_samples import write_series
@@ -21,8 +22,7 @@ from tests.unit.dicom_samples import write_series
 def _ingest(source, store):
     """Listing, diff, parse of what changed, merge: the flow's steps without the runtime."""
     listing = list_source(str(source))
-    state = read_catalog_state(store)
-    diff = diff_listing(listing, state.rows)
+    diff = diff_catalog(store, listing)
     rows = parse_files(str(source), diff.to_parse)
     counts = merge_catalog(store, diff, rows, 0.01, metadata={"source": str(source)})
     return diff, counts
@@ -30,7 +30,7 @@ def _ingest(source, store):
 
 def _bytes(store):
     keys = ("catalog/instances.parquet", "catalog/series.parquet", "quarantine.parquet")
-    return {k: store.read_bytes(k) for k in keys}
+    return {k: store.table_files(k) for k in keys}
 
 
 @pytest.fixture()
@@ -57,7 +57,7 @@ def test_first_merge_writes_the_three_tables(tmp_path, source):
     # artifact rows: opaque references only
     assert {q["reason"] for q in counts.quarantine} == {"missing-slice", "not-dicom"}
     assert all("notes" not in q["ref"] and len(q["ref"]) == 12 for q in counts.quarantine)
-    meta = pq.read_schema(store.path("catalog/series.parquet")).metadata
+    meta = store.read_table("catalog/series.parquet").schema.metadata
     assert meta[b"oncoflow.catalog_version"] == CATALOG_VERSION.encode()
     assert meta[b"source"] == str(source).encode()
     instances = store.read_table("catalog/instances.parquet")
@@ -72,7 +72,7 @@ def test_rerun_changes_nothing(tmp_path, source):
     assert diff.to_parse == [] and diff.deleted == []
     assert counts.written == []
     assert _bytes(store) == before
-    assert read_catalog_state(store).current
+    assert catalog_is_current(store)
 
 
 def test_deleted_and_changed_files(tmp_path, source):
@@ -116,4 +116,60 @@ def test_duckdb_views(tmp_path, source):
     assert joined == (9,)
     reasons = con.execute("SELECT reason FROM quarantine ORDER BY reason").fetchall()
     assert reasons == [("missing-slice",), ("not-dicom",)]
+    con.close()
+
+
+def _rows(store, key, sort):
+    table = store.read_table(key)
+    return sorted(table.to_pylist(), key=lambda r: r[sort])
+
+
+def test_increments_give_the_tables_a_rebuild_from_scratch_gives(tmp_path, source):
+    """New series, a deleted file, a changed file and a duplicate added one change at a time:
+    only the parts holding affected rows change, and the rows equal a fresh ingest's."""
+    store = SiteStore(str(tmp_path / "store"), "site-a")
+    _ingest(source, store)
+    parts_before = set(store.table_files("catalog/instances.parquet"))
+    write_series(source / "p2" / "mr", 3)
+    diff, counts = _ingest(source, store)
+    assert len(diff.new) == 3 and diff.n_unchanged == 10
+    assert counts.files == {"ok": 12, "quarantined": 1}
+    after = set(store.table_files("catalog/instances.parquet"))
+    assert parts_before <= after and len(after) == len(parts_before) + 1  # one part added
+    (source / "p1" / "ct" / "IM0002.dcm").unlink()
+    shutil.copy(source / "p2" / "mr" / "IM0001.dcm", source / "p1" / "copy.dcm")
+    (source / "notes.txt").write_text("changed notes, longer")
+    _ingest(source, store)
+
+    fresh_store = SiteStore(str(tmp_path / "fresh"), "site-a")
+    _ingest(source, fresh_store)
+    for key, sort in (
+        ("catalog/instances.parquet", "path"),
+        ("catalog/series.parquet", "series_key"),
+    ):
+        mine, rebuilt = _rows(store, key, sort), _rows(fresh_store, key, sort)
+        # the deleted file's row stays (status deleted) only in the incremental catalogue
+        mine = [r for r in mine if r.get("status") != "deleted"]
+        assert mine == rebuilt, key
+    quarantine = sorted(store.quarantine_rows(), key=lambda r: (r["item"], r["reason"]))
+    rebuilt_q = sorted(fresh_store.quarantine_rows(), key=lambda r: (r["item"], r["reason"]))
+    assert quarantine == rebuilt_q
+    assert {r["reason"] for r in quarantine} >= {"duplicate-instance", "not-dicom"}
+
+
+def test_parts_are_read_as_one_table_by_pyarrow_dataset_and_duckdb(tmp_path, source):
+    import duckdb
+    import pyarrow.dataset as ds
+
+    store = SiteStore(str(tmp_path / "store"), "site-a")
+    _ingest(source, store)
+    write_series(source / "p2" / "mr", 3)
+    _ingest(source, store)
+    folder = store.path("catalog/instances.parquet")
+    assert len(list(Path(folder).glob("part-*.parquet"))) == 2
+    assert ds.dataset(folder, format="parquet").count_rows() == 13
+    con = duckdb.connect()
+    assert con.execute(f"SELECT count(*) FROM read_parquet('{folder}/*.parquet')").fetchall() == [
+        (13,)
+    ]
     con.close()

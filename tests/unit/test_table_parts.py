@@ -1,0 +1,106 @@
+"""Tables in parts: one table for pyarrow.dataset and DuckDB, transactions that survive a crash."""
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+import tasks.table_parts as table_parts
+from tasks.store import SiteStore
+from tasks.table_parts import PartedTable
+
+
+def rows(start: int, n: int) -> pa.Table:
+    return pa.table({"key": [f"k{i:05d}" for i in range(start, start + n)], "v": list(range(n))})
+
+
+@pytest.fixture()
+def table(tmp_path: Path) -> PartedTable:
+    return PartedTable(SiteStore(str(tmp_path / "store"), "site-a"), "t/data.parquet", ("key",))
+
+
+def keys_seen(table: PartedTable) -> list[str]:
+    """Keys as DuckDB reads them through the folder's glob (duplicates kept)."""
+    con = duckdb.connect()
+    try:
+        return [
+            k for (k,) in con.execute(f"SELECT key FROM read_parquet('{table.glob()}')").fetchall()
+        ]
+    finally:
+        con.close()
+
+
+def test_parts_read_as_one_table_and_identical_parts_change_nothing(table):
+    first = table.part_bytes(rows(0, 5))
+    assert table.replace([first, table.part_bytes(rows(5, 3))], []) is True
+    folder = table.store.path(table.key)
+    assert ds.dataset(folder, format="parquet").count_rows() == 8
+    assert sorted(keys_seen(table)) == [f"k{i:05d}" for i in range(8)]
+    assert table.read().column("key").to_pylist() == sorted(keys_seen(table))
+    before = table.store.table_files(table.key)
+    assert table.replace([first], []) is False  # the same content is already a part
+    assert table.store.table_files(table.key) == before
+    # replacing a part: its rows leave, the new ones arrive
+    (old_first,) = [k for k in table.parts() if before[k] == first]
+    assert table.replace([table.part_bytes(rows(0, 2))], [old_first]) is True
+    assert sorted(keys_seen(table)) == [f"k{i:05d}" for i in (0, 1, 5, 6, 7)]
+
+
+class Crash(Exception):
+    """Stands for the process being killed at this point."""
+
+
+@pytest.mark.parametrize("crash_at", range(6))
+def test_a_writer_killed_at_any_step_loses_and_duplicates_no_row(table, monkeypatch, crash_at):
+    """The store operations a transaction makes fail at step ``crash_at``; the next writer's
+    recovery then leaves either the old rows or the new rows, each exactly once."""
+    table.replace([table.part_bytes(rows(0, 4)), table.part_bytes(rows(4, 4))], [])
+    old_keys = sorted(keys_seen(table))
+    victim = next(k for k in table.parts() if "k00000" in str(table.store.read_table(k)))
+    new = [table.part_bytes(rows(0, 2)), table.part_bytes(rows(100, 3))]
+    expected_new = sorted([f"k{i:05d}" for i in (0, 1, 4, 5, 6, 7, 100, 101, 102)])
+
+    store = table.store
+    calls = {"n": 0}
+    for name in ("stage_bytes", "write_bytes", "move", "remove"):
+        real = getattr(SiteStore, name)
+
+        def failing(self, *args, _real=real, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == crash_at + 1:
+                raise Crash()
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(SiteStore, name, failing)
+    try:
+        table.replace(new, [victim])
+        crashed = False
+    except Crash:
+        crashed = True
+    monkeypatch.undo()
+    outcome = PartedTable(store, table.key, table.sort_key).recover()
+    seen = sorted(keys_seen(table))
+    assert seen in (old_keys, expected_new), (crash_at, crashed, outcome, seen)
+    assert len(seen) == len(set(seen))
+    assert crashed  # six store operations: two stagings, the journal, a move, two removals
+    if crash_at >= 3:  # the journal was written (the commit point): rolled forward
+        assert seen == expected_new
+    else:  # killed before the commit point: the old table
+        assert seen == old_keys
+    assert not store.exists(table.txn)
+
+
+def test_many_small_parts_are_compacted(table, monkeypatch):
+    monkeypatch.setattr(table_parts, "MAX_PARTS", 4)
+    for i in range(6):
+        table.replace([table.part_bytes(rows(10 * i, 3))], [])
+    assert len(table.parts()) == 6
+    adds, removes = table.compaction()
+    assert len(adds) == 1 and len(removes) == 6
+    table.replace(adds, removes)
+    assert len(table.parts()) == 1
+    assert sorted(keys_seen(table)) == sorted(
+        f"k{10 * i + j:05d}" for i in range(6) for j in range(3)
+    )
