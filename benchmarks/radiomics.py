@@ -24,6 +24,14 @@ runs it) instead of the temporary server each command starts on its own.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run as a script, this folder comes first on sys.path and this file would shadow pyradiomics'
+# own ``radiomics`` package
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
 import argparse
 import contextlib
 import csv

@@ -18,6 +18,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.dicom.headers import INSTANCE_SCHEMA, PARTS_DIR, rows_to_table
 from tasks.dicom.listing import (
@@ -457,31 +458,25 @@ def _replace_ingest_quarantine(
 
 
 def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
-    """Fill ``counts`` from the tables in the store (DuckDB aggregates over the parts)."""
-    instances, series = instance_parts(store), series_parts(store)
-    con = store.connect_duckdb()
-    try:
-        if instances.exists():
-            counts.files = dict(
-                con.execute(
-                    f"SELECT status, count(*) FROM read_parquet({_sql_list(instances.uris())}) "
-                    "GROUP BY status ORDER BY status"
-                ).fetchall()
+    """Fill ``counts`` from the tables in the store (one or two columns read per part)."""
+    files: Counter[str] = Counter()
+    for table in _column_batches(instance_parts(store), ["status"]):
+        files.update(_value_counts(table, "status"))
+    counts.files = dict(sorted(files.items()))
+    by_status: Counter[str] = Counter()
+    by_modality: dict[str, Counter[str]] = {}
+    for table in _column_batches(series_parts(store), ["modality", "status"]):
+        for (modality, status), n in Counter(
+            zip(
+                table.column("modality").fill_null("").to_pylist(),
+                table.column("status").to_pylist(),
+                strict=True,
             )
-        if series.exists():
-            rows = con.execute(
-                "SELECT coalesce(nullif(modality, ''), '-'), status, count(*) FROM "
-                f"read_parquet({_sql_list(series.uris())}) GROUP BY ALL ORDER BY ALL"
-            ).fetchall()
-            by_status: Counter[str] = Counter()
-            by_modality: dict[str, dict[str, int]] = {}
-            for modality, status, n in rows:
-                by_status[status] += n
-                by_modality.setdefault(modality, {})[status] = n
-            counts.series = dict(sorted(by_status.items()))
-            counts.series_by_modality = by_modality
-    finally:
-        con.close()
+        ).items():
+            by_status[status] += n
+            by_modality.setdefault(modality or "-", Counter())[status] += n
+    counts.series = dict(sorted(by_status.items()))
+    counts.series_by_modality = {m: dict(sorted(c.items())) for m, c in sorted(by_modality.items())}
     rows = store.quarantine_rows(Stage.INGEST)
     key = site_ref_key(store)
     counts.reasons = dict(sorted(Counter(r["reason"] for r in rows).items()))
@@ -495,6 +490,21 @@ def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
         for r in sorted(rows, key=lambda r: (r["reason"], item_ref(r["item"], key)))
     ]
     return counts
+
+
+def _column_batches(table: PartedTable, columns: list[str]) -> Iterator[pa.Table]:
+    """Yield the given columns of each part of ``table`` (one part in memory at a time)."""
+    for key in table.parts():
+        part = table.store.read_table(key, columns)
+        if part is not None:
+            yield part
+
+
+def _value_counts(table: pa.Table, column: str) -> dict[str, int]:
+    if table.num_rows == 0:
+        return {}
+    result = pc.value_counts(table.column(column).fill_null(""))
+    return {str(item["values"]): int(item["counts"]) for item in result.to_pylist()}
 
 
 def catalog_views(store: SiteStore) -> dict[str, str]:
