@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -51,6 +50,7 @@ from pydicom.uid import UID_dictionary as WELL_KNOWN_UIDS
 from tasks.deid.descriptors import (
     VOCABULARY,
     clean_descriptor,
+    holds_identifier,
     identifier_tokens,
     site_vocabulary,
 )
@@ -85,7 +85,6 @@ _METHOD_SEQUENCE = 0x00120064  # DeidentificationMethodCodeSequence
 _CLEANABLE_VRS = frozenset({"LO", "SH", "UC", "LT", "ST", "UT", "CS"})
 _REPLACING = frozenset({Action.EMPTY, Action.DUMMY, Action.PSEUDONYM, Action.REPLACE})
 _SAFE_PRIVATE_VRS = NUMERIC_VRS - {"OB", "OW", "OD", "OF", "OL", "OV", "AT"}
-_WORD = re.compile(r"[A-Za-z0-9]+")
 #: VRs of kept values that need no look (binary data such as Pixel Data).
 UNCHECKED_VRS = frozenset({"OB", "OW", "OB or OW"})
 #: VRs whose dummy value is text.
@@ -422,10 +421,8 @@ class _Walker:
             return False
         raw = ds.get_item(tag)
         if isinstance(raw, RawDataElement):
-            text = raw.value.decode("latin-1") if raw.value else ""
-        else:
-            text = "\\".join(str(v) for v in _values(raw))
-        return any(w.lower() in self.forbidden for w in _WORD.findall(text))
+            return holds_identifier(raw.value or b"", self.forbidden)
+        return holds_identifier("\\".join(str(v) for v in _values(raw)), self.forbidden)
 
     def recurse(self, elem: DataElement) -> None:
         for item in elem.value or []:

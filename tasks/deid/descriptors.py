@@ -242,3 +242,31 @@ def _clean(text: str, forbidden: frozenset[str], extra: frozenset[str]) -> str:
 def site_vocabulary(words_: tuple[str, ...]) -> frozenset[str]:
     """Fold a site's extra vocabulary words (configuration) for :func:`clean_descriptor`."""
     return frozenset(fold(unicodedata.normalize("NFC", w)) for w in words_ for w in w.split())
+
+
+#: Codecs a kept value's raw bytes are read in when looking for identifier words (the file's
+#: character set may be wrong or missing; any of them finding a word is enough).
+RAW_CODECS = ("utf_8", "latin_1", "iso8859_2", "iso8859_5", "iso8859_7")
+
+
+@lru_cache(maxsize=4096)
+def holds_identifier(value: bytes | str, forbidden: frozenset[str]) -> bool:
+    """Whether a kept text value holds one of the patient's identifier words.
+
+    Parameters
+    ----------
+    value
+        The value as read (raw bytes, decoded in every codec of :data:`RAW_CODECS`) or as
+        text.
+    forbidden
+        Folded identifier tokens (see :func:`identifier_tokens`).
+    """
+    if not forbidden or not value:
+        return False
+    texts = [value] if isinstance(value, str) else [value.decode(c, "replace") for c in RAW_CODECS]
+    return any(
+        fold(word) in forbidden
+        for text in texts
+        for word in words(unicodedata.normalize("NFC", text))
+    )
+

@@ -56,7 +56,6 @@ from tasks.deid.dataset import (
     _METHOD_SEQUENCE,
     _REPLACING,
     _SAFE_PRIVATE_VRS,
-    _WORD,
     CODE_KEYWORDS,
     IDENTIFIER_KEYWORDS,
     STANDARD_SCHEMES,
@@ -71,7 +70,7 @@ from tasks.deid.dataset import (
     _private_label,
     _values,
 )
-from tasks.deid.descriptors import clean_descriptor
+from tasks.deid.descriptors import clean_descriptor, holds_identifier
 from tasks.deid.pixels import PixelLayoutError, clear_unused_bits
 from tasks.deid.policy import (
     PIXEL_DATA,
@@ -909,14 +908,11 @@ class _Walker:
             return False
         elem = item.elems[tag]
         if elem.new is None and elem.conv is None:
-            raw = item.data[elem.vstart : elem.vend]
-            text = raw.decode("latin-1") if raw else ""
-        else:
-            if elem.new is not None:
-                raise Unsupported("replacement read back")
-            text = "\\".join(str(v) for v in _values(elem.conv))  # type: ignore[arg-type]
-        forbidden = self.forbidden
-        return any(w.lower() in forbidden for w in _WORD.findall(text))
+            return holds_identifier(item.data[elem.vstart : elem.vend], self.forbidden)
+        if elem.new is not None:
+            raise Unsupported("replacement read back")
+        text = "\\".join(str(v) for v in _values(elem.conv))  # type: ignore[arg-type]
+        return holds_identifier(text, self.forbidden)
 
 
 @lru_cache(maxsize=512)

@@ -283,3 +283,18 @@ def test_patients_without_id_never_share_a_pseudonym_or_shift():
 
 def test_the_corpus_names_are_the_ones_planted():
     assert len(CANARIES) >= 16
+
+
+def test_a_patient_name_in_a_kept_text_attribute_is_cleaned_in_any_charset():
+    charsets = (("ISO_IR 100", "latin_1"), ("ISO_IR 192", "utf_8"), ("ISO_IR 126", "iso8859_7"))
+    for charset, codec in charsets:
+        ds = _image(bits_stored=16)
+        ds.SpecificCharacterSet = charset
+        name = "Παπαδοπούλου" if codec == "iso8859_7" else "Müller"
+        ds.PatientName = f"{name}^Test"
+        ds.Manufacturer = f"{name} Medical"  # kept verbatim unless it names the patient
+        ds.PixelData = b"\x00" * 32
+        result, _, _ = _both(_bytes(ds), DeidOptions())
+        out = dcmread(io.BytesIO(result.data))
+        assert name not in str(out.get("Manufacturer", "")), charset
+        assert find_canaries(result.data, dates=False) == [], charset
