@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import struct
 import time
 import warnings
@@ -713,32 +714,71 @@ _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
                        b"UR", b"UT", b"UV"})  # fmt: skip
 
 
-def _meta_vr_invalid(fp: BinaryIO) -> bool:
-    """Whether an element of the file meta group (explicit VR little endian) has no valid VR.
+@dataclass(frozen=True)
+class _MetaScan:
+    """What the element headers of the file meta group tell before any reader runs."""
 
-    Reads the group's element headers from byte 132 and leaves ``fp`` there. A file whose meta
-    group is cut short is left to the readers (they report the truncation).
+    invalid_vr: bool = False
+    syntax: str = ""
+    end: int = 132
+
+
+def _scan_meta(fp: BinaryIO) -> _MetaScan:
+    """Walk the file meta group (explicit VR little endian) from byte 132; leave ``fp`` there.
+
+    Reports an element without a valid VR, the transfer syntax and where the group ends. A
+    group cut short is left to the readers (they report the truncation).
     """
-    pos = 132
+    pos, syntax = 132, ""
     try:
         for _ in range(256):
             fp.seek(pos)
             head = fp.read(8)
             if len(head) < 8 or head[:2] != b"\x02\x00":
-                return False
+                break
             vr = head[4:6]
             if vr not in _VALID_VRS:
-                return True
+                return _MetaScan(invalid_vr=True)
             if vr in _LONG_VRS:
                 extra = fp.read(4)
-                if len(extra) < 4:
-                    return False
-                length = int.from_bytes(extra, "little")
-                if length == 0xFFFFFFFF:
-                    return False
-                pos += 12 + length
+                if len(extra) < 4 or extra == b"\xff\xff\xff\xff":
+                    break
+                start, length = pos + 12, int.from_bytes(extra, "little")
             else:
-                pos += 8 + int.from_bytes(head[6:8], "little")
+                start, length = pos + 8, int.from_bytes(head[6:8], "little")
+            if head[2:4] == b"\x10\x00" and length <= 64:  # (0002,0010) TransferSyntaxUID
+                syntax = fp.read(length).decode("latin-1").strip("\x00 ")
+            pos = start + length
+        return _MetaScan(syntax=syntax, end=pos)
+    finally:
+        fp.seek(132)
+
+
+def max_inflated_bytes() -> int:
+    """Bound of an inflated deflated data set (``ONCOFLOW_MAX_INFLATED_MB``, default 1024 MiB)."""
+    return int(os.environ.get("ONCOFLOW_MAX_INFLATED_MB", "1024")) * (1 << 20)
+
+
+def _inflates_beyond(fp: BinaryIO, start: int, limit: int) -> bool:
+    """Whether the deflated data set from ``start`` inflates to more than ``limit`` bytes.
+
+    Streams the file through zlib in chunks, holding at most one chunk of output; a corrupt
+    stream is left to the readers. Leaves ``fp`` at byte 132.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        fp.seek(start)
+        while True:
+            chunk = inflater.unconsumed_tail or fp.read(1 << 20)
+            if not chunk:
+                return False
+            total += len(inflater.decompress(chunk, 1 << 22))
+            if total > limit:
+                return True
+            if inflater.eof:
+                return False
+    except zlib.error:
         return False
     finally:
         fp.seek(132)
@@ -750,10 +790,16 @@ def _parse_open_file(
     head = fp.read(132)
     if len(head) < 132 or head[128:132] != b"DICM":
         return _quarantine(row, Reason.NOT_DICOM, "no DICM prefix at byte 128")
-    if _meta_vr_invalid(fp):
+    scan = _scan_meta(fp)
+    if scan.invalid_vr:
         # the readers would each guess differently (one skips the element, the other reads
         # the rest of the file as its value): decided here, the same for both
         return _quarantine(row, Reason.UNREADABLE_HEADER, "file meta element with an invalid VR")
+    if scan.syntax in DEFLATED_SYNTAXES:
+        limit = max_inflated_bytes()
+        if _inflates_beyond(fp, scan.end, limit):
+            detail = f"deflated data set over {limit >> 20} MiB inflated"
+            return _quarantine(row, Reason.INPUT_TOO_LARGE, detail)
     header = _read_fast(fp, size) if fast else None
     if header is None:
         try:

@@ -86,6 +86,22 @@ def test_a_file_meta_vr_corruption_gets_one_verdict_from_both_readers():
     assert (row["status"], row["reason"]) == ("quarantined", "unreadable-header")
 
 
+def test_a_deflate_bomb_is_quarantined_by_both_readers(monkeypatch):
+    ds = ct_dataset(series_uid=generate_uid(), study_uid=generate_uid(), rows=512, columns=512)
+    ds.PixelData = bytes(512 * 512 * 2)  # zeros: 512 KiB deflate to about 1 KiB
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    assert len(data) < 16 * 1024
+    monkeypatch.setenv("ONCOFLOW_MAX_INFLATED_MB", "0")
+    row = _row(data)  # checks that both readers agree
+    assert (row["status"], row["reason"]) == ("quarantined", "input-too-large")
+    assert "0 MiB" in row["detail"]
+    monkeypatch.setenv("ONCOFLOW_MAX_INFLATED_MB", "4")
+    assert _row(data)["status"] == "ok"
+
+
 @FUZZ
 @given(st.binary(max_size=4096))
 def test_random_bytes(data):
