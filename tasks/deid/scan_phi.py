@@ -355,18 +355,21 @@ def catalogue_identifiers(store: SiteStore) -> list[str]:
     """Return the distinct identifying values (names, IDs, UIDs, dates) of the private catalogue.
 
     Reads ``catalog/instances.parquet`` and ``catalog/series.parquet`` (only the identifier
-    and date columns).
+    and date columns) and the NIfTI/NRRD cases of ``catalog/volumes.parquet``.
 
     Raises
     ------
     OncoflowError
         When the catalogue does not exist.
     """
+    from tasks.volumes.cases import volume_identifiers
+
     columns = IDENTIFIER_COLUMNS + DATE_COLUMNS
     instances = _read_columns(store, CATALOG_INSTANCES, columns)
-    if instances is None:
+    volumes = volume_identifiers(store)  # NIfTI/NRRD cases: patient IDs and file names
+    if instances is None and volumes is None:
         raise OncoflowError(f"no catalogue for site {store.site!r}: run `oncoflow ingest` first")
-    values: set[str] = set()
+    values: set[str] = set(volumes or [])
     for tbl in (instances, _read_columns(store, CATALOG_SERIES, columns)):
         if tbl is None:
             continue

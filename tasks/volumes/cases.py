@@ -40,6 +40,8 @@ CATALOG_VOLUMES = "catalog/volumes.parquet"
 #: Mask file stems of the folder naming rule.
 MASK_WORDS = ("mask", "label", "seg")
 MODALITY = re.compile(r"^[A-Z]{2,4}$")
+#: Words of file names that name the file's role, not a person (left out of leak-gate values).
+FILE_WORDS = frozenset({"image", "img", "mask", "label", "labels", "seg", "segmentation"})
 
 VOLUMES_SCHEMA = pa.schema(
     [
@@ -276,3 +278,25 @@ def volumes_table(cases: list[VolumeCase]) -> pa.Table:
 def write_catalogue(store: SiteStore, source: str, cases: list[VolumeCase]) -> bool:
     """Write ``catalog/volumes.parquet`` with the SOURCE in its metadata; True when written."""
     return store.write_table(CATALOG_VOLUMES, volumes_table(cases), {"source": source})
+
+
+def volume_identifiers(store: SiteStore) -> list[str] | None:
+    """Return the identifying values of ``catalog/volumes.parquet`` (None without the table).
+
+    Patient and study IDs from the cases, and the file names (without folder and suffix) of
+    every image and mask, which often carry a patient's name or a date: what the leak gate
+    must never find in a published file.
+    """
+    table = store.read_table(CATALOG_VOLUMES)
+    if table is None:
+        return None
+    values: set[str] = set()
+    for row in table.select(["image", "masks", "patient_id", "study_id"]).to_pylist():
+        values.update(v for v in (row["patient_id"], row["study_id"]) if v)
+        for location in [row["image"], *(row["masks"] or [])]:
+            name = location.rsplit("/", 1)[-1]
+            stem = name[: -len(volume_suffix(name))] if volume_suffix(name) else name
+            words = [w for w in re.split(r"[\W_]+", stem) if w and w.lower() not in FILE_WORDS]
+            if words:
+                values.add(" ".join(words))
+    return sorted(values)

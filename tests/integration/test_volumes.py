@@ -188,3 +188,13 @@ def test_worked_example_reads_the_tables_with_duckdb_and_plots(cohort, tmp_path)
     assert set(frame["site"]) == {SITE}
     example["plot"](frame, feature, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_leak_gate_knows_the_cases_identities(cohort):
+    from tasks.deid.scan_phi import IdentifierMatcher, catalogue_identifiers
+
+    values = catalogue_identifiers(cohort["store"])  # no DICOM catalogue at this site
+    assert "Szőke Árpád" in values and "Papadopoulos Georgios 1961 03 04" in values
+    matcher = IdentifierMatcher(values)
+    assert matcher.found("report for Papadopoulos Georgios")
+    assert not matcher.found("original_shape_VoxelVolume of the image and its mask")
