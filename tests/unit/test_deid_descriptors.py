@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tasks.deid.descriptors import (
     VOCABULARY,
     clean_descriptor,
+    fold,
     identifier_tokens,
     remove_dates,
     site_vocabulary,
+    words,
 )
 from tests.canaries import CANARIES, DATES, TIMES
 
@@ -68,3 +72,24 @@ def test_vocabulary_holds_no_canary_name_or_month():
     names = identifier_tokens(c.person_name.replace("^", " ") for c in CANARIES)
     assert not names & VOCABULARY
     assert not {"mai", "maja", "may", "μαιου", "januar"} & VOCABULARY
+
+
+_LETTERS = st.characters(
+    categories=("Lu", "Ll"),
+    include_characters="äöüßłśźżąęćńóřůěčšžőűăâîșțşţάέήίόύώαβγδεζηθικλμνξπρστυφχψωабвгдежзийклмнопрстуфхцчшщъьюя",
+)
+
+
+KEPT = ["CT", "THORAX", "5mm", "nativ", "θώρακας", "AX", "T1"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    names=st.lists(st.text(_LETTERS, min_size=3, max_size=12), min_size=1, max_size=3),
+    kept=st.lists(st.sampled_from(KEPT), max_size=3),
+)
+def test_any_unknown_word_in_any_script_goes_whole(names, kept):
+    unknown = {fold(n) for n in names if fold(n) not in VOCABULARY}
+    cleaned = words(clean_descriptor(" ".join([*names, *kept])))
+    assert not unknown & {fold(w) for w in cleaned}
+    assert all(fold(w) in VOCABULARY or w in kept for w in cleaned)
