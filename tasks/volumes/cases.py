@@ -40,6 +40,8 @@ CATALOG_VOLUMES = "catalog/volumes.parquet"
 #: Mask file stems of the folder naming rule.
 MASK_WORDS = ("mask", "label", "seg")
 MODALITY = re.compile(r"^[A-Z]{2,4}$")
+#: Files a NIfTI/NRRD folder may hold besides the volumes (notes, tables, scripts).
+NOTE_SUFFIXES = (".csv", ".tsv", ".txt", ".md", ".json", ".yaml", ".yml", ".py", ".pdf")
 #: Words of file names that name the file's role, not a person (left out of leak-gate values).
 FILE_WORDS = frozenset({"image", "img", "mask", "label", "labels", "seg", "segmentation"})
 
@@ -118,7 +120,10 @@ def roi_slug(name: str) -> str:
 
 
 def is_volume_source(source: str) -> bool:
-    """Whether SOURCE is a cases CSV or a folder holding only NIfTI/NRRD files.
+    """Whether SOURCE is a cases CSV or a folder holding NIfTI/NRRD files and no other images.
+
+    Hidden files and notes (``.csv``, ``.txt``, ``.md``, ``.json``, ``.yaml``, ``.py``, ``.pdf``)
+    are ignored; any other file (DICOM, with or without a suffix) makes it a DICOM source.
 
     Raises
     ------
@@ -128,14 +133,21 @@ def is_volume_source(source: str) -> bool:
     if source.lower().endswith(".csv"):
         return True
     fs, root = open_url(source)
+    seen = False
     try:
         if not fs.isdir(root):
             return False
-        names = [p.rsplit("/", 1)[-1] for p in fs.find(root)]
+        # stops at the first other file: a DICOM source costs one folder listing, not a walk
+        for _, _, files in fs.walk(root):
+            for name in files:
+                if name.startswith(".") or name.lower().endswith(NOTE_SUFFIXES):
+                    continue
+                if not volume_suffix(name):
+                    return False
+                seen = True
     except OSError:
         return False
-    names = [n for n in names if not n.startswith(".")]
-    return bool(names) and all(volume_suffix(n) for n in names)
+    return seen
 
 
 def _join(base: str, path: str) -> str:

@@ -44,7 +44,7 @@ OTHER_SECRET = "another-integration-secret-9876543210-zyxwvutsrqpon"
 CONTRACT = [
     "series", "study", "patient", "frame_of_reference", "modality", "kind", "body_part",
     "manufacturer", "sex", "acquisition_date", "age_at_study", "n_instances", "paths",
-    "referenced_series", "status", "reason",
+    "referenced_series", "status", "reason", "rois",
 ]  # fmt: skip
 
 

@@ -29,7 +29,12 @@ from flows.runtime import RuntimeOptions, dask_cluster
 from flows.volumes import ingest_volumes
 from tasks.deid.pseudonyms import SiteKeys
 from tasks.store import SiteStore
-from tasks.volumes.cases import CATALOG_VOLUMES, cases_from_folder, read_cases_csv
+from tasks.volumes.cases import (
+    CATALOG_VOLUMES,
+    cases_from_folder,
+    is_volume_source,
+    read_cases_csv,
+)
 from tasks.volumes.deid import plan_volume_jobs, volume_series_uid
 
 pytestmark = pytest.mark.integration
@@ -167,6 +172,8 @@ def test_cases_csv_and_folder_rule(tmp_path):
     lung1 = next(c for c in cases if "Szoke" in c.image)
     assert (lung1.labels, lung1.roi_names) == ([1, 2], ["gtv", "peritumoral-ring"])
     assert lung1.modality == "CT" and lung1.study_id == "CT-1"
+    assert is_volume_source(str(DATA)) and is_volume_source(str(DATA / "cases.csv"))
+    assert not is_volume_source(str(DATA.parent.parent / "unit"))
     folder = cases_from_folder(str(DATA))
     assert len(folder) == 5 and all(c.masks and c.labels == [0] for c in folder)
     assert {c.patient_id for c in folder} >= {"Szoke_Arpad_1949", "Wojcik_Zofia_1958"}
