@@ -370,6 +370,9 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
         site=params.site,
         counts=dict(sorted(file_counts.items())),
         reasons=counts.reasons,
+        computed=sum(r["files"] for r in parsed_results),
+        reused=len(diff.unchanged),
+        tables_written=list(counts.written),
         extra={
             "files_listed": len(listing),
             "files_new": len(diff.new),
@@ -381,7 +384,6 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
             "batches": batches,
             "series": counts.series,
             "series_by_modality": counts.series_by_modality,
-            "tables_written": counts.written,
             "timings": timings,
         },
     )
@@ -422,25 +424,3 @@ def ingest_dicom(params: IngestParams, runtime: RuntimeOptions | None = None) ->
     result = ingest_flow(params, runtime or RuntimeOptions())
     return _summary_from(result, params.site)
 
-
-def ingest_source(
-    source: str, site: str, store: str, runtime: RuntimeOptions | None = None
-) -> StageSummary:
-    """Ingest a SOURCE for the site pipeline: a DICOMweb source is pulled first, then ingested.
-
-    Parameters
-    ----------
-    source
-        Folder, ``file://``, ``s3://`` or ``dicomweb+http(s)://`` URL.
-    site, store
-        The site and its store.
-    runtime
-        Dask workers or an existing scheduler.
-    """
-    if source.strip().lower().startswith("dicomweb+"):
-        from flows.pacs import PullParams, pull_dicomweb
-
-        return pull_dicomweb(
-            PullParams(source=source, site=site, store=store), runtime or RuntimeOptions()
-        )
-    return ingest_dicom(IngestParams(source=source, site=site, store=store), runtime)

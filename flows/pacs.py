@@ -15,25 +15,24 @@ import signal
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from flows.reporting import Progress, artifact_key, markdown_table, post_table
 from flows.runtime import RuntimeOptions, dask_cluster, ensure_prefect_api, task_runner
+from flows.stage import StageParams
 from tasks.errors import StageFailed
 from tasks.pacs.credentials import load_credentials
 from tasks.pacs.dicomweb import (
     PACS_ZONE,
     PullState,
     SeriesPull,
-    StudyPlan,
     clean_staging,
-    commit_series,
     describe_error,
     dicomweb_client,
     now_iso,
@@ -42,24 +41,23 @@ from tasks.pacs.dicomweb import (
     plan_pull,
     pull_series_task,
     read_plan,
+    settle_pull,
     study_date_filter,
     write_plan,
 )
 from tasks.pacs.receiver import ReceiverStats, StorageReceiver
 from tasks.records import Stage, StageSummary
 from tasks.refs import site_ref_key
-from tasks.store import SiteStore, validate_site
+from tasks.store import SiteStore
 
 
-class PullParams(BaseModel):
+class PullParams(StageParams):
     """Parameters of a DICOMweb pull (no identifiers, no credentials)."""
 
     source: str = Field(
         description="DICOMweb source, e.g. dicomweb+http://pacs:8042/dicom-web "
         "(credentials come from the environment or a Prefect Secret block)."
     )
-    site: str = Field(description="Site code: lowercase letters, digits, dashes.")
-    store: str = Field(description="Site store URL (path, file://, s3://...).")
     modalities: list[str] = Field(
         default_factory=list,
         description="Pull studies containing any of these modalities (e.g. CT, MR); empty: all.",
@@ -88,11 +86,6 @@ class PullParams(BaseModel):
         parse_source(value)
         return value.strip()
 
-    @field_validator("site")
-    @classmethod
-    def _site(cls, value: str) -> str:
-        return validate_site(value)
-
     @field_validator("modalities")
     @classmethod
     def _modalities(cls, value: list[str]) -> list[str]:
@@ -116,9 +109,6 @@ class PullParams(BaseModel):
         if value:
             parse_date(value, "--until date")
         return value
-
-
-StudyOutcome = Literal["pulled", "skipped", "failed"]
 
 
 @flow(name="pull-dicomweb-series", flow_run_name="pull-series-{site}", log_prints=False)
@@ -167,6 +157,37 @@ def pull_series_flow(
             out[job.series_key] = {"error": describe_error(exc)}
         progress.advance()
     return out
+
+
+def _pull_series(
+    params: PullParams, store: SiteStore, base_url: str, jobs: list, runtime: RuntimeOptions
+) -> dict[str, SeriesPull | str]:
+    """Pull the planned series with the ``pull-dicomweb-series`` subflow on the Dask runner.
+
+    Returns
+    -------
+    dict
+        Per series key: the staged series, or a one-line error.
+    """
+    if not jobs:
+        return {}
+    plan_key = write_plan(store, jobs)  # the plan holds UIDs: private zone, not a parameter
+    raw = pull_series_flow.with_options(task_runner=task_runner(runtime))(
+        params.site,
+        params.store,
+        base_url,
+        plan_key,
+        params.secret_block,
+        params.timeout_seconds,
+        params.retries,
+        params.retry_delay_seconds,
+    )
+    store.remove(plan_key)
+    results: dict[str, SeriesPull | str] = {}
+    for job in jobs:
+        got = raw.get(job.series_key, {"error": "no result"})
+        results[job.series_key] = str(got["error"]) if "error" in got else SeriesPull(**got)
+    return results
 
 
 def _report(summary: StageSummary, studies: list[dict[str, object]]) -> None:
@@ -248,78 +269,22 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
         )
     jobs = [job for plan in plans for job in plan.jobs]
     t_search = time.perf_counter()
-    results: dict[str, SeriesPull | str] = {}
-    if jobs:
-        plan_key = write_plan(store, jobs)
-        raw_results = pull_series_flow.with_options(
-            task_runner=task_runner(runtime or RuntimeOptions())
-        )(
-            params.site,
-            params.store,
-            base_url,
-            plan_key,
-            params.secret_block,
-            params.timeout_seconds,
-            params.retries,
-            params.retry_delay_seconds,
-        )
-        store.remove(plan_key)
-        for job in jobs:
-            got = raw_results.get(job.series_key, {"error": "no result"})
-            results[job.series_key] = str(got["error"]) if "error" in got else SeriesPull(**got)
+    results = _pull_series(params, store, base_url, jobs, runtime or RuntimeOptions())
     t_pulled = time.perf_counter()
 
-    outcomes: dict[StudyOutcome, int] = {"pulled": 0, "skipped": 0, "failed": 0}
-    series_counts = {"pulled": 0, "skipped": 0, "failed": 0}
-    instances = nbytes = 0
-    rows: list[dict[str, object]] = []
-    committed = False
-    for plan in plans:
-        outcome, error = _settle_study(store, state, base_url, plan, results)
-        outcomes[outcome] += 1
-        series_counts["skipped"] += plan.n_series - len(plan.jobs)
-        pulled = [results[j.series_key] for j in plan.jobs]
-        done = [p for p in pulled if isinstance(p, SeriesPull)]
-        if outcome == "pulled":
-            committed = True
-            series_counts["pulled"] += len(done)
-            instances += sum(p.instances for p in done)
-            nbytes += sum(p.nbytes for p in done)
-        elif outcome == "failed":
-            series_counts["failed"] += len(plan.jobs)
-        rows.append(
-            {
-                "study": plan.study_key,
-                "series": plan.n_series,
-                "to_pull": len(plan.jobs),
-                "outcome": outcome,
-                "error": error,
-            }
-        )
+    settled = settle_pull(store, state, base_url, plans, results)
     source_state.last_success = started
     state.save(store)
     t_committed = time.perf_counter()
 
-    summary = StageSummary(
-        stage=Stage.INGEST,
-        site=params.site,
-        counts={"ok": outcomes["pulled"] + outcomes["skipped"], "failed": outcomes["failed"]},
-        extra={
-            "source": base_url,
-            "study_dates": study_dates,
-            "studies": {"found": len(plans), **outcomes},
-            "series": series_counts,
-            "instances": instances,
-            "bytes": nbytes,
-            "timings": {
-                "search_seconds": round(t_search - t0, 3),
-                "pull_seconds": round(t_pulled - t_search, 3),
-                "commit_seconds": round(t_committed - t_pulled, 3),
-            },
-        },
-    )
-    _report(summary, rows)
-    needs_ingest = committed or not store.exists("catalog/instances.parquet")
+    summary = settled.summary(params.site, base_url, study_dates, len(plans))
+    summary.extra["timings"] = {
+        "search_seconds": round(t_search - t0, 3),
+        "pull_seconds": round(t_pulled - t_search, 3),
+        "commit_seconds": round(t_committed - t_pulled, 3),
+    }
+    _report(summary, settled.rows)
+    needs_ingest = settled.committed or not store.exists("catalog/instances.parquet")
     if params.ingest and needs_ingest and store.exists(PACS_ZONE):
         from flows.ingest import IngestParams, ingest_dicom
 
@@ -329,47 +294,14 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
         )
         summary.extra["ingest"] = ingested.to_dict()
     summary.extra["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
-    failed = outcomes["failed"]
+    failed = settled.studies["failed"]
     if plans and failed / len(plans) > params.max_failure_ratio:
         raise StageFailed(
             f"DICOMweb pull: {failed} of {len(plans)} studies failed "
-            f"({', '.join(sorted({str(r['error']) for r in rows if r['error']}))}); "
+            f"({', '.join(sorted({str(r['error']) for r in settled.rows if r['error']}))}); "
             "they will be retried on the next run"
         )
     return summary.to_dict()
-
-
-def _settle_study(
-    store: SiteStore,
-    state: PullState,
-    base_url: str,
-    plan: StudyPlan,
-    results: dict[str, SeriesPull | str],
-) -> tuple[StudyOutcome, str]:
-    """Commit a study whose series all arrived, or discard its staging and record the failure."""
-    failures = state.source(base_url).failed
-    if plan.up_to_date:
-        failures.pop(plan.study_key, None)
-        return "skipped", ""
-    pulled = [results[j.series_key] for j in plan.jobs]
-    errors = sorted({p for p in pulled if isinstance(p, str)})
-    if errors:
-        for p in pulled:
-            if isinstance(p, SeriesPull):
-                store.remove(p.staging)
-        previous = failures.get(plan.study_key, {})
-        failures[plan.study_key] = {
-            "study_uid": plan.study_uid,
-            "attempts": int(previous.get("attempts", 0)) + 1,
-            "error": "; ".join(errors),
-        }
-        return "failed", "; ".join(errors)
-    for p in pulled:
-        assert isinstance(p, SeriesPull)
-        commit_series(store, p)
-        state.series[p.series_key] = {"study": p.study_key, "instances": p.instances}
-    failures.pop(plan.study_key, None)
-    return "pulled", ""
 
 
 def pull_dicomweb(params: PullParams, runtime: RuntimeOptions) -> StageSummary:

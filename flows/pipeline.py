@@ -117,24 +117,18 @@ def _run_stage(stage: StageName, p: SitePipelineParams) -> list[StageSummary]:
     return [StageSummary(stage=Stage.PUBLISH, site=p.site, counts={outcome: 1}, extra=extra)]
 
 
-WORK_KEYS = ("_parsed", "_computed", "_skipped", "_reused", "_unchanged", "_written")
-
-
 def stage_rows(summaries: list[StageSummary]) -> list[dict[str, Any]]:
     """One row per stage run: outcome counts and how much work was done or reused."""
-    rows = []
-    for s in summaries:
-        row: dict[str, Any] = {"stage": str(s.stage)}
-        row.update({k: s.counts.get(k, 0) for k in ("ok", "quarantined", "failed")})
-        row.update(
-            {
-                k: v
-                for k, v in sorted(s.extra.items())
-                if k.endswith(WORK_KEYS) and isinstance(v, int) and not isinstance(v, bool)
-            }
-        )
-        rows.append(row)
-    return rows
+    return [
+        {
+            "stage": str(s.stage),
+            **{k: s.counts.get(k, 0) for k in ("ok", "quarantined", "failed")},
+            "computed": s.computed,
+            "reused": s.reused,
+            "tables_written": len(s.tables_written),
+        }
+        for s in summaries
+    ]
 
 
 def report_markdown(site: str, summaries: list[StageSummary]) -> str:

@@ -223,7 +223,8 @@ def hide_expected_tracebacks(console: bool = True) -> None:
                 handler.addFilter(_ExpectedErrors(drop=True))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """Return a TCP port free on 127.0.0.1 now (the one helper for servers and tests)."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -311,7 +312,7 @@ def _open_prefect_api() -> PrefectApi:
         temporary_settings,
     )
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     try:
         process = _start_server_process(port)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class Stage(StrEnum):
@@ -144,31 +145,101 @@ class UnitResult:
     computed: bool = True
 
 
-_SUMMARY_FIELDS = ("stage", "site", "counts", "reasons")
+@dataclass(frozen=True)
+class UnitOutcome:
+    """What a stage's unit task returns: its result, its stage-table row and quarantine rows.
+
+    Parameters
+    ----------
+    result
+        Status, reason, outputs of the unit.
+    row
+        The unit's row of the stage table (pseudonymous keys, no identifiers).
+    quarantine
+        Quarantine rows the unit adds (e.g. one per rejected mask of a kept series).
+    """
+
+    result: UnitResult
+    row: dict[str, Any] = field(default_factory=dict)
+    quarantine: tuple[QuarantineRecord, ...] = ()
+
+
+_SUMMARY_FIELDS = (
+    "stage",
+    "site",
+    "counts",
+    "reasons",
+    "errors",
+    "computed",
+    "reused",
+    "tables_written",
+    "stale_removed",
+)
 
 
 @dataclass
 class StageSummary:
-    """Counts for one stage run, safe to print, log and post as an artifact."""
+    """What one stage run did, safe to print, log and post as an artifact.
+
+    Parameters
+    ----------
+    stage, site
+        Which stage ran for which site.
+    counts
+        Units by status (``ok``, ``quarantined``, ``failed``).
+    reasons
+        Units by quarantine reason code.
+    errors
+        Failed units by error class.
+    computed
+        Units whose output was computed by this run.
+    reused
+        Units whose up-to-date output was kept (nothing written).
+    tables_written
+        Store keys of the tables this run wrote (an unchanged table is not written).
+    stale_removed
+        Outputs of units no longer planned that were removed.
+    extra
+        Stage-specific fields (documented in the stage's guide).
+    """
 
     stage: Stage
     site: str
     counts: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    computed: int = 0
+    reused: int = 0
+    tables_written: list[str] = field(default_factory=list)
+    stale_removed: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def from_results(
-        cls, stage: Stage, site: str, results: list[UnitResult], **extra: object
+        cls,
+        stage: Stage,
+        site: str,
+        results: list[UnitResult],
+        *,
+        tables_written: list[str] | None = None,
+        stale_removed: int = 0,
+        **extra: object,
     ) -> StageSummary:
-        """Build a summary by counting results by status and by reason."""
+        """Build a summary by counting results by status, reason and error class."""
         counts = Counter(str(r.status) for r in results)
         reasons = Counter(r.reason for r in results if r.reason)
+        errors = Counter(r.error_class for r in results if r.error_class)
+        ok = [r for r in results if r.status == Status.OK]
         return cls(
             stage=stage,
             site=site,
             counts=dict(sorted(counts.items())),
             reasons=dict(sorted(reasons.items())),
+            errors=dict(sorted(errors.items())),
+            computed=sum(1 for r in ok if r.computed),
+            reused=sum(1 for r in ok if not r.computed),
+            tables_written=list(tables_written or []),
+            stale_removed=stale_removed,
             extra=dict(extra),
         )
 
@@ -180,6 +251,11 @@ class StageSummary:
             site=site,
             counts=dict(data.get("counts", {})),  # type: ignore[call-overload]
             reasons=dict(data.get("reasons", {})),  # type: ignore[call-overload]
+            errors=dict(data.get("errors", {})),  # type: ignore[call-overload]
+            computed=int(data.get("computed", 0)),  # type: ignore[call-overload]
+            reused=int(data.get("reused", 0)),  # type: ignore[call-overload]
+            tables_written=list(data.get("tables_written", [])),  # type: ignore[call-overload]
+            stale_removed=int(data.get("stale_removed", 0)),  # type: ignore[call-overload]
             extra={k: v for k, v in data.items() if k not in _SUMMARY_FIELDS},
         )
 
@@ -192,9 +268,14 @@ class StageSummary:
     def to_dict(self) -> dict[str, object]:
         """Return a JSON-serialisable dict."""
         return {
+            **self.extra,
             "stage": str(self.stage),
             "site": self.site,
             "counts": self.counts,
             "reasons": self.reasons,
-            **self.extra,
+            "errors": self.errors,
+            "computed": self.computed,
+            "reused": self.reused,
+            "tables_written": self.tables_written,
+            "stale_removed": self.stale_removed,
         }

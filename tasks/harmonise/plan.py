@@ -8,9 +8,15 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.errors import OncoflowError
-from tasks.harmonise.series import META_COLUMNS, SegmentationRef, SeriesUnit
-from tasks.records import QuarantineRecord, Reason, Stage
-from tasks.store import DEID_DICOM, DEID_SERIES, SiteStore
+from tasks.harmonise.qc import thumbnail_data_uri
+from tasks.harmonise.series import (
+    META_COLUMNS,
+    SegmentationRef,
+    SeriesUnit,
+    output_dir,
+)
+from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitOutcome
+from tasks.store import DEID_DICOM, DEID_SERIES, HARMONISED, HARMONISED_SERIES, SiteStore
 from tasks.store_checks import missing_input
 
 IMAGE_KINDS = ("image", "multiframe", "volume")
@@ -117,3 +123,53 @@ def series_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(
         [{f.name: r.get(f.name) for f in SERIES_SCHEMA} for r in ordered], schema=SERIES_SCHEMA
     )
+
+
+def remove_stale(store: SiteStore, keep: set[str]) -> int:
+    """Remove output folders of series that are no longer harmonised; return how many."""
+    return store.prune(
+        HARMONISED, {HARMONISED_SERIES, *(output_dir(s) for s in keep)}, children=True
+    )
+
+
+def outcome_rows(outcomes: list[UnitOutcome]) -> list[dict[str, Any]]:
+    """Return the outcome table of a run: one row per series (last 12 characters of its key)."""
+    return [
+        {
+            "series": o.result.key[-12:],
+            "status": str(o.result.status),
+            "reason": o.result.reason or o.result.error_class,
+            "intensity": o.row["intensity"] or "",
+            "rois": ", ".join(o.row["rois"]),
+            "size": "x".join(str(v) for v in o.row["size"] or []),
+            "spacing": "x".join(f"{v:.3g}" for v in o.row["spacing"] or []),
+            "computed": o.result.computed,
+        }
+        for o in outcomes
+    ]
+
+
+def qc_report(store: SiteStore, outcomes: list[UnitOutcome], limit: int) -> str:
+    """Markdown QC report: thumbnails of the first ``limit`` harmonised series, keys of the rest."""
+    ok = [o for o in outcomes if o.result.status == Status.OK]
+    if not ok:
+        return "No harmonised series."
+    cells, rest = [], []
+    for outcome in ok:
+        qc_key = f"{output_dir(outcome.result.key)}/qc.png"
+        rois = ", ".join(outcome.row["rois"]) or "no ROI"
+        caption = f"`{outcome.result.key[-12:]}` {outcome.row['intensity']}, {rois}"
+        if len(cells) < limit:
+            try:
+                uri = thumbnail_data_uri(store.read_bytes(qc_key), size=96)
+            except FileNotFoundError:
+                rest.append(f"- {caption}: `{qc_key}` (missing)")
+                continue
+            cells.append(f"![qc]({uri}) {caption}")
+        else:
+            rest.append(f"- {caption}: `{qc_key}`")
+    text = "Slice through the largest ROI cross-section, mask outlines in colour.\n\n"
+    text += "\n\n".join(cells)
+    if rest:
+        text += "\n\nOther QC pictures (store keys):\n" + "\n".join(rest)
+    return text

@@ -37,7 +37,7 @@ from tasks.harmonise.provenance import Step, code_version, content_key, provenan
 from tasks.harmonise.qc import qc_png
 from tasks.harmonise.quarantine import Quarantined
 from tasks.harmonise.volume import read_volume, read_volume_file, resample_to_spacing
-from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitResult
+from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitOutcome, UnitResult
 from tasks.store import HARMONISED, SiteStore, sha256_bytes
 
 #: EUCAIM minimum-set columns copied from ``deid/series.parquet``.
@@ -105,15 +105,6 @@ class SeriesUnit:
     def label(self) -> str:
         """Short pseudonymous label for task names (last 12 characters of the key)."""
         return self.series[-12:]
-
-
-@dataclass(frozen=True)
-class SeriesOutcome:
-    """What a series task returns: the unit result, the table row and quarantine records."""
-
-    result: UnitResult
-    row: dict[str, Any]
-    quarantine: tuple[QuarantineRecord, ...] = ()
 
 
 def output_dir(series: str) -> str:
@@ -250,7 +241,7 @@ def _build_masks(
     return kept, problems
 
 
-def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig) -> SeriesOutcome:
+def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig) -> UnitOutcome:
     """Harmonise one image series and its segmentations into ``harmonised/<series>/``.
 
     Parameters
@@ -264,7 +255,7 @@ def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig
 
     Returns
     -------
-    SeriesOutcome
+    UnitOutcome
         Unit result (ok, quarantined with a reason, or failed with an error class), the row of
         ``harmonised/series.parquet`` and quarantine records (the series and/or single masks).
         Bad input never raises; transient store errors (``OSError``) do, so the task retries.
@@ -281,7 +272,7 @@ def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig
             _mask_record(unit.series, MaskProblem(r, Reason(reason), detail))
             for r, reason, detail in saved.get("mask_problems", [])
         )
-        return SeriesOutcome(
+        return UnitOutcome(
             UnitResult(unit.series, Status.OK, outputs=tuple(saved["keys"]), computed=False),
             series_row(unit, Status.OK, **saved["row"]),
             records,
@@ -291,7 +282,7 @@ def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig
     except Quarantined as q:
         _clear(store, unit.series)
         record = QuarantineRecord(unit.series, "series", Stage.HARMONISE, q.reason, q.detail)
-        return SeriesOutcome(
+        return UnitOutcome(
             UnitResult(unit.series, Status.QUARANTINED, reason=str(q.reason), detail=q.detail),
             series_row(unit, Status.QUARANTINED, str(q.reason)),
             (record,),
@@ -300,7 +291,7 @@ def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig
         raise
     except Exception as exc:  # unexpected: report, never a traceback in the run
         detail = str(exc).splitlines()[0][:200] if str(exc) else ""
-        return SeriesOutcome(
+        return UnitOutcome(
             UnitResult(unit.series, Status.FAILED, error_class=type(exc).__name__, detail=detail),
             series_row(unit, Status.FAILED, type(exc).__name__),
         )
@@ -313,7 +304,7 @@ def _compute(
     data: dict[str, bytes],
     inputs: dict[str, str],
     key: str,
-) -> SeriesOutcome:
+) -> UnitOutcome:
     image_inputs = {k: inputs[k] for k in unit.keys}
     if unit.kind == "volume":
         volume = read_volume_file(data[unit.keys[0]], unit.meta.get("modality") or "OT")
@@ -399,7 +390,7 @@ def _compute(
     )
     store.commit(outputs, prov_key, document)
     records = tuple(_mask_record(unit.series, p) for p in problems)
-    return SeriesOutcome(
+    return UnitOutcome(
         UnitResult(unit.series, Status.OK, outputs=tuple(sorted([*outputs, prov_key]))),
         series_row(unit, Status.OK, **row_values),
         records,
@@ -415,6 +406,6 @@ def _compute(
 )
 def harmonise_series_task(
     store_url: str, site: str, unit: SeriesUnit, config: HarmoniseConfig
-) -> SeriesOutcome:
+) -> UnitOutcome:
     """Prefect task: harmonise one series on a worker (its native threads pinned by the runtime)."""
     return harmonise_series(SiteStore(store_url, site), unit, config)

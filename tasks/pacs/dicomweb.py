@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import pydicom
@@ -39,6 +39,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import OncoflowError
 from tasks.pacs.credentials import DicomwebCredentials, load_credentials
+from tasks.records import Stage, StageSummary
 from tasks.refs import RefKey, site_ref_key
 from tasks.store import Existing, SiteStore
 
@@ -228,7 +229,7 @@ class PullState:
 
 
 @dataclass(frozen=True)
-class SeriesJob:
+class PullJob:
     """One series to pull. UIDs are hidden from ``repr`` and never logged or returned.
 
     Parameters
@@ -255,7 +256,7 @@ class StudyPlan:
     study_key: str
     study_uid: str = field(repr=False)
     n_series: int = 0
-    jobs: tuple[SeriesJob, ...] = ()
+    jobs: tuple[PullJob, ...] = ()
 
     @property
     def up_to_date(self) -> bool:
@@ -444,7 +445,7 @@ def plan_pull(
             have = state.series.get(series_key)
             if have and (count is None or count == have.get("instances")):
                 continue
-            jobs.append(SeriesJob(study_key, series_key, study_uid, series_uid, count))
+            jobs.append(PullJob(study_key, series_key, study_uid, series_uid, count))
         plans.append(StudyPlan(study_key, study_uid, len(series), tuple(jobs)))
     return plans
 
@@ -452,7 +453,7 @@ def plan_pull(
 PLAN_KEY = "raw/_state/pull-plan.json"
 
 
-def write_plan(store: SiteStore, jobs: list[SeriesJob]) -> str:
+def write_plan(store: SiteStore, jobs: list[PullJob]) -> str:
     """Write the series to pull into the private zone and return its key.
 
     The plan holds UIDs, so it is passed to the pulling subflow by key, never as a parameter.
@@ -462,9 +463,9 @@ def write_plan(store: SiteStore, jobs: list[SeriesJob]) -> str:
     return PLAN_KEY
 
 
-def read_plan(store: SiteStore, key: str) -> list[SeriesJob]:
+def read_plan(store: SiteStore, key: str) -> list[PullJob]:
     """Read a plan written by :func:`write_plan`."""
-    return [SeriesJob(**item) for item in json.loads(store.read_bytes(key))]
+    return [PullJob(**item) for item in json.loads(store.read_bytes(key))]
 
 
 # --------------------------------------------------------------------------- retrieve
@@ -504,7 +505,7 @@ def encode_dataset(ds: pydicom.Dataset) -> bytes:
 
 
 def _retrieve_into(
-    client: Any, job: SeriesJob, store: SiteStore, staging: str, received: set[str]
+    client: Any, job: PullJob, store: SiteStore, staging: str, received: set[str]
 ) -> int:
     """Write every instance of a series under ``staging``; return the bytes written.
 
@@ -544,7 +545,7 @@ def _retrieve_into(
 
 
 def retrieve_series(
-    job: SeriesJob,
+    job: PullJob,
     base_url: str,
     store_url: str,
     site: str,
@@ -588,7 +589,7 @@ def retrieve_series(
     retry_jitter_factor=0.2,
 )
 def pull_series_task(
-    job: SeriesJob,
+    job: PullJob,
     base_url: str,
     store_url: str,
     site: str,
@@ -621,6 +622,122 @@ def commit_series(store: SiteStore, pulled: SeriesPull) -> str:
     final = series_prefix(pulled.study_key, pulled.series_key)
     store.move(pulled.staging, final, mode=Existing.OVERWRITE)
     return final
+
+
+StudyOutcome = Literal["pulled", "skipped", "failed"]
+
+
+@dataclass
+class PullSettlement:
+    """What the commit of a pull did: per-study outcomes, counts and the per-study rows."""
+
+    studies: dict[str, int] = field(
+        default_factory=lambda: {"pulled": 0, "skipped": 0, "failed": 0}
+    )
+    series: dict[str, int] = field(default_factory=lambda: {"pulled": 0, "skipped": 0, "failed": 0})
+    instances: int = 0
+    nbytes: int = 0
+    rows: list[dict[str, object]] = field(default_factory=list)
+    committed: bool = False
+
+    def summary(
+        self, site: str, source: str, study_dates: str | None, found: int
+    ) -> StageSummary:
+        """Return the pull's summary: studies ok (pulled or up to date) and failed."""
+        return StageSummary(
+            stage=Stage.INGEST,
+            site=site,
+            counts={
+                "ok": self.studies["pulled"] + self.studies["skipped"],
+                "failed": self.studies["failed"],
+            },
+            extra={
+                "source": source,
+                "study_dates": study_dates,
+                "studies": {"found": found, **self.studies},
+                "series": self.series,
+                "instances": self.instances,
+                "bytes": self.nbytes,
+            },
+        )
+
+
+def settle_pull(
+    store: SiteStore,
+    state: PullState,
+    base_url: str,
+    plans: list[StudyPlan],
+    results: dict[str, SeriesPull | str],
+) -> PullSettlement:
+    """Commit every study whose series all arrived; discard and record the others.
+
+    Parameters
+    ----------
+    store
+        The site store.
+    state
+        The pull state (failed studies are recorded in it, committed series too).
+    base_url
+        The DICOMweb source.
+    plans
+        The studies of this pull.
+    results
+        Per series key: the staged series, or a one-line error.
+
+    Returns
+    -------
+    PullSettlement
+        Counts and one row per study (opaque keys only).
+    """
+    out = PullSettlement()
+    for plan in plans:
+        outcome, error = _settle_study(store, state, base_url, plan, results)
+        out.studies[outcome] += 1
+        out.series["skipped"] += plan.n_series - len(plan.jobs)
+        done = [p for j in plan.jobs if isinstance(p := results[j.series_key], SeriesPull)]
+        if outcome == "pulled":
+            out.committed = True
+            out.series["pulled"] += len(done)
+            out.instances += sum(p.instances for p in done)
+            out.nbytes += sum(p.nbytes for p in done)
+        elif outcome == "failed":
+            out.series["failed"] += len(plan.jobs)
+        row = {"study": plan.study_key, "series": plan.n_series, "to_pull": len(plan.jobs)}
+        out.rows.append({**row, "outcome": outcome, "error": error})
+    return out
+
+
+def _settle_study(
+    store: SiteStore,
+    state: PullState,
+    base_url: str,
+    plan: StudyPlan,
+    results: dict[str, SeriesPull | str],
+) -> tuple[StudyOutcome, str]:
+    """Commit a study whose series all arrived, or discard its staging and record the failure."""
+    failures = state.source(base_url).failed
+    if plan.up_to_date:
+        failures.pop(plan.study_key, None)
+        return "skipped", ""
+    pulled = [results[j.series_key] for j in plan.jobs]
+    errors = sorted({p for p in pulled if isinstance(p, str)})
+    if errors:
+        for p in pulled:
+            if isinstance(p, SeriesPull):
+                store.remove(p.staging)
+        previous = failures.get(plan.study_key, {})
+        failures[plan.study_key] = {
+            "study_uid": plan.study_uid,
+            "attempts": int(previous.get("attempts", 0)) + 1,
+            "error": "; ".join(errors),
+        }
+        return "failed", "; ".join(errors)
+    for p in pulled:
+        assert isinstance(p, SeriesPull)
+        commit_series(store, p)
+        state.series[p.series_key] = {"study": p.study_key, "instances": p.instances}
+    failures.pop(plan.study_key, None)
+    return "pulled", ""
 
 
 def now_iso() -> str:

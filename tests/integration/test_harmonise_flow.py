@@ -62,7 +62,7 @@ def test_harmonise_flow_on_s3(prefect_api: str, s3_bucket: str) -> None:
         before, again = rerun(store, s3_bucket, runtime)
     assert summary.counts == {"ok": 2, "quarantined": 1}
     assert summary.reasons == {"missing-slice": 1}
-    assert summary.extra["series_computed"] == 2 and summary.extra["masks"] == 2
+    assert summary.computed == 2 and summary.extra["masks"] == 2
 
     table = store.read_table("harmonised/series.parquet")
     assert table.column_names == CONTRACT
@@ -104,7 +104,7 @@ def test_harmonise_flow_on_s3(prefect_api: str, s3_bucket: str) -> None:
     assert sorted(r["status"] for r in table_rows) == ["ok", "ok", "quarantined"]
 
     # The re-run on unchanged input skipped every series and rewrote nothing.
-    assert again.extra["series_skipped"] == 2 and again.extra["series_computed"] == 0
-    assert again.extra["table_written"] is False
+    assert again.reused == 2 and again.computed == 0
+    assert again.tables_written == []
     after = store.modified("harmonised")
     assert after == before

@@ -87,7 +87,7 @@ def test_summary_counts_match_truth(ingested):
         "ok": truth.instances_ok,
         "quarantined": truth.files_written - truth.instances_ok,
     }
-    assert sorted(extra["tables_written"]) == sorted(TABLES)
+    assert sorted(ingested.summary.tables_written) == sorted(TABLES)
     assert not ingested.store.exists("catalog/_parts")
 
 
@@ -159,7 +159,7 @@ def test_rerun_parses_nothing_and_writes_nothing(ingested):
     extra = summary.extra
     assert extra["files_parsed"] == extra["files_new"] == extra["files_changed"] == 0
     assert extra["files_unchanged"] == ingested.truth.totals.files_written
-    assert extra["tables_written"] == [] and extra["batches"] == 0
+    assert summary.tables_written == [] and extra["batches"] == 0
     assert "startup_seconds" not in extra["timings"]  # no Dask cluster for nothing to parse
     assert table_state(ingested.store) == ingested.tables
     assert summary.counts == ingested.summary.counts

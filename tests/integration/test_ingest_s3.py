@@ -71,7 +71,7 @@ def test_ingest_from_and_to_s3(synth_cohort, s3_bucket, s3_endpoint, prefect_api
     again = ingest_dicom(params, RuntimeOptions(workers=2))
     assert again.extra["files_parsed"] == 0
     assert again.extra["files_unchanged"] == truth.totals.files_written
-    assert again.extra["tables_written"] == []
+    assert again.tables_written == []
     assert {k: store.table_files(k) for k in tables} == tables
     assert _etags(fs, f"{bucket}/exports/{SITE}") == before  # SOURCE untouched
     assert not fs.exists(f"{bucket}/store/{SITE}/catalog/_parts")

@@ -247,11 +247,11 @@ def test_production_topology(tmp_path, synth_cohort, s3_endpoint):
 
     # nothing finished before the restart was recomputed by the next run: ingest and
     # de-identification had finished; if the first run survived the restart, nothing at all
-    assert rows["ingest"]["files_parsed"] == 0
-    assert rows["deidentify"]["series_computed"] == 0
+    assert rows["ingest"]["computed"] == 0
+    assert rows["deidentify"]["computed"] == 0
     if first_run.state.is_completed():
-        assert rows["harmonise"]["series_computed"] == 0
-        assert rows["extract"]["parts_computed"] == 0
+        assert rows["harmonise"]["computed"] == 0
+        assert rows["extract"]["computed"] == 0
 
     # the S3 outputs equal the embedded default's for the same input
     local_store = tmp_path / "embedded-store"

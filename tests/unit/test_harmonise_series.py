@@ -331,7 +331,7 @@ def test_seg_preferred_over_rtstruct_for_the_same_roi(tmp_path: Path) -> None:
 
 
 def test_deleted_output_is_recomputed_and_stale_folders_removed(store) -> None:
-    from flows.harmonise import _remove_stale
+    from tasks.harmonise.plan import remove_stale
 
     site, keys = store
     run_all(site)
@@ -344,7 +344,7 @@ def test_deleted_output_is_recomputed_and_stale_folders_removed(store) -> None:
     assert mask.read_bytes() == content
     site.write_bytes("harmonised/2.25.999/image.nii.gz", b"old")
     site.write_table("harmonised/series.parquet", series_table([]))
-    removed = _remove_stale(site, {keys["ct"], keys["pet"]})
+    removed = remove_stale(site, {keys["ct"], keys["pet"]})
     assert removed == 1
     names = sorted(p.name for p in Path(site.path("harmonised")).iterdir())
     assert names == sorted([keys["ct"], keys["pet"], "series.parquet"])

@@ -1,0 +1,219 @@
+"""The stage runner: what every stage flow does around its per-unit task.
+
+A stage flow declares its plan (the units, from ``tasks/``), its unit task and its outputs;
+this module does the rest the same way for every stage:
+
+1. :func:`run_units` fans the units out on the runtime's task runner (Dask), collects one
+   outcome per unit in plan order, and turns a task that still raised after its retries into a
+   ``failed`` outcome (one bad unit never fails the run);
+2. the flow writes its table(s) with the store's operations;
+3. :func:`finish_stage` replaces the stage's quarantine rows, builds the typed
+   :class:`~tasks.records.StageSummary`, posts the summary and the outcome table as Prefect
+   artifacts and applies the failure ratio.
+
+:class:`SiteParams` and :class:`StageParams` are the parameter fields every stage shares.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from prefect import get_run_logger
+from prefect.futures import PrefectFuture, as_completed
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flows.reporting import Progress, post_summary, post_table
+from tasks.errors import StageFailed
+from tasks.records import QuarantineRecord, Stage, StageSummary, Status, UnitResult
+from tasks.store import SiteStore, validate_site
+
+Unit = TypeVar("Unit")
+Outcome = TypeVar("Outcome")
+
+
+class SiteParams(BaseModel):
+    """Which site and store a run works on (flow parameters: no identifiers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site: str = Field(description="Site code: lowercase letters, digits, dashes.")
+    store: str = Field(description="Site store URL (path, file://, s3://bucket/prefix).")
+
+    @model_validator(mode="after")
+    def _valid_site(self) -> SiteParams:
+        validate_site(self.site)
+        return self
+
+    def open_store(self) -> SiteStore:
+        """Return the site's store."""
+        return SiteStore(self.store, self.site)
+
+
+class StageParams(SiteParams):
+    """What every per-unit stage shares: site, store and the failure threshold."""
+
+    max_failure_ratio: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Fail the run when more than this share of units fail with an error "
+        "(quarantined units do not count).",
+    )
+
+
+def run_units(
+    units: Sequence[Unit],
+    submit: Callable[[Unit], PrefectFuture[Outcome]],
+    failed: Callable[[Unit, BaseException], Outcome],
+    progress: str,
+) -> list[Outcome]:
+    """Run one task per unit on the flow's task runner; return the outcomes in plan order.
+
+    Parameters
+    ----------
+    units
+        The plan.
+    submit
+        Submits the unit task of one unit (``task.submit(...)``) and returns its future.
+    failed
+        Builds the ``failed`` outcome of a unit whose task raised (retries exhausted, worker
+        lost): the run goes on.
+    progress
+        What the progress artifact counts (no identifiers), e.g. ``"series harmonised"``.
+
+    Returns
+    -------
+    list
+        One outcome per unit, in the order of ``units``.
+    """
+    bar = Progress(len(units), progress)
+    futures = {submit(unit): i for i, unit in enumerate(units)}
+    outcomes: list[Outcome | None] = [None] * len(units)
+    for future in as_completed(list(futures)):
+        i = futures[future]
+        try:
+            outcomes[i] = future.result()
+        except Exception as exc:  # retries exhausted, worker lost for good, ...
+            outcomes[i] = failed(units[i], exc)
+        bar.advance()
+    return [o for o in outcomes if o is not None]
+
+
+def failed_result(key: str, exc: BaseException) -> UnitResult:
+    """Return the failed result of a unit: its error class only (messages may identify)."""
+    return UnitResult(key, Status.FAILED, error_class=type(exc).__name__)
+
+
+@dataclass
+class StageReport:
+    """What a stage shows in the Prefect UI besides its counts.
+
+    Parameters
+    ----------
+    title
+        Title of the summary artifact.
+    rows
+        The outcome table (one row per unit; no identifiers).
+    rows_title
+        Description of the outcome table.
+    sections
+        Extra markdown sections of the summary (title -> markdown).
+    rows_name
+        Name of the table artifact (``<site>-<stage>-<name>``).
+    """
+
+    title: str
+    rows: list[dict[str, Any]]
+    rows_title: str
+    sections: Mapping[str, str] = field(default_factory=dict)
+    rows_name: str = "outcomes"
+
+
+def finish_stage(
+    store: SiteStore,
+    stage: Stage,
+    params: StageParams,
+    results: Sequence[UnitResult],
+    quarantine: Sequence[QuarantineRecord],
+    report: StageReport,
+    noun: str,
+    *,
+    tables_written: Sequence[str] = (),
+    stale_removed: int = 0,
+    **extra: object,
+) -> dict[str, Any]:
+    """Record the quarantine, post the summary and outcome table, apply the failure ratio.
+
+    Parameters
+    ----------
+    store
+        The site store.
+    stage
+        The stage.
+    params
+        The run's parameters (site, failure threshold).
+    results
+        One result per unit.
+    quarantine
+        The stage's quarantine rows (they replace the stage's previous rows).
+    report
+        What the Prefect UI shows.
+    noun
+        What a unit is, plural, for the failure message (``"series"``, ``"ROIs"``).
+    tables_written
+        Store keys of the tables this run wrote (unchanged tables are left out).
+    stale_removed
+        Outputs of units no longer in the plan that were removed.
+    **extra
+        Stage-specific summary fields.
+
+    Returns
+    -------
+    dict
+        The summary (:meth:`StageSummary.to_dict`), what the flow returns.
+
+    Raises
+    ------
+    StageFailed
+        When the share of failed units exceeds ``params.max_failure_ratio``.
+    """
+    store.replace_quarantine(stage, list(quarantine))
+    summary = StageSummary.from_results(
+        stage,
+        params.site,
+        list(results),
+        tables_written=list(tables_written),
+        stale_removed=stale_removed,
+        **extra,
+    )
+    post_summary(summary, report.title, report.sections)
+    post_table(params.site, str(stage), report.rows_name, report.rows, report.rows_title)
+    get_run_logger().info(
+        "%s done: %s",
+        report.title.lower(),
+        ", ".join(f"{k}={v}" for k, v in summary.counts.items()) or "nothing to do",
+    )
+    check_failure_ratio(summary, params.max_failure_ratio, noun)
+    return summary.to_dict()
+
+
+def check_failure_ratio(summary: StageSummary, max_failure_ratio: float, noun: str) -> None:
+    """Raise :class:`StageFailed` when more than ``max_failure_ratio`` of the units failed.
+
+    Raises
+    ------
+    StageFailed
+        With the count and the error classes, in one line.
+    """
+    if summary.failure_ratio <= max_failure_ratio:
+        return
+    total = sum(summary.counts.values())
+    errors = Counter(summary.errors)
+    raise StageFailed(
+        f"{summary.stage}: {summary.counts.get(str(Status.FAILED), 0)} of {total} {noun} failed "
+        f"({summary.failure_ratio:.0%} > {max_failure_ratio:.0%})"
+        + (": " + ", ".join(f"{k}={v}" for k, v in sorted(errors.items())) if errors else "")
+    )
