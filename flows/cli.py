@@ -83,6 +83,20 @@ DaskAddress = Annotated[
     ),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
+Params = Annotated[
+    str,
+    typer.Option("--params", help="pyradiomics parameter file (YAML/JSON) or preset: ct, mr, pet."),
+]
+SeriesFilter = Annotated[
+    list[str] | None, typer.Option("--series", help="Only this series key (repeatable).")
+]
+RoiFilter = Annotated[
+    list[str] | None, typer.Option("--roi", help="Only this ROI name (repeatable).")
+]
+ModalityFilter = Annotated[
+    list[str] | None,
+    typer.Option("--modality", help="Only this modality (repeatable; default: the preset's own)."),
+]
 
 _SHARED_RUNTIME = [
     inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, default=2, annotation=Workers),
@@ -220,44 +234,23 @@ def ingest(
     secret_block: Annotated[
         str | None, typer.Option("--secret-block", help="DICOMweb: Prefect Secret block name.")
     ] = None,
-) -> None:
+) -> Any:
     """Catalogue the DICOM files under SOURCE into the site's private catalogue.
 
     A dicomweb+http(s):// SOURCE pulls new studies from a PACS into the site's raw zone first
     (credentials from ONCOFLOW_DICOMWEB_USER/PASSWORD or --secret-block).
     """
-    if source.strip().lower().startswith("dicomweb+"):
-        from flows.pacs import PullParams, pull_dicomweb
+    from flows.pipeline import ingest_any
+    from tasks.pacs.dicomweb import is_dicomweb_source
 
-        params = PullParams(
-            source=source,
-            site=site,
-            store=store,
-            modalities=modality or [],
-            since=since,
-            until=until,
-            secret_block=secret_block,
-        )
-        return pull_dicomweb(params, runtime)
-    if modality or since != "last" or until or secret_block:
+    if not is_dicomweb_source(source) and (modality or since != "last" or until or secret_block):
         from tasks.errors import OncoflowError
 
         raise OncoflowError(
             "--modality, --since, --until and --secret-block apply to dicomweb+ sources only"
         )
-    from tasks.volumes.cases import is_volume_source
-
-    if is_volume_source(source):  # a cases CSV or a folder of NIfTI/NRRD pairs
-        from flows.volumes import ingest_volumes
-
-        return ingest_volumes(source, site, store)
-    from flows.ingest import IngestParams, ingest_dicom
-
-    summary = ingest_dicom(
-        IngestParams(source=source, site=site, store=store),
-        runtime=runtime,
-    )
-    return summary
+    pull = {"modalities": modality or [], "since": since, "until": until}
+    return ingest_any(source, site, store, runtime, **pull, secret_block=secret_block)
 
 
 @command()
@@ -304,9 +297,7 @@ def harmonise(
         str | None,
         typer.Option("--config", help="Harmonisation settings (YAML); default: native spacing."),
     ] = None,
-    max_failure_ratio: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Fail above this share of failed series.")
-    ] = 0.1,
+    max_failure_ratio: FailureRatio = 0.1,
 ) -> Any:
     """Harmonise de-identified series into volumes, masks, QC pictures and provenance."""
     from flows.harmonise import build_params, harmonise
@@ -323,27 +314,11 @@ def extract(
     runtime: RuntimeOptions,
     site: Site,
     store: Store,
-    params: Annotated[
-        str,
-        typer.Option(
-            "--params", help="pyradiomics parameter file (YAML/JSON) or preset: ct, mr, pet."
-        ),
-    ],
-    series: Annotated[
-        list[str] | None, typer.Option("--series", help="Only this series key (repeatable).")
-    ] = None,
-    roi: Annotated[
-        list[str] | None, typer.Option("--roi", help="Only this ROI name (repeatable).")
-    ] = None,
-    modality: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--modality", help="Only this modality (repeatable; default: the preset's own)."
-        ),
-    ] = None,
-    max_failure_ratio: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Fail above this share of failed ROIs.")
-    ] = 0.1,
+    params: Params,
+    series: SeriesFilter = None,
+    roi: RoiFilter = None,
+    modality: ModalityFilter = None,
+    max_failure_ratio: FailureRatio = 0.1,
 ) -> Any:
     """Extract pyradiomics features of the harmonised images into features/<params-hash>.parquet."""
     from flows.extract import build_params, extract_radiomics
@@ -360,24 +335,10 @@ def robustness(
     runtime: RuntimeOptions,
     site: Site,
     store: Store,
-    params: Annotated[
-        str,
-        typer.Option(
-            "--params", help="pyradiomics parameter file (YAML/JSON) or preset: ct, mr, pet."
-        ),
-    ],
-    series: Annotated[
-        list[str] | None, typer.Option("--series", help="Only this series key (repeatable).")
-    ] = None,
-    roi: Annotated[
-        list[str] | None, typer.Option("--roi", help="Only this ROI name (repeatable).")
-    ] = None,
-    modality: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--modality", help="Only this modality (repeatable; default: the preset's own)."
-        ),
-    ] = None,
+    params: Params,
+    series: SeriesFilter = None,
+    roi: RoiFilter = None,
+    modality: ModalityFilter = None,
     icc_threshold: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Stable when ICC(3,1) >= this.")
     ] = 0.75,
@@ -408,9 +369,7 @@ def deidentify(
     from flows.deidentify import build_params
     from flows.deidentify import deidentify as run_deidentify
 
-    summary = run_deidentify(
-        build_params(site, store, source, options), runtime=runtime
-    )
+    summary = run_deidentify(build_params(site, store, source, options), runtime=runtime)
     return summary
 
 
@@ -533,9 +492,7 @@ def publish(
     from flows.publish import build_params
     from flows.publish import publish as publish_cohort
 
-    result = publish_cohort(
-        build_params(site, store, cohort, to), runtime=runtime
-    )
+    result = publish_cohort(build_params(site, store, cohort, to), runtime=runtime)
     return result
 
 
@@ -703,6 +660,7 @@ def _one_line(exc: Exception) -> tuple[int, str]:
         return 2, validation_message(exc)
     first = str(exc).splitlines()[0] if str(exc) else ""
     return 1, f"{type(exc).__name__}: {first}"
+
 
 if __name__ == "__main__":
     main()

@@ -70,16 +70,21 @@ class SitePipelineParams(BaseModel):
         return self
 
 
-def ingest_any(source: str, site: str, store: str, runtime: RuntimeOptions) -> StageSummary:
+def ingest_any(
+    source: str, site: str, store: str, runtime: RuntimeOptions, **pull: Any
+) -> StageSummary:
     """Ingest from any source: a ``dicomweb+http(s)://`` PACS, a folder / fsspec URL, or NIfTI/NRRD.
 
     A PACS pull lands studies in the site's raw zone and ingests that, so both kinds of source
-    feed the same catalogue.
+    feed the same catalogue. ``pull`` holds :class:`flows.pacs.PullParams` options (modalities,
+    dates, secret block), used for a DICOMweb source only.
     """
-    if source.strip().lower().startswith("dicomweb+"):
+    from tasks.pacs.dicomweb import is_dicomweb_source
+
+    if is_dicomweb_source(source):
         from flows.pacs import PullParams, pull_dicomweb
 
-        return pull_dicomweb(PullParams(source=source, site=site, store=store), runtime)
+        return pull_dicomweb(PullParams(source=source, site=site, store=store, **pull), runtime)
     from tasks.volumes.cases import is_volume_source
 
     if is_volume_source(source):  # a cases CSV or a folder of NIfTI/NRRD pairs
