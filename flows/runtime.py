@@ -190,11 +190,13 @@ class _ExpectedErrors(logging.Filter):
 def quiet_exit_progress() -> None:
     """Keep Prefect's at-exit progress line off the logs.
 
-    When the interpreter exits, Prefect stops its events service and logs ``Still processing
-    items: N items remaining...`` at WARNING whenever any event is still queued, which is the
-    case after every run (the service then sends them). It is progress, not a problem.
+    When the interpreter exits, Prefect stops its events and log services, and each logs
+    ``Still processing items: N items remaining...`` at WARNING whenever anything is still
+    queued, which is the case after most runs (the service then sends it). It is progress, not
+    a problem.
     """
-    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+    for service in ("EventsWorker", "APILogWorker"):
+        logging.getLogger(service).setLevel(logging.ERROR)
 
 
 def hide_expected_tracebacks(console: bool = True) -> None:
