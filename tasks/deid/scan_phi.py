@@ -342,13 +342,19 @@ def _form(token: str, form: int) -> str:
 
 
 def _read_columns(store: SiteStore, key: str, columns: Sequence[str]) -> pa.Table | None:
+    """Read the given columns that exist of a table (a file or a folder of parts)."""
     path = store.path(key)
     if not store.fs.exists(path):
         return None
-    with store.fs.open(path, "rb") as fh:
-        present = [c for c in columns if c in pq.ParquetFile(fh).schema_arrow.names]
-        fh.seek(0)
-        return pq.read_table(fh, columns=present)
+    first = path
+    if store.fs.isdir(path):  # a table in parts: every part has the table's schema
+        parts = [k for k in store.children(key) if k.rsplit("/", 1)[-1].startswith("part-")]
+        if not parts:
+            return None
+        first = store.path(parts[0])
+    with store.fs.open(first, "rb") as fh:
+        names = pq.ParquetFile(fh).schema_arrow.names
+    return store.read_table(key, columns=[c for c in columns if c in names])
 
 
 def catalogue_identifiers(store: SiteStore) -> list[str]:
