@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.events import emit_event
 from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -151,6 +151,7 @@ def _slim(plan: PublishPlan, files: list[PlannedFile]) -> PublishPlan:
         tables={},
         schemas={},
         staged={k: v for k, v in plan.staged.items() if k in names},
+        report_markdown="",
     )
 
 
@@ -259,6 +260,12 @@ def publish_flow(params: PublishParams) -> dict[str, Any]:
             )
         },
     )
+    if plan.report_markdown:
+        create_markdown_artifact(
+            markdown=plan.report_markdown,
+            key=artifact_key(params.site, "publish", result.cohort, "report"),
+            description="report.html of the cohort version: QC pictures, distributions, robustness",
+        )
     create_link_artifact(
         link=f"{result.url}/manifest.json",
         link_text=f"{result.cohort} {result.version} manifest",

@@ -78,6 +78,7 @@ ENCODING = {
     ".nii.gz": "application/gzip",
     ".dcm": "application/dicom",
     ".json": "application/json",
+    ".html": "text/html",
 }
 
 

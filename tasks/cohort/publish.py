@@ -46,6 +46,7 @@ from tasks.cohort.manifest import (
     manifest_bytes,
     sha256sums,
 )
+from tasks.cohort.report import site_report
 from tasks.cohort.risk import RISK_REPORT, prepare_selection, report_bytes
 from tasks.cohort.select import CohortSelection, PlannedFile, select_cohort
 from tasks.cohort.spec import CohortSpec
@@ -74,6 +75,8 @@ from tasks.store import SiteStore, open_url, sha256_bytes, table_to_parquet_byte
 
 log = logging.getLogger(__name__)
 
+#: The page to look at (tasks/cohort/report.py).
+REPORT = "report.html"
 #: Federated ComBat summary statistics of the cohort (when the spec asks for them).
 COMBAT_SUMMARY = "combat-summary.json"
 
@@ -96,6 +99,8 @@ class PublishPlan:
     staged: dict[str, int] = field(default_factory=dict)
     catalogue: CatalogueSpec = field(default_factory=CatalogueSpec)
     release: dict[str, Any] = field(default_factory=dict)
+    #: The report's pictures as markdown, for the run page (not published: report.html is).
+    report_markdown: str = ""
 
     @property
     def staging_key(self) -> str:
@@ -214,6 +219,16 @@ def plan_publication(store: SiteStore, spec: CohortSpec, to: str) -> PublishPlan
     description = describe(
         spec, store.site, selection.series, selection.features, selection.features_metadata
     )
+    report = site_report(
+        store,
+        spec.title,
+        description["counts"],
+        selection.series,
+        selection.features,
+        selection.features_metadata,
+        spec.selection.modality,
+    )
+    tables[REPORT] = report.html.encode()
     plan = PublishPlan(
         site=store.site,
         cohort=spec.name,
@@ -225,6 +240,7 @@ def plan_publication(store: SiteStore, spec: CohortSpec, to: str) -> PublishPlan
         schemas=schemas,
         catalogue=spec.catalogue,
         release=release.summary(spec.name),
+        report_markdown=report.markdown,
     )
     plan.digest = content_hash(description, plan.payload_sums())
     return plan

@@ -173,10 +173,18 @@ def _publication(report: ReadinessReport, site: str, to: str | None) -> dict[str
         found["features"] |= "features.parquet" in sums
     if record_ok:
         report.add(1, "HealthDCAT-AP record with the mandatory fields", True)
-    report.add(1, "release checks (risk-report.json)", risk_ok,
-               "" if risk_ok else "published before release checks existed: publish again")
-    report.add(1, "minimum imaging metadata complete", not metadata_missing,
-               "missing " + ", ".join(metadata_missing) if metadata_missing else "")
+    report.add(
+        1,
+        "release checks (risk-report.json)",
+        risk_ok,
+        "" if risk_ok else "published before release checks existed: publish again",
+    )
+    report.add(
+        1,
+        "minimum imaging metadata complete",
+        not metadata_missing,
+        "missing " + ", ".join(metadata_missing) if metadata_missing else "",
+    )
     return found  # fmt: skip
 
 

@@ -83,3 +83,29 @@ def thumbnail_data_uri(png: bytes, size: int = 128) -> str:
     buf = io.BytesIO()
     picture.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def dicom_preview_png(data: bytes, max_size: int = 256) -> bytes | None:
+    """Render the middle frame of one de-identified DICOM image as a grey PNG.
+
+    For series that harmonisation quarantined (no harmonised image exists): the operator sees
+    what was rejected. Only call it on objects under ``deid/`` (de-identified, burned-in text
+    cleaned); returns None when the file holds no renderable pixels.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        pixels = ds.pixel_array.astype(np.float64)
+    except Exception:  # no pixel data, unsupported compression: nothing to show
+        return None
+    if pixels.ndim == 4 or (pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) > 1):
+        return None  # colour: not a modality image
+    if pixels.ndim == 3:
+        pixels = pixels[pixels.shape[0] // 2]
+    grey = _grey(pixels)
+    picture = Image.fromarray(grey, mode="L")
+    picture.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
