@@ -21,11 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.reporting import artifact_key, markdown_table
 from flows.runtime import ensure_prefect_api
+from tasks.cohort.publish import REPORT
 from tasks.cohort.storage import Retrier, RetryPolicy, put_bytes
 from tasks.errors import OncoflowError
 from tasks.federation.combat import SiteSummary, estimate
 from tasks.federation.counts import SourceCounts, federated_catalogue
 from tasks.federation.remote import is_endpoint, queried_rows, query_endpoint
+from tasks.federation.report import hub_report
 from tasks.federation.sources import PublishedVersion, read_version, version_paths
 from tasks.store import open_url, unstrip
 
@@ -122,6 +124,16 @@ def federate_flow(params: FederateParams) -> dict[str, Any]:
             blob = json.dumps(adjustment, sort_keys=True).encode()
             retry("writing a ComBat adjustment", put_bytes, fs, f"{root}/{key}", blob)
             written.append(key)
+    effects: dict[str, dict[str, float]] = {}
+    if combat:
+        report, effects = hub_report(versions, combat)
+        retry("writing the report", put_bytes, fs, f"{root}/{REPORT}", report.html.encode())
+        written.append(REPORT)
+        create_markdown_artifact(
+            markdown=report.markdown,
+            key=artifact_key("hub", "report"),
+            description="Site effect before and after federated ComBat (report.html)",
+        )
     sections = [
         f"# Federated catalogue\n\nk = {params.k}; `<{params.k}`: a count from 1 to "
         f"{params.k - 1}; `*`: suppressed to protect a small count."
@@ -154,6 +166,7 @@ def federate_flow(params: FederateParams) -> dict[str, Any]:
         "out": unstrip(fs, root),
         "written": written,
         "combat_cohorts": sorted(combat),
+        "site_effect": effects,
     }
 
 

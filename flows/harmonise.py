@@ -20,7 +20,14 @@ from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
 from flows.stage import StageParams, StageReport, failed_result, finish_stage, run_units
 from tasks.errors import OncoflowError, validation_message
 from tasks.harmonise.config import HarmoniseConfig, load_config
-from tasks.harmonise.plan import outcome_rows, plan_units, qc_report, remove_stale, series_table
+from tasks.harmonise.plan import (
+    outcome_rows,
+    plan_units,
+    qc_report,
+    quarantined_report,
+    remove_stale,
+    series_table,
+)
 from tasks.harmonise.series import SeriesUnit, harmonise_series_task, series_row
 from tasks.records import Stage, StageSummary, Status, UnitOutcome
 from tasks.store import HARMONISED_SERIES, SiteStore
@@ -105,7 +112,10 @@ def harmonise_flow(params: HarmoniseParams) -> dict[str, Any]:
         "Image harmonisation",
         outcome_rows(outcomes),
         "Harmonisation outcome per series",
-        {"QC report": qc_report(store, outcomes, params.qc_thumbnails)},
+        {
+            "QC report": qc_report(store, outcomes, params.qc_thumbnails),
+            "Quarantined by harmonisation": quarantined_report(store),
+        },
     )
     return finish_stage(
         store,

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.store import HARMONISED, HARMONISED_SERIES, SiteStore
+from tasks.store import HARMONISED, SiteStore
 
 #: IBSI-coded features shown as distributions when the table has them (pyradiomics names).
 KEY_FEATURES = (
@@ -59,6 +59,7 @@ class Tile:
 
     png: bytes
     caption: str
+    key: str = ""
 
 
 @dataclass
@@ -196,47 +197,22 @@ def quarantined_tiles(
 ) -> tuple[list[Tile], int]:
     """Pictures of series harmonisation quarantined, from their de-identified DICOM.
 
-    Only series present in ``deid/series.parquet`` with status ``ok`` and files under
-    ``deid/`` qualify: what de-identification quarantined (or never saw) is not shown.
+    See :func:`tasks.harmonise.qc.quarantined_previews` (what de-identification quarantined,
+    or never saw, is not shown).
 
     Returns
     -------
     tuple
-        The tiles (middle instance of each series) and how many series harmonisation
-        quarantined in all.
+        The tiles and how many series harmonisation quarantined in all.
     """
-    from tasks.harmonise.qc import dicom_preview_png
-    from tasks.store import DEID_DICOM, DEID_SERIES
+    from tasks.harmonise.qc import quarantined_previews
 
-    harmonised = store.read_table(HARMONISED_SERIES)
-    deid = store.read_table(DEID_SERIES)
-    if harmonised is None or deid is None:
-        return [], 0
-    wanted = {m.upper() for m in modalities}
-    rejected = [
-        r
-        for r in harmonised.to_pylist()
-        if r.get("status") == "quarantined"
-        and (not wanted or (r.get("modality") or "").upper() in wanted)
+    previews, total = quarantined_previews(store, modalities, limit, size=160)
+    tiles = [
+        Tile(p.png, f"quarantined {i}: {p.modality}, {p.reason}", p.series)
+        for i, p in enumerate(previews, start=1)
     ]
-    paths = {
-        r["series"]: r.get("paths") or []
-        for r in deid.to_pylist()
-        if (r.get("status") or "ok") == "ok"
-    }
-    tiles = []
-    for i, row in enumerate(sorted(rejected, key=lambda r: r["series"])[:limit], start=1):
-        files = [p for p in paths.get(row["series"], []) if p.startswith(f"{DEID_DICOM}/")]
-        if not files:
-            continue
-        try:
-            png = dicom_preview_png(store.read_bytes(files[len(files) // 2]), max_size=160)
-        except FileNotFoundError:
-            png = None
-        if png is not None:
-            reason = row.get("reason") or "quarantined"
-            tiles.append(Tile(png, f"quarantined {i}: {row.get('modality') or ''}, {reason}"))
-    return tiles, len(rejected)
+    return tiles, total
 
 
 def distributions_figure(

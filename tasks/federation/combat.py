@@ -76,6 +76,9 @@ class SiteSummary:
         Column sums of ``(Y - m)**2``.
     mean
         Column means ``m``.
+    roi
+        The ROI whose rows were summarised (empty in summaries published before it was
+        recorded).
     """
 
     site: str
@@ -88,6 +91,7 @@ class SiteSummary:
     zty: list[list[float]]
     ssq: list[float]
     mean: list[float]
+    roi: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -97,7 +101,10 @@ class SiteSummary:
     def from_dict(cls, data: Mapping[str, Any]) -> SiteSummary:
         """Read back :meth:`to_dict` output (one-line error when malformed)."""
         try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+            optional = {"roi"}  # absent from summaries published before it was recorded
+            return cls(
+                **{k: data[k] for k in cls.__dataclass_fields__ if k not in optional or k in data}
+            )
         except (KeyError, TypeError) as exc:
             raise OncoflowError(f"malformed ComBat site summary ({exc})") from None
 
@@ -232,25 +239,21 @@ def age_in_years(value: str | None) -> float | None:
     return int(value[:-1]) / per_year if per_year else None
 
 
-def cohort_summary(
-    site: str,
+def cohort_rows(
     series: pa.Table,
     features: pa.Table,
     roi: str,
     categorical: Sequence[str] = (),
     continuous: Sequence[str] = (),
     feature_pattern: str = r"^[a-z][A-Za-z0-9-]*_[A-Za-z0-9]+_[A-Za-z0-9]+$",
-) -> SiteSummary:
-    """Summarise a published cohort's feature rows of one ROI for federated ComBat.
+) -> tuple[pa.Table, list[str]]:
+    """Return a published cohort's rows of one ROI with their covariates, and the features.
 
     Covariates are columns of the published series table (``age`` is derived from
     ``age_at_study`` in years) or numeric columns of the feature table. Feature columns with a
-    missing or infinite value in any row are left out (the hub keeps the features every site
-    has).
+    missing or infinite value in any row are left out.
     """
     rows = features.filter(pc.equal(features.column("roi"), roi))
-    if rows.num_rows < 2:
-        raise OncoflowError(f"ComBat: site {site} has {rows.num_rows} row(s) for ROI {roi!r}")
     by_series = {r["series"]: r for r in series.to_pylist()}
     covariates: dict[str, list[Any]] = {}
     for name in [*categorical, *continuous]:
@@ -282,7 +285,30 @@ def cohort_summary(
             **{c: pa.array(covariates[c], pa.float64()) for c in continuous},
         }
     )
-    return site_summary(site, table, names, categorical, continuous)
+    return table, names
+
+
+def cohort_summary(
+    site: str,
+    series: pa.Table,
+    features: pa.Table,
+    roi: str,
+    categorical: Sequence[str] = (),
+    continuous: Sequence[str] = (),
+    feature_pattern: str = r"^[a-z][A-Za-z0-9-]*_[A-Za-z0-9]+_[A-Za-z0-9]+$",
+) -> SiteSummary:
+    """Summarise a published cohort's feature rows of one ROI for federated ComBat.
+
+    The rows and features are those of :func:`cohort_rows` (the hub keeps the features every
+    site has).
+    """
+    count = int(pc.sum(pc.equal(features.column("roi"), roi)).as_py() or 0)
+    if count < 2:
+        raise OncoflowError(f"ComBat: site {site} has {count} row(s) for ROI {roi!r}")
+    table, names = cohort_rows(series, features, roi, categorical, continuous, feature_pattern)
+    summary = site_summary(site, table, names, categorical, continuous)
+    summary.roi = roi
+    return summary
 
 
 def _it_sol(

@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.errors import OncoflowError
-from tasks.harmonise.qc import thumbnail_data_uri
+from tasks.harmonise.qc import png_data_uri, quarantined_previews, thumbnail_data_uri
 from tasks.harmonise.series import (
     META_COLUMNS,
     SegmentationRef,
@@ -147,6 +147,18 @@ def outcome_rows(outcomes: list[UnitOutcome]) -> list[dict[str, Any]]:
         }
         for o in outcomes
     ]
+
+
+def quarantined_report(store: SiteStore, limit: int = 12) -> str:
+    """Markdown: the middle image of each series harmonisation quarantined (de-identified)."""
+    previews, total = quarantined_previews(store, limit=limit, size=128)
+    if not total:
+        return "No series quarantined."
+    cells = [
+        f"![quarantined]({png_data_uri(p.png)}) `{p.series[-12:]}` {p.modality}, {p.reason}"
+        for p in previews
+    ]
+    return f"{total} series; middle image of the de-identified series.\n\n" + "\n\n".join(cells)
 
 
 def qc_report(store: SiteStore, outcomes: list[UnitOutcome], limit: int) -> str:

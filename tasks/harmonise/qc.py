@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
 from tasks.harmonise.masks import Mask
+from tasks.store import DEID_DICOM, DEID_SERIES, HARMONISED_SERIES, SiteStore
 
 #: Outline colours, one per ROI in name order.
 COLOURS = ((255, 40, 40), (40, 220, 40), (60, 140, 255), (255, 200, 0), (220, 0, 220))
@@ -76,6 +79,11 @@ def qc_png(image: sitk.Image, masks: list[Mask], max_size: int = 384) -> bytes:
     return buf.getvalue()
 
 
+def png_data_uri(png: bytes) -> str:
+    """Return PNG bytes as a ``data:`` URI."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def thumbnail_data_uri(png: bytes, size: int = 128) -> str:
     """Return a small PNG thumbnail of a QC picture as a ``data:`` URI (for markdown)."""
     picture = Image.open(io.BytesIO(png))
@@ -109,3 +117,72 @@ def dicom_preview_png(data: bytes, max_size: int = 256) -> bytes | None:
     buf = io.BytesIO()
     picture.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class QuarantinedPreview:
+    """The middle image of a series harmonisation quarantined (pseudonymous key, reason)."""
+
+    series: str
+    modality: str
+    reason: str
+    png: bytes
+
+
+def quarantined_previews(
+    store: SiteStore, modalities: Sequence[str] = (), limit: int = 12, size: int = 128
+) -> tuple[list[QuarantinedPreview], int]:
+    """Render the series that harmonisation quarantined, from their de-identified DICOM.
+
+    Only series with status ``ok`` in ``deid/series.parquet`` and files under ``deid/``
+    qualify: a series quarantined before or by de-identification (burned-in text, an
+    unreadable file) has no object there and is never rendered.
+
+    Parameters
+    ----------
+    store
+        The site store (``harmonised/series.parquet`` written by this run).
+    modalities
+        Only these modalities (empty: all).
+    limit
+        Most series rendered (in series key order).
+    size
+        Longest side of each picture.
+
+    Returns
+    -------
+    tuple
+        The pictures and how many series harmonisation quarantined in all.
+    """
+    harmonised = store.read_table(HARMONISED_SERIES)
+    deid = store.read_table(DEID_SERIES)
+    if harmonised is None or deid is None or "paths" not in deid.column_names:
+        return [], 0
+    wanted = {m.upper() for m in modalities}
+    rejected = sorted(
+        (
+            r
+            for r in harmonised.to_pylist()
+            if r.get("status") == "quarantined"
+            and (not wanted or (r.get("modality") or "").upper() in wanted)
+        ),
+        key=lambda r: r["series"],
+    )
+    paths = {
+        r["series"]: r.get("paths") or []
+        for r in deid.to_pylist()
+        if (r.get("status") or "ok") == "ok"
+    }
+    out = []
+    for row in rejected[:limit]:
+        files = [p for p in paths.get(row["series"], []) if p.startswith(f"{DEID_DICOM}/")]
+        if not files:
+            continue
+        try:
+            png = dicom_preview_png(store.read_bytes(files[len(files) // 2]), max_size=size)
+        except FileNotFoundError:
+            png = None
+        if png is not None:
+            reason = row.get("reason") or "quarantined"
+            out.append(QuarantinedPreview(row["series"], row.get("modality") or "", reason, png))
+    return out, len(rejected)

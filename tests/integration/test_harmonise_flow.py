@@ -96,7 +96,10 @@ def test_harmonise_flow_on_s3(prefect_api: str, s3_bucket: str) -> None:
     summary_art = asyncio.run(_artifacts("site-h-harmonise-summary"))
     assert summary_art, "QC report artifact missing"
     markdown = summary_art[0].data
-    assert "QC report" in markdown and markdown.count("data:image/png;base64,") == 2
+    assert "QC report" in markdown
+    # two QC pictures, and the quarantined series' middle image (from its de-identified DICOM)
+    assert markdown.count("data:image/png;base64,") == 3
+    assert "## Quarantined by harmonisation" in markdown and "missing-slice" in markdown
     for leak in ("Pseudo^One", "P-0001", "PSN-0001", "20190312"):
         assert leak not in markdown
     outcomes = asyncio.run(_artifacts("site-h-harmonise-outcomes"))

@@ -1,4 +1,4 @@
-"""report.html: sections, only de-identified pixels, self-contained, rendered by headless Chromium."""
+"""report.html: sections, de-identified pixels only, self-contained, shown by headless Chromium."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import SimpleITK as sitk
 from PIL import Image
 
 from tasks.cohort.report import pca_figure, site_effect, site_report
