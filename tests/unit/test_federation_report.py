@@ -45,3 +45,32 @@ def test_combat_removes_the_site_effect_on_pc1():
     )
     effect = site_effect(before, after)
     assert effect["before"] > 0.5 and effect["after"] < 0.05
+
+
+def test_hub_report_reads_checked_publications(tmp_path):
+    import hashlib
+
+    from tasks.federation.report import hub_report
+    from tasks.federation.sources import PublishedVersion
+    from tasks.store import table_to_parquet_bytes
+
+    versions, summaries = [], []
+    for seed, site, shift in ((1, "site-a", 0.0), (2, "site-b", 5.0)):
+        series, features = _site(seed, shift, 1.0)
+        summary = cohort_summary(site, series, features, "gtv", ["sex"])
+        summaries.append(summary)
+        folder = tmp_path / site / "lung" / "v1"
+        folder.mkdir(parents=True)
+        distribution = []
+        for name, table in (("series.parquet", series), ("features.parquet", features)):
+            data = table_to_parquet_bytes(table)
+            (folder / name).write_bytes(data)
+            distribution.append({"contentUrl": name, "sha256": hashlib.sha256(data).hexdigest()})
+        manifest = {"site": site, "cohort": "lung", "distribution": distribution}
+        versions.append(PublishedVersion(str(folder), manifest, summary.to_dict()))
+    combat = {"lung": {s: a.to_dict() for s, a in estimate(summaries).items()}}
+    report, effects = hub_report(versions, combat)
+    assert effects["lung"]["before"] > 0.5 > effects["lung"]["after"]
+    assert "Site effect: lung" in report.html
+    assert report.html.count("data:image/png;base64,") == 1
+    assert "2.25." not in report.html
