@@ -99,7 +99,13 @@ def test_demo_records_validate_and_agree_with_the_release(published: Path) -> No
         checksum = g.value(dist, SPDX.checksum)
         seen[name] = str(g.value(checksum, SPDX.checksumValue))
         assert int(g.value(dist, DCAT.byteSize).toPython()) == (v2 / name).stat().st_size
-    tables = ("features.parquet", "manifest.json", "risk-report.json", "series.parquet")
+    tables = (
+        "features.parquet",
+        "manifest.json",
+        "report.html",
+        "risk-report.json",
+        "series.parquet",
+    )
     assert seen == {n: sums[n] for n in tables}
     # the fixture's 3 selected patients are below k = 10: the counts are left out
     assert g.value(ds, HEALTH.numberOfUniqueIndividuals) is None
