@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.errors import OncoflowError
+from tasks.errors import OncoflowError, did_you_mean
 
 #: Default ROI-name map: normalised name → case-insensitive regular expressions (full match).
 DEFAULT_ROI_MAP: dict[str, list[str]] = {
@@ -196,4 +196,8 @@ def load_config(path: str | Path | None) -> HarmoniseConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise OncoflowError(f"harmonise config {path}: {where}: {first['msg']}") from None
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            hint = did_you_mean(str(first["loc"][-1]), HarmoniseConfig.model_fields)
+            message = f"unknown key{hint}"
+        raise OncoflowError(f"harmonise config {path}: {where}: {message}") from None

@@ -174,3 +174,14 @@ def test_cohort_descriptions_match_the_shipped_settings():
         text = yaml.safe_load(path.read_text())["description"].lower()
         claims_grid = any(w in text for w in ("common grid", "resampled", "isotropic"))
         assert not claims_grid or config.get("target_spacing"), path.name
+
+
+def test_harmonise_config_unknown_key_names_the_nearest(tmp_path):
+    from tasks.errors import OncoflowError
+    from tasks.harmonise.config import load_config
+
+    bad = tmp_path / "harmonise.yaml"
+    bad.write_text("target_spacings: [1, 1, 1]\n")
+    with pytest.raises(OncoflowError) as info:
+        load_config(bad)
+    assert str(info.value).endswith("target_spacings: unknown key (did you mean 'target_spacing'?)")
