@@ -128,6 +128,25 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
+#: A full date has a year of four digits or is a numeric ``d.m.yy``.
+_CANDIDATE = re.compile(
+    r"(?<!\d)(?:19|20)\d\d(?!\d)|(?<![\d.])\d{1,2}\s?[./-]\s?\d{1,2}\s?[./-]\s?\d\d(?!\d)"
+)
+_REACH = 48
+
+
+def _windows(text: str) -> list[tuple[int, int]]:
+    """Return merged spans of ``_REACH`` characters around each place a full date can be."""
+    spans: list[tuple[int, int]] = []
+    for match in _CANDIDATE.finditer(text):
+        start, end = max(0, match.start() - _REACH), match.end() + _REACH
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+        else:
+            spans.append((start, end))
+    return spans
+
+
 @dataclass(frozen=True, order=True)
 class DateMention:
     """A date written in text; ``year`` or ``day`` is 0 when the text does not give it."""
@@ -174,6 +193,24 @@ def find_dates(text: str) -> set[DateMention]:
     """
     if not text or not any(c.isdigit() for c in text):
         return set()
+    return _find(text)
+
+
+def find_full_dates(text: str) -> set[DateMention]:
+    """Return the full dates (year, month and day) written in ``text``; fast on long text.
+
+    Every full date form holds a year of four digits or a numeric ``d.m.yy``: only the places
+    around one are read, so decoded binary data costs one regular expression pass.
+    """
+    if not text:
+        return set()
+    found: set[DateMention] = set()
+    for start, end in _windows(text):
+        found |= {d for d in _find(text[start:end]) if d.full}
+    return found
+
+
+def _find(text: str) -> set[DateMention]:
     norm = _norm(text)
     found: set[DateMention] = set()
 

@@ -60,11 +60,28 @@ def fold(text: str) -> str:
     return unicodedata.normalize("NFC", unicodedata.normalize("NFKC", text).casefold())
 
 
-def strip_marks(text: str) -> str:
-    """Remove diacritics (combining marks) and map letters such as ``ł``/``ø`` to plain Latin."""
+def _strip_marks_slow(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text)
     plain = "".join(c for c in decomposed if not unicodedata.combining(c))
     return unicodedata.normalize("NFC", plain).translate(_PLAIN)
+
+
+#: Characters below this code point are stripped with one table (Latin, Greek, Cyrillic).
+_TABLE_END = 0x0530
+_STRIP_TABLE = {
+    cp: _strip_marks_slow(chr(cp))
+    for cp in range(0x80, _TABLE_END)
+    if _strip_marks_slow(chr(cp)) != chr(cp)
+}
+
+
+def strip_marks(text: str) -> str:
+    """Remove diacritics (combining marks) and map letters such as ``ł``/``ø`` to plain Latin."""
+    if text.isascii():
+        return text
+    if max(text) < chr(_TABLE_END):  # the common case: one C-speed table lookup per character
+        return text.translate(_STRIP_TABLE)
+    return _strip_marks_slow(text)
 
 
 def transliterate(text: str) -> str:

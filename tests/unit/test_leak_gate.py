@@ -23,7 +23,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-import tasks.deid.scan_phi as scan_phi_module
+import tasks.deid.gate_dicom as gate_dicom_module
 from tasks.deid.dataset import DeidContext, deidentify_dataset
 from tasks.deid.gate_dates import DateMention, find_dates
 from tasks.deid.gate_text import variants, words
@@ -236,7 +236,7 @@ def test_deflated_file_and_inflation_cap(matcher, monkeypatch):
     ds.ImageComments = "IVANOVA"
     data = _save(ds, DeflatedExplicitVRLittleEndian)
     assert ("ImageComments", "identifier") in kinds(data, matcher)
-    monkeypatch.setattr(scan_phi_module, "MAX_INFLATED_BYTES", 64)
+    monkeypatch.setattr(gate_dicom_module, "MAX_INFLATED_BYTES", 64)
     assert kinds(data, matcher) == {("file", "too-large")}
 
 
