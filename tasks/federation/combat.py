@@ -521,7 +521,10 @@ def apply_adjustment(table: pa.Table, adjustment: SiteAdjustment) -> pa.Table:
         if adjustment.columns
         else np.zeros((len(y), 0))
     )
-    mod_mean = x @ np.asarray(adjustment.coef).reshape(len(adjustment.columns), -1)
+    if adjustment.columns:
+        mod_mean = x @ np.asarray(adjustment.coef).reshape(len(adjustment.columns), -1)
+    else:  # no covariate: nothing to preserve
+        mod_mean = np.zeros_like(y)
     grand = np.asarray(adjustment.grand_mean)
     sd = np.sqrt(np.asarray(adjustment.var_pooled))
     s_data = (y - grand - mod_mean) / sd

@@ -27,6 +27,7 @@ from tasks.cohort.report import (
     site_effect,
 )
 from tasks.cohort.storage import Retrier, RetryPolicy
+from tasks.errors import OncoflowError
 from tasks.federation.combat import SiteAdjustment, apply_adjustment, cohort_rows
 from tasks.federation.sources import PublishedVersion, read_checked
 from tasks.store import open_url
@@ -112,7 +113,16 @@ def hub_report(
                 )
             )
             continue
-        before, after = combat_matrices(tables, summaries, adjustments)
+        try:
+            before, after = combat_matrices(tables, summaries, adjustments)
+        except (OncoflowError, KeyError, ValueError) as exc:
+            text = (
+                str(exc).splitlines()[0] if isinstance(exc, OncoflowError) else type(exc).__name__
+            )
+            sections.append(
+                Section(f"Site effect: {cohort}", f"<p>Not shown: {html.escape(text)}.</p>")
+            )
+            continue
         effect = site_effect(before, after)
         effects[cohort] = effect
         rows = [
