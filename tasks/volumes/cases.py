@@ -78,6 +78,9 @@ class VolumeCase:
         ROI name per mask entry (empty: from the labels).
     patient_id, study_id, modality
         From the CSV (or the folder's case name), private.
+    reference
+        The image as the source names it (CSV cell, or path within the folder): the volume
+        key hashes it, so a cohort moved or given by another path keeps its pseudonyms.
     """
 
     image: str
@@ -91,10 +94,12 @@ class VolumeCase:
     reason: str = ""
     detail: str = ""
 
+    reference: str = ""
+
     @property
     def volume_key(self) -> str:
-        """Private key of the volume: SHA-256 of its image location."""
-        return hashlib.sha256(self.image.encode("utf-8")).hexdigest()
+        """Private key of the volume: SHA-256 of its image reference."""
+        return hashlib.sha256((self.reference or self.image).encode("utf-8")).hexdigest()
 
     def row(self) -> dict[str, Any]:
         """Return the ``catalog/volumes.parquet`` row."""
@@ -206,6 +211,7 @@ def read_cases_csv(url: str) -> list[VolumeCase]:
             image,
             VolumeCase(
                 image=image,
+                reference=row["image"],
                 patient_id=row.get("patient") or "",
                 study_id=row.get("study") or "",
                 modality=modality,
@@ -242,7 +248,9 @@ def cases_from_folder(url: str) -> list[VolumeCase]:
         if image is None:
             continue
         mask = next((found[w] for w in MASK_WORDS if w in found), None)
-        volume = VolumeCase(image=unstrip(fs, image), patient_id=case)
+        volume = VolumeCase(
+            image=unstrip(fs, image), patient_id=case, reference=image[len(root) :].lstrip("/")
+        )
         if mask is None:
             volume.status, volume.reason = "quarantined", str(Reason.MISSING_MASK)
             volume.detail = "no <case>_mask/_label/_seg file beside the image"
