@@ -202,8 +202,10 @@ def find_full_dates(text: str) -> set[DateMention]:
     Every full date form holds a year of four digits or a numeric ``d.m.yy``: only the places
     around one are read, so decoded binary data costs one regular expression pass.
     """
-    if not text:
+    if not text or _CANDIDATE.search(text) is None:
         return set()
+    if len(text) <= 2 * _REACH:
+        return {d for d in _find(text) if d.full}
     found: set[DateMention] = set()
     for start, end in _windows(text):
         found |= {d for d in _find(text[start:end]) if d.full}

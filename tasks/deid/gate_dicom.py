@@ -432,7 +432,7 @@ def _scan_dicom_stream(stream: BinaryIO, matcher: IdentifierMatcher) -> list[tup
     stream.seek(0)
     try:
         meta, ds, body, implicit, little = _read_header(stream, scan)
-        _ = list(ds)  # parse every element now
+        _ = ds.keys()  # the element headers are read; values stay raw until checked
     except _TooLarge:
         return [("file", "too-large")]
     except Exception:

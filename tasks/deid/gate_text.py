@@ -57,6 +57,8 @@ _NOT_SPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af
 
 def fold(text: str) -> str:
     """NFKC-normalise and case-fold ``text`` (composed again: folding may decompose)."""
+    if text.isascii():  # NFKC leaves ASCII as it is; case folding is lowering there
+        return text.lower()
     return unicodedata.normalize("NFC", unicodedata.normalize("NFKC", text).casefold())
 
 
