@@ -380,29 +380,14 @@ def compute_image_parts(
                 errors[unit.key] = exc
             except RuntimeError:
                 errors[unit.key] = InputError("image or mask is not a readable NIfTI file")
-    label = params.setting.label or 1
-    results: dict[str, dict[str, float] | Quarantine | ValueError] = {}
-    for key, mask in masks.items():
-        try:
-            check_mask(image, mask, label)
-        except Quarantine as q:
-            results[key] = q
-    valid = {k: m for k, m in masks.items() if k not in results}
-    if len(valid) > 1 and can_share_filters(params):
-        results.update(features_per_mask(build_extractor(params, missing), image, valid))
-    else:
-        for key, mask in valid.items():
-            try:
-                results[key] = run_extractor(image, mask, params, missing)
-            except ValueError as exc:
-                results[key] = exc
+    results = features_for_masks(image, masks, params, missing)
     by_key = {u.key: u for u in units}
     for key, result in results.items():
         unit = by_key[key]
         if isinstance(result, dict) and not store.exists(
             diagnostics_key(unit.image_sha256, unit.mask_sha256, params)
         ):
-            found = compute_diagnostics(image, valid[key], params)
+            found = compute_diagnostics(image, masks[key], params)
             write_diagnostics(store, unit.image_sha256, unit.mask_sha256, params, found)
     fresh: dict[str, dict[Part, CachedPart]] = {}
     for key, result in results.items():
@@ -415,6 +400,37 @@ def compute_image_parts(
             continue
         fresh[key] = {p: CachedPart(p.name, reason=str(reason), detail=detail) for p in missing}
     return fresh, errors
+
+
+def features_for_masks(
+    image: sitk.Image, masks: dict[str, sitk.Image], params: RadiomicsParams, parts: list[Part]
+) -> dict[str, dict[str, float] | Quarantine | ValueError]:
+    """Run pyradiomics on one image with several masks, each filtered image made once.
+
+    Returns
+    -------
+    dict
+        By mask key: the features, the :class:`Quarantine` of a defective mask, or the
+        ``ValueError`` pyradiomics raised. Where filters cannot be shared every mask gets its
+        own ``execute``.
+    """
+    label = params.setting.label or 1
+    results: dict[str, dict[str, float] | Quarantine | ValueError] = {}
+    for key, mask in masks.items():
+        try:
+            check_mask(image, mask, label)
+        except Quarantine as q:
+            results[key] = q
+    valid = {k: m for k, m in masks.items() if k not in results}
+    if len(valid) > 1 and can_share_filters(params):
+        results.update(features_per_mask(build_extractor(params, parts), image, valid))
+    else:
+        for key, mask in valid.items():
+            try:
+                results[key] = run_extractor(image, mask, params, parts)
+            except ValueError as exc:
+                results[key] = exc
+    return results
 
 
 def _local_copy(store: SiteStore, key: str, sha256: str, target: Path) -> Path:

@@ -45,15 +45,12 @@ from tasks.radiomics.extract import (
     InputError,
     Quarantine,
     RoiUnit,
-    build_extractor,
-    check_mask,
     classify_value_error,
-    run_extractor,
+    features_for_masks,
     split_features,
 )
 from tasks.radiomics.ibsi import FEATURE_COLUMN, describe_column
 from tasks.radiomics.params import RadiomicsParams
-from tasks.radiomics.shared_filters import can_share_filters, features_per_mask
 from tasks.records import Status
 from tasks.store import FEATURES, SiteStore, sha256_bytes
 
@@ -289,25 +286,9 @@ def robustness_unit(
     groups: dict[str, list[str]] = {}
     for name in todo:
         groups.setdefault(hashes[name], []).append(name)
-    label = params.setting.label or 1
     for names in groups.values():
         group_image = made[names[0]][0]
-        results: dict[str, dict[str, float] | Exception] = {}
-        valid = {}
-        for name in names:
-            try:
-                check_mask(group_image, made[name][1], label)
-                valid[name] = made[name][1]
-            except Quarantine as q:
-                results[name] = q
-        if len(valid) > 1 and can_share_filters(params):
-            results.update(features_per_mask(build_extractor(params, parts), group_image, valid))
-        else:
-            for name, variant_mask in valid.items():
-                try:
-                    results[name] = run_extractor(group_image, variant_mask, params, parts)
-                except ValueError as exc:
-                    results[name] = exc
+        results = features_for_masks(group_image, {n: made[n][1] for n in names}, params, parts)
         for name, result in results.items():
             if isinstance(result, Quarantine):
                 fresh = {
