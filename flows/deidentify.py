@@ -24,14 +24,14 @@ from pydantic import Field, ValidationError
 from flows.reporting import markdown_table
 from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
 from flows.stage import StageParams, StageReport, failed_result, finish_stage, run_units
-from tasks.deid.audit import audit_summary_rows, audit_table
+from tasks.deid.audit import audit_summary_rows
 from tasks.deid.plan import (
-    deid_table,
     outcome_rows,
     plan_jobs,
     quarantine_records,
     remove_stale,
     source_root,
+    write_tables,
 )
 from tasks.deid.profile import PROFILE_VERSION, DeidOptions
 from tasks.deid.pseudonyms import SiteKeys
@@ -43,11 +43,10 @@ from tasks.deid.series import (
     pseudonymous_series_uid,
 )
 from tasks.errors import OncoflowError, validation_message
-from tasks.records import Stage, StageSummary, Status
-from tasks.store import CATALOG_SERIES, DEID_AUDIT, DEID_SERIES, SiteStore, open_url
+from tasks.records import Stage, StageSummary
+from tasks.store import CATALOG_SERIES, DEID_SERIES, SiteStore, open_url
 from tasks.store_checks import missing_input
 from tasks.volumes.deid import (
-    DEID_VOLUMES,
     VolumeOutcome,
     deidentify_volume_task,
     plan_volume_jobs,
@@ -152,18 +151,7 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         "volumes de-identified",
     )
     counts = counter_from([*outcomes, *volumes])  # type: ignore[list-item]
-    tables = {
-        DEID_SERIES: (deid_table(outcomes, volumes), {"oncoflow.deid.key_id": keys.key_id}),
-        DEID_AUDIT: (audit_table(counts), {}),
-    }
-    written = [
-        key
-        for key, (table, extra) in tables.items()
-        if store.write_table(key, table, {"oncoflow.deid.profile": PROFILE_VERSION, **extra})
-    ]
-    keep = {key for o in outcomes if o.unit.status == Status.OK for key in o.outputs}
-    stale = remove_stale(store, keep)
-    stale += store.prune(DEID_VOLUMES, {k for v in volumes for k in v.outputs})
+    written = write_tables(store, outcomes, volumes, counts, keys.key_id)
     report = StageReport(
         "De-identification",
         outcome_rows(outcomes),
@@ -183,7 +171,7 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         report,
         "series",
         tables_written=written,
-        stale_removed=stale,
+        stale_removed=remove_stale(store, outcomes, volumes),
         table=DEID_SERIES,
         objects_written=sum(o.written for o in [*outcomes, *volumes]),
         profile=PROFILE_VERSION,

@@ -17,10 +17,9 @@ from typing import Any
 import dask
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from flows.reporting import Progress, markdown_table, post_summary, post_table
+from flows.reporting import markdown_table, post_summary
 from flows.runtime import (
     RuntimeOptions,
     default_task_runner,
@@ -28,8 +27,8 @@ from flows.runtime import (
     pin_native_threads,
     run_on_dask,
 )
-from tasks.errors import OncoflowError, StageFailed, validation_message
-from tasks.radiomics.cache import read_parts
+from flows.stage import StageParams, StageReport, finish_stage, run_units
+from tasks.errors import OncoflowError, validation_message
 from tasks.radiomics.diagnostics import diagnostics_table, diagnostics_table_key, ok_pairs
 from tasks.radiomics.extract import (
     RoiOutcome,
@@ -40,29 +39,31 @@ from tasks.radiomics.extract import (
 )
 from tasks.radiomics.filters import check_label, check_selection, inventory
 from tasks.radiomics.params import Preset, RadiomicsParams, load_params
+from tasks.radiomics.plan import (
+    cached_outcomes,
+    collect_rows,
+    failed_outcomes,
+    group_by_image,
+    quarantine_records,
+)
 from tasks.radiomics.sr import reports_prefix, write_reports
 from tasks.radiomics.table import (
     KEY_COLUMNS,
     PROV_COLUMNS,
     STATUS_COLUMNS,
-    FeatureRow,
     build_features_table,
     features_key,
 )
-from tasks.records import QuarantineRecord, Stage, StageSummary, Status
+from tasks.records import Stage, StageSummary
 from tasks.research.methods import methods_metadata
-from tasks.store import SiteStore, validate_site
+from tasks.store import SiteStore
 
 FIXED_COLUMNS = (*KEY_COLUMNS, *STATUS_COLUMNS, *PROV_COLUMNS)
 
 
-class ExtractParams(BaseModel):
+class ExtractParams(StageParams):
     """What a researcher chooses for one extraction run (the Prefect UI form)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    site: str = Field(description="Site code: lowercase letters, digits, dashes.")
-    store: str = Field(description="Site store URL (path, file://, s3://bucket/prefix).")
     preset: Preset | None = Field(
         None,
         description="Parameter preset from deployments/radiomics/ (ct, mr, pet). "
@@ -85,17 +86,9 @@ class ExtractParams(BaseModel):
         description="Only these modalities (CT, MR, PT). Empty: the preset's own modality, or "
         "every modality with a parameter file.",
     )
-    max_failure_ratio: float = Field(
-        0.1,
-        ge=0.0,
-        le=1.0,
-        description="Fail the run when more than this share of ROIs fail with an error "
-        "(quarantined ROIs do not count).",
-    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ExtractParams:
-        validate_site(self.site)
         if (self.preset is None) == (self.params_file is None):
             raise ValueError("give exactly one of preset or params_file")
         return self
@@ -167,92 +160,6 @@ def extract_image_task(
     return extract_image_rois(SiteStore(store_url, site), units, params)
 
 
-def group_by_image(units: list[RoiUnit]) -> list[list[RoiUnit]]:
-    """Group units by image, keeping the units' order (largest images first).
-
-    Parameters
-    ----------
-    units
-        Units in scheduling order.
-
-    Returns
-    -------
-    list of list of RoiUnit
-        One group per image, in the order of each image's first unit.
-    """
-    groups: dict[tuple[str, str], list[RoiUnit]] = {}
-    for unit in units:
-        groups.setdefault((unit.image, unit.image_sha256), []).append(unit)
-    return list(groups.values())
-
-
-def _collect_rows(
-    store: SiteStore, units: list[RoiUnit], outcomes: dict[str, RoiOutcome]
-) -> list[FeatureRow]:
-    """Read the cached parts of every finished unit and build table rows.
-
-    An ``ok`` outcome whose parts cannot be found any more is replaced in ``outcomes`` by a
-    failed one.
-    """
-    keys = sorted({k for o in outcomes.values() if o.status == Status.OK for k in o.parts})
-    parts = read_parts(store, keys)
-    rows = []
-    for unit in units:
-        outcome = outcomes.get(unit.key)
-        if outcome is None:
-            continue
-        features: dict[str, float] = {}
-        if outcome.status == Status.OK:
-            if not all(key in parts for key in outcome.parts):
-                # a part vanished between the task and now (pruned cache): report, never guess
-                outcome = RoiOutcome(
-                    unit.key,
-                    Status.FAILED,
-                    error_class="CacheMiss",
-                    detail="a cached result disappeared: re-run the extraction",
-                )
-                outcomes[unit.key] = outcome
-            else:
-                for key in outcome.parts:
-                    features.update(parts[key].features or {})
-        rows.append(
-            FeatureRow(
-                unit=unit,
-                status=str(outcome.status),
-                reason=outcome.reason,
-                detail=outcome.detail or outcome.error_class,
-                features=features,
-            )
-        )
-    return rows
-
-
-def _cached_outcomes(
-    store: SiteStore, units: list[RoiUnit], params: RadiomicsParams
-) -> dict[str, RoiOutcome]:
-    """Outcomes of units whose every part is already cached (nothing to compute for them)."""
-    from tasks.radiomics.cache import object_key, plan_parts
-
-    parts = plan_parts(params)
-    wanted = {u.key: [object_key(u.image_sha256, u.mask_sha256, p) for p in parts] for u in units}
-    found = read_parts(store, [k for keys in wanted.values() for k in keys])
-    out: dict[str, RoiOutcome] = {}
-    for key, keys in wanted.items():
-        if not all(k in found for k in keys):
-            continue
-        bad = next((found[k] for k in keys if not found[k].ok), None)
-        status = Status.QUARANTINED if bad else Status.OK
-        out[key] = RoiOutcome(
-            key,
-            status,
-            reason=bad.reason if bad else "",
-            detail=bad.detail if bad else "",
-            parts=tuple(keys),
-            parts_reused=len(keys),
-        )
-    return out
-
-
 @flow(
     name="extract-radiomics",
     flow_run_name="extract-{params.site}",
@@ -278,7 +185,7 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
         When the share of failed units exceeds ``params.max_failure_ratio``.
     """
     radiomics_params, source = load_params(params.params_spec())
-    store = SiteStore(params.store, params.site)
+    store = params.open_store()
     params_hash = radiomics_params.params_hash()
     every_unit = plan_units(store)
     units = select_checked(store, every_unit, params, radiomics_params)
@@ -286,102 +193,101 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
         summary = nothing_to_extract(params, source, params_hash, inventory(every_unit))
         post_summary(summary, "Radiomics extraction", {"Note": str(summary.extra["note"])})
         return summary.to_dict()
-
-    progress = Progress(len(units), "ROIs extracted")
     # units whose every part is cached are settled here: no task run, no worker round trip
-    outcomes: dict[str, RoiOutcome] = _cached_outcomes(store, units, radiomics_params)
-    if outcomes:
-        progress.advance(len(outcomes))
-    to_compute = [u for u in units if u.key not in outcomes]
-    futures = {}
-    groups = group_by_image(to_compute)
-    for rank, group in enumerate(groups):  # largest images first, also by Dask priority
-        with dask.annotate(priority=len(groups) - rank):
-            future = extract_image_task.submit(params.store, params.site, group, radiomics_params)
-        futures[future] = group
-    for future in as_completed(list(futures)):
-        group = futures[future]
-        try:
-            done = future.result()
-        except Exception as exc:  # retries exhausted, worker lost for good, ...
-            done = [RoiOutcome(u.key, Status.FAILED, error_class=type(exc).__name__) for u in group]
-        for outcome in done:
-            outcomes[outcome.key] = outcome
-        progress.advance(len(done))
-
-    selected = {u.key for u in units}
-    others = [u for u in every_unit if u.key not in selected]
-    kept = _cached_outcomes(store, others, radiomics_params) if others else {}
+    outcomes = cached_outcomes(store, units, radiomics_params)
+    groups = group_by_image([u for u in units if u.key not in outcomes])
+    done = run_units(
+        groups,
+        lambda group: _submit_image(params, group, radiomics_params, groups),
+        failed_outcomes,
+        "images extracted",
+    )
+    outcomes.update({o.key: o for group in done for o in group})
+    others = [u for u in every_unit if u.key not in outcomes]
+    kept = cached_outcomes(store, others, radiomics_params) if others else {}
     merged = {**kept, **outcomes}
-    rows = _collect_rows(store, every_unit, merged)  # may turn an outcome into a failure
-    outcomes = {key: merged[key] for key in outcomes}
+    rows = collect_rows(store, every_unit, merged)  # may turn an outcome into a failure
+    table, written, reports = _write_outputs(store, params, radiomics_params, rows)
+    results = [merged[u.key] for u in units]
+    return finish_stage(
+        store,
+        Stage.EXTRACT,
+        params,
+        [o.unit_result() for o in results],
+        quarantine_records(rows),
+        _report(table, source, params_hash, reports, rows, results),
+        "ROIs",
+        tables_written=[features_key(params_hash)] if written else [],
+        params=source,
+        modalities=",".join(params.modality_filter()) or "all",
+        params_hash=params_hash,
+        table=features_key(params_hash),
+        rows=table.num_rows,
+        feature_columns=table.num_columns - len(FIXED_COLUMNS),
+        parts_computed=sum(o.parts_computed for o in results),
+        parts_reused=sum(o.parts_reused for o in results),
+        compute_cpu_seconds=round(sum(o.compute_seconds for o in results), 1),
+        sr_reports=dict(sorted(reports.items())),
+    )
+
+
+def _submit_image(
+    params: ExtractParams,
+    group: list[RoiUnit],
+    radiomics_params: RadiomicsParams,
+    groups: list[list[RoiUnit]],
+) -> Any:
+    """Submit the task of one image; larger images (earlier groups) get a higher Dask priority."""
+    rank = next(i for i, g in enumerate(groups) if g is group)
+    with dask.annotate(priority=len(groups) - rank):
+        return extract_image_task.submit(params.store, params.site, group, radiomics_params)
+
+
+def _write_outputs(
+    store: SiteStore, params: ExtractParams, radiomics_params: RadiomicsParams, rows: list
+) -> tuple[Any, bool, Counter[str]]:
+    """Write the features table, its diagnostics and the DICOM SR reports of a run."""
+    params_hash = radiomics_params.params_hash()
     table, metadata = build_features_table(params.site, rows, radiomics_params)
     metadata.update(methods_metadata(store, radiomics_params, [r.unit.series for r in rows]))
-    key = features_key(params_hash)
-    written = store.write_table(key, table, metadata)
+    written = store.write_table(features_key(params_hash), table, metadata)
     store.write_table(
         diagnostics_table_key(params_hash),
         diagnostics_table(store, ok_pairs(rows), radiomics_params),
         {"oncoflow.table": "diagnostics", "oncoflow.params_hash": params_hash},
     )
-    quarantined = [
-        QuarantineRecord(
-            item=r.unit.key, kind="mask", stage=Stage.EXTRACT, reason=r.reason, detail=r.detail
-        )
-        for r in rows
-        if r.status == str(Status.QUARANTINED)
-    ]
-    store.replace_quarantine(Stage.EXTRACT, quarantined)
     reports = Counter(o.status for o in write_reports(store, table, params_hash))
+    return table, written, reports
 
-    results = [outcomes[u.key].unit_result() for u in units]
-    summary = StageSummary.from_results(
-        Stage.EXTRACT,
-        params.site,
-        results,
-        params=source,
-        modalities=",".join(params.modality_filter()) or "all",
-        params_hash=params_hash,
-        table=key,
-        table_written=written,
-        rows=table.num_rows,
-        feature_columns=table.num_columns - len(FIXED_COLUMNS),
-        parts_computed=sum(outcomes[u.key].parts_computed for u in units),
-        parts_reused=sum(outcomes[u.key].parts_reused for u in units),
-        compute_cpu_seconds=round(sum(outcomes[u.key].compute_seconds for u in units), 1),
-        sr_reports=dict(sorted(reports.items())),
-    )
-    post_summary(
-        summary,
+
+def _report(
+    table: Any,
+    source: str,
+    params_hash: str,
+    reports: Counter[str],
+    rows: list,
+    results: list[RoiOutcome],
+) -> StageReport:
+    """Return what an extraction run shows in the Prefect UI."""
+    cache = [
+        {"parts": "computed", "count": sum(o.parts_computed for o in results)},
+        {"parts": "reused", "count": sum(o.parts_reused for o in results)},
+    ]
+    return StageReport(
         "Radiomics extraction",
+        [
+            {"roi": q.item, "reason": str(q.reason), "detail": q.detail}
+            for q in quarantine_records(rows)
+        ],
+        "ROIs quarantined by the extract stage",
         {
-            "Table": f"`{key}`: {table.num_rows} rows, parameters `{source}`",
+            "Table": f"`{features_key(params_hash)}`: {table.num_rows} rows, parameters `{source}`",
             "DICOM SR": f"`{reports_prefix(params_hash)}/`: "
             + (", ".join(f"{n} {s}" for s, n in sorted(reports.items())) or "none"),
-            "Cache": markdown_table(
-                [
-                    {"parts": "computed", "count": summary.extra["parts_computed"]},
-                    {"parts": "reused", "count": summary.extra["parts_reused"]},
-                ],
-                ["parts", "count"],
-            ),
+            "Cache": markdown_table(cache, ["parts", "count"]),
         },
+        rows_name="quarantine",
     )
-    post_table(
-        params.site,
-        str(Stage.EXTRACT),
-        "quarantine",
-        [{"roi": q.item, "reason": str(q.reason), "detail": q.detail} for q in quarantined],
-        "ROIs quarantined by the extract stage",
-    )
-    if summary.failure_ratio > params.max_failure_ratio:
-        failed = Counter(r.error_class or "error" for r in results if r.status == Status.FAILED)
-        raise StageFailed(
-            f"extract: {summary.counts.get('failed', 0)} of {len(results)} ROIs failed "
-            f"({summary.failure_ratio:.0%} > {params.max_failure_ratio:.0%}): "
-            + ", ".join(f"{k}={v}" for k, v in sorted(failed.items()))
-        )
-    return summary.to_dict()
 
 
 def select_checked(
@@ -450,7 +356,7 @@ def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSu
         return nothing_to_extract(
             params, source, radiomics_params.params_hash(), inventory(every_unit)
         )
-    if len(_cached_outcomes(store, selected, radiomics_params)) == len(selected):
+    if len(cached_outcomes(store, selected, radiomics_params)) == len(selected):
         # every result is cached: the flow only assembles the table, no Dask cluster to start
         from prefect.task_runners import ThreadPoolTaskRunner
 

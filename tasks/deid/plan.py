@@ -8,15 +8,18 @@ run no longer produces.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pyarrow as pa
 
+from tasks.deid.audit import audit_table
+from tasks.deid.profile import PROFILE_VERSION
 from tasks.deid.series import SeriesJob, SeriesOutcome
 from tasks.errors import OncoflowError
 from tasks.records import QuarantineRecord, Reason, Stage, Status
-from tasks.store import CATALOG_SERIES, DEID_DICOM, SiteStore
-from tasks.volumes.deid import VolumeOutcome
+from tasks.store import CATALOG_SERIES, DEID_AUDIT, DEID_DICOM, DEID_SERIES, SiteStore
+from tasks.volumes.deid import DEID_VOLUMES, VolumeOutcome
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL (docs/tables.md).
 SOURCE_METADATA_KEY = b"source"
@@ -84,9 +87,32 @@ def plan_jobs(table: pa.Table) -> list[SeriesJob]:
     return jobs
 
 
-def remove_stale(store: SiteStore, keep: set[str]) -> int:
-    """Remove objects under ``deid/dicom/`` that this run did not produce; return how many."""
-    return store.prune(DEID_DICOM, keep)
+def remove_stale(
+    store: SiteStore, outcomes: list[SeriesOutcome], volumes: list[VolumeOutcome]
+) -> int:
+    """Remove de-identified objects this run did not produce; return how many."""
+    keep = {key for o in outcomes if o.unit.status == Status.OK for key in o.outputs}
+    removed = store.prune(DEID_DICOM, keep)
+    return removed + store.prune(DEID_VOLUMES, {k for v in volumes for k in v.outputs})
+
+
+def write_tables(
+    store: SiteStore,
+    outcomes: list[SeriesOutcome],
+    volumes: list[VolumeOutcome],
+    counts: Counter[tuple[str, str]],
+    key_id: str,
+) -> list[str]:
+    """Write ``deid/series.parquet`` and ``deid/audit.parquet``; return the keys written."""
+    tables = {
+        DEID_SERIES: (deid_table(outcomes, volumes), {"oncoflow.deid.key_id": key_id}),
+        DEID_AUDIT: (audit_table(counts), {}),
+    }
+    return [
+        key
+        for key, (table, extra) in tables.items()
+        if store.write_table(key, table, {"oncoflow.deid.profile": PROFILE_VERSION, **extra})
+    ]
 
 
 def deid_table(outcomes: list[SeriesOutcome], volumes: list[VolumeOutcome]) -> pa.Table:
