@@ -321,7 +321,7 @@ def main() -> None:
             cold, summary = oncoflow_extract(store, args.workers, env)
             print(f"oncoflow extract --workers {args.workers}: {cold:7.1f} s", flush=True)
             warm, again = oncoflow_extract(store, args.workers, env)
-            assert again["parts_computed"] == 0 and again["table_written"] is False
+            assert again["parts_computed"] == 0 and again["tables_written"] == []
             assert summary["counts"] == {"ok": len(cases)}, summary
             return cold, summary, warm
 

@@ -140,6 +140,7 @@ def finish_stage(
     quarantine: Sequence[QuarantineRecord],
     report: StageReport,
     noun: str,
+    /,
     *,
     tables_written: Sequence[str] = (),
     stale_removed: int = 0,
@@ -168,7 +169,8 @@ def finish_stage(
     stale_removed
         Outputs of units no longer in the plan that were removed.
     **extra
-        Stage-specific summary fields.
+        Stage-specific summary fields (any name, ``params`` included: the arguments before
+        them are positional only).
 
     Returns
     -------

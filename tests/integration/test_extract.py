@@ -156,7 +156,7 @@ def test_extract_flow_on_s3(prefect_api, s3_bucket, tmp_path, capsys):
                       "--params", params_file, "--json"])  # fmt: skip
         assert exit_info.value.code == 0
         again = json.loads(capsys.readouterr().out)
-        assert (again["parts_computed"], again["table_written"]) == (0, False)
+        assert (again["parts_computed"], again["tables_written"]) == (0, [])
         assert again["parts_reused"] == 21
         assert store.modified(key) == table_modified
         assert cache_listing(store) == listing
@@ -179,7 +179,7 @@ def test_extract_flow_on_s3(prefect_api, s3_bucket, tmp_path, capsys):
             build_params("site-a", store.url, params_file, series=[SPECS[1].series]), options
         )
         assert fourth.counts == {"ok": 1}
-        assert fourth.extra["rows"] == 7 and fourth.extra["table_written"] is False
+        assert fourth.extra["rows"] == 7 and fourth.tables_written == []
 
         # 5. an input changed behind harmonise's back fails its unit when it must be computed
         # (new parameters); above the threshold the run's final state is Failed
