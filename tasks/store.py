@@ -202,6 +202,19 @@ class SiteStore:
         """Whether the key exists."""
         return bool(self.fs.exists(self._fresh(self.path(key))))
 
+    def open(self, key: str, block_size: int | None = None) -> Any:
+        """Open an object for reading (a binary file object; close it, or use ``with``).
+
+        Parameters
+        ----------
+        key
+            Store-relative key.
+        block_size
+            Read-ahead of object stores in bytes (small for reading only a header).
+        """
+        options = {} if block_size is None else {"block_size": block_size}
+        return self.fs.open(self._fresh(self.path(key)), "rb", **options)
+
     def read_bytes(self, key: str) -> bytes:
         """Read an object."""
         return self.fs.cat_file(self._fresh(self.path(key)))

@@ -403,8 +403,7 @@ def _rtstruct_frame(ds: Dataset) -> str:
 def _discard(store: SiteStore, keys: list[str]) -> None:
     """Remove what this attempt wrote, so a failed series leaves no partial output."""
     for key in keys:
-        with contextlib.suppress(FileNotFoundError):
-            store.fs.rm_file(store.path(key))
+        store.remove(key)
 
 
 def _quarantined(row: dict[str, Any], reason: Reason, detail: str) -> SeriesOutcome:

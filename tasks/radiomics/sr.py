@@ -200,7 +200,7 @@ def safe_evidence(ds: Dataset) -> Dataset:
 
 def read_header(store: SiteStore, key: str) -> Dataset:
     """Read a DICOM file's attributes without its pixel data."""
-    with store.fs.open(store.path(key), "rb", block_size=HEADER_BLOCK) as fh:
+    with store.open(key, block_size=HEADER_BLOCK) as fh:
         return pydicom.dcmread(fh, stop_before_pixels=True)
 
 

@@ -123,3 +123,10 @@ def test_read_many_leaves_out_missing(tmp_path):
     assert store.read_many(["a", "d/b", "nope"]) == {"a": b"1", "d/b": b"2"}
     assert store.read_many(["a"]) == {"a": b"1"}
     assert store.read_many([]) == {}
+
+
+def test_open_reads_a_prefix_of_an_object(tmp_path):
+    store = SiteStore(str(tmp_path), "site-a")
+    store.write_bytes("d/obj", b"header" + b"x" * 100_000)
+    with store.open("d/obj", block_size=1024) as fh:
+        assert fh.read(6) == b"header"
