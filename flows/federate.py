@@ -136,7 +136,8 @@ def federate_flow(params: FederateParams) -> dict[str, Any]:
         )
     sections = [
         f"# Federated catalogue\n\nk = {params.k}; `<{params.k}`: a count from 1 to "
-        f"{params.k - 1}; `*`: suppressed to protect a small count."
+        f"{params.k - 1}; `*`: suppressed to protect a small count; `-`: not shown (the "
+        "totals would reveal it)."
     ]
     for name, table in catalogue["tables"].items():
         if name != "patients":

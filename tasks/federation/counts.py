@@ -38,6 +38,9 @@ from tasks.errors import OncoflowError
 DIMENSIONS = ("modality", "body_part", "roi")
 SMALL = "<{k}"
 MASKED = "*"
+#: A count not shown at all (any value, zero included): the last resort when the sums and
+#: bounds would pin a small count even with every count hidden.
+WITHHELD = "-"
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,9 @@ class ReaderProgram:
                 high.append(hi - known)
         small = SMALL.format(k=k)
         self.constraints = [LinearConstraint(np.array(rows), low, high)] if rows else []
+        lowest = {small: 1.0, MASKED: float(k), WITHHELD: 0.0}
         self.bounds = Bounds(
-            np.array([1.0 if released[c] == small else float(k) for c in self.unknown]),
+            np.array([lowest[str(released[c])] for c in self.unknown]),
             np.array([k - 1.0 if released[c] == small else np.inf for c in self.unknown]),
         )
 
@@ -183,24 +187,41 @@ class ReaderProgram:
 
 
 def _released(
-    system: CountSystem, suppressed: set[str], primary: set[str], k: int
+    system: CountSystem,
+    suppressed: set[str],
+    primary: set[str],
+    k: int,
+    withheld: frozenset[str] = frozenset(),
 ) -> dict[str, int | str]:
     small = SMALL.format(k=k)
     return {
-        c: (small if c in primary else MASKED if c in suppressed else v)
+        c: (
+            WITHHELD
+            if c in withheld
+            else small
+            if c in primary
+            else MASKED
+            if c in suppressed
+            else v
+        )
         for c, v in system.values.items()
     }
 
 
 def _pinned(
-    system: CountSystem, suppressed: set[str], primary: set[str], k: int, safe: set[str]
+    system: CountSystem,
+    suppressed: set[str],
+    primary: set[str],
+    k: int,
+    safe: set[str],
+    withheld: frozenset[str] = frozenset(),
 ) -> Iterator[str]:
     """Yield the suppressed small counts a reader could pin to one value.
 
     Cells found protected are added to ``safe`` and not checked again: hiding more counts only
     widens what a reader can infer, so a protected cell stays protected.
     """
-    program = ReaderProgram(system, _released(system, suppressed, primary, k), k)
+    program = ReaderProgram(system, _released(system, suppressed, primary, k, withheld), k)
     for cell in sorted(primary - safe):
         if program.pinned(cell, system.values[cell]):
             yield cell
@@ -259,11 +280,21 @@ def suppress(system: CountSystem, k: int = 10) -> dict[str, int | str]:
             if not frontier:
                 break
             suppressed.add(frontier[0][1])
-    # fail closed: hide every count; if a small count is still pinned, release nothing
+    # Last resort: hide every count, then show pinned small counts (and, if still pinned, every
+    # count of their sums and bounds, zeros included) as WITHHELD: any value, no bounds.
     suppressed |= {c for c, v in system.values.items() if v > 0}
-    if next(_pinned(system, suppressed, primary, k, set()), None) is not None:
-        raise OncoflowError("these counts cannot be released without revealing a small count")
-    return _released(system, suppressed, primary, k)
+    withheld: set[str] = set()
+    for _ in range(len(system.values) + 1):
+        pinned = set(_pinned(system, suppressed, primary, k, set(), frozenset(withheld)))
+        if not pinned:
+            return _released(system, suppressed, primary, k, frozenset(withheld))
+        fresh = pinned - withheld
+        if not fresh:
+            fresh = {c for g in groups if pinned & set(g) for c in g} - withheld
+        if not fresh:
+            break
+        withheld |= fresh
+    raise OncoflowError("these counts cannot be released without revealing a small count")
 
 
 def _add_complement(system: CountSystem, suppressed: set[str], cells: Sequence[str]) -> bool:
@@ -380,6 +411,7 @@ def federated_catalogue(sources: Sequence[SourceCounts], k: int = 10) -> dict[st
         "legend": {
             SMALL.format(k=k): f"a count from 1 to {k - 1}",
             MASKED: "suppressed so that a small count cannot be worked out from the totals",
+            WITHHELD: "not shown (any count, zero included): the totals would reveal it",
         },
         "sources": [
             {"site": s.site, "cohort": s.cohort, "version": s.version, **s.meta} for s in sources

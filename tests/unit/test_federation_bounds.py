@@ -35,7 +35,8 @@ SYSTEMS = 150
 class ReaderModel:
     """The reader's integer program over the released catalogue."""
 
-    def __init__(self, catalogue: dict) -> None:
+    def __init__(self, catalogue: dict, k: int = K) -> None:
+        self.k = k
         self.names: list[str] = []
         self.released: dict[str, int | str] = {}
         self.rows: list[tuple[dict[str, float], float, float]] = []
@@ -99,10 +100,12 @@ class ReaderModel:
         lb, ub = np.zeros(len(self.names)), np.full(len(self.names), np.inf)
         for name, value in self.released.items():
             i = index[name]
-            if value == f"<{K}":
-                lb[i], ub[i] = 1, K - 1
+            if value == f"<{self.k}":
+                lb[i], ub[i] = 1, self.k - 1
             elif value == "*":
-                lb[i] = K
+                lb[i] = self.k
+            elif value == "-":  # withheld: any count, zero included
+                pass
             else:
                 lb[i] = ub[i] = float(value)
         constraint = LinearConstraint(matrix, [r[1] for r in self.rows], [r[2] for r in self.rows])
@@ -165,7 +168,7 @@ def test_no_suppressed_cell_is_pinned_by_sums_and_bounds() -> None:
         )
         truth = build_system(sources)[0].values  # the raw counts: the known-feasible point
         for cell, value in model.released.items():
-            if value != f"<{K}":
+            if value != f"<{K}" and not (value == "-" and 0 < truth[cell] < K):
                 continue
             audited += 1
             if model.pinned(cell, truth[cell]):
@@ -200,3 +203,28 @@ def test_inconsistent_manifest_counts_are_one_line_errors() -> None:
                        {"modality": {"CT": 3}, "body_part": {"CHEST": 3}, "roi": {}})  # fmt: skip
     with pytest.raises(OncoflowError, match="exceeds"):
         federated_catalogue([bad])
+
+
+def test_a_small_count_pinned_whatever_is_hidden_is_withheld() -> None:
+    """Two sites with one PT series each, a third with none, k=3: the PT column total is 2.
+
+    Every count at least 1, the column total below 3: both PT cells are 1 whatever else is
+    hidden. They (and the total) are shown as ``-`` (any count, zero included) instead.
+    """
+    k = 3
+    sources = [
+        SourceCounts(f"site-{s}", "c", "v1", sum(m.values()), 1,
+                     {"modality": m, "body_part": {"CHEST": sum(m.values())}, "roi": {}})
+        for s, m in (
+            ("a", {"CT": 2, "PT": 1}), ("b", {"CT": 4, "PT": 1}), ("c", {"CT": 2, "PT": 0})
+        )
+    ]  # fmt: skip
+    catalogue = federated_catalogue(sources, k=k)
+    rows = {r["site"]: r["values"] for r in catalogue["tables"]["modality"]["rows"]}
+    assert rows["site-a"]["PT"] == rows["site-b"]["PT"] == "-"
+    assert rows["site-c"]["PT"] == 0 and "-" in catalogue["legend"]
+    model = ReaderModel(catalogue, k)
+    truth = build_system(sources)[0].values
+    for cell, value in model.released.items():
+        if value in (f"<{k}", "-") and 0 < truth[cell] < k:
+            assert not model.pinned(cell, truth[cell]), cell
