@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,9 @@ def figure_png(fig: Any) -> bytes:
 
 
 def _pyplot() -> Any:
+    # A fresh machine builds matplotlib's font cache at the first import and, when that takes
+    # over 5 s, says so as a WARNING: a normal run logs none.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     import matplotlib
 
     matplotlib.use("Agg", force=True)
