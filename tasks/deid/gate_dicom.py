@@ -87,6 +87,13 @@ class _Scan:
         if vr in ("DA", "DT"):
             if any(m.patient_date_found(k, t, exact=True) for k in self.keys for t in texts):
                 self.add(where, "catalogue-date")
+        elif vr in ("DS", "IS"):
+            # a decimal number reads as a day and a month ("12.3"): only a full date counts
+            if any(
+                m.date_found(t) or any(m.patient_date_found(k, t, full=True) for k in self.keys)
+                for t in texts
+            ):
+                self.add(where, "catalogue-date")
         elif vr != "TM" and any(
             m.date_found(t) or any(m.patient_date_found(k, t) for k in self.keys) for t in texts
         ):

@@ -186,10 +186,13 @@ class IdentifierMatcher:
             return False
         return not self.dates.isdisjoint(find_full_dates(text))
 
-    def patient_date_found(self, key: str, text: str, exact: bool = False) -> bool:
+    def patient_date_found(
+        self, key: str, text: str, exact: bool = False, full: bool = False
+    ) -> bool:
         """Whether ``text`` writes a date of the patient ``key`` (day and month suffice).
 
-        With ``exact``, ``text`` is a DA/DT value compared as a full date.
+        With ``exact``, ``text`` is a DA/DT value compared as a full date; with ``full``, only
+        a full date in ``text`` counts (a number such as ``12.3`` also reads as a day and month).
         """
         dates = self.patient_dates.get(key)
         if not dates or not text:
@@ -201,7 +204,7 @@ class IdentifierMatcher:
         for mention in find_dates(text):
             if mention.full and mention in dates:
                 return True
-            if not mention.year and (mention.month, mention.day) in days:
+            if not full and not mention.year and (mention.month, mention.day) in days:
                 return True
         return False
 

@@ -279,6 +279,15 @@ def test_date_attributes_compared_with_the_files_own_patient(matcher):
     assert ("SeriesDescription", "catalogue-date") in kinds(_save(ds), matcher)
 
 
+def test_numbers_are_read_for_full_dates_only(matcher):
+    ds = _deidentified()
+    day_month = f"{int(STUDY_DATE[6:]):d}.{int(STUDY_DATE[4:6]):d}"  # the real day and month
+    ds.PatientWeight = day_month  # a decimal number, as a feature value in an SR is
+    assert kinds(_save(ds), matcher) == set()
+    ds.PatientWeight = STUDY_DATE  # the real date written as a number
+    assert ("PatientWeight", "catalogue-date") in kinds(_save(ds), matcher)
+
+
 def test_an_id_glued_to_text_and_the_accession_number(matcher):
     ds = _deidentified()
     _plant_private(ds, "pat20480917")
