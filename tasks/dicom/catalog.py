@@ -191,7 +191,7 @@ def remove_parts(store: SiteStore) -> None:
 
 
 #: Rows handed to :func:`build_series` at once (whole series; memory bounded by this).
-BUILD_CHUNK_ROWS = 20_000
+BUILD_CHUNK_ROWS = 5_000
 
 
 def merge_catalog(
