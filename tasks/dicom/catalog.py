@@ -265,35 +265,37 @@ def merge_catalog(
                 new_series.append(series_table(build.series))
                 yield rows_to_table(build.instances)
 
-        def survivors(uris: dict[str, str], column: str, remove: str):
-            for uri in uris.values():
+        def parts_bytes(
+            table: PartedTable,
+            new: Iterable[pa.Table],
+            holding: dict[str, str],
+            column: str,
+            superseded: str,
+            schema: pa.Schema,
+        ) -> Iterator[bytes]:
+            """Yield the new rows as parts, then each replaced part without its old rows."""
+            yield from table.chunks(new, metadata)
+            for uri in holding.values():
                 kept = con.sql(
                     f"SELECT * FROM read_parquet('{_q(uri)}') WHERE {column} IS NULL "
-                    f"OR {column} NOT IN ({remove})"
+                    f"OR {column} NOT IN ({superseded})"
                 ).to_arrow_table()
                 if kept.num_rows:
-                    yield kept
+                    yield table.part_bytes(kept.cast(schema), metadata)
 
-        def instance_parts_bytes():
-            yield from instances.chunks(instance_tables(), metadata)
-            kept = survivors(paths_before, "path", "SELECT path FROM cur")
-            for table in kept:
-                yield instances.part_bytes(table.cast(INSTANCE_SCHEMA), metadata)
-
-        remove_instances = list(paths_before) if not everything else instances.parts()
-        if instances.replace(instance_parts_bytes(), remove_instances):
+        replaced = parts_bytes(
+            instances, instance_tables(), paths_before, "path", "SELECT path FROM cur",
+            INSTANCE_SCHEMA,
+        )  # fmt: skip
+        if instances.replace(replaced, instances.parts() if everything else list(paths_before)):
             counts.written.append(CATALOG_INSTANCES)
         if new_series:
             new_series = [pa.concat_tables(new_series)]
-
-        def series_parts_bytes():
-            yield from series.chunks(new_series, metadata)
-            kept = survivors(series_before, "series_instance_uid", "SELECT uid FROM a_series")
-            for table in kept:
-                yield series.part_bytes(table.cast(SERIES_SCHEMA), metadata)
-
-        remove_series = list(series_before) if not everything else series.parts()
-        if series.replace(series_parts_bytes(), remove_series):
+        replaced = parts_bytes(
+            series, new_series, series_before, "series_instance_uid", "SELECT uid FROM a_series",
+            SERIES_SCHEMA,
+        )  # fmt: skip
+        if series.replace(replaced, series.parts() if everything else list(series_before)):
             counts.written.append(CATALOG_SERIES)
         affected_items = set(old_series_keys) | {
             p for (p,) in con.execute("SELECT path FROM cur").fetchall()
