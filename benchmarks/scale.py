@@ -337,6 +337,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="oncoflow-bench-scale-"))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect")}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env.setdefault("ONCOFLOW_SITE_SECRET", "scale-benchmark-secret-0123456789abcdef")
     env.pop("PREFECT_API_URL", None)
     (work / "prefect").mkdir()
     figures: dict = {"load_average_start": round(os.getloadavg()[0], 1)}

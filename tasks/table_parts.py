@@ -43,12 +43,13 @@ import pyarrow.parquet as pq
 from tasks.store import Existing, SiteStore, sha256_bytes, table_to_parquet_bytes
 
 PART_PREFIX = "part-"
-#: Rows per part written at once (a first ingest of 2 M instances gives 40 parts).
-PART_ROWS = 50_000
-#: Compaction: when a table has more parts than this, its small parts are merged.
-MAX_PARTS = 32
-#: Parts with fewer rows than this are "small" (merged by compaction).
+#: Rows per part (a first ingest of 2 M instances gives 200 parts). It bounds the memory a
+#: writer needs: one part's rows are held, sorted and encoded at a time.
+PART_ROWS = 10_000
+#: Parts with fewer rows than this are "small" (an increment's part, a part left by removals).
 SMALL_PART_ROWS = PART_ROWS // 4
+#: Compaction: when a table has more small parts than this, they are merged.
+MAX_SMALL_PARTS = 16
 #: Schema metadata key naming the sort columns of the table (readers sort by them).
 SORT_KEY = "oncoflow.sort_key"
 
@@ -219,8 +220,8 @@ class PartedTable:
     def compaction(self, metadata: dict[str, str] | None = None) -> tuple[list[bytes], list[str]]:
         """Plan a compaction of the table's small parts.
 
-        When the table has more than :data:`MAX_PARTS` parts, its small parts (fewer than
-        :data:`SMALL_PART_ROWS` rows) are merged into parts of normal size.
+        When the table has more than :data:`MAX_SMALL_PARTS` parts with fewer than
+        :data:`SMALL_PART_ROWS` rows, they are merged into parts of normal size.
 
         Returns
         -------
@@ -228,15 +229,14 @@ class PartedTable:
             Bytes of the merged parts and keys of the parts they replace (empty when there is
             nothing to compact).
         """
-        parts = [p for p in self.parts() if p != self.key]
-        if len(parts) <= MAX_PARTS:
-            return [], []
         small = []
-        for key in parts:
+        for key in self.parts():
+            if key == self.key:
+                continue
             with self.store.fs.open(self.store.path(key), "rb") as fh:
                 if pq.ParquetFile(fh).metadata.num_rows < SMALL_PART_ROWS:
                     small.append(key)
-        if len(small) < 2:
+        if len(small) <= MAX_SMALL_PARTS:
             return [], []
 
         def tables() -> Iterator[pa.Table]:

@@ -11,6 +11,7 @@ which batches finished.
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -174,15 +175,35 @@ def diff_catalog(store: SiteStore, listing: Sequence[ListedFile]) -> ListingDiff
     return diff
 
 
-def read_parsed(store: SiteStore, parts: Iterable[str]) -> pa.Table:
-    """Read the batch part files of this run as one Arrow table (no Python rows)."""
-    tables = []
-    for key in parts:
-        table = store.read_table(key)
-        if table is None:
-            raise OncoflowError("a batch part file is missing from the store")
-        tables.append(table.cast(INSTANCE_SCHEMA))
-    return pa.concat_tables(tables) if tables else INSTANCE_SCHEMA.empty_table()
+@dataclass(frozen=True)
+class ParsedParts:
+    """The batch part files of this run, read by DuckDB inside the merge (never loaded whole).
+
+    Attributes
+    ----------
+    keys
+        Store-relative keys of the part files.
+    """
+
+    keys: tuple[str, ...] = ()
+
+
+def read_parsed(store: SiteStore, parts: Iterable[str]) -> ParsedParts:
+    """Check the batch part files of this run exist and return them for :func:`merge_catalog`.
+
+    Raises
+    ------
+    OncoflowError
+        When a part file is missing.
+    """
+    keys = tuple(parts)
+    if any(not store.exists(key) for key in keys):
+        raise OncoflowError("a batch part file is missing from the store")
+    return ParsedParts(keys)
+
+
+#: DuckDB's memory for the merge; beyond it DuckDB spills to a temporary folder.
+MERGE_MEMORY = "192MB"
 
 
 def remove_parts(store: SiteStore) -> None:
@@ -197,7 +218,7 @@ BUILD_CHUNK_ROWS = 5_000
 def merge_catalog(
     store: SiteStore,
     diff: ListingDiff,
-    parsed: pa.Table | Sequence[dict[str, Any]],
+    parsed: ParsedParts | pa.Table | Sequence[dict[str, Any]],
     tolerance: float,
     metadata: dict[str, str] | None = None,
 ) -> CatalogCounts:
@@ -218,9 +239,9 @@ def merge_catalog(
     diff
         The listing diff this run was planned from.
     parsed
-        Rows of the files parsed in this run (Arrow table or row dicts). Files that were to be
-        parsed but have no row (their batch failed) keep their previous row, if any, so the
-        next run retries them.
+        Rows of the files parsed in this run: their batch part files (:func:`read_parsed`), an
+        Arrow table or row dicts. Files that were to be parsed but have no row (their batch
+        failed) keep their previous row, if any, so the next run retries them.
     tolerance
         Slice-gap tolerance (fraction of the median gap).
     metadata
@@ -231,16 +252,24 @@ def merge_catalog(
     CatalogCounts
         Counts and the tables written.
     """
-    fresh = parsed if isinstance(parsed, pa.Table) else rows_to_table(list(parsed))
-    fresh = fresh.cast(INSTANCE_SCHEMA)
     instances, series = instance_parts(store), series_parts(store)
     everything = not catalog_is_current(store, metadata)
     metadata = {**(metadata or {}), VERSION_KEY: CATALOG_VERSION}
     counts = CatalogCounts()
     con = store.connect_duckdb()
+    spill = tempfile.TemporaryDirectory(prefix="oncoflow-merge-")
     try:
         con.execute("SET threads TO 1")
-        con.register("fresh", fresh)
+        con.execute(f"SET memory_limit = '{MERGE_MEMORY}'")
+        con.execute(f"SET temp_directory = '{_q(spill.name)}'")
+        con.execute("SET preserve_insertion_order = false")
+        if isinstance(parsed, ParsedParts) and parsed.keys:
+            uris = _sql_list([store.uri(k) for k in parsed.keys])
+            con.execute(f"CREATE TEMP VIEW fresh AS SELECT * FROM read_parquet({uris})")
+        else:
+            rows = [] if isinstance(parsed, ParsedParts) else parsed
+            fresh = rows if isinstance(rows, pa.Table) else rows_to_table(list(rows))
+            con.register("fresh", fresh.cast(INSTANCE_SCHEMA))
         con.register("gone", pa.table({"path": pa.array(diff.deleted, pa.string())}))
         old_uris = instances.uris()
         if old_uris:
@@ -303,6 +332,7 @@ def merge_catalog(
         affected_items |= {s["series_key"] for t in new_series for s in t.to_pylist()}
     finally:
         con.close()
+        spill.cleanup()
     for table in (instances, series):
         adds, removes = table.compaction(metadata)
         if adds:
@@ -555,6 +585,7 @@ __all__ = [
     "CATALOG_VERSION",
     "INSTANCE_SCHEMA",
     "CatalogCounts",
+    "ParsedParts",
     "catalog_is_current",
     "catalog_views",
     "connect_catalog",

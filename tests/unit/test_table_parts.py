@@ -93,7 +93,7 @@ def test_a_writer_killed_at_any_step_loses_and_duplicates_no_row(table, monkeypa
 
 
 def test_many_small_parts_are_compacted(table, monkeypatch):
-    monkeypatch.setattr(table_parts, "MAX_PARTS", 4)
+    monkeypatch.setattr(table_parts, "MAX_SMALL_PARTS", 4)
     for i in range(6):
         table.replace([table.part_bytes(rows(10 * i, 3))], [])
     assert len(table.parts()) == 6
