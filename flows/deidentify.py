@@ -23,7 +23,14 @@ from pydantic import Field, ValidationError
 
 from flows.reporting import markdown_table
 from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
-from flows.stage import StageParams, StageReport, failed_result, finish_stage, run_units
+from flows.stage import (
+    Grouping,
+    StageParams,
+    StageReport,
+    failed_result,
+    finish_stage,
+    run_units,
+)
 from tasks.deid.audit import audit_summary_rows
 from tasks.deid.plan import (
     outcome_rows,
@@ -37,6 +44,7 @@ from tasks.deid.profile import PROFILE_VERSION, DeidOptions
 from tasks.deid.pseudonyms import SiteKeys
 from tasks.deid.secret import load_site_secret
 from tasks.deid.series import (
+    SeriesJob,
     SeriesOutcome,
     counter_from,
     deidentify_series_task,
@@ -134,13 +142,19 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         for j in jobs
     }
     get_run_logger().info("de-identifying %d series (profile %s)", len(jobs), PROFILE_VERSION)
+    def args(job: SeriesJob) -> tuple[Any, ...]:
+        return (job, label[job.series_key], params.store, params.site, source, params.options)
+
     outcomes = run_units(
         jobs,
-        lambda job: deidentify_series_task.submit(
-            job, label[job.series_key], params.store, params.site, source, params.options
-        ),
+        lambda job: deidentify_series_task.submit(*args(job)),
         lambda job, exc: _failed(label[job.series_key], exc),
         "series de-identified",
+        # series of a few files (radiographs, SR, one-file scans) several to a task
+        Grouping(
+            size=lambda job: len(job.paths),
+            call=lambda job: (deidentify_series_task.fn, args(job)),
+        ),
     )
     volumes = run_units(  # catalogued NIfTI/NRRD volumes, see tasks/volumes
         volume_jobs,

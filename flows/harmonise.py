@@ -17,7 +17,14 @@ from prefect import flow
 from pydantic import Field, ValidationError
 
 from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
-from flows.stage import StageParams, StageReport, failed_result, finish_stage, run_units
+from flows.stage import (
+    Grouping,
+    StageParams,
+    StageReport,
+    failed_result,
+    finish_stage,
+    run_units,
+)
 from tasks.errors import OncoflowError, validation_message
 from tasks.harmonise.config import HarmoniseConfig, load_config
 from tasks.harmonise.plan import (
@@ -95,11 +102,19 @@ def harmonise_flow(params: HarmoniseParams) -> dict[str, Any]:
     """
     store = params.open_store()
     units, plan_records = plan_units(store)
+    def args(unit: SeriesUnit) -> tuple[Any, ...]:
+        return (params.store, params.site, unit, params.config)
+
     outcomes = run_units(
         units,
-        lambda unit: harmonise_series_task.submit(params.store, params.site, unit, params.config),
+        lambda unit: harmonise_series_task.submit(*args(unit)),
         _failed,
         "series harmonised",
+        # series of a few slices several to a task
+        Grouping(
+            size=lambda unit: len(unit.keys),
+            call=lambda unit: (harmonise_series_task.fn, args(unit)),
+        ),
     )
     written = store.write_table(
         HARMONISED_SERIES,
