@@ -104,3 +104,54 @@ def test_many_small_parts_are_compacted(table, monkeypatch):
     assert sorted(keys_seen(table)) == sorted(
         f"k{10 * i + j:05d}" for i in range(6) for j in range(3)
     )
+
+
+KILLED_WRITER = """
+import os, signal, sys
+import pyarrow as pa
+from tasks.store import SiteStore
+from tasks.table_parts import PartedTable
+
+root, victim_call, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+store = SiteStore(root, "site-a")
+table = PartedTable(store, "t/data.parquet", ("key",))
+calls = {"n": 0}
+real = getattr(SiteStore, name)
+
+def killing(self, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == victim_call:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
+    return real(self, *args, **kwargs)
+
+setattr(SiteStore, name, killing)
+rows = lambda a, n: pa.table({"key": [f"k{i:05d}" for i in range(a, a + n)], "v": list(range(n))})
+victim = next(k for k in table.parts() if "k00000" in str(store.read_table(k)))
+table.replace([table.part_bytes(rows(0, 2)), table.part_bytes(rows(100, 3))], [victim])
+"""
+
+
+@pytest.mark.parametrize(
+    ("operation", "call"), [("stage_bytes", 2), ("move", 1), ("remove", 1), ("remove", 2)]
+)
+def test_a_writer_killed_with_sigkill_loses_and_duplicates_no_row(tmp_path, operation, call):
+    """The writer process is SIGKILLed inside a store operation of the transaction; the next
+    writer's recovery leaves the old or the new rows, each exactly once."""
+    import subprocess
+    import sys
+
+    store = SiteStore(str(tmp_path / "store"), "site-a")
+    table = PartedTable(store, "t/data.parquet", ("key",))
+    table.replace([table.part_bytes(rows(0, 4)), table.part_bytes(rows(4, 4))], [])
+    old = sorted(keys_seen(table))
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path / "store"), str(call), operation],
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    PartedTable(store, table.key, table.sort_key).recover()
+    seen = sorted(keys_seen(table))
+    new = sorted(f"k{i:05d}" for i in (0, 1, 4, 5, 6, 7, 100, 101, 102))
+    assert seen == (old if operation == "stage_bytes" else new)
+    assert len(seen) == len(set(seen))
