@@ -10,9 +10,13 @@ API, and photographs three pages with headless Chromium:
   the URL; the default UI always opens on Logs);
 * ``docs/prefect-ui-report.png``: the run report artifact (stage outcomes and reasons).
 
+With ``--demo`` it instead runs ``oncoflow demo --ui`` (one site, one patient) in a temporary
+folder and photographs the UI server's runs page (``docs/prefect-ui-demo-runs.png``), then
+stops that server by the PID the demo printed.
+
 Usage (from the repository root; about 2-5 minutes)::
 
-    uv run python docs/screenshot.py [--out docs] [--keep]
+    uv run python docs/screenshot.py [--out docs] [--keep] [--demo]
 
 Everything else is written to a temporary folder, removed at the end unless ``--keep``. The
 server is stopped by its pid.
@@ -167,14 +171,50 @@ def screenshot(url: str, out: Path, profile: Path) -> None:
     print(f"{out} ({out.stat().st_size // 1024} KB): {url}")
 
 
+def stop_pid(pid: int, timeout: float = 30) -> None:
+    """Stop the process ``pid`` (SIGTERM, then SIGKILL) and wait until it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def demo_runs(work: Path, out: Path) -> None:
+    """Run ``oncoflow demo --ui`` on one small site and photograph the UI's runs page."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.setdefault("ONCOFLOW_SITE_SECRET", secrets.token_hex(32))
+    args = [str(BIN / "oncoflow"), "demo", "--out", str(work / "demo"), "--ui"]
+    args += ["--ui-port", str(free_port()), "--sites", "1", "--patients", "1", "--json"]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"oncoflow demo --ui failed: {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout)
+    try:
+        screenshot(f"{result['ui']}/runs", out / "prefect-ui-demo-runs.png", work / "chromium")
+    finally:
+        stop_pid(int(result["ui_pid"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the pipeline against a fresh server and write the screenshots."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs", help="folder for the PNGs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--demo", action="store_true", help="photograph `oncoflow demo --ui`")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="oncoflow-screenshot-"))
     try:
+        if args.demo:
+            args.out.mkdir(parents=True, exist_ok=True)
+            demo_runs(work, args.out)
+            return 0
         (work / "prefect").mkdir()
         with prefect_server(work / "prefect") as env:
             run_site_pipeline(work, env)

@@ -404,6 +404,33 @@ def scan_phi(
 
 
 @command()
+def quarantine(
+    site: Site,
+    store: Store,
+    ref: Annotated[
+        str | None,
+        typer.Argument(help="Reference from a run's quarantine table (or its first characters)."),
+    ] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Look up quarantined items by the reference a run's report shows (site's host only)."""
+    from tasks.errors import OncoflowError
+    from tasks.quarantine import lookup
+    from tasks.store import SiteStore
+
+    entries = lookup(SiteStore(store, site), ref)
+    if ref and not entries:
+        raise OncoflowError(f"no quarantined item with reference {ref} at site {site}")
+    if as_json:
+        typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        return
+    typer.echo(f"{len(entries)} quarantined item(s) of {site} (private: items may identify)")
+    for e in entries:
+        typer.echo(f"{e.ref}  {e.stage}  {e.kind}  {e.reason}\n  detail: {e.detail}")
+        typer.echo(f"  item:   {e.item}")
+
+
+@command()
 def run(
     runtime: RuntimeOptions,
     source: Annotated[
@@ -447,7 +474,7 @@ def run(
     return run_pipeline(pipeline_params)
 
 
-@command()
+@command(reports=False)  # starts its own Prefect server, its database in the demo folder
 def demo(
     runtime: RuntimeOptions,
     out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = (
@@ -457,11 +484,18 @@ def demo(
     patients: Annotated[int, typer.Option(min=1, max=50)] = 3,
     seed: int = 0,
     ui: Annotated[
-        bool, typer.Option("--ui", help="Start `prefect server` with its UI and leave it up.")
+        bool,
+        typer.Option("--ui", help="Start (or reuse) `prefect server` with its UI; left running."),
+    ] = False,
+    ui_port: Annotated[
+        int, typer.Option("--ui-port", min=1, max=65535, help="Port of the --ui server.")
+    ] = 4200,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Remove the demo's earlier outputs and start over.")
     ] = False,
     as_json: JsonOut = False,
 ) -> None:
-    """Run three synthetic sites end to end, through publish and the hub, and summarise."""
+    """Run three synthetic sites end to end, through publish and the hub (reruns reuse work)."""
     from flows.demo import print_demo, run_demo
 
     result = run_demo(
@@ -471,6 +505,8 @@ def demo(
         seed=seed,
         runtime=runtime,
         ui=ui,
+        fresh=fresh,
+        ui_port=ui_port,
     )
     if as_json:
         emit(result, True)

@@ -408,6 +408,10 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
             "files_failed": n_failed,
             "batches": batches,
             "series": counts.series,
+            "reasons_by_kind": {
+                "file": reasons_of_kind(counts.quarantine, "file"),
+                "series": counts.series_reasons,
+            },
             "series_by_modality": counts.series_by_modality,
             "timings": timings,
         },
@@ -425,6 +429,15 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
             f"failed; threshold {params.max_failure_ratio:.0%}); the next run retries them"
         )
     return summary.to_dict()
+
+
+def reasons_of_kind(quarantine: list[dict[str, str]], kind: str) -> dict[str, int]:
+    """Count the quarantine rows of one kind (``file`` or ``series``) by reason."""
+    counts: dict[str, int] = {}
+    for row in quarantine:
+        if row["kind"] == kind:
+            counts[row["reason"]] = counts.get(row["reason"], 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _summary_from(result: dict[str, Any], site: str) -> StageSummary:

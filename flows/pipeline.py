@@ -6,6 +6,8 @@ weekly deployments). One Dask cluster serves every stage of a run.
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, tags
@@ -136,37 +138,86 @@ def stage_rows(summaries: list[StageSummary]) -> list[dict[str, Any]]:
     ]
 
 
-def report_markdown(site: str, summaries: list[StageSummary]) -> str:
-    """Render the run report: one row per stage run with its outcome counts and reasons."""
-    rows = [
-        {
-            "stage": str(s.stage),
-            "outcomes": ", ".join(f"{k} {v}" for k, v in s.counts.items()) or "-",
-            "reasons": ", ".join(f"{k} {v}" for k, v in s.reasons.items()) or "-",
+#: What one counted item is, per stage (the report says it, so the counts can be compared).
+UNITS = {
+    "ingest": "files",
+    "deidentify": "series",
+    "harmonise": "image series",
+    "extract": "ROIs",
+    "publish": "versions",
+}
+
+
+def report_rows(summaries: list[StageSummary]) -> list[dict[str, Any]]:
+    """One row per stage run and unit: outcomes, reasons, and how the counts relate.
+
+    Ingest counts files and, on a row of its own, series; later stages count series (the
+    de-identified series include segmentations, which harmonise turns into the masks of their
+    image series), ROIs or versions.
+    """
+    rows: list[dict[str, Any]] = []
+    deidentified = 0
+    for s in summaries:
+        stage = str(s.stage)
+        kinds = s.extra.get("reasons_by_kind") or {}
+        row = {
+            "stage": stage,
+            "counted": UNITS.get(stage, "items"),
+            "outcomes": _join(s.counts),
+            "reasons": _join(kinds.get("file", {}) if kinds else s.reasons),
+            "note": "",
         }
-        for s in summaries
-    ]
+        if stage == "deidentify":
+            deidentified = s.counts.get("ok", 0)
+        if stage == "harmonise" and deidentified:
+            images = sum(s.counts.values())
+            row["note"] = (
+                f"{images} of the {deidentified} de-identified series are images; the other "
+                f"{max(deidentified - images, 0)} (segmentations, other objects) are not "
+                f"harmonised on their own ({s.extra.get('masks', 0)} masks made from them)"
+            )
+        if stage == "extract":
+            row["note"] = (
+                f"{s.extra.get('params', '')}; modalities {s.extra.get('modalities', '')}"
+            )
+        rows.append(row)
+        if stage == "ingest" and isinstance(s.extra.get("series"), dict):
+            rows.append(
+                {
+                    "stage": "ingest",
+                    "counted": "series",
+                    "outcomes": _join(s.extra["series"]),
+                    "reasons": _join(kinds.get("series", {})),
+                    "note": "series made of the files above",
+                }
+            )
+    return rows
+
+
+def _join(counts: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+
+
+def report_markdown(site: str, summaries: list[StageSummary]) -> str:
+    """Render the run report: per stage and counted unit, outcomes, reasons and notes."""
     return "\n\n".join(
         [
             f"# Site pipeline `{site}`",
-            markdown_table(rows, ["stage", "outcomes", "reasons"]),
+            markdown_table(
+                report_rows(summaries), ["stage", "counted", "outcomes", "reasons", "note"]
+            ),
+            "Quarantined items are listed by reference in each stage's quarantine table; "
+            f"`oncoflow quarantine --site {site} --store STORE REF` shows the item on the "
+            "site's host.",
         ]
     )
 
 
-@flow(name="site-pipeline", flow_run_name="site-pipeline-{params.site}", log_prints=False)
-def site_pipeline(params: SitePipelineParams) -> dict[str, Any]:
-    """Run the requested stages of one site in order; stop at the first stage that fails.
+def run_site_stages(params: SitePipelineParams) -> dict[str, Any]:
+    """Run the requested stages of one site in order in the current flow run; post the report.
 
-    Parameters
-    ----------
-    params
-        Source, site, store, stages and their options.
-
-    Returns
-    -------
-    dict
-        ``{"site": ..., "stages": [stage summaries as dicts]}``.
+    The stages are subflows of the current run, and the report and stage table are artifacts
+    of it: the run an operator opens (``oncoflow run``'s, or a deployment's) holds them.
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -186,6 +237,23 @@ def site_pipeline(params: SitePipelineParams) -> dict[str, Any]:
         description="Per stage: outcomes, and work done or reused",
     )
     return {"site": params.site, "stages": [s.to_dict() for s in summaries]}
+
+
+@flow(name="site-pipeline", flow_run_name="site-pipeline-{params.site}", log_prints=False)
+def site_pipeline(params: SitePipelineParams) -> dict[str, Any]:
+    """Run the requested stages of one site in order; stop at the first stage that fails.
+
+    Parameters
+    ----------
+    params
+        Source, site, store, stages and their options.
+
+    Returns
+    -------
+    dict
+        ``{"site": ..., "stages": [stage summaries as dicts]}``.
+    """
+    return run_site_stages(params)
 
 
 def run_pipeline(params: SitePipelineParams) -> dict[str, Any]:
@@ -235,6 +303,32 @@ class SiteConfig(BaseModel):
         )
 
 
+def check_store(config: SiteConfig) -> None:
+    """Fail in one line when the site's store cannot be reached (no credentials, no bucket).
+
+    Raises
+    ------
+    OncoflowError
+        Naming the store and what to set, instead of a botocore traceback mid-run.
+    """
+    from tasks.errors import OncoflowError
+    from tasks.store import SiteStore
+
+    try:
+        store = SiteStore(config.store, config.site)
+        store.fs.exists(store.root)
+    except OncoflowError:
+        raise
+    except Exception as exc:
+        name = type(exc).__name__
+        if name in {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}:
+            raise OncoflowError(
+                f"cannot reach the store {config.store} of {config.site}: {name} (set the S3 "
+                "credentials in the worker's environment, docs/production.md §3)"
+            ) from None
+        raise OncoflowError(f"cannot reach the store {config.store}: {name}: {exc}") from None
+
+
 def load_site_config(path: str) -> SiteConfig:
     """Read and validate a site configuration YAML file, with a one-line error."""
     import yaml
@@ -252,12 +346,43 @@ def load_site_config(path: str) -> SiteConfig:
         raise OncoflowError(f"invalid site config {path}: {' '.join(first)}") from None
 
 
-@flow(name="site-pipeline-scheduled")
+def tag_current_run(*new_tags: str) -> None:
+    """Add tags to the current flow run itself (a deployment's run starts with its own tags)."""
+    from prefect.client.orchestration import get_client
+
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(run_id).tags or []
+        wanted = [*current, *(t for t in new_tags if t not in current)]
+        if wanted != current:
+            client.update_flow_run(run_id, tags=wanted)
+
+
+def _scheduled_run_name() -> str:
+    """Name a scheduled run after its site and stages, e.g. ``site-a-ingest-to-extract``."""
+    parameters = flow_run.get_parameters() or {}
+    site = Path(str(parameters.get("site_config") or "site")).stem
+    with contextlib.suppress(Exception):
+        site = load_site_config(str(parameters["site_config"])).site
+    stages = list(parameters.get("stages") or DEFAULT_SCHEDULED)
+    span = stages[0] if len(stages) == 1 else f"{stages[0]}-to-{stages[-1]}"
+    return f"{site}-{span}"
+
+
+DEFAULT_SCHEDULED: list[StageName] = ["ingest", "deidentify", "harmonise", "extract"]
+
+
+@flow(name="site-pipeline-scheduled", flow_run_name=_scheduled_run_name)
 def scheduled_site_pipeline(
     site_config: str = "deployments/sites/site-a.yaml",
     stages: list[StageName] | None = None,
 ) -> dict[str, Any]:
     """Run the site pipeline from the site's configuration file (what deployments schedule).
+
+    The stages run as subflows of this run, which carries the ``site:<site>`` tag and the
+    report artifacts: the run an operator opens from ``prefect deployment run`` shows it all.
 
     Parameters
     ----------
@@ -266,5 +391,25 @@ def scheduled_site_pipeline(
     stages
         Stages to run (default: ingest to extract).
     """
-    chosen = list(stages or ["ingest", "deidentify", "harmonise", "extract"])
-    return site_pipeline(load_site_config(site_config).pipeline_params(chosen))
+    config = load_site_config(site_config)
+    tag_current_run(f"site:{config.site}")
+    check_store(config)
+    chosen = list(stages or DEFAULT_SCHEDULED)
+    result = run_site_stages(config.pipeline_params(chosen))
+    if "harmonise" in chosen:
+        _refresh_on_demand_form(config.site, config.store)
+    return result
+
+
+def _refresh_on_demand_form(site: str, store: str) -> None:
+    """Offer the site's current series and ROIs in its on-demand form (never fails the run)."""
+    from prefect import get_run_logger
+
+    from flows.on_demand import offer_form_choices
+
+    logger = get_run_logger()
+    try:
+        if offer_form_choices(site, store):
+            logger.info("on-demand form of %s: series and ROI choices updated", site)
+    except Exception as exc:  # the form is a convenience: the run's outcome stands
+        logger.warning("on-demand form of %s not updated: %s", site, type(exc).__name__)

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -52,8 +53,17 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
         proc.wait(timeout=timeout)
 
 
+def _default_sigint() -> None:  # pragma: no cover - runs in the child before exec
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(args: list[str], log: Path, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-    """Start a process in its own process group with output to ``log``."""
+    """Start a process in its own process group with output to ``log``.
+
+    SIGINT gets its default action in the child even when this process ignores it (a test run
+    started in the background by a shell): `prefect worker` turns SIGTERM into a SIGINT to
+    itself, and with SIGINT ignored it would never stop on SIGTERM.
+    """
     fh = open(log, "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         args,
@@ -61,6 +71,7 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None, **kw) -
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
         start_new_session=True,
+        preexec_fn=_default_sigint,
         **kw,
     )
 
@@ -258,3 +269,33 @@ async def prefect_records(flow_names: list[str]):
             task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids))
         )
         return runs, logs, artifacts, tasks
+
+
+class Inbox(ThreadingHTTPServer):
+    """An HTTP endpoint that records every POST: (path, body)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, bytes]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(handler) -> None:  # noqa: N805 - http.server API
+                length = int(handler.headers.get("Content-Length") or 0)
+                self.received.append((handler.path, handler.rfile.read(length)))
+                handler.send_response(200)
+                handler.end_headers()
+
+            def log_message(handler, *args: object) -> None:  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def wait_for(self, path: str, timeout: float) -> bytes:
+        """Return the first body posted to ``path``; fail after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for got_path, body in list(self.received):
+                if got_path == path:
+                    return body
+            time.sleep(0.25)
+        raise AssertionError(f"nothing posted to {path} in {timeout:.0f}s: {self.received}")

@@ -70,6 +70,9 @@ class CatalogCounts:
         Modality -> status -> number of series.
     reasons
         Ingest quarantine rows by reason.
+    series_reasons
+        Series not ok, by reason (a file split out of its series is a file row in the
+        quarantine table and a series here, so the two are counted apart).
     quarantine
         Ingest quarantine rows with opaque item references (``ref``: keyed hash of the item).
     written
@@ -80,6 +83,7 @@ class CatalogCounts:
     series: dict[str, int] = field(default_factory=dict)
     series_by_modality: dict[str, dict[str, int]] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    series_reasons: dict[str, int] = field(default_factory=dict)
     quarantine: list[dict[str, str]] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
 
@@ -496,18 +500,23 @@ def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
         files.update(_value_counts(table, "status"))
     counts.files = dict(sorted(files.items()))
     by_status: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
     by_modality: dict[str, Counter[str]] = {}
-    for table in _column_batches(series_parts(store), ["modality", "status"]):
-        for (modality, status), n in Counter(
+    for table in _column_batches(series_parts(store), ["modality", "status", "reason"]):
+        for (modality, status, reason), n in Counter(
             zip(
                 table.column("modality").fill_null("").to_pylist(),
                 table.column("status").to_pylist(),
+                table.column("reason").fill_null("").to_pylist(),
                 strict=True,
             )
         ).items():
             by_status[status] += n
             by_modality.setdefault(modality or "-", Counter())[status] += n
+            if status != "ok":
+                by_reason[reason or "-"] += n
     counts.series = dict(sorted(by_status.items()))
+    counts.series_reasons = dict(sorted(by_reason.items()))
     counts.series_by_modality = {m: dict(sorted(c.items())) for m, c in sorted(by_modality.items())}
     rows = store.quarantine_rows(Stage.INGEST)
     key = site_ref_key(store)

@@ -7,7 +7,8 @@ back through the API, then
 * emits the `oncoflow.cohort.published` event exactly as the publish flow does, and
 * runs `oncoflow run` on a missing source, a real failed `site-pipeline` flow run,
 and waits for both automations to call the endpoint. (The third automation, marking runs
-whose heartbeats stop Crashed, is only read back: it needs 30 s heartbeats and a 90 s window.)
+whose heartbeats stop Crashed, is only read back: its window is 300 s.) Applying is all or
+nothing: with one of the two blocks missing, nothing is written.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.services import BIN, free_port, prefect_server
+from tests.services import BIN, Inbox, prefect_server
 
 REPO = Path(__file__).resolve().parents[2]
 AUTOMATIONS = REPO / "deployments" / "automations"
@@ -36,36 +36,6 @@ result = PublishResult(site="site-a", cohort="demo-ct", version="v3",
     url="s3://publication/site-a/demo-ct/v3", content_hash="ab" * 32, created=True)
 _announce(result, {"series": 7, "patients": 2})
 """
-
-
-class Inbox(ThreadingHTTPServer):
-    """An HTTP endpoint that records every POST: (path, body)."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[str, bytes]] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(handler) -> None:  # noqa: N805 - http.server API
-                length = int(handler.headers.get("Content-Length") or 0)
-                self.received.append((handler.path, handler.rfile.read(length)))
-                handler.send_response(200)
-                handler.end_headers()
-
-            def log_message(handler, *args: object) -> None:  # noqa: N805
-                pass
-
-        super().__init__(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-    def wait_for(self, path: str, timeout: float) -> bytes:
-        """Return the first body posted to ``path``; fail after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for got_path, body in list(self.received):
-                if got_path == path:
-                    return body
-            time.sleep(0.25)
-        raise AssertionError(f"nothing posted to {path} in {timeout:.0f}s: {self.received}")
 
 
 def _run_apply(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -98,17 +68,29 @@ def test_automations_apply_and_fire(tmp_path: Path) -> None:
     try:
         with prefect_server(home) as server:
             env = {**os.environ, **server.env}
-            # before the blocks exist, applying fails with a one-line reason
+            # before the blocks exist, applying fails with one line naming both blocks
             missing = _run_apply(env)
             assert missing.returncode == 2
             assert missing.stderr.strip().startswith("error: ")
             assert "not found on the server" in missing.stderr
+            assert "custom-webhook/oncoflow-operators" in missing.stderr
+            assert "webhook/oncoflow-hub" in missing.stderr
             assert len(missing.stderr.strip().splitlines()) == 1
 
             with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
                 hub_id = Webhook(
                     method="POST", url=f"{inbox.url}/hub", allow_private_urls=True
                 ).save("oncoflow-hub")
+            # with one block still missing, nothing is applied (all or nothing)
+            half = _run_apply(env)
+            assert half.returncode == 2 and "custom-webhook/oncoflow-operators" in half.stderr
+            assert "webhook/oncoflow-hub," not in half.stderr
+            with (
+                temporary_settings(updates={PREFECT_API_URL: server.api_url}),
+                get_client(sync_client=True) as client,
+            ):
+                assert client.read_automations() == []
+            with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
                 ops_id = CustomWebhookNotificationBlock(
                     name="operators",
                     url=f"{inbox.url}/operators",
@@ -144,7 +126,7 @@ def test_automations_apply_and_fire(tmp_path: Path) -> None:
             silent = automations["oncoflow-mark-silent-runs-crashed"]
             assert silent.trigger.posture == "Proactive"
             assert silent.trigger.after == {"prefect.flow-run.heartbeat"}
-            assert silent.trigger.within.total_seconds() == 90
+            assert silent.trigger.within.total_seconds() == 300
             assert silent.actions[0].type == "change-flow-run-state"
             assert silent.actions[0].state == "CRASHED"
 
@@ -188,8 +170,10 @@ def test_automations_apply_and_fire(tmp_path: Path) -> None:
             assert operators["subject"].startswith("oncoflow: site-pipeline run site-pipeline-")
             assert operators["subject"].endswith(" Failed")
             assert "source not found" in operators["body"]
-            assert "\nTags: " in operators["body"]
-            assert "/runs/flow-run/" in operators["body"]
+            assert "\nTags: oncoflow, site:site-a\n" in operators["body"]
+            assert "None" not in operators["body"]
+            link = operators["body"].strip().splitlines()[-1]
+            assert link.startswith(f"{server.api_url.removesuffix('/api')}/runs/flow-run/")
             # one notification per failed run: site-pipeline-scheduled did not run here
             time.sleep(2)
             assert [p for p, _ in inbox.received].count("/operators") == 1

@@ -1,36 +1,104 @@
-"""`oncoflow demo` end to end, as the README's first command runs it (3 sites x 3 patients)."""
+"""`oncoflow demo` end to end, as the README's first command runs it (3 sites x 3 patients).
+
+The demo runs with ``--ui``: it starts its own `prefect server` (database in the demo folder) and
+leaves it running; the test checks that server's UI is told its own API, that the runs are listed
+through that API, photographs the runs page with headless Chromium when it is installed, reruns
+the demo in the same folder (it reuses the server, the synthetic source and the work) and stops
+the server by the PID the demo reported.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tasks.synthetic import CohortTruth
 from tasks.synthetic.scan import searchable_bytes
-from tests.services import BIN
+from tests.services import BIN, free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 
-def test_demo_end_to_end(tmp_path, prefect_api):
-    out = tmp_path / "demo"
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    env.pop("ONCOFLOW_SITE_SECRET", None)  # the demo generates one and says so
-    proc = subprocess.run(
-        [str(BIN / "oncoflow"), "demo", "--out", str(out), "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1400,
+def _demo(out: Path, port: int) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.pop("ONCOFLOW_SITE_SECRET", None)  # the demo makes its own and says where
+    args = ["demo", "--out", str(out), "--json", "--ui", "--ui-port", str(port)]
+    return subprocess.run(
+        [str(BIN / "oncoflow"), *args], env=env, capture_output=True, text=True, timeout=1400
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "generated demo site secret" in proc.stderr
-    result = json.loads(proc.stdout)
-    assert sorted(result["sites"]) == ["site-a", "site-b", "site-c"]
+
+
+def _pipeline_runs(api: str) -> list[tuple[str, str]]:
+    """Names and states of the site-pipeline flow runs, read through the server's API."""
+    body = {"flows": {"name": {"any_": ["site-pipeline"]}}}
+    runs = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json()
+    return sorted((r["name"], r["state_type"]) for r in runs)
+
+
+def _screenshot_script():
+    """docs/screenshot.py as a module (its Chromium call and its stop-by-PID)."""
+    spec = importlib.util.spec_from_file_location("screenshot", REPO / "docs" / "screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    port = free_port()
+    proc = _demo(out, port)
+    result = json.loads(proc.stdout) if proc.returncode == 0 else {}
+    try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _check_first_run(out, result, proc.stderr)
+        ui, api = result["ui"], f"{result['ui']}/api"
+        assert ui == f"http://127.0.0.1:{port}"
+        # the UI is told its own API (not a temporary server's), and the runs are in it
+        assert httpx.get(f"{ui}/ui-settings", timeout=10).json()["api_url"] == api
+        assert _pipeline_runs(api) == [(f"site-pipeline-site-{c}", "COMPLETED") for c in "abc"]
+        assert (out / "prefect" / "prefect.db").is_file()  # the database is in the demo folder
+        if shutil.which("chromium"):
+            png = tmp_path / "runs.png"
+            _screenshot_script().screenshot(f"{ui}/runs", png, tmp_path / "chromium")
+            assert png.stat().st_size > 20_000
+
+        # again in the same folder: reuses the server, the source and every stage's work
+        again = _demo(out, port)
+        assert again.returncode == 0, again.stderr[-3000:]
+        rerun = json.loads(again.stdout)
+        assert rerun["reused"] is True and rerun["ui_pid"] == result["ui_pid"]
+        assert "Reusing the synthetic cohort" in again.stderr
+        assert "reused: " in again.stderr
+        for site, stages in rerun["sites"].items():
+            by_stage = {s["stage"]: s for s in stages}
+            assert by_stage["ingest"]["files_parsed"] == 0, site
+            assert by_stage["deidentify"]["series_computed"] == 0, site
+            assert by_stage["harmonise"]["series_computed"] == 0, site
+            assert by_stage["extract"]["parts_computed"] == 0, site
+            assert by_stage["publish"]["counts"] == {"unchanged": 1}, site
+        runs = _pipeline_runs(api)
+        assert runs == sorted([(f"site-pipeline-site-{c}", "COMPLETED") for c in "abc"] * 2)
+    finally:
+        if result.get("ui_pid"):
+            _stop(int(result["ui_pid"]))
+
+
+def _stop(pid: int) -> None:
+    _screenshot_script().stop_pid(pid)
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def _check_first_run(out: Path, result: dict, stderr: str) -> None:
+    assert "the demo's own site secret" in stderr
     truth = CohortTruth.load(out / "source" / "truth.json")
     for site, stages in result["sites"].items():
         by_stage = {s["stage"]: s for s in stages}
