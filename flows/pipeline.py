@@ -405,7 +405,7 @@ def _refresh_on_demand_form(site: str, store: str) -> None:
     """Offer the site's current series and ROIs in its on-demand form (never fails the run)."""
     from prefect import get_run_logger
 
-    from flows.on_demand import offer_form_choices
+    from flows.on_demand_form import offer_form_choices
 
     logger = get_run_logger()
     try:
