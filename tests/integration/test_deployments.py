@@ -106,7 +106,12 @@ async def _run(client, name: str, parameters: dict, run_name: str | None, timeou
 
 async def _operator_path(api_url: str, config: Path) -> dict:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     out: dict = {}
@@ -126,7 +131,9 @@ async def _operator_path(api_url: str, config: Path) -> dict:
                 )
             )
             out["children"] = await client.read_flow_runs(
-                flow_run_filter={"parent_flow_run_id": {"any_": [nightly.id]}}
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[nightly.id])
+                )
             )
             form = await client.read_deployment_by_name("extract-on-demand/site-a-on-demand")
             out["form"] = form.parameter_openapi_schema
