@@ -82,6 +82,14 @@ DaskAddress = Annotated[
         help="Existing Dask scheduler, tcp://host:port.",
     ),
 ]
+Dashboard = Annotated[
+    bool,
+    typer.Option(
+        "--dashboard/--no-dashboard",
+        envvar="ONCOFLOW_DASHBOARD",
+        help="Dask dashboard of the LocalCluster (127.0.0.1, a free port; URL printed).",
+    ),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
 Params = Annotated[
     str,
@@ -102,6 +110,9 @@ _SHARED_RUNTIME = [
     inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, default=2, annotation=Workers),
     inspect.Parameter(
         "dask_address", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=DaskAddress
+    ),
+    inspect.Parameter(
+        "dashboard", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=Dashboard
     ),
 ]
 _SHARED_JSON = inspect.Parameter(
@@ -146,7 +157,9 @@ def command(
             as_json = values.pop("as_json")
             if takes_runtime:
                 values["runtime"] = RuntimeOptions(
-                    workers=values.pop("workers"), dask_address=values.pop("dask_address")
+                    workers=values.pop("workers"),
+                    dask_address=values.pop("dask_address"),
+                    dashboard=values.pop("dashboard"),
                 )
             if prints_itself:
                 values["as_json"] = as_json

@@ -29,6 +29,7 @@ from flows.runtime import (
 )
 from flows.stage import StageParams, StageReport, finish_stage, run_units
 from tasks.errors import OncoflowError, validation_message
+from tasks.names import task_label
 from tasks.radiomics.diagnostics import diagnostics_table, diagnostics_table_key, ok_pairs
 from tasks.radiomics.extract import (
     RoiOutcome,
@@ -141,9 +142,20 @@ def build_params(
         raise OncoflowError(validation_message(exc)) from None
 
 
+def _extract_run_name() -> str:
+    """Task-run name: stage, modality, ROIs and the end of the pseudonymous series key."""
+    from prefect.runtime import task_run
+
+    units = task_run.get_parameters().get("units") or []
+    if not units:
+        return "extract"
+    rois = "+".join(sorted({u.roi for u in units}))
+    return "extract-" + task_label(units[0].modality, units[0].series, rois)
+
+
 @task(
     name="extract-image",
-    task_run_name="extract-{units[0].image_sha256:.12}",
+    task_run_name=_extract_run_name,
     retries=2,
     retry_delay_seconds=2,
     cache_policy=NO_CACHE,

@@ -24,14 +24,14 @@ PRESET = Field(
     "ct", title="Radiomics preset", description="Parameter preset (deployments/radiomics/)."
 )
 SERIES = Field(
-    default_factory=list,
+    default=[],
     title="Series (pseudonymous keys)",
     description="Only these series; empty: every harmonised series of the preset's modality. "
     "The choices are the site's harmonised series after the last nightly run.",
 )
-ROIS = Field(default_factory=list, title="ROIs", description="Only these ROIs; empty: every ROI.")
+ROIS = Field(default=[], title="ROIs", description="Only these ROIs; empty: every ROI.")
 MODALITIES = Field(
-    default_factory=list,
+    default=[],
     title="Modalities",
     description="Only these modalities; empty: the preset's own.",
 )

@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.reporting import artifact_key, markdown_table
-from flows.runtime import RuntimeOptions, dask_cluster
+from flows.runtime import RuntimeOptions, dashboard_link, dask_cluster
 from tasks.records import Stage, StageSummary
 from tasks.store import validate_site
 
@@ -198,8 +198,25 @@ def _join(counts: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
 
 
-def report_markdown(site: str, summaries: list[StageSummary]) -> str:
-    """Render the run report: per stage and counted unit, outcomes, reasons and notes."""
+def report_markdown(
+    site: str, summaries: list[StageSummary], dashboard: str | None = None
+) -> str:
+    """Render the run report: per stage and counted unit, outcomes, reasons and notes.
+
+    Parameters
+    ----------
+    site
+        Site code.
+    summaries
+        The stage summaries of the run.
+    dashboard
+        URL of the Dask dashboard the run used (linked while the run lasts), if any.
+    """
+    where = (
+        f"Dask dashboard of this run (live while it runs): [{dashboard}]({dashboard})"
+        if dashboard
+        else "Dask dashboard: none for this run (an external cluster's own, or turned off)."
+    )
     return "\n\n".join(
         [
             f"# Site pipeline `{site}`",
@@ -209,6 +226,7 @@ def report_markdown(site: str, summaries: list[StageSummary]) -> str:
             "Quarantined items are listed by reference in each stage's quarantine table; "
             f"`oncoflow quarantine --site {site} --store STORE REF` shows the item on the "
             "site's host.",
+            where,
         ]
     )
 
@@ -223,11 +241,12 @@ def run_site_stages(params: SitePipelineParams) -> dict[str, Any]:
 
     summaries: list[StageSummary] = []
     with tags(f"site:{params.site}"), dask_cluster(params.runtime):
+        dashboard = dashboard_link()
         for stage in ALL_STAGES:
             if stage in params.stages:
                 summaries.extend(_run_stage(stage, params))
     create_markdown_artifact(
-        markdown=report_markdown(params.site, summaries),
+        markdown=report_markdown(params.site, summaries, dashboard),
         key=artifact_key(params.site, "pipeline-report"),
         description=f"Site pipeline report ({flow_run.get_name() or params.site})",
     )
@@ -299,6 +318,7 @@ class SiteConfig(BaseModel):
             runtime=RuntimeOptions(
                 workers=self.workers or host.workers,
                 dask_address=self.dask_address or host.dask_address,
+                dashboard=host.dashboard,
             ),
         )
 

@@ -3,8 +3,9 @@
 * Prefect API: an operator's ``PREFECT_API_URL`` is honoured; otherwise one temporary local
   server is started for the whole command and its URL exported into the environment *before*
   any Dask worker starts, so workers report to it instead of each starting a server of their own.
-* Task runner: a Dask ``LocalCluster`` (one thread per worker process, dashboard off) by
-  default, or an existing scheduler given by ``--dask-address``. Worker processes get their
+* Task runner: a Dask ``LocalCluster`` (one thread per worker process, its dashboard on
+  127.0.0.1 at a free port unless ``--no-dashboard``) by default, or an existing scheduler
+  given by ``--dask-address``. Worker processes get their
   native thread pools pinned to one thread and a fixed glibc mmap threshold in their
   environment before they start (Dask's pre-spawn environment), so domain code never has to.
 
@@ -44,6 +45,11 @@ THREAD_ENV = {
     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
 }
 
+#: Environment switch (``0`` turns it off) and address of the LocalCluster's dashboard.
+DASHBOARD_ENV = "ONCOFLOW_DASHBOARD"
+DASHBOARD_ADDRESS_ENV = "ONCOFLOW_DASHBOARD_ADDRESS"
+OFF_VALUES = frozenset({"0", "false", "no", "off"})
+
 #: Marks ``PREFECT_API_URL`` as the temporary server this command started (value: the URL).
 TEMPORARY_API_ENV = "ONCOFLOW_TEMPORARY_PREFECT_API"
 
@@ -63,6 +69,11 @@ class RuntimeOptions(BaseModel):
     dask_address: str | None = Field(
         None, description="Address of an existing Dask scheduler, e.g. tcp://host:8786."
     )
+    dashboard: bool = Field(
+        True,
+        description="Serve the Dask dashboard of oncoflow's own LocalCluster (127.0.0.1, a "
+        "free port; ONCOFLOW_DASHBOARD_ADDRESS to change).",
+    )
 
     @classmethod
     def from_env(cls) -> RuntimeOptions:
@@ -70,10 +81,12 @@ class RuntimeOptions(BaseModel):
 
         ``ONCOFLOW_DASK_ADDRESS`` selects an existing scheduler and ``ONCOFLOW_WORKERS`` the size
         of the LocalCluster: the production topology is chosen by configuration, not code.
+        ``ONCOFLOW_DASHBOARD=0`` turns the LocalCluster's dashboard off.
         """
         return cls(
             workers=int(os.environ.get("ONCOFLOW_WORKERS", "2")),
             dask_address=os.environ.get("ONCOFLOW_DASK_ADDRESS") or None,
+            dashboard=os.environ.get(DASHBOARD_ENV, "1").strip().lower() not in OFF_VALUES,
         )
 
 
@@ -343,6 +356,15 @@ def _open_prefect_api() -> PrefectApi:
 _shared_address: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "oncoflow_shared_dask_address", default=None
 )
+#: Dashboard URL of the cluster of an enclosing :func:`dask_cluster` block (None: no dashboard).
+_dashboard_link: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "oncoflow_dask_dashboard", default=None
+)
+
+
+def dashboard_link() -> str | None:
+    """Return the dashboard URL of the enclosing :func:`dask_cluster` block's LocalCluster."""
+    return _dashboard_link.get()
 
 
 @contextlib.contextmanager
@@ -362,11 +384,18 @@ def dask_cluster(options: RuntimeOptions) -> Iterator[str]:
     pin_native_threads()
     api = ensure_prefect_api(wait=False)  # the server boots while the cluster starts
     with LocalCluster(**_local_cluster_kwargs(options)) as cluster:
+        link = cluster.dashboard_link if options.dashboard else None
+        if link:
+            # the command's user sees it at once; runs link it from their report
+            print(f"Dask dashboard: {link}", file=sys.stderr, flush=True)
+            logging.getLogger("flows.runtime").info("Dask dashboard: %s", link)
         api.wait_ready()
         token = _shared_address.set(cluster.scheduler_address)
+        link_token = _dashboard_link.set(link)
         try:
             yield cluster.scheduler_address
         finally:
+            _dashboard_link.reset(link_token)
             _shared_address.reset(token)
 
 
@@ -398,8 +427,9 @@ def _no_worker_profiling() -> None:
     """Turn off the statistical profiler of the workers of oncoflow's own LocalCluster.
 
     Each worker samples the stack of its task thread every 10 ms for the dashboard's profile
-    page; the LocalCluster has no dashboard, so nobody reads it, and it takes the GIL from the
-    task. An external cluster keeps its own configuration.
+    page; it takes the GIL from the task, so it stays off (the dashboard's other pages, task
+    stream, workers, memory, progress, work without it). An external cluster keeps its own
+    configuration.
     """
     import dask
 
@@ -407,9 +437,10 @@ def _no_worker_profiling() -> None:
 
 
 def _local_cluster_kwargs(options: RuntimeOptions) -> dict[str, object]:
-    # The dashboard is off, but the scheduler's small HTTP server still tries port 8787 first
+    # Without the dashboard, the scheduler's small HTTP server still tries port 8787 first
     # and warns when a second cluster on the host has it: expected, not worth a warning.
     warnings.filterwarnings("ignore", message="Port 8787 is already in use")
+    dashboard = os.environ.get(DASHBOARD_ADDRESS_ENV) or "127.0.0.1:0"
     _worker_environment()
     _no_worker_profiling()
     return {
@@ -417,7 +448,7 @@ def _local_cluster_kwargs(options: RuntimeOptions) -> dict[str, object]:
         "n_workers": options.workers,
         "threads_per_worker": 1,
         "processes": True,
-        "dashboard_address": None,
+        "dashboard_address": dashboard if options.dashboard else None,
         "memory_limit": 0,
     }
 
@@ -435,7 +466,7 @@ def task_runner(options: RuntimeOptions):
     prefect_dask.DaskTaskRunner
         Runner connected to ``options.dask_address``, to the cluster of an enclosing
         :func:`dask_cluster` block, or with its own one-thread-per-worker ``LocalCluster``
-        (dashboard off).
+        (dashboard per ``options.dashboard``; Prefect logs its URL).
     """
     from prefect_dask import DaskTaskRunner
 

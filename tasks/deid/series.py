@@ -45,6 +45,7 @@ from tasks.deid.profile import DeidOptions
 from tasks.deid.pseudonyms import SiteKeys, patient_key
 from tasks.deid.rewrite import Unsupported, read_meta, rewrite_instance
 from tasks.deid.secret import load_site_secret
+from tasks.names import task_label
 from tasks.records import Reason, Status, UnitResult
 from tasks.store import DEID_DICOM, SiteStore, open_url
 
@@ -416,9 +417,18 @@ def _quarantined(row: dict[str, Any], reason: Reason, detail: str) -> SeriesOutc
     )
 
 
+def _deid_run_name() -> str:
+    """Task-run name: ``deid-<modality>-<end of the pseudonymous series UID>``."""
+    from prefect.runtime import task_run
+
+    parameters = task_run.get_parameters()
+    job, label = parameters.get("job"), str(parameters.get("label", ""))
+    return "deid-" + task_label(getattr(job, "modality", ""), label)
+
+
 @task(
     name="deidentify-series",
-    task_run_name="deid-{label}",
+    task_run_name=_deid_run_name,
     retries=1,
     retry_delay_seconds=2,
     cache_policy=NO_CACHE,

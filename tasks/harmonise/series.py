@@ -37,6 +37,7 @@ from tasks.harmonise.provenance import Step, code_version, content_key, provenan
 from tasks.harmonise.qc import qc_png
 from tasks.harmonise.quarantine import Quarantined
 from tasks.harmonise.volume import read_volume, read_volume_file, resample_to_spacing
+from tasks.names import task_label
 from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitOutcome, UnitResult
 from tasks.store import HARMONISED, SiteStore, sha256_bytes
 
@@ -103,8 +104,12 @@ class SeriesUnit:
 
     @property
     def label(self) -> str:
-        """Short pseudonymous label for task names (last 12 characters of the key)."""
-        return self.series[-12:]
+        """Readable task-name label: modality and the end of the pseudonymous key.
+
+        For example ``CT-890675`` (the key is a keyed pseudonym, never derived from an
+        original UID by a plain hash, so its tail identifies no one).
+        """
+        return task_label(self.meta.get("modality", ""), self.series)
 
 
 def output_dir(series: str) -> str:

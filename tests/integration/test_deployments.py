@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,6 +111,7 @@ async def _operator_path(api_url: str, config: Path) -> dict:
         ArtifactFilter,
         ArtifactFilterFlowRunId,
         FlowRunFilter,
+        FlowRunFilterId,
         FlowRunFilterParentFlowRunId,
     )
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -133,6 +135,11 @@ async def _operator_path(api_url: str, config: Path) -> dict:
             out["children"] = await client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
                     parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[nightly.id])
+                )
+            )
+            out["task_runs"] = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[c.id for c in out["children"]])
                 )
             )
             form = await client.read_deployment_by_name("extract-on-demand/site-a-on-demand")
@@ -230,6 +237,13 @@ def test_operator_path_deploy_run_form_and_stop(tmp_path, synth_cohort):
         "ingest-site-a",
     ]
     assert not any(c.name.startswith("site-pipeline") for c in out["children"])
+    # task runs named by stage, modality (and ROIs) and the end of the pseudonymous key
+    names = {t.name for t in out["task_runs"]}
+    assert any(re.fullmatch(r"harmonise-(CT|MR|PT)-[0-9a-z.]{6}", n) for n in names), names
+    assert any(re.fullmatch(r"extract-CT-[^-]+-[0-9a-z.]{6}", n) for n in names), names
+    assert any(re.fullmatch(r"deid-(CT|MR|PT|SEG|RTSTRUCT)-[0-9a-z.]{6}", n) for n in names)
+    # the report links the run's Dask dashboard
+    assert "Dask dashboard of this run" in report and "http://127.0.0.1:" in report
 
     # the on-demand form: every field labelled, the site's series and ROIs offered
     props = out["form"]["properties"]

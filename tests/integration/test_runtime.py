@@ -8,7 +8,13 @@ from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from flows.runtime import RuntimeOptions, dask_cluster, task_runner
+from flows.runtime import (
+    RuntimeOptions,
+    _local_cluster_kwargs,
+    dashboard_link,
+    dask_cluster,
+    task_runner,
+)
 
 
 @task
@@ -21,6 +27,20 @@ def where_am_i(i: int) -> tuple[int, int, str, str]:
 def probe(n: int) -> list[tuple[int, int, str, str]]:
     futures = [where_am_i.submit(i) for i in range(n)]
     return [f.result() for f in futures]
+
+
+@task
+def fetch(url: str) -> tuple[int, str]:
+    import httpx
+
+    response = httpx.get(url, timeout=30, follow_redirects=True)
+    return response.status_code, response.text
+
+
+@flow
+def watch_dashboard(url: str) -> tuple[int, str]:
+    """A run whose task, on a Dask worker, opens the cluster's dashboard while the run lasts."""
+    return fetch.submit(url).result()
 
 
 async def _task_runs_of(flow_run_id) -> int:
@@ -41,6 +61,11 @@ def test_workers_report_to_the_one_server(prefect_api, caplog):
         state2 = probe.with_options(task_runner=task_runner(options))(2, return_state=True)
         with dask_cluster(options) as nested:  # a nested block reuses the cluster
             assert nested == address
+        # the dashboard (bokeh) is served at the printed URL during a run
+        link = dashboard_link()
+        assert link and link.startswith("http://127.0.0.1:") and link.endswith("/status")
+        code, page = watch_dashboard.with_options(task_runner=task_runner(options))(link)
+        assert code == 200 and "Dask" in page and "needs bokeh" not in page
     results = state.result()
     assert [r[0] for r in results] == list(range(6))
     assert {r[2] for r in results} == {prefect_api}
@@ -50,6 +75,11 @@ def test_workers_report_to_the_one_server(prefect_api, caplog):
     assert {r[3] for r in results} == {"1"}  # native threads pinned before the worker started
     # workers exit cleanly: no "Worker process still alive after 4.0 seconds, killing"
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_no_dashboard_turns_it_off():
+    assert _local_cluster_kwargs(RuntimeOptions(dashboard=False))["dashboard_address"] is None
+    assert _local_cluster_kwargs(RuntimeOptions())["dashboard_address"] == "127.0.0.1:0"
 
 
 def test_temporary_server_ends_with_its_command_even_when_killed(tmp_path):
