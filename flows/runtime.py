@@ -70,9 +70,10 @@ class RuntimeOptions(BaseModel):
         None, description="Address of an existing Dask scheduler, e.g. tcp://host:8786."
     )
     dashboard: bool = Field(
-        True,
+        default_factory=lambda: dashboard_from_env(),
         description="Serve the Dask dashboard of oncoflow's own LocalCluster (127.0.0.1, a "
-        "free port; ONCOFLOW_DASHBOARD_ADDRESS to change).",
+        "free port; ONCOFLOW_DASHBOARD_ADDRESS to change). Default: on, unless "
+        "ONCOFLOW_DASHBOARD=0.",
     )
 
     @classmethod
@@ -86,8 +87,13 @@ class RuntimeOptions(BaseModel):
         return cls(
             workers=int(os.environ.get("ONCOFLOW_WORKERS", "2")),
             dask_address=os.environ.get("ONCOFLOW_DASK_ADDRESS") or None,
-            dashboard=os.environ.get(DASHBOARD_ENV, "1").strip().lower() not in OFF_VALUES,
+            dashboard=dashboard_from_env(),
         )
+
+
+def dashboard_from_env() -> bool:
+    """Return whether the LocalCluster's dashboard is wanted (``ONCOFLOW_DASHBOARD``; on)."""
+    return os.environ.get(DASHBOARD_ENV, "1").strip().lower() not in OFF_VALUES
 
 
 @dataclass

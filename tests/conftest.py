@@ -34,6 +34,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+# The Dask dashboard costs about a second per LocalCluster start; the tests of the dashboard
+# (tests/integration/test_runtime.py, test_deployments.py) turn it on explicitly.
+os.environ.setdefault("ONCOFLOW_DASHBOARD", "0")
 
 
 @pytest.fixture(scope="session")

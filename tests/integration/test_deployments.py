@@ -199,6 +199,7 @@ def test_operator_path_deploy_run_form_and_stop(tmp_path, synth_cohort):
             worker_env = {
                 "ONCOFLOW_SITE_SECRET": "deployment-test-secret-0123456789abcdef",
                 "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+                "ONCOFLOW_DASHBOARD": "1",  # on by default; the test suite turns it off
             }
             with prefect_worker(server, "site-a-pool", home, REPO, worker_env) as worker:
                 out = asyncio.run(_operator_path(server.api_url, config))

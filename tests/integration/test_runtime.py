@@ -52,7 +52,7 @@ async def _task_runs_of(flow_run_id) -> int:
 
 
 def test_workers_report_to_the_one_server(prefect_api, caplog):
-    options = RuntimeOptions(workers=2)
+    options = RuntimeOptions(workers=2, dashboard=True)
     caplog.set_level(logging.WARNING)
     with dask_cluster(options) as address:
         assert address.startswith("tcp://127.0.0.1:")
@@ -77,9 +77,15 @@ def test_workers_report_to_the_one_server(prefect_api, caplog):
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-def test_no_dashboard_turns_it_off():
+def test_no_dashboard_turns_it_off(monkeypatch):
     assert _local_cluster_kwargs(RuntimeOptions(dashboard=False))["dashboard_address"] is None
-    assert _local_cluster_kwargs(RuntimeOptions())["dashboard_address"] == "127.0.0.1:0"
+    assert _local_cluster_kwargs(RuntimeOptions(dashboard=True))["dashboard_address"] == (
+        "127.0.0.1:0"
+    )
+    monkeypatch.delenv("ONCOFLOW_DASHBOARD", raising=False)
+    assert RuntimeOptions().dashboard is True  # on by default
+    monkeypatch.setenv("ONCOFLOW_DASHBOARD", "0")
+    assert RuntimeOptions().dashboard is False and RuntimeOptions.from_env().dashboard is False
 
 
 def test_temporary_server_ends_with_its_command_even_when_killed(tmp_path):
