@@ -391,9 +391,9 @@ def reuse_note(stages: list[dict[str, Any]]) -> str:
     by_stage = {s["stage"]: s for s in stages}
     parts = []
     for stage, key, what in (
-        ("ingest", "files_unchanged", "files not parsed again"),
-        ("deidentify", "series_unchanged", "series de-identified before"),
-        ("harmonise", "series_skipped", "series harmonised before"),
+        ("ingest", "reused", "files not parsed again"),
+        ("deidentify", "reused", "series de-identified before"),
+        ("harmonise", "reused", "series harmonised before"),
         ("extract", "parts_reused", "feature parts"),
     ):
         count = by_stage.get(stage, {}).get(key, 0)

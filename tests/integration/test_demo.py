@@ -80,9 +80,9 @@ def test_demo_end_to_end(tmp_path):
         assert "reused: " in again.stderr
         for site, stages in rerun["sites"].items():
             by_stage = {s["stage"]: s for s in stages}
-            assert by_stage["ingest"]["files_parsed"] == 0, site
-            assert by_stage["deidentify"]["series_computed"] == 0, site
-            assert by_stage["harmonise"]["series_computed"] == 0, site
+            assert by_stage["ingest"]["computed"] == 0, site
+            assert by_stage["deidentify"]["computed"] == 0, site
+            assert by_stage["harmonise"]["computed"] == 0, site
             assert by_stage["extract"]["parts_computed"] == 0, site
             assert by_stage["publish"]["counts"] == {"unchanged": 1}, site
         runs = _pipeline_runs(api)

@@ -81,9 +81,9 @@ def test_demo_secret_is_kept_in_the_folder_unless_one_is_set(
 
 def test_reuse_note_says_what_was_reused() -> None:
     stages = [
-        {"stage": "ingest", "files_unchanged": 228, "files_parsed": 0},
-        {"stage": "deidentify", "series_unchanged": 16},
-        {"stage": "harmonise", "series_skipped": 9},
+        {"stage": "ingest", "reused": 228, "computed": 0},
+        {"stage": "deidentify", "reused": 16},
+        {"stage": "harmonise", "reused": 9},
         {"stage": "extract", "parts_reused": 16},
         {"stage": "publish", "counts": {"unchanged": 1}, "version": "v1"},
     ]
@@ -91,7 +91,7 @@ def test_reuse_note_says_what_was_reused() -> None:
         "228 files not parsed again, 16 series de-identified before, "
         "9 series harmonised before, 16 feature parts, publication v1 unchanged"
     )
-    assert reuse_note([{"stage": "ingest", "files_unchanged": 0}]) == ""
+    assert reuse_note([{"stage": "ingest", "reused": 0}]) == ""
 
 
 def test_cli_refuses_a_foreign_folder_with_one_line(tmp_path: Path) -> None:
