@@ -14,7 +14,7 @@ def _summaries() -> list[StageSummary]:
             "site-a",
             {"ok": 291, "quarantined": 7},
             {"dicomdir": 1, "localizer": 1, "missing-slice": 1, "not-dicom": 2},
-            {
+            extra={
                 "series": {"ok": 22, "quarantined": 3},
                 "reasons_by_kind": {
                     "file": {"dicomdir": 1, "empty-file": 1, "localizer": 1, "not-dicom": 4},
@@ -30,10 +30,13 @@ def _summaries() -> list[StageSummary]:
             "site-a",
             {"ok": 12, "quarantined": 1},
             {"missing-suv-data": 1},
-            {"masks": 6},
+            extra={"masks": 6},
         ),
         StageSummary(
-            Stage.EXTRACT, "site-a", {"ok": 6}, {}, {"params": "preset:ct", "modalities": "CT"}
+            Stage.EXTRACT,
+            "site-a",
+            {"ok": 6},
+            extra={"params": "preset:ct", "modalities": "CT"},
         ),
     ]
 
