@@ -54,6 +54,8 @@ async def _task_runs_of(flow_run_id) -> int:
 def test_workers_report_to_the_one_server(prefect_api, caplog):
     options = RuntimeOptions(workers=2, dashboard=True)
     caplog.set_level(logging.WARNING)
+    distributed_logger = logging.getLogger("distributed")  # does not propagate to the root
+    distributed_logger.addHandler(caplog.handler)
     with dask_cluster(options) as address:
         assert address.startswith("tcp://127.0.0.1:")
         state = probe.with_options(task_runner=task_runner(options))(6, return_state=True)
@@ -74,6 +76,7 @@ def test_workers_report_to_the_one_server(prefect_api, caplog):
     assert asyncio.run(_task_runs_of(state.state_details.flow_run_id)) == 6
     assert {r[3] for r in results} == {"1"}  # native threads pinned before the worker started
     # workers exit cleanly: no "Worker process still alive after 4.0 seconds, killing"
+    distributed_logger.removeHandler(caplog.handler)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
