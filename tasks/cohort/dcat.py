@@ -23,6 +23,7 @@ missing. Everything here is counts, coded values and URLs: no identifier.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -291,5 +292,20 @@ def record_bytes(graph: Graph) -> tuple[bytes, bytes]:
     """Serialise a record as Turtle and as JSON-LD (UTF-8)."""
     ttl = graph.serialize(format="turtle").encode()
     context = {prefix: str(ns) for prefix, ns in graph.namespaces() if prefix}
-    jsonld = graph.serialize(format="json-ld", context=context, indent=2).encode()
-    return ttl, jsonld
+    jsonld = graph.serialize(format="json-ld", context=context)
+    # rdflib writes JSON-LD nodes and values in set order, which changes from one process to
+    # the next: sorted here, so a version's bytes (and its checksums) are reproducible
+    canonical = _sorted_json(json.loads(jsonld))
+    return ttl, (json.dumps(canonical, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _sorted_json(value: Any, ordered: bool = False) -> Any:
+    """Sort JSON-LD objects' keys and unordered arrays (an ``@list`` keeps its order)."""
+    if isinstance(value, dict):
+        return {k: _sorted_json(v, ordered=k == "@list") for k, v in sorted(value.items())}
+    if isinstance(value, list):
+        items = [_sorted_json(v) for v in value]
+        if ordered:
+            return items
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True, ensure_ascii=False))
+    return value

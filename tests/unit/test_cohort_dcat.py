@@ -8,6 +8,9 @@ DCAT-AP node shapes.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -152,3 +155,31 @@ def test_a_spec_without_catalogue_settings_makes_a_record_that_fails(tmp_path: P
     conforms, text = validate(g)
     assert not conforms
     assert "hdab" in text and "contactPoint" in text
+
+
+_RECORD_IN_A_NEW_PROCESS = """
+import sys
+from rdflib import Graph
+from tasks.cohort.dcat import record_bytes
+graph = Graph().parse(data=sys.stdin.read(), format="turtle")
+sys.stdout.buffer.write(record_bytes(graph)[1])
+"""
+
+
+def test_jsonld_bytes_do_not_depend_on_the_process(published: Path) -> None:
+    # rdflib emits JSON-LD in set order; a version's checksums must not change with the hash seed
+    ttl = (published / "v1" / "dcat.ttl").read_text()
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", _RECORD_IN_A_NEW_PROCESS],
+            input=ttl.encode(),
+            capture_output=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in (1, 2, 3)
+    }
+    assert len(outputs) == 1
+    assert Graph().parse(data=outputs.pop(), format="json-ld").isomorphic(
+        Graph().parse(data=ttl, format="turtle")
+    )
