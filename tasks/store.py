@@ -541,6 +541,20 @@ class SiteStore:
         except Exception as exc:
             raise OncoflowError(f"store unreachable: {self.url} ({type(exc).__name__})") from None
 
+    def sites(self) -> list[str] | None:
+        """Return the site folders at the store URL, sorted; None when the URL does not exist."""
+        root = self.root.rsplit("/", 1)[0] if "/" in self.root else ""
+        try:
+            self.fs.invalidate_cache(root)
+            if not self.fs.exists(root):
+                return None
+            entries = self.fs.ls(root, detail=True)
+        except (FileNotFoundError, OSError):
+            return []
+        return sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
+        )
+
     @property
     def local(self) -> bool:
         """Whether the store is on the local filesystem."""

@@ -7,20 +7,12 @@ helpers look at what the store holds and say which of the three it is.
 from __future__ import annotations
 
 from tasks.errors import OncoflowError
-from tasks.store import SiteStore, open_url
+from tasks.store import SiteStore
 
 
 def store_sites(store: SiteStore) -> list[str]:
     """Return the site folders of the store (its top-level folders), sorted."""
-    _, root = open_url(store.url)
-    try:
-        store.fs.invalidate_cache(root)
-        entries = store.fs.ls(root, detail=True)
-    except (FileNotFoundError, OSError):
-        return []
-    return sorted(
-        e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
-    )
+    return store.sites() or []
 
 
 def missing_input(store: SiteStore, what: str, earlier: str) -> OncoflowError:
@@ -41,11 +33,10 @@ def missing_input(store: SiteStore, what: str, earlier: str) -> OncoflowError:
         ``store URL does not exist``, ``store URL has no site 'x' (sites there: ...)``, or
         ``no <what> for site 'x': run `<earlier>` first``.
     """
-    _, root = open_url(store.url)
-    if not store.fs.exists(root):
+    sites = store.sites()
+    if sites is None:
         return OncoflowError(f"store {store.url} does not exist (check --store)")
-    if not store.fs.exists(store.root):
-        sites = store_sites(store)
+    if store.site not in sites:
         listed = ", ".join(sites) if sites else "none"
         return OncoflowError(
             f"store {store.url} has no site {store.site!r} (sites there: {listed})"

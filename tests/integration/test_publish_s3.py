@@ -267,13 +267,13 @@ def test_a_canary_in_a_file_to_publish_fails_the_gate_and_nothing_reaches_s3(
     fs = plain_fs(s3_endpoint)
     to = f"{s3_bucket}/gated"
     spec = {**SPEC, "include": {"dicom": True}}
-    key = next(k for k in store.fs.find(store.path("deid/dicom")) if k.endswith(".dcm"))
-    ds = pydicom.dcmread(io.BytesIO(store.fs.cat_file(key)))
+    key = next(k for k in store.find("deid/dicom") if k.endswith(".dcm"))
+    ds = pydicom.dcmread(io.BytesIO(store.read_bytes(key)))
     ds.SeriesDescription = "CT ΘΩΡΑΚΑΣ Παπαδόπουλος"  # a Greek name in a descriptor
     ds.private_block(0x0011, "HIS", create=True).add_new(0x01, "UN", mrn("site-a", 0).encode())
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    store.fs.pipe_file(key, buf.getvalue())
+    store.write_bytes(key, buf.getvalue())
     # an earlier run of the same content left a staged object: it must go too
     plan = plan_publication(store, parse_spec(spec), to)
     fs.pipe_file(f"{to.removeprefix('s3://')}/lung/{plan.staging_key}/left.bin", b"x")
@@ -300,5 +300,5 @@ def test_a_canary_in_a_file_to_publish_fails_the_gate_and_nothing_reaches_s3(
     del ds[0x00110010], ds[0x00111001]
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    store.fs.pipe_file(key, buf.getvalue())
+    store.write_bytes(key, buf.getvalue())
     assert publish(store, to, spec=spec).leak_gate == "passed"

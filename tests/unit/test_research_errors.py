@@ -147,7 +147,7 @@ def test_cohort_spec_features_takes_a_parameter_file(store_url, tmp_path, capsys
     expected = load_params(str(folder / "params" / "fine.yaml"))[0].params_hash()
     store.write_bytes(f"features/{expected}.parquet", b"placeholder")
     assert resolve_feature_table(store, spec.features) == f"features/{expected}.parquet"
-    store.fs.rm_file(store.path(f"features/{expected}.parquet"))
+    store.remove(f"features/{expected}.parquet")
 
 
 @pytest.mark.parametrize(
