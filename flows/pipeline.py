@@ -336,7 +336,7 @@ def check_store(config: SiteConfig) -> None:
 
     try:
         store = SiteStore(config.store, config.site)
-        store.fs.exists(store.root)
+        store.exists("")
     except OncoflowError:
         raise
     except Exception as exc:
