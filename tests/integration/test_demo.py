@@ -87,9 +87,11 @@ def test_demo_end_to_end(tmp_path):
             assert by_stage["publish"]["counts"] == {"unchanged": 1}, site
         runs = _pipeline_runs(api)
         assert runs == sorted([(f"site-pipeline-site-{c}", "COMPLETED") for c in "abc"] * 2)
-    finally:
-        if result.get("ui_pid"):
-            _stop(int(result["ui_pid"]))
+    finally:  # the server outlives the demo: stop it by its PID, even when the demo failed
+        pid_file = out / "prefect" / "server.pid"
+        pid = result.get("ui_pid") or (pid_file.is_file() and pid_file.read_text().strip())
+        if pid:
+            _stop(int(pid))
 
 
 def _stop(pid: int) -> None:
