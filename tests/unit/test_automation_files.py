@@ -56,7 +56,7 @@ def test_failure_notification_has_no_empty_fields(tags: list[str], ui_url: str |
     assert "Reason: harmonise: 3 of 4 failed" in body
     assert "None" not in body
     if tags:
-        assert "\nTags: oncoflow, site:site-a, nightly\n" in body
+        assert "\nTags: nightly, oncoflow, site:site-a\n" in body  # sorted
     else:
         assert "Tags" not in body
     last = body.strip().splitlines()[-1]
