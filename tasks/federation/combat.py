@@ -41,6 +41,8 @@ from tasks.errors import OncoflowError
 
 BATCH = "batch"
 CONVERGENCE = 1e-4  # neuroCombat's it_sol tolerance
+#: A pyradiomics feature column name (``<image type>_<class>_<feature>``).
+FEATURE_COLUMN = r"^[a-z][A-Za-z0-9-]*_[A-Za-z0-9]+_[A-Za-z0-9]+$"
 
 
 def _cat(name: str, level: str) -> str:
@@ -245,7 +247,7 @@ def cohort_rows(
     roi: str,
     categorical: Sequence[str] = (),
     continuous: Sequence[str] = (),
-    feature_pattern: str = r"^[a-z][A-Za-z0-9-]*_[A-Za-z0-9]+_[A-Za-z0-9]+$",
+    feature_pattern: str = FEATURE_COLUMN,
 ) -> tuple[pa.Table, list[str]]:
     """Return a published cohort's rows of one ROI with their covariates, and the features.
 
@@ -295,7 +297,7 @@ def cohort_summary(
     roi: str,
     categorical: Sequence[str] = (),
     continuous: Sequence[str] = (),
-    feature_pattern: str = r"^[a-z][A-Za-z0-9-]*_[A-Za-z0-9]+_[A-Za-z0-9]+$",
+    feature_pattern: str = FEATURE_COLUMN,
 ) -> SiteSummary:
     """Summarise a published cohort's feature rows of one ROI for federated ComBat.
 
