@@ -202,6 +202,11 @@ class SiteStore:
         """Whether the key exists."""
         return bool(self.fs.exists(self._fresh(self.path(key))))
 
+    def is_file(self, key: str) -> bool:
+        """Whether the key holds an object (not a folder, not missing)."""
+        path = self._fresh(self.path(key))
+        return bool(self.fs.exists(path)) and bool(self.fs.isfile(path))
+
     def open(self, key: str, block_size: int | None = None) -> Any:
         """Open an object for reading (a binary file object; close it, or use ``with``).
 

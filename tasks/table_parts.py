@@ -80,9 +80,7 @@ class PartedTable:
 
     def is_single_file(self) -> bool:
         """Whether the table is still one Parquet file (the layout before parts)."""
-        path = self.store.path(self.key)
-        self.store.fs.invalidate_cache(path.rsplit("/", 1)[0])
-        return bool(self.store.fs.exists(path)) and self.store.fs.isfile(path)
+        return self.store.is_file(self.key)
 
     def parts(self) -> list[str]:
         """Keys of the table's parts, sorted (none when the table does not exist)."""
@@ -113,7 +111,7 @@ class PartedTable:
         parts = self.parts()
         if not parts:
             return {}
-        with self.store.fs.open(self.store.path(parts[0]), "rb") as fh:
+        with self.store.open(parts[0]) as fh:
             return dict(pq.read_schema(fh).metadata or {})
 
     def read(self, columns: list[str] | None = None) -> pa.Table | None:
@@ -233,7 +231,7 @@ class PartedTable:
         for key in self.parts():
             if key == self.key:
                 continue
-            with self.store.fs.open(self.store.path(key), "rb") as fh:
+            with self.store.open(key) as fh:
                 if pq.ParquetFile(fh).metadata.num_rows < SMALL_PART_ROWS:
                     small.append(key)
         if len(small) <= MAX_SMALL_PARTS:
@@ -241,7 +239,7 @@ class PartedTable:
 
         def tables() -> Iterator[pa.Table]:
             for key in small:
-                with self.store.fs.open(self.store.path(key), "rb") as fh:
+                with self.store.open(key) as fh:
                     yield pq.read_table(fh)
 
         return list(self.chunks(tables(), metadata)), small

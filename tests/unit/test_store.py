@@ -64,6 +64,11 @@ def test_s3_store_roundtrip(s3_bucket):
     assert store.write_bytes("x/y.bin", b"hello") is False
     assert store.read_bytes("x/y.bin") == b"hello"
     assert store.children("x") == ["x/y.bin"]
+    assert (store.is_file("x/y.bin"), store.is_file("x"), store.is_file("nope")) == (
+        True,
+        False,
+        False,
+    )
     store.commit({"x/z.bin": b"z"}, "x/done", b"1")
     assert store.read_many(["x/z.bin", "x/none"]) == {"x/z.bin": b"z"}
     assert store.move("x", "moved") == 3
