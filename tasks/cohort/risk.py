@@ -363,12 +363,16 @@ def prepare_selection(store: Any, spec: Any, selection: Any) -> tuple[Any, Relea
         for series, planned in selection.files_by_series.items()
         if series in kept
     }
+    exported = {}
     if spec.include.dicom and spec.include.seg_from_masks:
-        _export_segs(store, spec, rows, files, harmonised, no_voxels, report)
+        exported = _export_segs(store, spec, rows, files, harmonised, no_voxels, report)
     features = selection.features
     if features is not None and features.num_rows:
         mask = pc.is_in(features.column("series"), value_set=pa.array(sorted(kept), pa.string()))
         features = features.filter(mask)
+    if exported and features is not None:
+        params_hash = selection.features_metadata.get("oncoflow.params_hash", "")
+        _export_reports(store, features, params_hash, exported, files, harmonised, report)
     table = pa.Table.from_pylist(rows, schema=with_days_column(selection.series.schema))
     prepared = dataclasses.replace(
         selection, series=table, features=features, files_by_series=files
@@ -415,13 +419,18 @@ def _export_segs(
     harmonised: pa.Table | None,
     no_voxels: set[str],
     report: ReleaseReport,
-) -> None:
-    """Add a DICOM SEG made from the masks of every published series that has none."""
+) -> dict[str, Any]:
+    """Add a DICOM SEG made from the masks of every published series that has none.
+
+    Returns the exported SEG of each such series (:class:`tasks.radiomics.sr.ExportedSeg`).
+    """
     import hashlib
 
     from tasks.cohort.seg_export import SegSettings, export_segs
     from tasks.cohort.select import PlannedFile
+    from tasks.radiomics.sr import ExportedSeg
 
+    exported: dict[str, ExportedSeg] = {}
     settings = SegSettings(spec.include.annotation_method, spec.include.annotation_algorithm)
     by_series = {r["series"]: r for r in harmonised.to_pylist()} if harmonised else {}
     for row in rows:
@@ -448,3 +457,39 @@ def _export_segs(
         files[series].append(PlannedFile(key, name, sha))
         row["dicom"] = [*row["dicom"], name]
         row["seg_series"] = [seg_series]
+        exported[series] = ExportedSeg(key, tuple(sources[series]))
+    return exported
+
+
+def _export_reports(
+    store: Any,
+    features: pa.Table,
+    params_hash: str,
+    exported: dict[str, Any],
+    files: dict[str, list[Any]],
+    harmonised: pa.Table | None,
+    report: ReleaseReport,
+) -> None:
+    """Write and add the DICOM SR of every published ROI of a series whose SEG was exported.
+
+    The extract stage could not write them (their masks came from an RTSTRUCT or a NIfTI
+    file); each references its segment of the exported SEG and, through it, the image series.
+    """
+    import hashlib
+
+    from tasks.cohort.select import PlannedFile, report_name
+    from tasks.radiomics.sr import write_exported_reports
+
+    if not params_hash:
+        return
+    rois = {r["series"]: r["rois"] or [] for r in harmonised.to_pylist()} if harmonised else {}
+    for outcome in write_exported_reports(store, features, params_hash, exported):
+        series = outcome.series
+        if not outcome.key:
+            report.missing.setdefault("dicom_sr", []).append(series)
+            log.info("series %s: no DICOM SR (%s)", series, outcome.reason)
+            continue
+        name = report_name(series, outcome.roi, rois.get(series, []))
+        sha = hashlib.sha256(store.read_bytes(outcome.key)).hexdigest()
+        kept = [f for f in files[series] if f.name != name]  # an earlier publication's report
+        files[series] = [*kept, PlannedFile(outcome.key, name, sha)]

@@ -363,9 +363,18 @@ def _plan_reports(
         key = report_key(params_hash, series, roi)
         if not params_hash or series not in files or not store.exists(key):
             continue
-        index = rois[series].index(roi) if roi in rois.get(series, []) else 0
-        name = f"sr/{series}/{_safe_roi(roi, index)}.dcm"
+        name = report_name(series, roi, rois.get(series, []))
         files[series].append(_with_hash(store, PlannedFile(key, name, "")))
+
+
+def report_name(series: str, roi: str, rois: list[str]) -> str:
+    """Return the published name of the DICOM SR of (series, ROI): ``sr/<series>/<roi>.dcm``.
+
+    ``rois`` are the series' harmonised ROI names (a ROI name that is not a safe file name is
+    published by its position among them).
+    """
+    index = rois.index(roi) if roi in rois else 0
+    return f"sr/{series}/{_safe_roi(roi, index)}.dcm"
 
 
 def _with_hash(store: SiteStore, planned: PlannedFile) -> PlannedFile:

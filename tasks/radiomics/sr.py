@@ -16,8 +16,9 @@ Commons publishes pyradiomics features:
 Patient and study attributes come from the de-identified SEG and image headers (pseudonyms,
 shifted dates); UIDs of the report are derived from pseudonymous keys and the parameter hash, so
 the same table gives byte-identical reports. A ROI whose mask does not come from a DICOM SEG
-(RTSTRUCT, NIfTI) has nothing a TID 1500 group can reference: it gets no report, and the
-outcome says why.
+(RTSTRUCT, NIfTI) has nothing a TID 1500 group can reference when the extract stage runs: its
+report is written at publish, by :func:`write_exported_reports`, referencing the DICOM SEG the
+publication exports from the masks (:mod:`tasks.cohort.seg_export`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,7 +366,8 @@ def write_reports(store: SiteStore, table: pa.Table, params_hash: str) -> list[R
     """Write the TID 1500 report of every ``ok`` row of a features table.
 
     Reports of rows no longer in the table are removed. A row whose mask did not come from a
-    DICOM SEG, or whose SEG or image series is missing from ``deid/``, is skipped with a reason.
+    DICOM SEG, or whose SEG or image series is missing from ``deid/``, is skipped with a reason;
+    the report a publication wrote for such a row (:func:`write_exported_reports`) is kept.
 
     Parameters
     ----------
@@ -389,6 +392,7 @@ def write_reports(store: SiteStore, table: pa.Table, params_hash: str) -> list[R
         }
     headers: dict[str, list[Dataset]] = {}
     outcomes: list[ReportOutcome] = []
+    exported: set[str] = set()
     for row in table.to_pylist():
         if row.get("status") not in (None, "ok"):
             continue
@@ -396,27 +400,108 @@ def write_reports(store: SiteStore, table: pa.Table, params_hash: str) -> list[R
         ref = segment_of(store, series, roi)
         if ref is None:
             outcomes.append(ReportOutcome(series, roi, "skipped", reason="no-dicom-segmentation"))
+            exported.add(report_key(params_hash, series, roi))
             continue
         if series not in paths or not store.exists(ref.seg_key):
             outcomes.append(ReportOutcome(series, roi, "skipped", reason="missing-dicom"))
             continue
-        key = report_key(params_hash, series, roi)
-        try:
-            if series not in headers:
-                headers[series] = [read_header(store, k) for k in paths[series]]
-            sr = build_report(
-                row=row,
-                columns=columns,
-                params_hash=params_hash,
-                seg=read_header(store, ref.seg_key),
-                segment_numbers=ref.segment_numbers,
-                images=headers[series],
-            )
-            written = store.write_bytes(key, sr_bytes(sr))
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            # one unreadable header or an object highdicom refuses: report it, go on
-            outcomes.append(ReportOutcome(series, roi, "failed", reason=type(exc).__name__))
+        outcomes.append(
+            _write_report(store, row, columns, params_hash, ref, paths[series], headers)
+        )
+    store.prune(reports_prefix(params_hash), exported | {o.key for o in outcomes if o.key})
+    return outcomes
+
+
+def _write_report(
+    store: SiteStore,
+    row: dict[str, Any],
+    columns: list[str],
+    params_hash: str,
+    ref: SegmentRef,
+    image_keys: list[str],
+    headers: dict[str, list[Dataset]],
+) -> ReportOutcome:
+    """Build and write the report of one row (``headers`` caches image headers by series)."""
+    series, roi = row["series"], row["roi"]
+    key = report_key(params_hash, series, roi)
+    try:
+        if series not in headers:
+            headers[series] = [read_header(store, k) for k in image_keys]
+        sr = build_report(
+            row=row,
+            columns=columns,
+            params_hash=params_hash,
+            seg=read_header(store, ref.seg_key),
+            segment_numbers=ref.segment_numbers,
+            images=headers[series],
+        )
+        written = store.write_bytes(key, sr_bytes(sr))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        # one unreadable header or an object highdicom refuses: report it, go on
+        return ReportOutcome(series, roi, "failed", reason=type(exc).__name__)
+    return ReportOutcome(series, roi, "written" if written else "unchanged", key)
+
+
+@dataclass(frozen=True)
+class ExportedSeg:
+    """A DICOM SEG a publication made from the masks of one series.
+
+    Parameters
+    ----------
+    seg_key
+        Store key of the SEG instance (one segment per ROI, labelled with the ROI name).
+    image_keys
+        Store keys of the de-identified image instances it references.
+    """
+
+    seg_key: str
+    image_keys: tuple[str, ...]
+
+
+def write_exported_reports(
+    store: SiteStore, features: pa.Table, params_hash: str, exported: Mapping[str, ExportedSeg]
+) -> list[ReportOutcome]:
+    """Write the reports of ROIs whose mask became a DICOM SEG at publish.
+
+    The report of each ``ok`` row of an exported series references the segment labelled with
+    the row's ROI and, through it, the image series; it is written where the extract stage
+    writes its reports (:func:`report_key`), so the same inputs leave the store unchanged.
+
+    Parameters
+    ----------
+    store
+        The site store.
+    features
+        Feature rows to report (``series``, ``roi``, ``modality`` and feature columns), such as
+        the published features table.
+    params_hash
+        Parameter hash of the features.
+    exported
+        Series key -> the SEG made from its masks.
+
+    Returns
+    -------
+    list of ReportOutcome
+        One per row of an exported series, in table order; ``skipped`` with reason
+        ``not-in-seg`` for a ROI the SEG has no segment for (no voxel on the DICOM grid).
+    """
+    columns = [c for c in features.column_names if FEATURE_COLUMN.match(c)]
+    headers: dict[str, list[Dataset]] = {}
+    segments: dict[str, dict[str, int]] = {}
+    outcomes: list[ReportOutcome] = []
+    for row in features.to_pylist():
+        series, roi = row["series"], row["roi"]
+        if series not in exported or row.get("status") not in (None, "ok"):
             continue
-        outcomes.append(ReportOutcome(series, roi, "written" if written else "unchanged", key))
-    store.prune(reports_prefix(params_hash), {o.key for o in outcomes if o.key})
+        seg = exported[series]
+        if series not in segments:
+            items = read_header(store, seg.seg_key).get("SegmentSequence", [])
+            segments[series] = {str(i.SegmentLabel): int(i.SegmentNumber) for i in items}
+        if roi not in segments[series]:
+            outcomes.append(ReportOutcome(series, roi, "skipped", reason="not-in-seg"))
+            continue
+        ref = SegmentRef(seg.seg_key, (segments[series][roi],))
+        outcomes.append(
+            _write_report(store, row, columns, params_hash, ref, list(seg.image_keys), headers)
+        )
     return outcomes

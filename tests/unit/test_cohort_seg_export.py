@@ -87,7 +87,7 @@ def test_publishing_dicom_exports_the_masks_as_seg(tmp_path) -> None:
     from tasks.cohort.spec import parse_spec
     from tasks.cohort.storage import RetryPolicy
     from tests.harmonise_dicom import to_bytes
-    from tests.unit.test_cohort_fixture import build_site
+    from tests.unit.test_cohort_fixture import PARAMS_HASH, build_site
 
     store = build_site(str(tmp_path / "store"), with_seg=False)
     deid = store.read_table("deid/series.parquet").to_pylist()
@@ -111,6 +111,7 @@ def test_publishing_dicom_exports_the_masks_as_seg(tmp_path) -> None:
     store.write_table("deid/series.parquet", pa.Table.from_pylist(rows))
     spec = parse_spec({"name": "seg", "title": "SEG", "description": "DICOM with SEG",
                        "licence": "CC-BY-4.0", "include": {"dicom": True},
+                       "features": PARAMS_HASH,
                        "selection": {"modality": ["CT"]}})  # fmt: skip
     result = publish_cohort(store, spec, str(tmp_path / "pub"),
                             policy=RetryPolicy(attempts=2))  # fmt: skip
@@ -132,3 +133,29 @@ def test_publishing_dicom_exports_the_masks_as_seg(tmp_path) -> None:
     # the other CT series has DICOM without geometry: no SEG, listed in the release report
     report = json.loads((version / "risk-report.json").read_text())
     assert report["missing_metadata"].get("dicom_seg") == 1
+    # each published ROI of the series has its DICOM SR, referencing the exported SEG's
+    # segment (the leak gate passed it); the features are the published table's
+    features = pq.read_table(version / "features.parquet").to_pylist()
+    for number, roi in enumerate(["gtv", "lung"], start=1):
+        values = next(r for r in features if (r["series"], r["roi"]) == (target["series"], roi))
+        sr = hd.sr.srread(version / "sr" / target["series"] / f"{roi}.dcm")
+        got = {}
+        for group in sr.content.get_volumetric_roi_measurement_groups():
+            ref = group.referenced_segment
+            assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+            assert ref.referenced_segment_numbers == [number]
+            got.update({(group.tracking_identifier, m.name.value): m.value
+                        for m in group.get_measurements()})  # fmt: skip
+        assert got == pytest.approx({
+            (f"{roi} original", "Q4LE"): values["original_firstorder_Mean"],
+            (f"{roi} original", "YEKZ"): values["original_shape_VoxelVolume"],
+            (f"{roi} wavelet-LLH", "ACUI"): values["wavelet-LLH_glcm_Contrast"],
+        })  # fmt: skip
+        assert sr.PatientID == pseudonym
+    # the series without a SEG has none
+    assert not (version / "sr").joinpath(next(
+        r["series"] for r in deid if r["modality"] == "CT" and r["series"] != target["series"]
+    )).exists()  # fmt: skip
+    # publishing again writes nothing new: same SEG, same reports, same version
+    again = publish_cohort(store, spec, str(tmp_path / "pub"), policy=RetryPolicy(attempts=2))
+    assert not again.created and again.version == result.version

@@ -62,8 +62,8 @@ PLANTED = {
 }
 
 
-def _lesion_ct(key: str) -> tuple[list, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(7)
+def _lesion_ct(key: str, seed: int = 7) -> tuple[list, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
     points = G.points()
     centre = G.physical(np.array([11.5, 11.5, 4.5]))
     inside = np.linalg.norm(points - centre, axis=-1) <= 6.5
@@ -88,7 +88,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[SiteStore, dict[str,
     seg.SpecificCharacterSet = "ISO_IR 192"
     for keyword, value in PLANTED.items():
         setattr(seg, keyword, value)
-    other, _, _ = _lesion_ct("other")
+    other, _, _ = _lesion_ct("other", seed=8)  # other pixels: not a duplicate at publish
     centre = G.physical(np.array([11.5, 11.5, 4.5]))
     rt = rtstruct(other, {"GTV-1": sphere_contours(G, centre, 6.0, 32)})
     keys = deid_store(
@@ -248,17 +248,23 @@ def test_no_identifier_in_any_report(site, reports):
             assert value.encode("utf-8") not in data
 
 
-def test_publication_plans_the_reports(site, reports):
-    store, keys = site
-    spec = parse_spec(
+def _spec(**more):
+    """A cohort spec publishing the features of the fixture (and ``more``)."""
+    return parse_spec(
         {
             "name": "sr-cohort",
             "title": "SR cohort",
             "description": "Reports travel with the features.",
             "licence": "CC-BY-4.0",
             "features": PARAMS.params_hash(),
+            **more,
         }
     )
+
+
+def test_publication_plans_the_reports(site, reports):
+    store, keys = site
+    spec = _spec()
     selection = select_cohort(store, spec)
     names = {f.name: f for f in selection.files}
     for roi in ("gtv", "node"):
@@ -280,3 +286,82 @@ def test_leak_gate_keeps_only_reviewed_codes(site, reports):
         k for a, k in scan_bytes("x.dcm", buf.getvalue(), IdentifierMatcher([])) if "Code" in a
     }
     assert kinds
+
+
+def test_rtstruct_roi_gets_its_report_at_publish_through_the_exported_seg(
+    site, reports, tmp_path: Path
+):
+    """The RTSTRUCT ROI: SR written at publish, referencing the SEG the publication exports."""
+    from tasks.cohort.risk import prepare_selection
+
+    store, keys = site
+    table, _ = reports
+    spec = _spec(include={"dicom": True})
+    selection, _ = prepare_selection(store, spec, select_cohort(store, spec))
+    names = {f.name: f for f in selection.files}
+    key = report_key(PARAMS.params_hash(), keys["other"], "gtv")
+    assert names[f"sr/{keys['other']}/gtv.dcm"].source == key
+    # every published feature row has its report
+    published = {(r["series"], r["roi"]) for r in selection.features.to_pylist()}
+    assert {n for n in names if n.startswith("sr/")} == {f"sr/{s}/{r}.dcm" for s, r in published}
+    (seg_series,) = next(
+        r["seg_series"] for r in selection.series.to_pylist() if r["series"] == keys["other"]
+    )
+    seg = pydicom.dcmread(store.path(names[f"dicom/{seg_series}/00000.dcm"].source))
+    assert seg.SegmentSequence[0].SegmentLabel == "gtv"
+    row = _rows(table)[(keys["other"], "gtv")]
+
+    # highdicom: the exported SEG's segment, the image series, the table's values
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(store.path(key)))
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert {g.tracking_identifier for g in groups} == {"gtv original", "gtv log-sigma-1-0-mm-3D"}
+    checked = 0
+    for group in groups:
+        ref = group.referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert ref.referenced_segment_numbers == [1]
+        sources = [i.value for i in ref if i.name.meaning == "Source Series for Segmentation"]
+        assert sources == [keys["other"]]
+        prefix = group.tracking_identifier.split(" ", 1)[1]
+        for m in group.get_measurements():
+            if m.name.scheme_designator != "IBSI":
+                continue
+            column = next(
+                c
+                for c in table.column_names
+                if c.startswith(prefix + "_")
+                and table.schema.field(c).metadata[b"ibsi"].decode() == m.name.value
+            )
+            assert m.value == pytest.approx(row[column], rel=1e-12), column
+            checked += 1
+    assert checked > 20
+    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}  # fmt: skip
+    assert seg.SOPInstanceUID in evidence
+
+    # dcmqi's reader: the same reference and values
+    reader = shutil.which("tid1500reader")
+    assert reader, "dcmqi's tid1500reader is not installed"
+    out = tmp_path / "sr.json"
+    subprocess.run([reader, "--inputDICOM", store.path(key), "--outputMetadata", str(out)],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    original = next(
+        g
+        for g in json.loads(out.read_text())["Measurements"]
+        if g["TrackingIdentifier"] == "gtv original"
+    )
+    assert original["SourceSeriesForImageSegmentation"] == keys["other"]
+    assert original["ReferencedSegment"] == 1
+    assert original["segmentationSOPInstanceUID"] == seg.SOPInstanceUID
+    items = {i["quantity"]["CodeValue"]: float(i["value"]) for i in original["measurementItems"]}
+    assert items["RNU0"] == pytest.approx(row["original_shape_MeshVolume"], rel=1e-6)
+    assert items["Q4LE"] == pytest.approx(row["original_firstorder_Mean"], rel=1e-6)
+
+    # no identifier; a rerun (publish, then extract's reports) leaves the report as it is
+    matcher = IdentifierMatcher([*PLANTED.values(), "Παπαδόπουλος", "Wójcik", "Kovácsné"])
+    assert scan_bytes(key, store.read_bytes(key), matcher) == []
+    before = Path(store.path(key)).stat().st_mtime_ns
+    again, _ = prepare_selection(store, spec, select_cohort(store, spec))
+    assert {f.name: f.sha256 for f in again.files} == {f.name: f.sha256 for f in selection.files}
+    write_reports(store, table, PARAMS.params_hash())
+    assert Path(store.path(key)).stat().st_mtime_ns == before
