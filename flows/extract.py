@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask
 from prefect import flow, task
@@ -196,11 +196,8 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     StageFailed
         When the share of failed units exceeds ``params.max_failure_ratio``.
     """
-    radiomics_params, source = load_params(params.params_spec())
-    store = params.open_store()
+    store, radiomics_params, source, every_unit, units = select_rois(params)
     params_hash = radiomics_params.params_hash()
-    every_unit = plan_units(store)
-    units = select_checked(store, every_unit, params, radiomics_params)
     if not units:
         summary = nothing_to_extract(params, source, params_hash, inventory(every_unit))
         post_summary(summary, "Radiomics extraction", {"Note": str(summary.extra["note"])})
@@ -302,6 +299,39 @@ def _report(
     )
 
 
+class RoiSelection(NamedTuple):
+    """What a run on the site's harmonised ROIs works on (see :func:`select_rois`)."""
+
+    store: SiteStore
+    radiomics: RadiomicsParams
+    source: str
+    every_unit: list[RoiUnit]
+    units: list[RoiUnit]
+
+
+def select_rois(params: ExtractParams) -> RoiSelection:
+    """Load the pyradiomics parameters, plan the site's ROIs and select those of the filters.
+
+    Used by extract and robustness, in the flow and before it starts (one-line errors).
+
+    Returns
+    -------
+    RoiSelection
+        The store, the parameters and their source label, every harmonised (series, ROI) and
+        the selected ones (largest images first).
+
+    Raises
+    ------
+    OncoflowError
+        One line: invalid parameters, nothing harmonised, a filter matching nothing.
+    """
+    radiomics_params, source = load_params(params.params_spec())
+    store = params.open_store()
+    every_unit = plan_units(store)
+    units = select_checked(store, every_unit, params, radiomics_params)
+    return RoiSelection(store, radiomics_params, source, every_unit, units)
+
+
 def select_checked(
     store: SiteStore, units: list[RoiUnit], params: ExtractParams, radiomics: RadiomicsParams
 ) -> list[RoiUnit]:
@@ -360,10 +390,7 @@ def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSu
     """
     # before starting any service: fail in one line on bad parameters or no harmonised table,
     # and return at once when the filters select nothing
-    radiomics_params, source = load_params(params.params_spec())
-    store = SiteStore(params.store, params.site)
-    every_unit = plan_units(store)
-    selected = select_checked(store, every_unit, params, radiomics_params)
+    store, radiomics_params, source, every_unit, selected = select_rois(params)
     if not selected:
         return nothing_to_extract(
             params, source, radiomics_params.params_hash(), inventory(every_unit)

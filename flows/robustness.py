@@ -10,32 +10,33 @@ features. The run fails when the share of failed ROIs exceeds ``max_failure_rati
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import dask
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture
 from pydantic import Field, ValidationError
 
-from flows.extract import ExtractParams, select_checked
+from flows.extract import ExtractParams, select_rois
 from flows.extract import build_params as build_extract_params
-from flows.reporting import Progress, markdown_table, post_summary
+from flows.reporting import markdown_table
 from flows.runtime import RuntimeOptions, default_task_runner, pin_native_threads, run_on_dask
-from tasks.errors import OncoflowError, StageFailed, validation_message
+from flows.stage import StageReport, finish_stage, run_units
+from tasks.errors import OncoflowError, validation_message
 from tasks.radiomics.cache import read_parts
-from tasks.radiomics.extract import RoiUnit, plan_units
-from tasks.radiomics.params import RadiomicsParams, load_params
+from tasks.radiomics.extract import RoiUnit
+from tasks.radiomics.params import RadiomicsParams
 from tasks.radiomics.robustness import (
-    CONTROLS,
     DEFAULT_ICC_THRESHOLD,
-    REPLICAS,
     RobustnessOutcome,
     robustness_key,
+    robustness_metadata,
     robustness_table,
     robustness_unit,
 )
-from tasks.records import Stage, StageSummary, Status, UnitResult
+from tasks.records import Stage, StageSummary, Status
 from tasks.store import SiteStore
 
 
@@ -69,7 +70,7 @@ def build_params(
 
 @task(
     name="robustness-roi",
-    task_run_name="robustness-{unit.roi}-{unit.image_sha256:.12}",
+    task_run_name="robustness-{unit.label}",
     retries=2,
     retry_delay_seconds=2,
     cache_policy=NO_CACHE,
@@ -77,19 +78,31 @@ def build_params(
 def robustness_task(
     store_url: str, site: str, unit: RoiUnit, params: RadiomicsParams
 ) -> RobustnessOutcome:
-    """Compute the replicas and controls of one (series, ROI) on a worker."""
+    """Compute the replicas and controls of one (series, ROI) on a worker.
+
+    The task run is named ``robustness-<modality>-<roi>-<end of the pseudonymous series key>``.
+    """
     pin_native_threads()
     return robustness_unit(SiteStore(store_url, site), unit, params)
 
 
-def _unit_result(outcome: RobustnessOutcome) -> UnitResult:
-    return UnitResult(
-        key=outcome.key,
-        status=outcome.status,
-        reason=outcome.detail if outcome.status == Status.QUARANTINED else "",
-        error_class="InputError" if outcome.status == Status.FAILED else "",
-        detail=outcome.detail,
-        computed=outcome.computed > 0,
+def _submitter(
+    params: RobustnessParams, radiomics: RadiomicsParams, units: list[RoiUnit]
+) -> Callable[[RoiUnit], PrefectFuture[RobustnessOutcome]]:
+    """Submit one ROI's task; larger images (earlier in the plan) get a higher Dask priority."""
+    priority = {u.key: len(units) - rank for rank, u in enumerate(units)}
+
+    def submit(unit: RoiUnit) -> PrefectFuture[RobustnessOutcome]:
+        with dask.annotate(priority=priority[unit.key]):
+            return robustness_task.submit(params.store, params.site, unit, radiomics)
+
+    return submit
+
+
+def _failed(unit: RoiUnit, exc: BaseException) -> RobustnessOutcome:
+    """Return the outcome of a ROI whose task raised after its retries (error class only)."""
+    return RobustnessOutcome(
+        unit.key, Status.FAILED, detail=type(exc).__name__, error_class=type(exc).__name__
     )
 
 
@@ -133,60 +146,53 @@ def robustness_flow(params: RobustnessParams) -> dict[str, Any]:
     StageFailed
         When the share of failed ROIs exceeds ``params.max_failure_ratio``.
     """
-    radiomics_params, source = load_params(params.params_spec())
-    store = SiteStore(params.store, params.site)
+    store, radiomics_params, source, _, units = select_rois(params)
     params_hash = radiomics_params.params_hash()
-    units = select_checked(store, plan_units(store), params, radiomics_params)
-    progress = Progress(len(units), "ROIs assessed")
-    futures = {}
-    for rank, unit in enumerate(units):
-        with dask.annotate(priority=len(units) - rank):
-            futures[robustness_task.submit(params.store, params.site, unit, radiomics_params)] = (
-                unit
-            )
-    outcomes: list[RobustnessOutcome] = []
-    for future in as_completed(list(futures)):
-        try:
-            outcomes.append(future.result())
-        except Exception as exc:  # retries exhausted, worker lost for good
-            unit = futures[future]
-            outcomes.append(RobustnessOutcome(unit.key, Status.FAILED, detail=type(exc).__name__))
-        progress.advance()
-    outcomes.sort(key=lambda o: o.key)
+    outcomes = run_units(
+        units, _submitter(params, radiomics_params, units), _failed, "ROIs assessed"
+    )
     table = robustness_table(collect_values(store, outcomes), params.icc_threshold)
     key = robustness_key(params_hash)
-    metadata = {
-        "oncoflow.table": "robustness",
-        "oncoflow.params_hash": params_hash,
-        "oncoflow.icc_threshold": str(params.icc_threshold),
-        "oncoflow.replicas": ",".join(REPLICAS),
-        "oncoflow.controls": ",".join(CONTROLS),
-    }
-    written = store.write_table(key, table, metadata)
-    results = [_unit_result(o) for o in outcomes]
+    written = store.write_table(key, table, robustness_metadata(params_hash, params.icc_threshold))
     rows = table.to_pylist()
     stable = sum(1 for r in rows if r["stable"])
-    summary = StageSummary.from_results(
+    return finish_stage(
+        store,
         Stage.ROBUSTNESS,
-        params.site,
-        results,
+        params,
+        [o.unit_result() for o in outcomes],
+        [],  # a ROI without features is quarantined by the extract stage already
+        _report(key, rows, source, params.icc_threshold, outcomes),
+        "ROIs",
+        tables_written=[key] if written else [],
         params=source,
         params_hash=params_hash,
         table=key,
-        table_written=written,
         features=len(rows),
         stable=stable,
         icc_threshold=params.icc_threshold,
         variants_computed=sum(o.computed for o in outcomes),
     )
+
+
+def _report(
+    key: str,
+    rows: list[dict[str, Any]],
+    source: str,
+    threshold: float,
+    outcomes: list[RobustnessOutcome],
+) -> StageReport:
+    """Return what a robustness run shows in the Prefect UI: the table and its least stable."""
     finite = [r for r in rows if r["icc"] is not None and math.isfinite(r["icc"])]
     least = sorted(finite, key=lambda r: r["icc"])[:10]
-    post_summary(
-        summary,
+    stable = sum(1 for r in rows if r["stable"])
+    return StageReport(
         "Feature robustness",
+        [o.outcome_row() for o in outcomes if o.status != Status.OK or o.missing],
+        "ROIs not assessed on every replica and control",
         {
             "Table": f"`{key}`: {stable} of {len(rows)} features stable "
-            f"(ICC(3,1) >= {params.icc_threshold}), parameters `{source}`",
+            f"(ICC(3,1) >= {threshold}), parameters `{source}`",
             "Least stable features": markdown_table(
                 [
                     {
@@ -202,12 +208,6 @@ def robustness_flow(params: RobustnessParams) -> dict[str, Any]:
             ),
         },
     )
-    if summary.failure_ratio > params.max_failure_ratio:
-        raise StageFailed(
-            f"robustness: {summary.counts.get('failed', 0)} of {len(results)} ROIs failed "
-            f"({summary.failure_ratio:.0%} > {params.max_failure_ratio:.0%})"
-        )
-    return summary.to_dict()
 
 
 def _fmt(value: float | None) -> str:
@@ -223,9 +223,7 @@ def assess_robustness(params: RobustnessParams, runtime: RuntimeOptions) -> Stag
         One line when the parameters are invalid, nothing is harmonised, or the filters select
         no ROI.
     """
-    radiomics_params, _ = load_params(params.params_spec())
-    store = SiteStore(params.store, params.site)
-    if not select_checked(store, plan_units(store), params, radiomics_params):
+    if not select_rois(params).units:
         raise OncoflowError(
             f"no harmonised ROI of site {params.site} matches the filters "
             f"(modalities: {','.join(params.modality_filter()) or 'all'})"

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from tasks.errors import OncoflowError
+from tasks.names import task_label
 from tasks.radiomics.cache import (
     SHAPE_PART,
     CachedPart,
@@ -103,6 +105,11 @@ class RoiUnit:
     def key(self) -> str:
         """``<series>/<roi>``: the unit's pseudonymous key."""
         return f"{self.series}/{self.roi}"
+
+    @property
+    def label(self) -> str:
+        """``<modality>-<roi>-<key tail>``: the unit in a task-run name (no identifier)."""
+        return task_label(self.modality, self.series, self.roi)
 
 
 def plan_units(store: SiteStore) -> list[RoiUnit]:
@@ -310,13 +317,9 @@ def extract_image_rois(
                 detail=str(exc) if isinstance(exc, InputError) else _first_line(exc),
             )
         for unit in to_compute:
-            unit_parts = fresh.get(unit.key, {})
-            computed[unit.key] = 0
-            for part, key in zip(parts, keys[unit.key], strict=True):
-                if part in unit_parts and key not in cached:
-                    write_part(store, key, unit_parts[part])
-                    cached[key] = unit_parts[part]
-                    computed[unit.key] += 1
+            computed[unit.key] = write_missing_parts(
+                store, parts, keys[unit.key], fresh.get(unit.key, {}), cached
+            )
         cpu = round((time.process_time() - started) / len(to_compute), 3)
     outcomes = []
     for unit in units:
@@ -365,21 +368,14 @@ def compute_image_parts(
     errors: dict[str, Exception] = {}
     masks: dict[str, sitk.Image] = {}
     with tempfile.TemporaryDirectory(prefix="oncoflow-radiomics-") as tmp:
-        image_path = _local_copy(
-            store, units[0].image, units[0].image_sha256, Path(tmp) / "image.nii.gz"
-        )
-        try:
-            image = sitk.ReadImage(str(image_path))
-        except RuntimeError:
-            raise InputError("image or mask is not a readable NIfTI file") from None
+        image = read_image(store, units[0].image, units[0].image_sha256, Path(tmp) / "image")
         for i, unit in enumerate(units):
             try:
-                path = _local_copy(store, unit.mask, unit.mask_sha256, Path(tmp) / f"m{i}.nii.gz")
-                masks[unit.key] = sitk.ReadImage(str(path))
+                masks[unit.key] = read_image(
+                    store, unit.mask, unit.mask_sha256, Path(tmp) / f"m{i}"
+                )
             except InputError as exc:
                 errors[unit.key] = exc
-            except RuntimeError:
-                errors[unit.key] = InputError("image or mask is not a readable NIfTI file")
     results = features_for_masks(image, masks, params, missing)
     by_key = {u.key: u for u in units}
     for key, result in results.items():
@@ -389,17 +385,44 @@ def compute_image_parts(
         ):
             found = compute_diagnostics(image, masks[key], params)
             write_diagnostics(store, unit.image_sha256, unit.mask_sha256, params, found)
-    fresh: dict[str, dict[Part, CachedPart]] = {}
-    for key, result in results.items():
-        if isinstance(result, Quarantine):
-            reason, detail = result.reason, result.detail
-        elif isinstance(result, ValueError):
-            reason, detail = classify_value_error(result)
-        else:
-            fresh[key] = split_features(result, missing)
-            continue
-        fresh[key] = {p: CachedPart(p.name, reason=str(reason), detail=detail) for p in missing}
+    fresh = {key: result_parts(result, missing) for key, result in results.items()}
     return fresh, errors
+
+
+def result_parts(
+    result: dict[str, float] | Quarantine | ValueError, parts: list[Part]
+) -> dict[Part, CachedPart]:
+    """Return the cache parts of one mask's result from :func:`features_for_masks`.
+
+    Features are split by part; a defective mask gives every part its quarantine reason.
+    """
+    if isinstance(result, Quarantine):
+        reason, detail = result.reason, result.detail
+    elif isinstance(result, ValueError):
+        reason, detail = classify_value_error(result)
+    else:
+        return split_features(result, parts)
+    return {p: CachedPart(p.name, reason=str(reason), detail=detail) for p in parts}
+
+
+def write_missing_parts(
+    store: SiteStore,
+    parts: list[Part],
+    keys: Sequence[str],
+    fresh: dict[Part, CachedPart],
+    cached: dict[str, CachedPart],
+) -> int:
+    """Write the fresh parts whose cache keys are not in ``cached``; return how many.
+
+    ``keys`` are the cache keys of ``parts`` (same order); ``cached`` is updated.
+    """
+    written = 0
+    for part, key in zip(parts, keys, strict=True):
+        if part in fresh and key not in cached:
+            write_part(store, key, fresh[part])
+            cached[key] = fresh[part]
+            written += 1
+    return written
 
 
 def features_for_masks(
@@ -433,7 +456,23 @@ def features_for_masks(
     return results
 
 
-def _local_copy(store: SiteStore, key: str, sha256: str, target: Path) -> Path:
+def read_image(store: SiteStore, key: str, sha256: str, target: Path) -> sitk.Image:
+    """Read a harmonised NIfTI image or mask, checking it against its recorded hash.
+
+    Parameters
+    ----------
+    store
+        The site store.
+    key, sha256
+        Store key and the hash ``harmonised/series.parquet`` records for it.
+    target
+        Local path (without suffix) of the temporary copy SimpleITK reads.
+
+    Raises
+    ------
+    InputError
+        When the object is missing, differs from its hash or is not a readable NIfTI file.
+    """
     try:
         data = store.read_bytes(key)
     except FileNotFoundError:
@@ -442,8 +481,12 @@ def _local_copy(store: SiteStore, key: str, sha256: str, target: Path) -> Path:
         raise InputError(
             f"{Path(key).name} differs from its hash in {HARMONISED_SERIES}: re-run harmonise"
         )
-    target.write_bytes(data)
-    return target
+    path = target.with_name(target.name + ".nii.gz")
+    path.write_bytes(data)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError("image or mask is not a readable NIfTI file") from None
 
 
 def check_mask(image: sitk.Image, mask: sitk.Image, label: int) -> None:

@@ -40,19 +40,19 @@ import numpy as np
 import pyarrow as pa
 import SimpleITK as sitk
 
-from tasks.radiomics.cache import CachedPart, object_key, plan_parts, read_parts, write_part
+from tasks.radiomics.cache import object_key, plan_parts, read_parts
 from tasks.radiomics.extract import (
     InputError,
-    Quarantine,
     RoiUnit,
-    classify_value_error,
     features_for_masks,
-    split_features,
+    read_image,
+    result_parts,
+    write_missing_parts,
 )
 from tasks.radiomics.ibsi import FEATURE_COLUMN, describe_column
 from tasks.radiomics.params import RadiomicsParams
-from tasks.records import Status
-from tasks.store import FEATURES, SiteStore, sha256_bytes
+from tasks.records import Status, UnitResult
+from tasks.store import FEATURES, SiteStore
 
 REPLICAS = ("original", "erode", "dilate", "shift-1", "shift-2", "noise")
 CONTROLS = ("shuffled", "random-roi")
@@ -68,6 +68,17 @@ TISSUE_FRACTION = 0.9
 def robustness_key(params_hash: str) -> str:
     """Store key of the robustness table of a parameter hash."""
     return f"{FEATURES}/{params_hash}.robustness.parquet"
+
+
+def robustness_metadata(params_hash: str, icc_threshold: float) -> dict[str, str]:
+    """Return the robustness table's metadata: parameters, threshold, replicas, controls."""
+    return {
+        "oncoflow.table": "robustness",
+        "oncoflow.params_hash": params_hash,
+        "oncoflow.icc_threshold": str(icc_threshold),
+        "oncoflow.replicas": ",".join(REPLICAS),
+        "oncoflow.controls": ",".join(CONTROLS),
+    }
 
 
 def seed_for(unit_key: str, variant: str) -> int:
@@ -205,6 +216,8 @@ class RobustnessOutcome:
         Short explanation when not ok.
     computed
         Variants computed now (the others came from the cache).
+    error_class
+        Exception class name when failed.
     """
 
     key: str
@@ -213,30 +226,37 @@ class RobustnessOutcome:
     missing: dict[str, str] = field(default_factory=dict)
     detail: str = ""
     computed: int = 0
+    error_class: str = ""
+
+    def unit_result(self) -> UnitResult:
+        """Return the outcome as the shared :class:`~tasks.records.UnitResult`."""
+        return UnitResult(
+            key=self.key,
+            status=self.status,
+            reason=self.detail if self.status == Status.QUARANTINED else "",
+            error_class=self.error_class,
+            detail=self.detail,
+            computed=self.computed > 0,
+        )
+
+    def outcome_row(self) -> dict[str, str]:
+        """Return the row the run page shows for a ROI not fully assessed (no identifier)."""
+        missing = ", ".join(f"{v}: {r}" for v, r in sorted(self.missing.items()))
+        return {
+            "roi": self.key,
+            "status": str(self.status),
+            "detail": self.detail,
+            "variants missing": missing,
+        }
 
 
 def _read(store: SiteStore, unit: RoiUnit) -> tuple[sitk.Image, sitk.Image]:
     import tempfile
     from pathlib import Path
 
-    images = []
     with tempfile.TemporaryDirectory(prefix="oncoflow-robustness-") as tmp:
-        for name, key, sha in (
-            ("i", unit.image, unit.image_sha256),
-            ("m", unit.mask, unit.mask_sha256),
-        ):
-            try:
-                data = store.read_bytes(key)
-            except FileNotFoundError:
-                raise InputError(f"{Path(key).name} is missing from the store") from None
-            if sha256_bytes(data) != sha:
-                raise InputError(
-                    f"{Path(key).name} differs from its recorded hash: re-run harmonise"
-                )
-            path = Path(tmp) / f"{name}.nii.gz"
-            path.write_bytes(data)
-            images.append(sitk.ReadImage(str(path)))
-    return images[0], images[1]
+        image = read_image(store, unit.image, unit.image_sha256, Path(tmp) / "i")
+        return image, read_image(store, unit.mask, unit.mask_sha256, Path(tmp) / "m")
 
 
 def robustness_unit(
@@ -264,7 +284,9 @@ def robustness_unit(
     try:
         image, mask = _read(store, unit)
     except InputError as exc:
-        return RobustnessOutcome(unit.key, Status.FAILED, detail=str(exc))
+        return RobustnessOutcome(
+            unit.key, Status.FAILED, detail=str(exc), error_class=type(exc).__name__
+        )
     made: dict[str, tuple[sitk.Image, sitk.Image]] = {}
     keys: dict[str, tuple[str, ...]] = {}
     hashes: dict[str, str] = {}
@@ -290,20 +312,7 @@ def robustness_unit(
         group_image = made[names[0]][0]
         results = features_for_masks(group_image, {n: made[n][1] for n in names}, params, parts)
         for name, result in results.items():
-            if isinstance(result, Quarantine):
-                fresh = {
-                    p: CachedPart(p.name, reason=str(result.reason), detail=result.detail)
-                    for p in parts
-                }
-            elif isinstance(result, Exception):
-                reason, detail = classify_value_error(result)  # type: ignore[arg-type]
-                fresh = {p: CachedPart(p.name, reason=str(reason), detail=detail) for p in parts}
-            else:
-                fresh = split_features(result, parts)
-            for part, key in zip(parts, keys[name], strict=True):
-                if key not in cached:
-                    write_part(store, key, fresh[part])
-                    cached[key] = fresh[part]
+            write_missing_parts(store, parts, keys[name], result_parts(result, parts), cached)
     for name, ks in keys.items():
         bad = next((cached[k] for k in ks if not cached[k].ok), None)
         if bad is not None:

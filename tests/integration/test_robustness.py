@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pyarrow.parquet as pq
@@ -10,9 +11,11 @@ import pytest
 from flows import cli
 from flows.robustness import assess_robustness, build_params
 from flows.runtime import RuntimeOptions
+from tasks.names import KEY_TAIL
 from tasks.radiomics.robustness import robustness_key
 from tasks.radiomics.samples import SampleRoi, SampleSeries, series_key, write_harmonised_sample
 from tasks.store import SiteStore
+from tests.services import prefect_records
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +48,14 @@ def test_robustness_table_and_errors(prefect_api, tmp_path, capsys):
     assert mean["corr_shuffled"] == pytest.approx(1.0)  # shuffling keeps first-order values
     assert all(math.isfinite(r["icc"]) for r in rows.values() if r["n_rois"] == 4)
     assert pq.read_schema(store.path(key)).metadata[b"oncoflow.icc_threshold"] == b"0.8"
+    assert summary.tables_written == [key]
+    # task runs named by stage, modality, ROI and the end of the pseudonymous series key
+    _, _, artifacts, tasks = asyncio.run(prefect_records(["feature-robustness"]))
+    assert sorted(t.name for t in tasks) == sorted(
+        f"robustness-CT-gtv-{s.series[-KEY_TAIL:]}" for s in specs
+    )
+    summary_md = next(a.data for a in artifacts if a.key == "site-a-robustness-summary")
+    assert "Least stable features" in summary_md and key in summary_md
     # (a rerun computing nothing is tested on the task function: test_radiomics_robustness.py)
     # user mistakes: one line
     with pytest.raises(SystemExit) as exc:
