@@ -28,10 +28,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from flows.reporting import Progress, markdown_table, post_summary, post_table
 from flows.runtime import RuntimeOptions, ensure_prefect_api, task_runner
+from flows.stage import StageParams, failure_ratio
 from tasks.dicom.catalog import (
     CatalogCounts,
     catalog_is_current,
@@ -48,6 +49,7 @@ from tasks.dicom.headers import (
     warm_up,
     write_batch_files,
 )
+from tasks.dicom.ingest_summary import ParseRun, check_parse_failures, ingest_summary
 from tasks.dicom.listing import (
     ListedFile,
     ListingDiff,
@@ -58,10 +60,10 @@ from tasks.dicom.listing import (
     make_batches,
     resolve_source,
 )
-from tasks.errors import OncoflowError, StageFailed
+from tasks.errors import OncoflowError
 from tasks.records import Stage, StageSummary
 from tasks.refs import site_ref_key
-from tasks.store import Existing, SiteStore, open_url, protocol_of, validate_site
+from tasks.store import Existing, SiteStore, open_url, protocol_of
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL.
 SOURCE_METADATA_KEY = "source"
@@ -78,22 +80,11 @@ MIN_BATCH = 100
 IN_PROCESS_FILES = 2_000
 
 
-class IngestParams(BaseModel):
+class IngestParams(StageParams):
     """One ingest run of a site (the Prefect UI form; URLs and numbers, no identifiers)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     source: str = Field(
-        description="Where the DICOM files are: folder, file://, s3://bucket/prefix.",
-        json_schema_extra={"position": 0},
-    )
-    site: str = Field(
-        description="Site code: lowercase letters, digits, dashes.",
-        json_schema_extra={"position": 1},
-    )
-    store: str = Field(
-        description="Site store URL (path, file://, s3://bucket/prefix).",
-        json_schema_extra={"position": 2},
+        description="Where the DICOM files are: folder, file://, s3://bucket/prefix."
     )
     batch_size: int = Field(
         5000,
@@ -101,28 +92,15 @@ class IngestParams(BaseModel):
         le=100_000,
         description="Largest number of files per parsing task; batches are sized for about "
         "one task per worker, with at least 100 files each.",
-        json_schema_extra={"position": 3},
     )
-    max_failure_ratio: float = Field(
-        0.05,
-        ge=0.0,
-        le=1.0,
-        description="Fail the run when more than this share of the files to parse could not be "
-        "parsed because their task failed (quarantined files do not count).",
-        json_schema_extra={"position": 4},
-    )
+    # a lost batch task loses hundreds of files: a lower threshold than the per-series stages
+    max_failure_ratio: float = failure_ratio(0.05, "files to parse")
     spacing_tolerance: float = Field(
         0.01,
         gt=0.0,
         le=0.5,
         description="Allowed deviation of a slice gap from the series' median gap (fraction).",
-        json_schema_extra={"position": 5},
     )
-
-    @field_validator("site")
-    @classmethod
-    def _valid_site(cls, value: str) -> str:
-        return validate_site(value)
 
     @field_validator("source", "store")
     @classmethod
@@ -294,6 +272,30 @@ def _report(summary: StageSummary, counts: CatalogCounts) -> None:
     )
 
 
+def _parse(
+    params: IngestParams, store: SiteStore, to_parse: list[ListedFile], runtime: RuntimeOptions
+) -> ParseRun:
+    """Parse the files into part files: in this process when they are few, else on Dask."""
+    remove_parts(store)
+    if len(to_parse) <= min(IN_PROCESS_FILES, params.batch_size):
+        t_start = time.perf_counter()
+        key = batch_key(to_parse, site_ref_key(store))
+        result = parse_batch_to_part(key, to_parse, params.source, params.store, params.site)
+        seconds = round(time.perf_counter() - t_start, 4)
+        zero = {"startup_seconds": 0.0, "first_batch_after_seconds": 0.0}
+        return ParseRun([asdict(result)], [], 1, {**zero, "parse_seconds": seconds})
+    plan = _write_plan(store, to_parse)
+    t_start = time.perf_counter()
+    run = parse_headers_flow.with_options(task_runner=task_runner(runtime))
+    outcome = run(params.site, params.store, params.source, plan, params.batch_size)
+    timings = {
+        "startup_seconds": round(outcome["body_started"] - t_start, 4),
+        "parse_seconds": outcome["parse_seconds"],
+        "first_batch_after_seconds": outcome["first_batch_after"],
+    }
+    return ParseRun(outcome["results"], outcome["failed"], outcome["batches"], timings)
+
+
 @flow(name="ingest-dicom", flow_run_name="ingest-{params.site}", log_prints=False)
 def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> dict[str, Any]:
     """Catalogue the DICOM files under SOURCE into the site's private catalogue.
@@ -308,8 +310,9 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
     Returns
     -------
     dict
-        The stage summary: files by status, quarantine by reason, and in ``extra`` the files
-        listed/new/changed/unchanged/deleted/parsed/failed, series counts and timings.
+        The stage summary (:func:`tasks.dicom.ingest_summary.ingest_summary`): files by
+        status, quarantine by reason, and in ``extra`` the files listed/new/changed/unchanged/
+        deleted/parsed/failed, series counts and timings.
 
     Raises
     ------
@@ -324,8 +327,9 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
     store = check_inputs(params)
     listing = _listing(params, store)
     diff: ListingDiff = diff_catalog(store, listing)
-    current = catalog_is_current(store, {SOURCE_METADATA_KEY: params.source})
-    t_listed = time.perf_counter()
+    metadata = {SOURCE_METADATA_KEY: params.source}
+    current = catalog_is_current(store, metadata)
+    timings = {"listing_seconds": round(time.perf_counter() - t0, 4)}
     logger.info(
         "listed %d files: %d new, %d changed, %d unchanged, %d deleted",
         len(listing),
@@ -335,87 +339,20 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
         len(diff.deleted),
     )
     to_parse = diff.to_parse
-    parsed_results: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    timings = {"listing_seconds": round(t_listed - t0, 4)}
-    counts = CatalogCounts()
-    batches = 0
+    run, counts = ParseRun(), CatalogCounts()
     if to_parse or not current or diff.deleted:
-        if to_parse and len(to_parse) <= min(IN_PROCESS_FILES, params.batch_size):
-            remove_parts(store)
-            t_start = time.perf_counter()
-            key = batch_key(to_parse, site_ref_key(store))
-            parsed_results = [
-                asdict(
-                    parse_batch_to_part(key, to_parse, params.source, params.store, params.site)
-                )
-            ]
-            batches = 1
-            timings["startup_seconds"] = 0.0
-            timings["parse_seconds"] = round(time.perf_counter() - t_start, 4)
-            timings["first_batch_after_seconds"] = 0.0
-            timings["batch_seconds_sum"] = parsed_results[0]["seconds"]
-            timings["batch_cpu_seconds_sum"] = parsed_results[0]["cpu_seconds"]
-        elif to_parse:
-            remove_parts(store)
-            plan = _write_plan(store, to_parse)
-            t_start = time.perf_counter()
-            runner = task_runner(runtime or RuntimeOptions())
-            run = parse_headers_flow.with_options(task_runner=runner)
-            outcome = run(params.site, params.store, params.source, plan, params.batch_size)
-            parsed_results, failed = outcome["results"], outcome["failed"]
-            batches = outcome["batches"]
-            timings["startup_seconds"] = round(outcome["body_started"] - t_start, 4)
-            timings["parse_seconds"] = outcome["parse_seconds"]
-            timings["first_batch_after_seconds"] = outcome["first_batch_after"]
-            timings["batch_seconds_sum"] = round(sum(r["seconds"] for r in parsed_results), 4)
-            timings["batch_cpu_seconds_sum"] = round(
-                sum(r["cpu_seconds"] for r in parsed_results), 4
-            )
+        if to_parse:
+            run = _parse(params, store, to_parse, runtime or RuntimeOptions())
         t_merge = time.perf_counter()
-        counts = merge_catalog(
-            store,
-            diff,
-            read_parsed(store, [r["part"] for r in parsed_results]),
-            params.spacing_tolerance,
-            metadata={SOURCE_METADATA_KEY: params.source},
-        )
+        parsed = read_parsed(store, run.parts)
+        counts = merge_catalog(store, diff, parsed, params.spacing_tolerance, metadata=metadata)
         if to_parse:
             remove_parts(store)
-        timings["merge_seconds"] = round(time.perf_counter() - t_merge, 4)
+        run.timings["merge_seconds"] = round(time.perf_counter() - t_merge, 4)
     else:
         fill_counts(counts, store)
-    n_failed = sum(f["files"] for f in failed)
-    file_counts = dict(counts.files)
-    if n_failed:
-        file_counts["failed"] = n_failed
-    timings["total_seconds"] = round(time.perf_counter() - t0, 4)
-    summary = StageSummary(
-        stage=Stage.INGEST,
-        site=params.site,
-        counts=dict(sorted(file_counts.items())),
-        reasons=counts.reasons,
-        computed=sum(r["files"] for r in parsed_results),
-        reused=len(diff.unchanged),
-        tables_written=list(counts.written),
-        extra={
-            "files_listed": len(listing),
-            "files_new": len(diff.new),
-            "files_changed": len(diff.changed),
-            "files_unchanged": diff.n_unchanged,
-            "files_deleted": len(diff.deleted),
-            "files_parsed": sum(r["files"] for r in parsed_results),
-            "files_failed": n_failed,
-            "batches": batches,
-            "series": counts.series,
-            "reasons_by_kind": {
-                "file": reasons_of_kind(counts.quarantine, "file"),
-                "series": counts.series_reasons,
-            },
-            "series_by_modality": counts.series_by_modality,
-            "timings": timings,
-        },
-    )
+    timings.update(run.all_timings(), total_seconds=round(time.perf_counter() - t0, 4))
+    summary = ingest_summary(params.site, len(listing), diff, counts, run, timings)
     _report(summary, counts)
     logger.info(
         "ingest done: files %s; series %s; tables written: %s",
@@ -423,21 +360,8 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
         ", ".join(f"{k}={v}" for k, v in counts.series.items()) or "none",
         ", ".join(counts.written) or "none",
     )
-    if to_parse and n_failed / len(to_parse) > params.max_failure_ratio:
-        raise StageFailed(
-            f"ingest could not parse {n_failed} of {len(to_parse)} files (their batch tasks "
-            f"failed; threshold {params.max_failure_ratio:.0%}); the next run retries them"
-        )
+    check_parse_failures(run, len(to_parse), params.max_failure_ratio)
     return summary.to_dict()
-
-
-def reasons_of_kind(quarantine: list[dict[str, str]], kind: str) -> dict[str, int]:
-    """Count the quarantine rows of one kind (``file`` or ``series``) by reason."""
-    counts: dict[str, int] = {}
-    for row in quarantine:
-        if row["kind"] == kind:
-            counts[row["reason"]] = counts.get(row["reason"], 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _summary_from(result: dict[str, Any], site: str) -> StageSummary:
@@ -461,4 +385,3 @@ def ingest_dicom(params: IngestParams, runtime: RuntimeOptions | None = None) ->
     ensure_prefect_api()
     result = ingest_flow(params, runtime or RuntimeOptions())
     return _summary_from(result, params.site)
-

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 
 from flows.reporting import Progress, artifact_key, markdown_table, post_table
 from flows.runtime import RuntimeOptions, dask_cluster, ensure_prefect_api, task_runner
-from flows.stage import StageParams
+from flows.stage import StageParams, failure_ratio
 from tasks.errors import StageFailed
 from tasks.pacs.credentials import load_credentials
 from tasks.pacs.dicomweb import (
@@ -75,9 +75,7 @@ class PullParams(StageParams):
     retries: int = Field(3, ge=0, le=10, description="Retries per series (exponential backoff).")
     retry_delay_seconds: float = Field(2.0, ge=0, le=600, description="First retry delay.")
     timeout_seconds: float = Field(60.0, gt=0, le=3600, description="HTTP read timeout.")
-    max_failure_ratio: float = Field(
-        0.2, ge=0, le=1, description="Fail the run when more studies than this fraction fail."
-    )
+    max_failure_ratio: float = failure_ratio(0.2, "studies")
     ingest: bool = Field(True, description="Run the normal ingest on the raw zone afterwards.")
 
     @field_validator("source")

@@ -16,57 +16,39 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.reporting import artifact_key, markdown_table
 from flows.runtime import RuntimeOptions, dashboard_link, dask_cluster
+from flows.stage import SiteParams
 from tasks.records import Stage, StageSummary
-from tasks.store import validate_site
 
 StageName = Literal["ingest", "deidentify", "harmonise", "extract", "publish"]
 ALL_STAGES: tuple[StageName, ...] = ("ingest", "deidentify", "harmonise", "extract", "publish")
 
 
-class SitePipelineParams(BaseModel):
+class SitePipelineParams(SiteParams):
     """One run of a site's pipeline (no identifiers, no secrets: those come from the site)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     source: str = Field(
         description="Where the site's DICOM is: folder, file://, s3://, or dicomweb+http://...",
-        json_schema_extra={"position": 0},
-    )
-    site: str = Field(
-        description="Site code: lowercase letters, digits, dashes.",
-        json_schema_extra={"position": 1},
-    )
-    store: str = Field(
-        description="Site store URL (path, file://, s3://bucket/prefix).",
-        json_schema_extra={"position": 2},
     )
     stages: list[StageName] = Field(
         default_factory=lambda: [s for s in ALL_STAGES if s != "publish"],
         description="Stages to run, in pipeline order.",
-        json_schema_extra={"position": 3},
     )
     params: list[str] = Field(
         default_factory=lambda: ["ct"],
         description="Radiomics presets (ct, mr, pet) or parameter files; one feature table each.",
-        json_schema_extra={"position": 4},
     )
-    cohort: str | None = Field(
-        None, description="Cohort spec (YAML) to publish.", json_schema_extra={"position": 5}
-    )
+    cohort: str | None = Field(None, description="Cohort spec (YAML) to publish.")
     to: str | None = Field(
         None,
         description="Publication URL (s3://bucket/prefix or a folder).",
-        json_schema_extra={"position": 6},
     )
     runtime: RuntimeOptions = Field(
         default_factory=RuntimeOptions,
         description="Dask workers or an existing scheduler.",
-        json_schema_extra={"position": 7},
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> SitePipelineParams:
-        validate_site(self.site)
         if "publish" in self.stages and not (self.cohort and self.to):
             raise ValueError("the publish stage needs both cohort and to")
         return self
@@ -177,9 +159,7 @@ def report_rows(summaries: list[StageSummary]) -> list[dict[str, Any]]:
                 f"harmonised on their own ({s.extra.get('masks', 0)} masks made from them)"
             )
         if stage == "extract":
-            row["note"] = (
-                f"{s.extra.get('params', '')}; modalities {s.extra.get('modalities', '')}"
-            )
+            row["note"] = f"{s.extra.get('params', '')}; modalities {s.extra.get('modalities', '')}"
         rows.append(row)
         if stage == "ingest" and isinstance(s.extra.get("series"), dict):
             rows.append(
@@ -198,9 +178,7 @@ def _join(counts: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
 
 
-def report_markdown(
-    site: str, summaries: list[StageSummary], dashboard: str | None = None
-) -> str:
+def report_markdown(site: str, summaries: list[StageSummary], dashboard: str | None = None) -> str:
     """Render the run report: per stage and counted unit, outcomes, reasons and notes.
 
     Parameters

@@ -18,10 +18,11 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.events import emit_event
 from prefect.futures import as_completed
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError
 
 from flows.reporting import Progress, artifact_key, markdown_table, post_summary
 from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
+from flows.stage import SiteParams
 from tasks.cohort.publish import (
     GateOutcome,
     PublishPlan,
@@ -40,18 +41,14 @@ from tasks.cohort.spec import load_spec
 from tasks.cohort.storage import Retrier, RetryPolicy
 from tasks.errors import OncoflowError, StageFailed, validation_message
 from tasks.records import Stage, StageSummary, Status, UnitResult
-from tasks.store import SiteStore, validate_site
+from tasks.store import SiteStore
 
 EVENT = "oncoflow.cohort.published"
 
 
-class PublishParams(BaseModel):
+class PublishParams(SiteParams):
     """One publication of a cohort by a site (the Prefect UI form; no identifiers)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    site: str = Field(description="Site code: lowercase letters, digits, dashes.")
-    store: str = Field(description="Site store URL (path, file://, s3://bucket/prefix).")
     cohort: str = Field(description="Cohort spec YAML file (see deployments/cohorts/).")
     to: str = Field(description="Publication root URL, e.g. s3://bucket/cohorts.")
     retry_attempts: int = Field(8, ge=1, le=50, description="Attempts per storage call.")
@@ -61,11 +58,6 @@ class PublishParams(BaseModel):
     date_published: str | None = Field(
         None, description="ISO date for the manifest (default: today)."
     )
-
-    @model_validator(mode="after")
-    def _valid_site(self) -> PublishParams:
-        validate_site(self.site)
-        return self
 
     @property
     def policy(self) -> RetryPolicy:

@@ -35,10 +35,40 @@ Unit = TypeVar("Unit")
 Outcome = TypeVar("Outcome")
 
 
-class SiteParams(BaseModel):
-    """Which site and store a run works on (flow parameters: no identifiers)."""
+def _source_first(schema: dict[str, Any]) -> None:
+    """Show a model's ``source`` field first in the Prefect form (inherited fields lead)."""
+    properties = schema.get("properties", {})
+    if "source" in properties:
+        schema["properties"] = {"source": properties.pop("source"), **properties}
 
-    model_config = ConfigDict(extra="forbid")
+
+def failure_ratio(default: float = 0.1, units: str = "units") -> Any:
+    """Return the ``max_failure_ratio`` field: the same bounds everywhere, a stage's default.
+
+    Parameters
+    ----------
+    default
+        The stage's default share.
+    units
+        What the stage counts, plural (for the form's description).
+    """
+    return Field(
+        default,
+        ge=0.0,
+        le=1.0,
+        description=f"Fail the run when more than this share of {units} fail with an error "
+        f"(quarantined {units} do not count).",
+    )
+
+
+class SiteParams(BaseModel):
+    """Which site and store a run works on (flow parameters: no identifiers).
+
+    Every flow's parameter model derives from this one (or :class:`StageParams`); a ``source``
+    field of a derived model is shown first in the Prefect form.
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_source_first)
 
     site: str = Field(description="Site code: lowercase letters, digits, dashes.")
     store: str = Field(description="Site store URL (path, file://, s3://bucket/prefix).")
@@ -56,13 +86,7 @@ class SiteParams(BaseModel):
 class StageParams(SiteParams):
     """What every per-unit stage shares: site, store and the failure threshold."""
 
-    max_failure_ratio: float = Field(
-        0.1,
-        ge=0.0,
-        le=1.0,
-        description="Fail the run when more than this share of units fail with an error "
-        "(quarantined units do not count).",
-    )
+    max_failure_ratio: float = failure_ratio()
 
 
 @dataclass(frozen=True)
