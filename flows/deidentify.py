@@ -14,6 +14,7 @@ and by each task. Re-running on unchanged input rewrites nothing (identical byte
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +46,15 @@ from tasks.deid.pseudonyms import SiteKeys
 from tasks.deid.secret import load_site_secret
 from tasks.deid.series import (
     SeriesJob,
-    SeriesOutcome,
     counter_from,
     deidentify_series_task,
     pseudonymous_series_uid,
 )
 from tasks.errors import OncoflowError, validation_message
-from tasks.records import Stage, StageSummary
+from tasks.records import Stage, StageSummary, UnitOutcome
 from tasks.store import CATALOG_SERIES, DEID_SERIES, SiteStore, open_url
 from tasks.store_checks import missing_input
 from tasks.volumes.deid import (
-    VolumeOutcome,
     deidentify_volume_task,
     plan_volume_jobs,
     volume_records,
@@ -72,6 +71,11 @@ class DeidParams(StageParams):
         "(default: the SOURCE recorded by ingest).",
     )
     options: DeidOptions = Field(default_factory=DeidOptions, description="PS3.15 profile options.")
+
+    @property
+    def options_hash(self) -> str:
+        """Short hash of the profile options (recorded in the summary)."""
+        return hashlib.sha256(self.options.model_dump_json().encode()).hexdigest()[:12]
 
 
 def load_options(path: str | Path | None) -> DeidOptions:
@@ -101,8 +105,22 @@ def build_params(
         raise OncoflowError(validation_message(exc)) from None
 
 
-def _failed(label: str, exc: BaseException) -> SeriesOutcome:
-    return SeriesOutcome(unit=failed_result(label, exc), row={})
+def _report(outcomes: list[UnitOutcome], counts: Counter[tuple[str, str]]) -> StageReport:
+    """Return what the Prefect UI shows of a run: the series table and the action counts."""
+    return StageReport(
+        "De-identification",
+        outcome_rows(outcomes),
+        "De-identified series (pseudonymous series UID, last 16 digits)",
+        {
+            "Actions": markdown_table(audit_summary_rows(counts), ["action", "count"]),
+            "Note": "Per-attribute counts are in `deid/audit.parquet` (never values).",
+        },
+        rows_name="series",
+    )
+
+
+def _failed(label: str, exc: BaseException) -> UnitOutcome:
+    return UnitOutcome(failed_result(label, exc))
 
 
 @flow(
@@ -142,6 +160,7 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         for j in jobs
     }
     get_run_logger().info("de-identifying %d series (profile %s)", len(jobs), PROFILE_VERSION)
+
     def args(job: SeriesJob) -> tuple[Any, ...]:
         return (job, label[job.series_key], params.store, params.site, source, params.options)
 
@@ -161,28 +180,18 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         lambda job: deidentify_volume_task.submit(
             job, volume_series_uid(keys, job), params.store, params.site
         ),
-        lambda job, exc: VolumeOutcome(failed_result(volume_series_uid(keys, job), exc)),
+        lambda job, exc: UnitOutcome(failed_result(volume_series_uid(keys, job), exc)),
         "volumes de-identified",
     )
     counts = counter_from([*outcomes, *volumes])  # type: ignore[list-item]
     written = write_tables(store, outcomes, volumes, counts, keys.key_id)
-    report = StageReport(
-        "De-identification",
-        outcome_rows(outcomes),
-        "De-identified series (pseudonymous series UID, last 16 digits)",
-        {
-            "Actions": markdown_table(audit_summary_rows(counts), ["action", "count"]),
-            "Note": "Per-attribute counts are in `deid/audit.parquet` (never values).",
-        },
-        rows_name="series",
-    )
     return finish_stage(
         store,
         Stage.DEIDENTIFY,
         params,
-        [o.unit for o in [*outcomes, *volumes]],
+        [o.result for o in [*outcomes, *volumes]],
         [*quarantine_records(jobs, outcomes), *volume_records(volumes)],
-        report,
+        _report(outcomes, counts),
         "series",
         tables_written=written,
         stale_removed=remove_stale(store, outcomes, volumes),
@@ -190,7 +199,7 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         objects_written=sum(o.written for o in [*outcomes, *volumes]),
         profile=PROFILE_VERSION,
         key_id=keys.key_id,
-        options_hash=hashlib.sha256(params.options.model_dump_json().encode()).hexdigest()[:12],
+        options_hash=params.options_hash,
     )
 
 

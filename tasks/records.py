@@ -147,7 +147,10 @@ class UnitResult:
 
 @dataclass(frozen=True)
 class UnitOutcome:
-    """What a stage's unit task returns: its result, its stage-table row and quarantine rows.
+    """What a stage's unit task returns: its result, its stage-table rows and quarantine rows.
+
+    Every stage's unit task returns this record (extraction adds its cache counters in
+    :class:`tasks.radiomics.extract.RoiOutcome`).
 
     Parameters
     ----------
@@ -157,11 +160,25 @@ class UnitOutcome:
         The unit's row of the stage table (pseudonymous keys, no identifiers).
     quarantine
         Quarantine rows the unit adds (e.g. one per rejected mask of a kept series).
+    derived_rows
+        Rows of the same table for outputs derived from the unit (a volume's label maps).
+    audit
+        ``(attribute, action, count)`` triples for the stage's audit table (never values).
+    written
+        Objects this run wrote for the unit (0 when everything was already up to date).
     """
 
     result: UnitResult
     row: dict[str, Any] = field(default_factory=dict)
     quarantine: tuple[QuarantineRecord, ...] = ()
+    derived_rows: tuple[dict[str, Any], ...] = ()
+    audit: tuple[tuple[str, str, int], ...] = ()
+    written: int = 0
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The unit's stage-table rows: its own (when it has one) and the derived ones."""
+        return ([self.row] if self.row else []) + list(self.derived_rows)
 
 
 _SUMMARY_FIELDS = (

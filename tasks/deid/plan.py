@@ -15,11 +15,11 @@ import pyarrow as pa
 
 from tasks.deid.audit import audit_table
 from tasks.deid.profile import PROFILE_VERSION
-from tasks.deid.series import SeriesJob, SeriesOutcome
+from tasks.deid.series import SeriesJob
 from tasks.errors import OncoflowError
-from tasks.records import QuarantineRecord, Reason, Stage, Status
+from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitOutcome
 from tasks.store import CATALOG_SERIES, DEID_AUDIT, DEID_DICOM, DEID_SERIES, SiteStore
-from tasks.volumes.deid import DEID_VOLUMES, VolumeOutcome
+from tasks.volumes.deid import DEID_VOLUMES
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL (docs/tables.md).
 SOURCE_METADATA_KEY = b"source"
@@ -87,19 +87,17 @@ def plan_jobs(table: pa.Table) -> list[SeriesJob]:
     return jobs
 
 
-def remove_stale(
-    store: SiteStore, outcomes: list[SeriesOutcome], volumes: list[VolumeOutcome]
-) -> int:
+def remove_stale(store: SiteStore, outcomes: list[UnitOutcome], volumes: list[UnitOutcome]) -> int:
     """Remove de-identified objects this run did not produce; return how many."""
-    keep = {key for o in outcomes if o.unit.status == Status.OK for key in o.outputs}
+    keep = {key for o in outcomes if o.result.status == Status.OK for key in o.result.outputs}
     removed = store.prune(DEID_DICOM, keep)
-    return removed + store.prune(DEID_VOLUMES, {k for v in volumes for k in v.outputs})
+    return removed + store.prune(DEID_VOLUMES, {k for v in volumes for k in v.result.outputs})
 
 
 def write_tables(
     store: SiteStore,
-    outcomes: list[SeriesOutcome],
-    volumes: list[VolumeOutcome],
+    outcomes: list[UnitOutcome],
+    volumes: list[UnitOutcome],
     counts: Counter[tuple[str, str]],
     key_id: str,
 ) -> list[str]:
@@ -115,40 +113,40 @@ def write_tables(
     ]
 
 
-def deid_table(outcomes: list[SeriesOutcome], volumes: list[VolumeOutcome]) -> pa.Table:
+def deid_table(outcomes: list[UnitOutcome], volumes: list[UnitOutcome]) -> pa.Table:
     """Return ``deid/series.parquet``: the de-identified series and volumes, by series key."""
-    rows = [o.row for o in outcomes if o.row] + [r for v in volumes for r in v.rows]
+    rows = [r for o in [*outcomes, *volumes] for r in o.rows]
     rows.sort(key=lambda r: r["series"])
     return pa.Table.from_pylist(rows, schema=DEID_SERIES_SCHEMA)
 
 
 def quarantine_records(
-    jobs: list[SeriesJob], outcomes: list[SeriesOutcome]
+    jobs: list[SeriesJob], outcomes: list[UnitOutcome]
 ) -> list[QuarantineRecord]:
     """Return the stage's quarantine rows: quarantined and failed series (private series key)."""
     records = []
     for job, outcome in zip(jobs, outcomes, strict=True):
-        if outcome.unit.status in (Status.QUARANTINED, Status.FAILED):
+        if outcome.result.status in (Status.QUARANTINED, Status.FAILED):
             records.append(
                 QuarantineRecord(
                     item=job.series_key,
                     kind="series",
                     stage=Stage.DEIDENTIFY,
-                    reason=Reason(outcome.unit.reason or str(Reason.DEID_ERROR)),
-                    detail=outcome.unit.detail or outcome.unit.error_class,
+                    reason=Reason(outcome.result.reason or str(Reason.DEID_ERROR)),
+                    detail=outcome.result.detail or outcome.result.error_class,
                 )
             )
     return records
 
 
-def outcome_rows(outcomes: list[SeriesOutcome]) -> list[dict[str, Any]]:
+def outcome_rows(outcomes: list[UnitOutcome]) -> list[dict[str, Any]]:
     """Return the outcome table of a run (pseudonymous series UID, last 16 digits)."""
     return [
         {
-            "series": o.unit.key[-16:],
-            "status": str(o.unit.status),
-            "reason": o.unit.reason,
-            "instances": len(o.outputs),
+            "series": o.result.key[-16:],
+            "status": str(o.result.status),
+            "reason": o.result.reason,
+            "instances": len(o.result.outputs),
             "written": o.written,
         }
         for o in outcomes

@@ -3,7 +3,7 @@
 The task reads the series' source files through the catalogue's ``paths`` and the source root,
 checks for burned-in text, de-identifies each instance, and writes
 ``deid/dicom/<patient>/<study>/<series>/<n>.dcm`` (pseudonymous keys only, ``n`` in slice
-order). It returns a :class:`SeriesOutcome` holding pseudonymous keys, counts and the
+order). It returns a :class:`UnitOutcome` holding pseudonymous keys, counts and the
 ``deid/series.parquet`` row: never a private key, path or value. The site secret is read inside
 the task (environment or Prefect Secret block), never passed in.
 """
@@ -14,7 +14,7 @@ import contextlib
 import io
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
@@ -46,7 +46,7 @@ from tasks.deid.pseudonyms import SiteKeys, patient_key
 from tasks.deid.rewrite import Unsupported, read_meta, rewrite_instance
 from tasks.deid.secret import load_site_secret
 from tasks.names import task_label
-from tasks.records import Reason, Status, UnitResult
+from tasks.records import Reason, Status, UnitOutcome, UnitResult
 from tasks.store import DEID_DICOM, SiteStore, open_url
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -67,29 +67,6 @@ class SeriesJob:
     kind: str
     paths: tuple[str, ...]
     extra_identifiers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class SeriesOutcome:
-    """What a de-identification task returns (pseudonymous keys and counts only).
-
-    Parameters
-    ----------
-    unit
-        Status record keyed by the pseudonymous series UID.
-    row
-        The ``deid/series.parquet`` row.
-    audit
-        ``(attribute, action, count)`` triples.
-    written
-        Number of objects written (0 when everything was already up to date).
-    """
-
-    unit: UnitResult
-    row: dict[str, Any]
-    audit: tuple[tuple[str, str, int], ...] = ()
-    written: int = 0
-    outputs: tuple[str, ...] = field(default=())
 
 
 def pseudonymous_series_uid(keys: SiteKeys, series_key: str, series_instance_uid: str) -> str:
@@ -277,7 +254,7 @@ def _describe(
 
 def deidentify_series(
     job: SeriesJob, store_url: str, site: str, source_url: str, options: DeidOptions
-) -> SeriesOutcome:
+) -> UnitOutcome:
     """De-identify one series and write it under ``deid/dicom/``.
 
     Parameters
@@ -293,7 +270,7 @@ def deidentify_series(
 
     Returns
     -------
-    SeriesOutcome
+    UnitOutcome
         ``ok`` with the written keys, or ``quarantined`` (burned-in annotation, de-identification
         error) with a reason; never raises for bad input.
     """
@@ -364,17 +341,11 @@ def deidentify_series(
     row["paths"] = outputs
     row["referenced_series"] = sorted(referenced)
     audit = tuple(sorted((a, b, n) for (a, b), n in ctx.audit.items()))
-    return SeriesOutcome(
-        unit=UnitResult(
-            key=series,
-            status=Status.OK,
-            outputs=tuple(outputs),
-            computed=bool(written),
-        ),
+    return UnitOutcome(
+        UnitResult(key=series, status=Status.OK, outputs=tuple(outputs), computed=bool(written)),
         row=row,
         audit=audit,
         written=len(written),
-        outputs=tuple(outputs),
     )
 
 
@@ -407,13 +378,10 @@ def _discard(store: SiteStore, keys: list[str]) -> None:
         store.remove(key)
 
 
-def _quarantined(row: dict[str, Any], reason: Reason, detail: str) -> SeriesOutcome:
+def _quarantined(row: dict[str, Any], reason: Reason, detail: str) -> UnitOutcome:
     row = {**row, "status": str(Status.QUARANTINED), "reason": str(reason), "paths": []}
-    return SeriesOutcome(
-        unit=UnitResult(
-            key=row["series"], status=Status.QUARANTINED, reason=str(reason), detail=detail
-        ),
-        row=row,
+    return UnitOutcome(
+        UnitResult(row["series"], Status.QUARANTINED, reason=str(reason), detail=detail), row=row
     )
 
 
@@ -435,12 +403,12 @@ def _deid_run_name() -> str:
 )
 def deidentify_series_task(
     job: SeriesJob, label: str, store_url: str, site: str, source_url: str, options: DeidOptions
-) -> SeriesOutcome:
+) -> UnitOutcome:
     """Prefect task: :func:`deidentify_series` on a Dask worker (``label`` = pseudonymous key)."""
     return deidentify_series(job, store_url, site, source_url, options)
 
 
-def counter_from(outcomes: list[SeriesOutcome]) -> Counter[tuple[str, str]]:
+def counter_from(outcomes: list[UnitOutcome]) -> Counter[tuple[str, str]]:
     """Sum the audit counts of several outcomes."""
     total: Counter[tuple[str, str]] = Counter()
     for outcome in outcomes:

@@ -17,8 +17,7 @@ for DICOM PatientIDs, so a patient keeps one pseudonym across DICOM and NIfTI. R
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,7 +25,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.deid.pseudonyms import SiteKeys
-from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitResult
+from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitOutcome, UnitResult
 from tasks.store import SiteStore, open_url
 from tasks.volumes.cases import CATALOG_VOLUMES
 from tasks.volumes.images import clean_copy, nrrd_bytes, read_image_bytes, volume_suffix
@@ -46,18 +45,6 @@ class VolumeJob:
     patient_id: str
     study_id: str
     modality: str
-
-
-@dataclass
-class VolumeOutcome:
-    """What a volume task returns: pseudonymous rows, keys, counts, problems (no identifiers)."""
-
-    unit: UnitResult
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    outputs: tuple[str, ...] = ()
-    written: int = 0
-    audit: tuple[tuple[str, str, int], ...] = ()
-    problems: list[QuarantineRecord] = field(default_factory=list)
 
 
 def plan_volume_jobs(store: SiteStore) -> list[VolumeJob]:
@@ -139,12 +126,12 @@ def roi_masks(mask: sitk.Image, label: int, name: str) -> tuple[list[tuple[str, 
     return out, ""
 
 
-def deidentify_volume(store: SiteStore, job: VolumeJob, keys: SiteKeys) -> VolumeOutcome:
+def deidentify_volume(store: SiteStore, job: VolumeJob, keys: SiteKeys) -> UnitOutcome:
     """Write a volume and its ROI masks under pseudonymous keys, without any header text.
 
     Returns
     -------
-    VolumeOutcome
+    UnitOutcome
         ``ok`` with the rows and keys, or ``quarantined`` (unreadable or not a 3-D scalar
         image); a mask that cannot be used is a quarantine record of its own.
     """
@@ -163,7 +150,7 @@ def deidentify_volume(store: SiteStore, job: VolumeJob, keys: SiteKeys) -> Volum
             ) from None
         _scalar_3d(image, "image")
     except _Rejected as exc:
-        return VolumeOutcome(
+        return UnitOutcome(
             UnitResult(series, Status.QUARANTINED, reason=str(exc.reason), detail=exc.detail)
         )
     outputs = {f"{base}/image.nrrd": nrrd_bytes(clean_copy(image))}
@@ -238,13 +225,13 @@ def deidentify_volume(store: SiteStore, job: VolumeJob, keys: SiteKeys) -> Volum
         ("file-name", "replace", len(outputs)),
         ("header-field", "remove", dropped),
     )
-    return VolumeOutcome(
+    return UnitOutcome(
         UnitResult(series, Status.OK, outputs=tuple(sorted(outputs)), computed=written > 0),
-        rows=rows,
-        outputs=tuple(sorted(outputs)),
-        written=written,
+        row=rows[0],
+        quarantine=tuple(problems),
+        derived_rows=tuple(rows[1:]),
         audit=audit,
-        problems=problems,
+        written=written,
     )
 
 
@@ -255,7 +242,7 @@ def deidentify_volume(store: SiteStore, job: VolumeJob, keys: SiteKeys) -> Volum
     retry_delay_seconds=2,
     cache_policy=NO_CACHE,
 )
-def deidentify_volume_task(job: VolumeJob, label: str, store_url: str, site: str) -> VolumeOutcome:
+def deidentify_volume_task(job: VolumeJob, label: str, store_url: str, site: str) -> UnitOutcome:
     """Prefect task: de-identify one volume (``label``: its pseudonymous series UID)."""
     from tasks.deid.secret import load_site_secret
 
@@ -263,19 +250,19 @@ def deidentify_volume_task(job: VolumeJob, label: str, store_url: str, site: str
     return deidentify_volume(SiteStore(store_url, site), job, keys)
 
 
-def volume_records(outcomes: list[VolumeOutcome]) -> list[QuarantineRecord]:
+def volume_records(outcomes: list[UnitOutcome]) -> list[QuarantineRecord]:
     """Quarantine rows of the volumes: whole volumes that failed or were rejected, and masks."""
     records = []
     for outcome in outcomes:
-        if outcome.unit.status in (Status.QUARANTINED, Status.FAILED):
+        if outcome.result.status in (Status.QUARANTINED, Status.FAILED):
             records.append(
                 QuarantineRecord(
-                    item=outcome.unit.key,
+                    item=outcome.result.key,
                     kind="volume",
                     stage=Stage.DEIDENTIFY,
-                    reason=Reason(outcome.unit.reason or str(Reason.DEID_ERROR)),
-                    detail=outcome.unit.detail or outcome.unit.error_class,
+                    reason=Reason(outcome.result.reason or str(Reason.DEID_ERROR)),
+                    detail=outcome.result.detail or outcome.result.error_class,
                 )
             )
-        records.extend(outcome.problems)
+        records.extend(outcome.quarantine)
     return records

@@ -211,7 +211,7 @@ def test_deterministic_without_dask_and_unlinkable_under_another_secret(run, tmp
     again = SiteStore(str(tmp_path / "same"), SITE)
     for job in jobs:
         outcome = deidentify_series(job, again.url, SITE, source, DeidOptions())
-        for key in outcome.outputs:
+        for key in outcome.result.outputs:
             assert again.read_bytes(key) == run["files"][key]
     monkeypatch.setenv("ONCOFLOW_SITE_SECRET", OTHER_SECRET)
     other = SiteStore(str(tmp_path / "other"), SITE)
@@ -220,7 +220,7 @@ def test_deterministic_without_dask_and_unlinkable_under_another_secret(run, tmp
         outcome = deidentify_series(job, other.url, SITE, source, DeidOptions())
         assert outcome.row["series"] not in mine
         assert outcome.row["patient"] not in {r["patient"] for r in mine.values()}
-        first_new = dcmread(other.path(outcome.outputs[0]))
+        first_new = dcmread(other.path(outcome.result.outputs[0]))
         assert first_new.StudyDate not in {
             dcmread(store.path(p)).StudyDate for p in mine_paths(mine)
         }

@@ -131,7 +131,7 @@ def test_series_task_leaves_no_canary_in_store_result_or_logs(
     assert find_canaries(repr(outcomes).encode()) == []
     assert find_canaries(caplog.text.encode()) == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    reasons = Counter(o.unit.reason for o in outcomes)
+    reasons = Counter(o.result.reason for o in outcomes)
     assert reasons[str(Reason.ENCAPSULATED_DOCUMENT)] == 10
 
 
@@ -217,7 +217,7 @@ def test_a_file_over_the_input_bound_is_quarantined(tmp_path, monkeypatch):
     options = DeidOptions(max_input_mb=1)
     source = str(tmp_path / "src")
     outcome = deidentify_series(job, str(tmp_path / "store"), "site-a", source, options)
-    assert outcome.unit.reason == str(Reason.INPUT_TOO_LARGE)
+    assert outcome.result.reason == str(Reason.INPUT_TOO_LARGE)
 
 
 @pytest.mark.parametrize(
