@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.reporting import artifact_key, markdown_table
@@ -85,39 +86,34 @@ def _table_markdown(table: dict[str, Any]) -> str:
     return markdown_table(rows, ["site", "cohort", *columns, "total"])
 
 
-@flow(name="federate-hub", flow_run_name="federate-{params.k}", log_prints=False)
-def federate_flow(params: FederateParams) -> dict[str, Any]:
-    """Build the federated catalogue (and ComBat adjustments) from published versions.
+def _read_sources(params: FederateParams) -> tuple[list[PublishedVersion], list[dict[str, Any]]]:
+    """Read the published versions and query the endpoints (one task per source).
 
-    Returns
-    -------
-    dict
-        Sources read, suppression threshold, output keys, cohorts harmonised with ComBat.
+    Raises
+    ------
+    OncoflowError
+        When the same site's cohort is given twice.
     """
-    from prefect.artifacts import create_markdown_artifact
-
     endpoints = [url for url in params.sources if is_endpoint(url)]
     futures = [read_source_task.submit(url) for url in params.sources if not is_endpoint(url)]
     queried = [f.result() for f in [query_site_task.submit(url) for url in endpoints]]
     versions = [v for f in futures for v in f.result()]
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     for v in versions:
         key = f"{v.manifest.get('site')}/{v.manifest.get('cohort')}"
         if key in seen:
             raise OncoflowError(f"{key} is published twice in the inputs: give each once")
-        seen[key] = v.url
-    sources = [SourceCounts.from_manifest(v.manifest, v.url) for v in versions]
-    catalogue = federated_catalogue(sources, k=params.k) if sources or not queried else {}
-    catalogue.setdefault("k", params.k)
-    catalogue.setdefault("tables", {})
-    if queried:
-        catalogue["queried"] = queried
-    retry = Retrier(RetryPolicy())
-    fs, root = open_url(params.out)
-    data = (json.dumps(catalogue, indent=2, sort_keys=True) + "\n").encode()
-    retry("writing the catalogue", put_bytes, fs, f"{root}/{CATALOGUE}", data)
-    written = [CATALOGUE]
+        seen.add(key)
+    return versions, queried
+
+
+def _write_combat(
+    params: FederateParams, versions: list[PublishedVersion], retry: Retrier
+) -> tuple[list[str], dict[str, Any], dict[str, dict[str, float]]]:
+    """Write each site's ComBat adjustment and the hub report; return keys, cohorts, effects."""
     combat = _combat(versions) if params.combat else {}
+    fs, root = open_url(params.out)
+    written: list[str] = []
     for cohort, adjustments in combat.items():
         for site, adjustment in sorted(adjustments.items()):
             key = f"combat/{cohort}/{site}.json"
@@ -134,9 +130,14 @@ def federate_flow(params: FederateParams) -> dict[str, Any]:
             key=artifact_key("hub", "report"),
             description="Site effect before and after federated ComBat (report.html)",
         )
+    return written, combat, effects
+
+
+def _catalogue_markdown(k: int, catalogue: dict[str, Any], queried: list[dict[str, Any]]) -> str:
+    """Return the catalogue artifact: one table per dimension, patients, queried sites."""
     sections = [
-        f"# Federated catalogue\n\nk = {params.k}; `<{params.k}`: a count from 1 to "
-        f"{params.k - 1}; `*`: suppressed to protect a small count; `-`: not shown (the "
+        f"# Federated catalogue\n\nk = {k}; `<{k}`: a count from 1 to "
+        f"{k - 1}; `*`: suppressed to protect a small count; `-`: not shown (the "
         "totals would reveal it)."
     ]
     for name, table in catalogue["tables"].items():
@@ -155,8 +156,32 @@ def federate_flow(params: FederateParams) -> dict[str, Any]:
     for dim, rows in queried_rows(queried).items() if queried else ():
         sections.append(f"## {dim.replace('_', ' ')}: sites queried over HTTP (noisy counts)")
         sections.append(markdown_table(rows, ["site", "value", "patients", "series"]))
+    return "\n\n".join(sections)
+
+
+@flow(name="federate-hub", flow_run_name="federate-{params.k}", log_prints=False)
+def federate_flow(params: FederateParams) -> dict[str, Any]:
+    """Build the federated catalogue (and ComBat adjustments) from published versions.
+
+    Returns
+    -------
+    dict
+        Sources read, suppression threshold, output keys, cohorts harmonised with ComBat.
+    """
+    versions, queried = _read_sources(params)
+    sources = [SourceCounts.from_manifest(v.manifest, v.url) for v in versions]
+    catalogue = federated_catalogue(sources, k=params.k) if sources or not queried else {}
+    catalogue.setdefault("k", params.k)
+    catalogue.setdefault("tables", {})
+    if queried:
+        catalogue["queried"] = queried
+    retry = Retrier(RetryPolicy())
+    fs, root = open_url(params.out)
+    data = (json.dumps(catalogue, indent=2, sort_keys=True) + "\n").encode()
+    retry("writing the catalogue", put_bytes, fs, f"{root}/{CATALOGUE}", data)
+    written, combat, effects = _write_combat(params, versions, retry)
     create_markdown_artifact(
-        markdown="\n\n".join(sections),
+        markdown=_catalogue_markdown(params.k, catalogue, queried),
         key=artifact_key("hub", "catalogue"),
         description="Federated catalogue with suppressed counts",
     )
@@ -165,7 +190,7 @@ def federate_flow(params: FederateParams) -> dict[str, Any]:
         "sources": len(sources) + len(queried),
         "k": params.k,
         "out": unstrip(fs, root),
-        "written": written,
+        "written": [CATALOGUE, *written],
         "combat_cohorts": sorted(combat),
         "site_effect": effects,
     }

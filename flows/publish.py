@@ -17,16 +17,16 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.events import emit_event
-from prefect.futures import as_completed
 from pydantic import Field, ValidationError
 
-from flows.reporting import Progress, artifact_key, markdown_table, post_summary
+from flows.reporting import artifact_key, markdown_table, post_summary
 from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
-from flows.stage import SiteParams
+from flows.stage import SiteParams, failed_result, run_units
 from tasks.cohort.publish import (
     GateOutcome,
     PublishPlan,
     PublishResult,
+    SealedVersion,
     finalize,
     gate_files,
     gate_sealed,
@@ -83,30 +83,44 @@ def gate_series_task(
 
 def _gate_all(params: PublishParams, plan: PublishPlan) -> GateOutcome:
     """Gate every series' files with one task per series; one line error when a task fails."""
-    progress = Progress(len(plan.files), "series gated")
-    futures = {
-        gate_series_task.submit(params.store, params.site, series, files): series
-        for series, files in sorted(plan.files.items())
-    }
-    total = GateOutcome()
-    errors: list[str] = []
-    for future in as_completed(list(futures)):
-        try:
-            outcome = future.result()
-        except OncoflowError as exc:
-            errors.append(str(exc).splitlines()[0][:200])
-        except Exception as exc:  # worker lost for good
-            errors.append(f"{type(exc).__name__} while gating a series")
-        else:
-            total.findings.extend(outcome.findings)
-            total.sizes.update(outcome.sizes)
-        progress.advance()
+    outcomes = run_units(
+        sorted(plan.files.items()),
+        lambda unit: gate_series_task.submit(params.store, params.site, unit[0], unit[1]),
+        lambda unit, exc: exc,  # collected below: any series not gated stops the publication
+        "series gated",
+    )
+    errors = sorted(_first_line(o) for o in outcomes if isinstance(o, BaseException))
     if errors:
         raise StageFailed(
-            f"{len(errors)} of {len(futures)} series could not be gated ({sorted(errors)[0]}); "
+            f"{len(errors)} of {len(outcomes)} series could not be gated ({errors[0]}); "
             "nothing was published"
         )
+    total = GateOutcome()
+    for outcome in outcomes:
+        total.findings.extend(outcome.findings)
+        total.sizes.update(outcome.sizes)
     return total
+
+
+def _first_line(exc: BaseException) -> str:
+    """Return an expected error's first line, or only the class of an unexpected one."""
+    if isinstance(exc, OncoflowError):
+        return str(exc).splitlines()[0][:200]
+    return f"{type(exc).__name__} while gating a series"
+
+
+def _gate_and_seal(params: PublishParams, plan: PublishPlan, retry: Retrier) -> SealedVersion:
+    """Run the leak gate on every series and on the sealed objects; refuse on any finding.
+
+    The gate runs at the site on every object first; the target receives bytes only after it
+    passed (``tasks.cohort.publish`` explains the protocol).
+    """
+    outcome = _gate_all(params, plan)
+    sealed = seal_version(plan, outcome.sizes, retry, params.date_published)
+    findings = outcome.findings + gate_sealed(params.open_store(), sealed)
+    if findings:
+        raise refuse(plan, findings, retry)
+    return sealed
 
 
 @task(name="stage-series", task_run_name="stage-{series}")
@@ -131,6 +145,33 @@ def stage_series_task(
         outputs=tuple(uploaded),
         computed=bool(uploaded),
     )
+
+
+def _stage_all(params: PublishParams, plan: PublishPlan) -> list[UnitResult]:
+    """Stage every series' files (one task per series); any failure stops the publication.
+
+    Raises
+    ------
+    StageFailed
+        When a series could not be staged: nothing is committed, a new run resumes.
+    """
+    results = run_units(
+        sorted(plan.files.items()),
+        lambda unit: stage_series_task.submit(
+            params.store, params.site, _slim(plan, unit[1]), unit[0], unit[1], params.policy
+        ),
+        lambda unit, exc: failed_result(unit[0], exc),
+        "series staged",
+    )
+    failed = [r for r in results if r.status == Status.FAILED]
+    if failed:
+        first = failed[0]
+        raise StageFailed(
+            f"{len(failed)} of {len(results)} series could not be staged "
+            f"({first.error_class}: {first.detail or 'see the task logs'}); "
+            "nothing was published, run again to resume"
+        )
+    return results
 
 
 def _slim(plan: PublishPlan, files: list[PlannedFile]) -> PublishPlan:
@@ -170,72 +211,10 @@ def _announce(result: PublishResult, counts: dict[str, Any]) -> None:
     )
 
 
-@flow(
-    name="publish-cohort",
-    flow_run_name="publish-{params.site}",
-    log_prints=False,
-    task_runner=default_task_runner(),
-)
-def publish_flow(params: PublishParams) -> dict[str, Any]:
-    """Publish a cohort version of one site (or do nothing when the content is unchanged).
-
-    Parameters
-    ----------
-    params
-        Site, store, cohort spec, publication root, retry settings.
-
-    Returns
-    -------
-    dict
-        The publish result (version, URL, content hash, counts of files).
-
-    Raises
-    ------
-    StageFailed
-        When a series could not be staged (nothing is committed).
-    """
-    store = SiteStore(params.store, params.site)
-    spec = load_spec(params.cohort)
-    retry = Retrier(params.policy)
-    plan = plan_publication(store, spec, params.to)
-    done, cleaned = prepare_target(plan, retry)
-    results: list[UnitResult] = []
-    if done is None:
-        # The leak gate runs at the site on every object first; the target receives bytes only
-        # after it passed (tasks.cohort.publish explains the protocol).
-        outcome = _gate_all(params, plan)
-        sealed = seal_version(plan, outcome.sizes, retry, params.date_published)
-        findings = outcome.findings + gate_sealed(store, sealed)
-        if findings:
-            raise refuse(plan, findings, retry)
-        progress = Progress(len(plan.files), "series staged")
-        futures = {
-            stage_series_task.submit(
-                params.store, params.site, _slim(plan, files), series, files, params.policy
-            ): series
-            for series, files in sorted(plan.files.items())
-        }
-        for future in as_completed(list(futures)):
-            try:
-                results.append(future.result())
-            except Exception as exc:  # worker lost for good
-                results.append(UnitResult(futures[future], Status.FAILED, type(exc).__name__))
-            progress.advance()
-        results.sort(key=lambda r: r.key)
-        failed = [r for r in results if r.status == Status.FAILED]
-        if failed:
-            first = failed[0]
-            raise StageFailed(
-                f"{len(failed)} of {len(results)} series could not be staged "
-                f"({first.error_class}: {first.detail or 'see the task logs'}); "
-                "nothing was published, run again to resume"
-            )
-        result = finalize(plan, sealed, retry)
-        result.cleaned = cleaned
-        result.uploaded = sum(len(r.outputs) for r in results)
-        result.reused = sum(len(files) for files in plan.files.values()) - result.uploaded
-    else:
-        result = done
+def _report(
+    params: PublishParams, plan: PublishPlan, result: PublishResult, results: list[UnitResult]
+) -> None:
+    """Post the summary, the cohort report and the link to the version's manifest."""
     counts = plan.description["counts"]
     extra = {k: v for k, v in result.to_dict().items() if k not in ("stage", "site")}
     summary = StageSummary.from_results(
@@ -264,8 +243,48 @@ def publish_flow(params: PublishParams) -> dict[str, Any]:
         key=artifact_key(params.site, "publish", result.cohort),
         description="Croissant manifest of the published cohort version",
     )
+
+
+@flow(
+    name="publish-cohort",
+    flow_run_name="publish-{params.site}",
+    log_prints=False,
+    task_runner=default_task_runner(),
+)
+def publish_flow(params: PublishParams) -> dict[str, Any]:
+    """Publish a cohort version of one site (or do nothing when the content is unchanged).
+
+    Parameters
+    ----------
+    params
+        Site, store, cohort spec, publication root, retry settings.
+
+    Returns
+    -------
+    dict
+        The publish result (version, URL, content hash, counts of files).
+
+    Raises
+    ------
+    StageFailed
+        When a series could not be gated or staged (nothing is committed).
+    """
+    retry = Retrier(params.policy)
+    plan = plan_publication(params.open_store(), load_spec(params.cohort), params.to)
+    done, cleaned = prepare_target(plan, retry)
+    results: list[UnitResult] = []
+    if done is None:
+        sealed = _gate_and_seal(params, plan, retry)
+        results = _stage_all(params, plan)
+        result = finalize(plan, sealed, retry)
+        result.cleaned = cleaned
+        result.uploaded = sum(len(r.outputs) for r in results)
+        result.reused = sum(len(files) for files in plan.files.values()) - result.uploaded
+    else:
+        result = done
+    _report(params, plan, result, results)
     if result.created:
-        _announce(result, counts)
+        _announce(result, plan.description["counts"])
     return result.to_dict()
 
 

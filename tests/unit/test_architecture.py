@@ -18,8 +18,6 @@ MAX_FLOW_LINES = 60
 #: Known exceptions, each with the reason it is left; the test fails when one is fixed, so the
 #: lists only shrink.
 LONG_FLOWS: dict[str, str] = {
-    "flows/federate.py:federate_flow": "being shortened (issue 15)",
-    "flows/publish.py:publish_flow": "being shortened (issue 15)",
     "flows/robustness.py:robustness_flow": "being moved onto the stage runner (issue 17)",
 }
 FS_USERS: dict[str, str] = {
