@@ -369,6 +369,35 @@ class SiteStore:
             out[key] = str(info.get("mtime", info.get("LastModified", info.get("created"))))
         return out
 
+    def stamps(self, key: str) -> dict[str, str]:
+        """Return key -> ``<size>:<modified>`` of an object, or of every object under a folder.
+
+        Equal stamps mean nothing was rewritten: a cache key for what is derived from the
+        objects (a table in parts is a folder). A missing key has no stamps.
+        """
+        out = {}
+        for found in self.find(key):
+            info = self.fs.info(self.path(found))
+            changed = info.get("mtime") or info.get("LastModified") or info.get("ETag")
+            out[found] = f"{info.get('size')}:{changed}"
+        return out
+
+    def table_schema(self, key: str) -> pa.Schema | None:
+        """Return the Arrow schema of a table (a file, or the first part of a folder of parts).
+
+        None when the table does not exist or has no parts yet.
+        """
+        path = self._fresh(self.path(key))
+        if not self.fs.exists(path):
+            return None
+        if self.fs.isdir(path):  # every part of a table in parts has the table's schema
+            parts = [k for k in self.children(key) if _is_part(k)]
+            if not parts:
+                return None
+            path = self.path(parts[0])
+        with self.fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fh).schema_arrow
+
     def prune(
         self,
         prefix: str,

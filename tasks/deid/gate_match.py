@@ -12,7 +12,6 @@ import re
 from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks.deid.descriptors import VOCABULARY
 from tasks.deid.gate_dates import DateMention, find_dates, find_full_dates, has_date, parse_da
@@ -232,18 +231,10 @@ def _form(token: str, form: int) -> str:
 
 def _read_columns(store: SiteStore, key: str, columns: Sequence[str]) -> pa.Table | None:
     """Read the given columns that exist of a table (a file or a folder of parts)."""
-    path = store.path(key)
-    if not store.fs.exists(path):
+    schema = store.table_schema(key)
+    if schema is None:
         return None
-    first = path
-    if store.fs.isdir(path):  # a table in parts: every part has the table's schema
-        parts = [k for k in store.children(key) if k.rsplit("/", 1)[-1].startswith("part-")]
-        if not parts:
-            return None
-        first = store.path(parts[0])
-    with store.fs.open(first, "rb") as fh:
-        names = pq.ParquetFile(fh).schema_arrow.names
-    return store.read_table(key, columns=[c for c in columns if c in names])
+    return store.read_table(key, columns=[c for c in columns if c in schema.names])
 
 
 def catalogue_identifiers(store: SiteStore) -> list[str]:
@@ -331,20 +322,10 @@ def _catalogue_signature(store: SiteStore, key_id: str) -> tuple[str, ...]:
     """Name, size and change time of every catalogue file (or part): changes when it changes."""
     parts = [store.url, store.site, key_id]
     for key in (CATALOG_INSTANCES, CATALOG_SERIES, "catalog/volumes.parquet"):
-        path = store.path(key)
-        try:
-            infos = (
-                [store.fs.info(store.path(k)) for k in store.children(key)]
-                if store.fs.isdir(path)
-                else [store.fs.info(path)]
-            )
-        except FileNotFoundError:
+        stamps = store.stamps(key)
+        parts.extend(f"{k}={v}" for k, v in sorted(stamps.items()))
+        if not stamps:
             parts.append("-")
-            continue
-        for info in infos:
-            parts.append(str(info.get("name")))
-            parts.append(str(info.get("size")))
-            parts.append(str(info.get("mtime") or info.get("LastModified") or info.get("ETag")))
     return tuple(parts)
 
 

@@ -21,7 +21,6 @@ LONG_FLOWS: dict[str, str] = {
     "flows/robustness.py:robustness_flow": "being moved onto the stage runner (issue 17)",
 }
 FS_USERS: dict[str, str] = {
-    "tasks/deid/gate_match.py": "being moved onto SiteStore operations (issue 15)",
     "tasks/table_parts.py": "being moved onto SiteStore operations (issue 16)",
 }
 

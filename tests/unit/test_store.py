@@ -135,3 +135,35 @@ def test_open_reads_a_prefix_of_an_object(tmp_path):
     store.write_bytes("d/obj", b"header" + b"x" * 100_000)
     with store.open("d/obj", block_size=1024) as fh:
         assert fh.read(6) == b"header"
+
+
+def test_table_schema_of_a_file_and_of_parts(tmp_path):
+    import pyarrow.parquet as pq
+
+    store = SiteStore(str(tmp_path), "site-a")
+    assert store.table_schema("t.parquet") is None
+    store.write_table("t.parquet", pa.table({"a": [1], "b": ["x"]}))
+    assert store.table_schema("t.parquet").names == ["a", "b"]
+    folder = tmp_path / "site-a" / "p.parquet"
+    folder.mkdir(parents=True)
+    assert store.table_schema("p.parquet") is None  # a folder without parts yet
+    pq.write_table(pa.table({"c": [1.5]}), folder / "part-0001.parquet")
+    assert store.table_schema("p.parquet").names == ["c"]
+
+
+def test_stamps_change_when_an_object_is_rewritten(tmp_path):
+    import os
+
+    store = SiteStore(str(tmp_path), "site-a")
+    assert store.stamps("t") == {}
+    store.write_bytes("t/part-1", b"12")
+    store.write_bytes("t/part-2", b"123")
+    first = store.stamps("t")
+    assert sorted(first) == ["t/part-1", "t/part-2"]
+    assert first["t/part-2"].startswith("3:")
+    assert store.stamps("t/part-1") == {"t/part-1": first["t/part-1"]}
+    path = tmp_path / "site-a" / "t" / "part-1"
+    path.write_bytes(b"21")
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert store.stamps("t")["t/part-1"] != first["t/part-1"]
+    assert store.stamps("t")["t/part-2"] == first["t/part-2"]
