@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow
 
 from flows.reporting import post_summary
-from tasks.records import QuarantineRecord, Reason, Stage, StageSummary, Status, UnitResult
+from tasks.records import Kind, QuarantineRecord, Reason, Stage, StageSummary, Status, UnitResult
 from tasks.store import SiteStore
 from tasks.volumes.cases import check_case, list_cases, write_catalogue
 
@@ -41,7 +41,7 @@ def catalogue_cases(source: str, site: str, store_url: str) -> StageSummary:
     records = [
         QuarantineRecord(
             item=c.volume_key,
-            kind="volume",
+            kind=Kind.VOLUME,
             stage=Stage.INGEST,
             reason=Reason(c.reason),
             detail=c.detail,
@@ -49,7 +49,7 @@ def catalogue_cases(source: str, site: str, store_url: str) -> StageSummary:
         for c in cases
         if c.status != "ok"
     ]
-    others = [r for r in store.quarantine_rows(Stage.INGEST) if r["kind"] != "volume"]
+    others = [r for r in store.quarantine_rows(Stage.INGEST) if r["kind"] != Kind.VOLUME]
     kept = [
         QuarantineRecord(r["item"], r["kind"], Stage.INGEST, Reason(r["reason"]), r["detail"])
         for r in others

@@ -82,6 +82,15 @@ class Reason(StrEnum):
     MISSING_MASK = "missing-mask"
 
 
+class Kind(StrEnum):
+    """What a quarantine row names: a source file, a series, a mask (series x ROI), a volume."""
+
+    FILE = "file"
+    SERIES = "series"
+    MASK = "mask"
+    VOLUME = "volume"
+
+
 @dataclass(frozen=True)
 class QuarantineRecord:
     """One rejected file or series.
@@ -91,7 +100,7 @@ class QuarantineRecord:
     item
         Source-relative file path (private zone) or series key.
     kind
-        ``"file"`` or ``"series"``.
+        What the item is (a plain string read back from a table becomes a :class:`Kind`).
     stage
         Stage that rejected it.
     reason
@@ -101,14 +110,18 @@ class QuarantineRecord:
     """
 
     item: str
-    kind: str
+    kind: Kind
     stage: Stage
     reason: Reason
     detail: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Kind(self.kind))
+
     def to_row(self) -> dict[str, str]:
         """Return the record as a flat row for ``quarantine.parquet``."""
         row = asdict(self)
+        row["kind"] = str(self.kind)
         row["stage"] = str(self.stage)
         row["reason"] = str(self.reason)
         return row

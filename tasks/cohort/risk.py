@@ -384,7 +384,7 @@ def prepare_selection(store: Any, spec: Any, selection: Any) -> tuple[Any, Relea
 
 def _quarantine(store: Any, cohort: str, report: ReleaseReport) -> None:
     """Replace this cohort's duplicate rows in the publish stage's quarantine (others kept)."""
-    from tasks.records import QuarantineRecord, Reason, Stage
+    from tasks.records import Kind, QuarantineRecord, Reason, Stage
     from tasks.store import QUARANTINE
 
     tag = f"cohort {cohort}:"
@@ -401,7 +401,7 @@ def _quarantine(store: Any, cohort: str, report: ReleaseReport) -> None:
     cross = set(report.cross_patient)
     mine = [
         QuarantineRecord(
-            series, "series", Stage.PUBLISH, Reason.DUPLICATE_PIXEL_DATA,
+            series, Kind.SERIES, Stage.PUBLISH, Reason.DUPLICATE_PIXEL_DATA,
             f"{tag} same pixel data as another series"
             + (" of another patient" if series in cross else ""),
         )

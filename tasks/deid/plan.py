@@ -17,7 +17,7 @@ from tasks.deid.audit import audit_table
 from tasks.deid.profile import PROFILE_VERSION
 from tasks.deid.series import SeriesJob
 from tasks.errors import OncoflowError
-from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitOutcome
+from tasks.records import Kind, QuarantineRecord, Reason, Stage, Status, UnitOutcome
 from tasks.store import CATALOG_SERIES, DEID_AUDIT, DEID_DICOM, DEID_SERIES, SiteStore
 from tasks.volumes.deid import DEID_VOLUMES
 
@@ -130,7 +130,7 @@ def quarantine_records(
             records.append(
                 QuarantineRecord(
                     item=job.series_key,
-                    kind="series",
+                    kind=Kind.SERIES,
                     stage=Stage.DEIDENTIFY,
                     reason=Reason(outcome.result.reason or str(Reason.DEID_ERROR)),
                     detail=outcome.result.detail or outcome.result.error_class,

@@ -8,7 +8,7 @@ from typing import Any
 from tasks.dicom.catalog import CatalogCounts
 from tasks.dicom.listing import ListingDiff
 from tasks.errors import StageFailed
-from tasks.records import Stage, StageSummary
+from tasks.records import Kind, Stage, StageSummary
 
 
 @dataclass
@@ -58,7 +58,7 @@ class ParseRun:
         }
 
 
-def reasons_of_kind(quarantine: list[dict[str, str]], kind: str) -> dict[str, int]:
+def reasons_of_kind(quarantine: list[dict[str, str]], kind: Kind) -> dict[str, int]:
     """Count the quarantine rows of one kind (``file`` or ``series``) by reason."""
     counts: dict[str, int] = {}
     for row in quarantine:
@@ -121,7 +121,7 @@ def ingest_summary(
             "batches": run.batches,
             "series": counts.series,
             "reasons_by_kind": {
-                "file": reasons_of_kind(counts.quarantine, "file"),
+                "file": reasons_of_kind(counts.quarantine, Kind.FILE),
                 "series": counts.series_reasons,
             },
             "series_by_modality": counts.series_by_modality,

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.dicom.listing import STATUS_OK, STATUS_QUARANTINED
-from tasks.records import QuarantineRecord, Reason, Stage
+from tasks.records import Kind, QuarantineRecord, Reason, Stage
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -387,12 +387,14 @@ def build_series(
 
     series.sort(key=lambda s: s["series_key"])
     quarantine = [
-        QuarantineRecord(r["path"], "file", Stage.INGEST, Reason(r["reason"]), r["detail"] or "")
+        QuarantineRecord(r["path"], Kind.FILE, Stage.INGEST, Reason(r["reason"]), r["detail"] or "")
         for r in instances
         if r["status"] == STATUS_QUARANTINED
     ]
     quarantine += [
-        QuarantineRecord(s["series_key"], "series", Stage.INGEST, Reason(s["reason"]), s["detail"])
+        QuarantineRecord(
+            s["series_key"], Kind.SERIES, Stage.INGEST, Reason(s["reason"]), s["detail"]
+        )
         for s in series
         if s["status"] == STATUS_QUARANTINED and not s["series_key"].endswith(LOCALIZER_SUFFIX)
     ]

@@ -15,7 +15,7 @@ from tasks.harmonise.series import (
     SeriesUnit,
     output_dir,
 )
-from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitOutcome
+from tasks.records import Kind, QuarantineRecord, Reason, Stage, Status, UnitOutcome
 from tasks.store import DEID_DICOM, DEID_SERIES, HARMONISED, HARMONISED_SERIES, SiteStore
 from tasks.store_checks import missing_input
 
@@ -94,7 +94,7 @@ def plan_units(store: SiteStore) -> tuple[list[SeriesUnit], list[QuarantineRecor
             records.append(
                 QuarantineRecord(
                     row["series"],
-                    "series",
+                    Kind.SERIES,
                     Stage.HARMONISE,
                     Reason.MISSING_REFERENCED_SERIES,
                     f"{row['kind']} references no harmonisable image series",

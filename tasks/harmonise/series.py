@@ -38,7 +38,7 @@ from tasks.harmonise.qc import qc_png
 from tasks.harmonise.quarantine import Quarantined
 from tasks.harmonise.volume import read_volume, read_volume_file, resample_to_spacing
 from tasks.names import task_label
-from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitOutcome, UnitResult
+from tasks.records import Kind, QuarantineRecord, Reason, Stage, Status, UnitOutcome, UnitResult
 from tasks.store import HARMONISED, SiteStore, sha256_bytes
 
 #: EUCAIM minimum-set columns copied from ``deid/series.parquet``.
@@ -157,7 +157,7 @@ def series_row(unit: SeriesUnit, status: Status, reason: str = "", **values: Any
 def _mask_record(series: str, problem: MaskProblem) -> QuarantineRecord:
     return QuarantineRecord(
         item=f"{series}/{problem.roi}",
-        kind="mask",
+        kind=Kind.MASK,
         stage=Stage.HARMONISE,
         reason=problem.reason,
         detail=problem.detail,
@@ -286,7 +286,7 @@ def harmonise_series(store: SiteStore, unit: SeriesUnit, config: HarmoniseConfig
         return _compute(store, unit, config, data, inputs, key)
     except Quarantined as q:
         _clear(store, unit.series)
-        record = QuarantineRecord(unit.series, "series", Stage.HARMONISE, q.reason, q.detail)
+        record = QuarantineRecord(unit.series, Kind.SERIES, Stage.HARMONISE, q.reason, q.detail)
         return UnitOutcome(
             UnitResult(unit.series, Status.QUARANTINED, reason=str(q.reason), detail=q.detail),
             series_row(unit, Status.QUARANTINED, str(q.reason)),

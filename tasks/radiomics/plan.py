@@ -10,7 +10,7 @@ from tasks.radiomics.cache import object_key, plan_parts, read_parts
 from tasks.radiomics.extract import RoiOutcome, RoiUnit
 from tasks.radiomics.params import RadiomicsParams
 from tasks.radiomics.table import FeatureRow
-from tasks.records import QuarantineRecord, Stage, Status
+from tasks.records import Kind, QuarantineRecord, Stage, Status
 from tasks.store import SiteStore
 
 
@@ -102,7 +102,7 @@ def quarantine_records(rows: list[FeatureRow]) -> list[QuarantineRecord]:
     """Return the stage's quarantine rows: one per quarantined (series, ROI)."""
     return [
         QuarantineRecord(
-            item=r.unit.key, kind="mask", stage=Stage.EXTRACT, reason=r.reason, detail=r.detail
+            item=r.unit.key, kind=Kind.MASK, stage=Stage.EXTRACT, reason=r.reason, detail=r.detail
         )
         for r in rows
         if r.status == str(Status.QUARANTINED)

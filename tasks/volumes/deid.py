@@ -25,7 +25,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.deid.pseudonyms import SiteKeys
-from tasks.records import QuarantineRecord, Reason, Stage, Status, UnitOutcome, UnitResult
+from tasks.records import Kind, QuarantineRecord, Reason, Stage, Status, UnitOutcome, UnitResult
 from tasks.store import SiteStore, open_url
 from tasks.volumes.cases import CATALOG_VOLUMES
 from tasks.volumes.images import clean_copy, nrrd_bytes, read_image_bytes, volume_suffix
@@ -176,7 +176,7 @@ def deidentify_volume(store: SiteStore, job: VolumeJob, keys: SiteKeys) -> UnitO
                 raise _Rejected(Reason.EMPTY_MASK, problem)
         except _Rejected as exc:
             problems.append(
-                QuarantineRecord(item, "mask", Stage.DEIDENTIFY, exc.reason, exc.detail)
+                QuarantineRecord(item, Kind.MASK, Stage.DEIDENTIFY, exc.reason, exc.detail)
             )
             continue
         for roi, array in found:
@@ -258,7 +258,7 @@ def volume_records(outcomes: list[UnitOutcome]) -> list[QuarantineRecord]:
             records.append(
                 QuarantineRecord(
                     item=outcome.result.key,
-                    kind="volume",
+                    kind=Kind.VOLUME,
                     stage=Stage.DEIDENTIFY,
                     reason=Reason(outcome.result.reason or str(Reason.DEID_ERROR)),
                     detail=outcome.result.detail or outcome.result.error_class,

@@ -34,3 +34,14 @@ def test_failure_ratio_names_the_count_and_error_classes():
     expected = r"^extract: 1 of 2 ROIs failed \(50% > 10%\): OSError=1$"
     with pytest.raises(StageFailed, match=expected):
         check_failure_ratio(summary, 0.1, "ROIs")
+
+
+def test_quarantine_kind_is_an_enum_and_a_plain_string_in_the_table():
+    from tasks.records import Kind, QuarantineRecord, Reason, Stage
+
+    record = QuarantineRecord("s1", "series", Stage.INGEST, Reason.LOCALIZER)
+    assert record.kind is Kind.SERIES
+    row = record.to_row()
+    assert row["kind"] == "series" and type(row["kind"]) is str
+    with pytest.raises(ValueError):
+        QuarantineRecord("s1", "serie", Stage.INGEST, Reason.LOCALIZER)
