@@ -10,11 +10,6 @@ from tasks.errors import OncoflowError
 from tasks.store import SiteStore
 
 
-def store_sites(store: SiteStore) -> list[str]:
-    """Return the site folders of the store (its top-level folders), sorted."""
-    return store.sites() or []
-
-
 def missing_input(store: SiteStore, what: str, earlier: str) -> OncoflowError:
     """Return the error for a missing stage input, naming the actual cause.
 

@@ -75,20 +75,6 @@ class CatalogueSpec(BaseModel):
         return value
 
 
-def missing_fields(catalogue: CatalogueSpec | None) -> list[str]:
-    """Catalogue settings a HealthDCAT-AP record needs but the cohort spec does not give."""
-    if catalogue is None:
-        return ["catalogue.publisher", "catalogue.contact", "catalogue.hdab"]
-    missing = []
-    if catalogue.publisher is None:
-        missing.append("catalogue.publisher")
-    if catalogue.contact is None:
-        missing.append("catalogue.contact")
-    if catalogue.hdab is None and catalogue.access_rights != "PUBLIC":
-        missing.append("catalogue.hdab")
-    return missing
-
-
 class RiskSpec(BaseModel):
     """Release checks of a cohort (the ``risk`` block of the cohort spec)."""
 

@@ -9,7 +9,6 @@ same inputs and parameters give byte-identical files whatever the number of work
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -117,9 +116,3 @@ def build_features_table(
         "oncoflow.versions": canonical_json(package_versions()),
     }
     return table, metadata
-
-
-def table_params(metadata: dict[bytes, bytes] | None) -> dict[str, object]:
-    """Read back the canonical parameters stored in a features table's metadata."""
-    raw = (metadata or {}).get(b"oncoflow.params")
-    return json.loads(raw) if raw else {}
