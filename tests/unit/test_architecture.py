@@ -20,9 +20,7 @@ MAX_FLOW_LINES = 60
 LONG_FLOWS: dict[str, str] = {
     "flows/robustness.py:robustness_flow": "being moved onto the stage runner (issue 17)",
 }
-FS_USERS: dict[str, str] = {
-    "tasks/table_parts.py": "being moved onto SiteStore operations (issue 16)",
-}
+FS_USERS: dict[str, str] = {}
 
 
 def _is_flow(decorator: ast.expr) -> bool:
