@@ -17,9 +17,7 @@ MAX_FLOW_LINES = 60
 
 #: Known exceptions, each with the reason it is left; the test fails when one is fixed, so the
 #: lists only shrink.
-LONG_FLOWS: dict[str, str] = {
-    "flows/robustness.py:robustness_flow": "being moved onto the stage runner (issue 17)",
-}
+LONG_FLOWS: dict[str, str] = {}
 FS_USERS: dict[str, str] = {}
 
 
