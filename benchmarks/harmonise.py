@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flows.runtime import pin_native_threads
 from tasks.harmonise.config import HarmoniseConfig
 from tasks.harmonise.volume import read_volume
-from tests.harmonise_dicom import Geometry, image_series, oblique_direction
+from tests.dicom_factory import Geometry, image_series, oblique_direction
 
 
 def write_series(folder: Path, slices: int, size: int) -> list[Path]:

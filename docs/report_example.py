@@ -60,7 +60,7 @@ SITES = {"site-a": (0, 40.0, 1.0), "site-b": (100, 90.0, 1.4), "site-c": (200, 1
 
 def build_site(root: Path, site: str, offset: int, mean: float, scale: float) -> tuple:
     """Harmonised images, QC pictures, features (and robustness for site-a) of one site."""
-    from tests.harmonise_dicom import Geometry, image_series, to_bytes
+    from tests.dicom_factory import Geometry, image_series, to_bytes
 
     store = SiteStore(str(root), site)
     specs = [

@@ -37,14 +37,25 @@ def make_uid(*parts: object) -> str:
     return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
 
 
-def new_dataset(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
-    """Return an empty dataset with SOP common attributes and file meta information."""
+def new_dataset(
+    sop_class_uid: str, sop_instance_uid: str, charset: str | None = "ISO_IR 100"
+) -> Dataset:
+    """Return an empty dataset with SOP common attributes and file meta information.
+
+    Parameters
+    ----------
+    sop_class_uid, sop_instance_uid
+        SOP Class and Instance UIDs (also written in the file meta information).
+    charset
+        Specific Character Set (None leaves it out: the default repertoire).
+    """
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
     ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    if charset:
+        ds.SpecificCharacterSet = charset
     ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = sop_instance_uid
     return ds

@@ -34,9 +34,9 @@ LUNGS = (((-75.0, -5.0), (55.0, 65.0)), ((75.0, -5.0), (55.0, 65.0)))
 SPINE = ((0.0, 75.0), 18.0)
 
 
-def ds_str(value: float) -> str:
-    """Format ``value`` as a short DS string (at most 4 decimals, no ``-0``)."""
-    text = f"{value:.4f}".rstrip("0").rstrip(".")
+def ds_str(value: float, decimals: int = 4) -> str:
+    """Format ``value`` as a short DS string (at most ``decimals`` decimals, no ``-0``)."""
+    text = f"{value:.{decimals}f}".rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text
 
 

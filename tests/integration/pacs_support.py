@@ -1,4 +1,5 @@
-"""A real Orthanc PACS for tests and benchmarks, and tiny synthetic studies to load into it.
+"""A real Orthanc PACS for tests and benchmarks, and tiny synthetic studies to load into
+it (made by tests/dicom_factory.py).
 
 Orthanc (Debian package ``orthanc`` + ``orthanc-dicomweb``) is started from a generated
 configuration in a temporary folder on free loopback ports, waited for with a bounded timeout
@@ -8,8 +9,6 @@ and stopped by its pid, so a failed test leaves nothing running.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import io
 import json
 import os
 import shutil
@@ -20,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from tests.dicom_factory import SyntheticStudy, make_ct_study  # noqa: F401 - for the PACS tests
 from tests.services import free_port, spawn, stop, wait_for
 
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
@@ -189,88 +186,3 @@ def restarted(server: Orthanc, timeout: float = 60) -> Iterator[Orthanc]:
         yield server
     finally:
         stop(proc)
-
-
-@dataclass(frozen=True)
-class SyntheticStudy:
-    """UIDs of one synthetic study (test data only)."""
-
-    patient_id: str
-    study_uid: str
-    series_uids: tuple[str, ...]
-    sop_uids: tuple[str, ...]
-    files: tuple[bytes, ...] = field(repr=False)
-
-
-def make_ct_study(
-    patient_id: str,
-    *,
-    n_series: int = 1,
-    n_slices: int = 3,
-    size: int = 16,
-    study_date: dt.date | None = None,
-    seed: int = 0,
-) -> SyntheticStudy:
-    """Write a tiny CT study (``n_series`` axial series of ``n_slices`` slices) as DICOM bytes.
-
-    Each file is a valid CT Image Storage instance with consistent geometry, so the normal
-    ingest catalogues its series as ``ok``.
-    """
-    rng = np.random.default_rng(seed)
-    study_uid = generate_uid()
-    frame_uid = generate_uid()
-    date = (study_date or dt.date.today()).strftime("%Y%m%d")
-    files: list[bytes] = []
-    series_uids: list[str] = []
-    sop_uids: list[str] = []
-    for s in range(n_series):
-        series_uid = generate_uid()
-        series_uids.append(series_uid)
-        for i in range(n_slices):
-            sop_uid = generate_uid()
-            sop_uids.append(sop_uid)
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = CTImageStorage
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = Dataset()
-            ds.file_meta = meta
-            ds.SOPClassUID = CTImageStorage
-            ds.SOPInstanceUID = sop_uid
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
-            ds.FrameOfReferenceUID = frame_uid
-            ds.PatientID = patient_id
-            ds.PatientName = f"Test^{patient_id}"
-            ds.PatientBirthDate = "19600101"
-            ds.PatientSex = "O"
-            ds.StudyDate = date
-            ds.SeriesDate = date
-            ds.StudyTime = "120000"
-            ds.AccessionNumber = f"A{seed:05d}"
-            ds.StudyID = "1"
-            ds.Modality = "CT"
-            ds.Manufacturer = "oncoflow-test"
-            ds.BodyPartExamined = "CHEST"
-            ds.SeriesNumber = s + 1
-            ds.InstanceNumber = i + 1
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-            ds.ImagePositionPatient = [0, 0, float(i) * 2.5]
-            ds.SliceThickness = 2.5
-            ds.PixelSpacing = [0.8, 0.8]
-            ds.Rows = size
-            ds.Columns = size
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.BitsAllocated = 16
-            ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelRepresentation = 1
-            ds.RescaleIntercept = 0
-            ds.RescaleSlope = 1
-            ds.PixelData = rng.integers(-1000, 1000, (size, size), dtype=np.int16).tobytes()
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            files.append(buf.getvalue())
-    return SyntheticStudy(patient_id, study_uid, tuple(series_uids), tuple(sop_uids), tuple(files))

@@ -51,7 +51,7 @@ def rerun(store: SiteStore, url: str, runtime: RuntimeOptions):
 
 
 def test_harmonise_flow_on_s3(prefect_api: str, s3_bucket: str) -> None:
-    from tests.harmonise_dicom import deid_store
+    from tests.dicom_factory import deid_store
 
     store = SiteStore(s3_bucket, "site-h")
     keys = deid_store(store, cases())

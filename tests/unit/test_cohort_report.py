@@ -26,7 +26,7 @@ from tasks.radiomics.samples import (
     write_harmonised_sample,
 )
 from tasks.store import DEID_SERIES, HARMONISED_SERIES, SiteStore
-from tests.harmonise_dicom import Geometry, image_series, to_bytes
+from tests.dicom_factory import Geometry, image_series, to_bytes
 
 G = Geometry(size=(16, 16, 6), spacing=(1.0, 1.0, 2.0), origin=(0, 0, 0))
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from tasks.cohort.seg_export import SegSettings, build_seg, derived_uid, seg_bytes
 from tasks.errors import OncoflowError
-from tests.harmonise_dicom import Geometry, image_series, oblique_direction
+from tests.dicom_factory import Geometry, image_series, oblique_direction
 
 GEOMETRY = Geometry(size=(12, 10, 6), spacing=(0.8, 0.9, 2.5), origin=(-5.0, 3.0, 40.0),
                     direction=oblique_direction(15.0))  # fmt: skip
@@ -86,7 +86,7 @@ def test_publishing_dicom_exports_the_masks_as_seg(tmp_path) -> None:
     from tasks.cohort.publish import publish_cohort
     from tasks.cohort.spec import parse_spec
     from tasks.cohort.storage import RetryPolicy
-    from tests.harmonise_dicom import to_bytes
+    from tests.dicom_factory import to_bytes
     from tests.unit.test_cohort_fixture import PARAMS_HASH, build_site
 
     store = build_site(str(tmp_path / "store"), with_seg=False)

@@ -16,7 +16,7 @@ from tasks.dicom.headers import parse_files
 from tasks.dicom.listing import list_source
 from tasks.errors import OncoflowError
 from tasks.store import SiteStore
-from tests.unit.dicom_samples import write_series
+from tests.dicom_factory import write_series
 
 
 def _ingest(source, store):

@@ -22,7 +22,7 @@ from tasks.dicom.headers import (
 )
 from tasks.dicom.listing import ListedFile, list_source
 from tasks.store import SiteStore
-from tests.unit.dicom_samples import ct_dataset, write
+from tests.dicom_factory import ct_dataset, write
 
 OPEN_RB = partial(open, mode="rb")
 

@@ -7,7 +7,7 @@ from pydicom.uid import generate_uid
 from tasks.dicom.headers import parse_files
 from tasks.dicom.listing import list_source
 from tasks.dicom.series import build_series, check_spacing, slice_normal, slice_offsets
-from tests.unit.dicom_samples import ct_dataset, write, write_series
+from tests.dicom_factory import ct_dataset, write, write_series
 
 OBLIQUE = (1.0, 0.0, 0.0, 0.0, 0.8, -0.6)
 

@@ -14,7 +14,7 @@ from tasks.harmonise.intensity import body_mask, harmonise_intensity, suv_factor
 from tasks.harmonise.quarantine import Quarantined
 from tasks.harmonise.volume import read_volume
 from tasks.records import Reason
-from tests.harmonise_dicom import Geometry, add_pet, image_series, to_bytes
+from tests.dicom_factory import Geometry, add_pet, image_series, to_bytes
 
 CFG = HarmoniseConfig()
 G = Geometry(size=(16, 12, 6), spacing=(4.0, 4.0, 3.0), origin=(-30.0, -22.0, 0.0))

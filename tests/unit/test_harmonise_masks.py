@@ -21,7 +21,7 @@ from tasks.harmonise.masks import (
 from tasks.harmonise.series import nifti_bytes
 from tasks.harmonise.volume import read_volume, resample_to_spacing
 from tasks.records import Reason
-from tests.harmonise_dicom import (
+from tests.dicom_factory import (
     Geometry,
     image_series,
     oblique_direction,

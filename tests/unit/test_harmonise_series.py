@@ -19,7 +19,7 @@ from tasks.harmonise.plan import plan_units, series_table
 from tasks.harmonise.series import harmonise_series, nifti_bytes
 from tasks.records import Reason, Status
 from tasks.store import SiteStore
-from tests.harmonise_dicom import (
+from tests.dicom_factory import (
     Geometry,
     add_pet,
     deid_store,

@@ -13,7 +13,7 @@ from tasks.harmonise.config import HarmoniseConfig
 from tasks.harmonise.quarantine import Quarantined
 from tasks.harmonise.volume import read_volume, resample_to_spacing
 from tasks.records import Reason
-from tests.harmonise_dicom import (
+from tests.dicom_factory import (
     Geometry,
     enhanced_ct,
     image_series,

@@ -33,7 +33,7 @@ from tasks.radiomics.params import validate_params
 from tasks.radiomics.sr import report_key, write_reports
 from tasks.radiomics.table import FeatureRow, build_features_table, features_key
 from tasks.store import HARMONISED_SERIES, SiteStore
-from tests.harmonise_dicom import (
+from tests.dicom_factory import (
     Geometry,
     deid_store,
     image_series,

@@ -1,46 +1,234 @@
-"""Small DICOM writers for the harmonisation tests: images, PET, enhanced CT, RTSTRUCT, SEG.
+"""The tests' one DICOM factory, built on tasks/synthetic's dataset, UID and decimal helpers.
 
-Everything is built with pydicom (and highdicom for SEG) from an explicit geometry, so tests
-know the exact physical position of every voxel.
+* :func:`ct_dataset`, :func:`write`, :func:`write_series`: small CT files for the ingest,
+  header and catalogue tests (native 16-bit pixels, optional RLE or implicit VR).
+* :func:`make_ct_study`: a tiny CT study as DICOM bytes, for the PACS tests and benchmark.
+* :class:`Geometry`, :func:`image_series`, :func:`enhanced_ct`, :func:`add_pet`,
+  :func:`rtstruct`, :func:`segmentation` (highdicom): images and masks from an explicit
+  geometry, so harmonisation and radiomics tests know the physical position of every voxel.
+* :func:`deid_store`: a de-identified store (``deid/dicom`` + ``deid/series.parquet``) as the
+  deidentify stage writes it.
+
+Datasets start from :func:`tasks.synthetic.dicom_images.new_dataset`, UIDs come from
+:func:`tasks.synthetic.dicom_images.make_uid` and decimal strings from
+:func:`tasks.synthetic.phantoms.ds_str`, as in the synthetic cohort; the privacy canaries
+(tests/canaries.py) build their files on the same helpers.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
-    ExplicitVRLittleEndian,
-    MRImageStorage,
-    PositronEmissionTomographyImageStorage,
+    RLELossless,
     RTStructureSetStorage,
     generate_uid,
 )
 
-SOP_CLASS = {
-    "CT": CTImageStorage,
-    "MR": MRImageStorage,
-    "PT": PositronEmissionTomographyImageStorage,
-}
-ROOT = "1.2.826.0.1.3680043.8.498."
+from tasks.synthetic.dicom_images import SOP_CLASSES, make_uid, new_dataset
+from tasks.synthetic.phantoms import ds_str as synthetic_ds_str
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 def uid(*parts: object) -> str:
-    """A deterministic UID from parts."""
-    return generate_uid(prefix=ROOT, entropy_srcs=[str(p) for p in parts])
+    """A deterministic UID from parts (pydicom's root, as the synthetic cohort's)."""
+    return make_uid(*parts)
 
 
 def ds_str(value: float) -> str:
-    """A DS string with up to 6 decimals."""
-    text = f"{value:.6f}".rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
+    """A DS string with up to 6 decimals (exact geometry for the harmonisation tests)."""
+    return synthetic_ds_str(value, decimals=6)
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    """Encode a dataset as a DICOM file."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# --- Small CT files (ingest, headers, catalogue, fuzzing).
+
+
+def ct_dataset(
+    *,
+    series_uid: str,
+    study_uid: str,
+    position: Sequence[float] = (0.0, 0.0, 0.0),
+    orientation: Sequence[float] = AXIAL,
+    instance_number: int = 1,
+    sop_uid: str | None = None,
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    rows: int = 8,
+    columns: int = 8,
+    pixel_spacing: Sequence[float] = (0.5, 0.5),
+    patient_name: str = "Doe^Jane",
+    patient_id: str = "PID-0001",
+    charset: str | None = None,
+) -> Dataset:
+    """A small CT image dataset with native 16-bit pixel data."""
+    sop_uid = sop_uid or generate_uid()
+    ds = new_dataset(CTImageStorage, sop_uid, charset=charset)
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid, "frame-of-reference"])
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19600101"
+    ds.PatientSex = "F"
+    ds.PatientAge = "063Y"
+    ds.StudyDate = "20200101"
+    ds.StudyTime = "101010"
+    ds.SeriesDate = "20200101"
+    ds.SeriesTime = "101500"
+    ds.AcquisitionTime = "101501"
+    ds.AccessionNumber = "ACC1"
+    ds.Modality = "CT"
+    ds.Manufacturer = "ACME"
+    ds.ManufacturerModelName = "Scanner 1"
+    ds.BodyPartExamined = "CHEST"
+    ds.SeriesDescription = "thorax"
+    ds.ImageType = list(image_type)
+    ds.SeriesNumber = 3
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = [float(v) for v in position]
+    ds.ImageOrientationPatient = [float(v) for v in orientation]
+    ds.PixelSpacing = [float(v) for v in pixel_spacing]
+    ds.SliceThickness = 2.5
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope = 1
+    ds.RescaleIntercept = -1024
+    ds.BurnedInAnnotation = "NO"
+    pixels = np.arange(rows * columns, dtype=np.uint16) * 7 + instance_number
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def write(ds: Dataset, path: Path, *, rle: bool = False, implicit: bool = False) -> Path:
+    """Write ``ds`` as a PS3.10 file (optionally RLE-compressed or implicit VR)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if rle:
+        ds.compress(RLELossless)
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_series(
+    folder: Path,
+    n: int,
+    *,
+    spacing: float = 2.5,
+    offsets: Sequence[float] | None = None,
+    orientation: Sequence[float] = AXIAL,
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    reverse_numbers: bool = False,
+) -> list[Path]:
+    """Write an image series of ``n`` slices along the normal of ``orientation``."""
+    series_uid = series_uid or generate_uid()
+    study_uid = study_uid or generate_uid()
+    row = np.asarray(orientation[:3])
+    col = np.asarray(orientation[3:])
+    normal = np.cross(row, col)
+    offsets = list(offsets) if offsets is not None else [i * spacing for i in range(n)]
+    paths = []
+    for i, offset in enumerate(offsets):
+        number = len(offsets) - i if reverse_numbers else i + 1
+        position = (np.array([-10.0, -20.0, 30.0]) + offset * normal).round(6)
+        ds = ct_dataset(
+            series_uid=series_uid,
+            study_uid=study_uid,
+            position=position.tolist(),
+            orientation=orientation,
+            instance_number=number,
+        )
+        paths.append(write(ds, folder / f"IM{i + 1:04d}.dcm"))
+    return paths
+
+
+# --- Tiny CT studies as bytes (PACS tests and benchmark).
+
+
+@dataclass(frozen=True)
+class SyntheticStudy:
+    """UIDs of one synthetic study (test data only)."""
+
+    patient_id: str
+    study_uid: str
+    series_uids: tuple[str, ...]
+    sop_uids: tuple[str, ...]
+    files: tuple[bytes, ...] = field(repr=False)
+
+
+def make_ct_study(
+    patient_id: str,
+    *,
+    n_series: int = 1,
+    n_slices: int = 3,
+    size: int = 16,
+    study_date: dt.date | None = None,
+    seed: int = 0,
+) -> SyntheticStudy:
+    """A tiny CT study (``n_series`` axial series of ``n_slices`` slices) as DICOM bytes.
+
+    Each file is a :func:`ct_dataset` with consistent geometry and random signed pixels, so the
+    normal ingest catalogues its series as ``ok``.
+    """
+    rng = np.random.default_rng(seed)
+    study_uid = generate_uid()
+    date = (study_date or dt.date.today()).strftime("%Y%m%d")
+    files: list[bytes] = []
+    series_uids: list[str] = []
+    sop_uids: list[str] = []
+    for s in range(n_series):
+        series_uid = generate_uid()
+        series_uids.append(series_uid)
+        for i in range(n_slices):
+            ds = ct_dataset(
+                series_uid=series_uid,
+                study_uid=study_uid,
+                position=(0.0, 0.0, float(i) * 2.5),
+                instance_number=i + 1,
+                rows=size,
+                columns=size,
+                pixel_spacing=(0.8, 0.8),
+                patient_name=f"Test^{patient_id}",
+                patient_id=patient_id,
+            )
+            sop_uids.append(ds.SOPInstanceUID)
+            ds.StudyDate = ds.SeriesDate = date
+            ds.StudyTime = "120000"
+            ds.AccessionNumber = f"A{seed:05d}"
+            ds.StudyID = "1"
+            ds.SeriesNumber = s + 1
+            ds.PixelRepresentation = 1
+            ds.RescaleIntercept = 0
+            ds.PixelData = rng.integers(-1000, 1000, (size, size), dtype=np.int16).tobytes()
+            files.append(to_bytes(ds))
+    return SyntheticStudy(patient_id, study_uid, tuple(series_uids), tuple(sop_uids), tuple(files))
+
+
+# --- Images and masks from an explicit geometry (harmonisation, radiomics, reports).
 
 
 @dataclass(frozen=True)
@@ -81,13 +269,7 @@ def oblique_direction(angle_deg: float = 20.0, axis: Sequence[float] = (1, 2, 3)
 
 
 def _base(sop_class: str, sop_uid: str, modality: str) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
+    ds = new_dataset(sop_class, sop_uid, charset=None)
     ds.Modality = modality
     ds.PatientID = "P-0001"
     ds.PatientName = "Pseudo^One"
@@ -127,7 +309,7 @@ def image_series(
     out = []
     for k in range(nz):
         sop = uid(series_key, k)
-        ds = _base(SOP_CLASS[modality], sop, modality)
+        ds = _base(SOP_CLASSES[modality], sop, modality)
         ds.StudyInstanceUID = uid(series_key, "study")
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = frame_of_reference or uid(series_key, "for")
@@ -238,13 +420,6 @@ def add_pet(
         info.RadionuclideHalfLife = ds_str(half_life_s)
         ds.RadiopharmaceuticalInformationSequence = DicomSequence([info])
     return datasets
-
-
-def to_bytes(ds: Dataset) -> bytes:
-    """Encode a dataset as a DICOM file."""
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def sphere_contours(
