@@ -1,0 +1,143 @@
+"""Prefect task bodies called through ``.fn()``: what each task does with its arguments, without
+a flow run, a Prefect server or a Dask cluster (the flows' integration tests cover those).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.federate import read_source_task
+from flows.publish import gate_series_task, stage_series_task
+from flows.stage import run_unit_group
+from tasks.cohort.publish import cohort_path, plan_publication, publish_cohort
+from tasks.cohort.spec import parse_spec
+from tasks.cohort.storage import RetryPolicy
+from tasks.records import Status
+from tests.unit.test_cohort_fixture import PARAMS_HASH, build_site
+
+SPEC = {
+    "name": "lung",
+    "title": "Lung cohort",
+    "description": "Chest imaging",
+    "licence": "CC-BY-4.0",
+    "features": PARAMS_HASH,
+    "include": {"dicom": True},
+}
+FAST = RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.01, seed=1)
+
+
+def test_unit_group_keeps_order_and_puts_a_units_exception_in_its_place():
+    def half(n: int) -> float:
+        if n == 0:
+            raise ZeroDivisionError("no half of nothing here")
+        return n / 2
+
+    out = run_unit_group.fn(6, [(half, (4,)), (half, (0,)), (half, (2,))])
+    assert out[0] == 2.0 and out[2] == 1.0
+    assert isinstance(out[1], ZeroDivisionError)
+
+
+@pytest.fixture()
+def planned(tmp_path: Path):
+    """A site store and the publication plan of its cohort (nothing uploaded yet)."""
+    store = build_site(str(tmp_path / "store"))
+    plan = plan_publication(store, parse_spec(SPEC), str(tmp_path / "pub"))
+    assert len(plan.files) >= 2  # one entry per series
+    return store, plan
+
+
+def test_gate_task_reads_each_planned_file_and_finds_nothing_on_a_clean_site(planned):
+    store, plan = planned
+    series, files = sorted(plan.files.items())[0]
+    outcome = gate_series_task.fn(store.url, store.site, series, files)
+    assert outcome.findings == []
+    assert sorted(outcome.sizes) == sorted(f.name for f in files)
+    for f in files:
+        assert outcome.sizes[f.name] == len(store.read_bytes(f.source))
+
+
+def test_stage_task_uploads_the_series_then_reuses_and_reports_a_missing_source(planned):
+    store, plan = planned
+    series, files = sorted(plan.files.items())[0]
+    result = stage_series_task.fn(store.url, store.site, plan, series, files, FAST)
+    assert result.status == Status.OK and result.computed
+    assert sorted(result.outputs) == sorted(f.name for f in files)
+    fs, path = cohort_path(plan.to, plan.cohort)
+    for f in files:  # the staged bytes are the source's bytes
+        staged = fs.cat_file(f"{path}/{plan.staging_key}/{f.name}")
+        assert staged == store.read_bytes(f.source)
+
+    # staged copies already there (and named in the plan) are reused, not uploaded again
+    staged_plan = dataclasses.replace(plan, staged={f.name: 1 for f in files})
+    again = stage_series_task.fn(store.url, store.site, staged_plan, series, files, FAST)
+    assert again.status == Status.OK and not again.computed and again.outputs == ()
+
+    # a missing source is a failed record with a one-line detail, not an exception
+    store.remove(files[0].source)
+    failed = stage_series_task.fn(store.url, store.site, plan, series, files, FAST)
+    assert failed.status == Status.FAILED
+    assert failed.error_class == "OncoflowError"
+    assert failed.detail == f"{files[0].name}: its source file is missing"
+
+
+def test_read_published_task_reads_the_committed_versions(tmp_path: Path):
+    store = build_site(str(tmp_path / "store"))
+    to = str(tmp_path / "pub")
+    publish_cohort(store, parse_spec(SPEC), to, policy=FAST, date_published="2026-01-02")
+    versions = read_source_task.fn(to)
+    assert len(versions) == 1
+    manifest = versions[0].manifest
+    assert manifest["cohort"] == "lung"
+    assert versions[0].url.rstrip("/").endswith("lung/v1")
+    on_disk = json.loads((tmp_path / "pub" / "lung" / "v1" / "manifest.json").read_text())
+    assert manifest == on_disk
+
+
+def test_harmonise_task_writes_what_the_plain_function_writes(tmp_path: Path):
+    from tasks.harmonise.config import HarmoniseConfig
+    from tasks.harmonise.plan import plan_units
+    from tasks.harmonise.series import harmonise_series, harmonise_series_task
+    from tasks.store import SiteStore
+    from tests.dicom_factory import Geometry, deid_store, image_series
+
+    geometry = Geometry(size=(12, 10, 4), spacing=(1.0, 1.0, 2.0), origin=(-6, -5, -4))
+    hu = np.linspace(-900.0, 200.0, 12 * 10 * 4).reshape(4, 10, 12)
+    stores = {}
+    for name in ("task", "plain"):
+        stores[name] = SiteStore(str(tmp_path / name), "site-a")
+        deid_store(stores[name], {"ct": {"datasets": image_series(hu, geometry)}})
+    (unit,), _ = plan_units(stores["task"])
+    config = HarmoniseConfig()
+    by_task = harmonise_series_task.fn(stores["task"].url, "site-a", unit, config)
+    plain = harmonise_series(stores["plain"], unit, config)
+    assert by_task.result.status == Status.OK, by_task.result
+    assert by_task == plain
+    written = sorted(stores["task"].find("harmonised"))
+    assert written and written == sorted(stores["plain"].find("harmonised"))
+    for key in written:
+        assert stores["task"].read_bytes(key) == stores["plain"].read_bytes(key)
+
+
+def test_extract_task_extracts_every_roi_of_its_image(tmp_path: Path):
+    from flows.extract import extract_image_task
+    from tasks.radiomics.extract import plan_units, select_units
+    from tasks.radiomics.params import load_params
+    from tasks.radiomics.samples import SampleRoi, SampleSeries, series_key, write_harmonised_sample
+    from tasks.store import SiteStore
+
+    store = SiteStore(str(tmp_path / "store"), "site-a")
+    spec = SampleSeries(
+        series_key(7), "CT", size=(20, 20, 8), rois=(SampleRoi("gtv", 4.0), SampleRoi("node", 3.0))
+    )
+    write_harmonised_sample(store, [spec])
+    units = select_units(plan_units(store), [spec.series])
+    params, _ = load_params("ct")
+    outcomes = extract_image_task.fn(store.url, "site-a", units, params)
+    assert sorted(o.key for o in outcomes) == sorted(u.key for u in units)
+    assert all(o.status == Status.OK for o in outcomes), outcomes
+    assert all(o.parts and all(store.exists(p) for p in o.parts) for o in outcomes)
