@@ -104,7 +104,7 @@ def build_site(root: Path, site: str, offset: int, mean: float, scale: float) ->
     for unit in plan_units(store):
         outcome = extract_roi(store, unit, PARAMS)
         values: dict[str, float] = {}
-        for part in read_parts(store, list(outcome.parts)).values():
+        for part in read_parts(store, list(outcome.result.outputs)).values():
             values.update(part.features or {})
         # a site effect the hub's ComBat has to remove
         values = {k: v * scale + (mean if "firstorder" in k else 0.0) for k, v in values.items()}

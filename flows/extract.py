@@ -32,7 +32,6 @@ from tasks.errors import OncoflowError, validation_message
 from tasks.names import task_label
 from tasks.radiomics.diagnostics import diagnostics_table, diagnostics_table_key, ok_pairs
 from tasks.radiomics.extract import (
-    RoiOutcome,
     RoiUnit,
     extract_image_rois,
     plan_units,
@@ -55,7 +54,7 @@ from tasks.radiomics.table import (
     build_features_table,
     features_key,
 )
-from tasks.records import Stage, StageSummary
+from tasks.records import Stage, StageSummary, UnitOutcome
 from tasks.research.methods import methods_metadata
 from tasks.store import SiteStore
 
@@ -162,7 +161,7 @@ def _extract_run_name() -> str:
 )
 def extract_image_task(
     store_url: str, site: str, units: list[RoiUnit], params: RadiomicsParams
-) -> list[RoiOutcome]:
+) -> list[UnitOutcome]:
     """Extract the ROIs of one image on a worker, each filtered image made once.
 
     One native thread per worker process.
@@ -211,7 +210,7 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
         failed_outcomes,
         "images extracted",
     )
-    outcomes.update({o.key: o for group in done for o in group})
+    outcomes.update({o.result.key: o for group in done for o in group})
     others = [u for u in every_unit if u.key not in outcomes]
     kept = cached_outcomes(store, others, radiomics_params) if others else {}
     merged = {**kept, **outcomes}
@@ -222,7 +221,7 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
         store,
         Stage.EXTRACT,
         params,
-        [o.unit_result() for o in results],
+        [o.result for o in results],
         quarantine_records(rows),
         _report(table, source, params_hash, reports, rows, results),
         "ROIs",
@@ -233,9 +232,9 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
         table=features_key(params_hash),
         rows=table.num_rows,
         feature_columns=table.num_columns - len(FIXED_COLUMNS),
-        parts_computed=sum(o.parts_computed for o in results),
-        parts_reused=sum(o.parts_reused for o in results),
-        compute_cpu_seconds=round(sum(o.compute_seconds for o in results), 1),
+        parts_computed=sum(o.written for o in results),
+        parts_reused=sum(o.reused for o in results),
+        compute_cpu_seconds=round(sum(o.cpu_seconds for o in results), 1),
         sr_reports=dict(sorted(reports.items())),
     )
 
@@ -275,12 +274,12 @@ def _report(
     params_hash: str,
     reports: Counter[str],
     rows: list,
-    results: list[RoiOutcome],
+    results: list[UnitOutcome],
 ) -> StageReport:
     """Return what an extraction run shows in the Prefect UI."""
     cache = [
-        {"parts": "computed", "count": sum(o.parts_computed for o in results)},
-        {"parts": "reused", "count": sum(o.parts_reused for o in results)},
+        {"parts": "computed", "count": sum(o.written for o in results)},
+        {"parts": "reused", "count": sum(o.reused for o in results)},
     ]
     return StageReport(
         "Radiomics extraction",

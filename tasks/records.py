@@ -162,8 +162,7 @@ class UnitResult:
 class UnitOutcome:
     """What a stage's unit task returns: its result, its stage-table rows and quarantine rows.
 
-    Every stage's unit task returns this record (extraction adds its cache counters in
-    :class:`tasks.radiomics.extract.RoiOutcome`).
+    Every stage's unit task returns this record.
 
     Parameters
     ----------
@@ -179,6 +178,8 @@ class UnitOutcome:
         ``(attribute, action, count)`` triples for the stage's audit table (never values).
     written
         Objects this run wrote for the unit (0 when everything was already up to date).
+    cpu_seconds
+        CPU seconds the worker spent computing the unit (0 when its outputs were reused).
     """
 
     result: UnitResult
@@ -187,6 +188,12 @@ class UnitOutcome:
     derived_rows: tuple[dict[str, Any], ...] = ()
     audit: tuple[tuple[str, str, int], ...] = ()
     written: int = 0
+    cpu_seconds: float = 0.0
+
+    @property
+    def reused(self) -> int:
+        """Outputs of the unit kept as they were (not written by this run)."""
+        return max(len(self.result.outputs) - self.written, 0)
 
     @property
     def rows(self) -> list[dict[str, Any]]:

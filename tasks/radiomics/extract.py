@@ -37,7 +37,7 @@ from tasks.radiomics.cache import (
 from tasks.radiomics.diagnostics import compute_diagnostics, diagnostics_key, write_diagnostics
 from tasks.radiomics.params import SHAPE_CLASSES, RadiomicsParams
 from tasks.radiomics.shared_filters import can_share_filters, features_per_mask
-from tasks.records import Reason, Status, UnitResult
+from tasks.records import Reason, Status, UnitOutcome, UnitResult
 from tasks.store import HARMONISED_SERIES, SiteStore, sha256_bytes
 from tasks.store_checks import missing_input
 
@@ -184,9 +184,18 @@ def select_units(
     ]
 
 
-@dataclass(frozen=True)
-class RoiOutcome:
-    """What one extract task returns: status and cache keys, never feature arrays.
+def roi_outcome(
+    key: str,
+    status: Status,
+    *,
+    reason: str = "",
+    detail: str = "",
+    error_class: str = "",
+    parts: Sequence[str] = (),
+    parts_computed: int = 0,
+    compute_seconds: float = 0.0,
+) -> UnitOutcome:
+    """Return the outcome of one (series, ROI): status and cache keys, never feature arrays.
 
     Parameters
     ----------
@@ -194,41 +203,25 @@ class RoiOutcome:
         ``<series>/<roi>``.
     status
         ``ok``, ``quarantined`` or ``failed``.
-    reason
-        Reason code when quarantined.
-    detail
-        Short explanation without identifying values.
-    error_class
-        Exception class name when failed.
+    reason, detail, error_class
+        Reason code when quarantined, short explanation, exception class when failed.
     parts
-        Store keys of the unit's cached parts (in table column order).
-    parts_computed, parts_reused
-        How many parts were computed now / found in the cache.
+        Store keys of the unit's cached parts (in table column order): the outputs.
+    parts_computed
+        How many parts were computed now (written to the cache); the others were reused.
     compute_seconds
         CPU seconds this process spent computing the missing parts (0 when all were cached).
     """
-
-    key: str
-    status: Status
-    reason: str = ""
-    detail: str = ""
-    error_class: str = ""
-    parts: tuple[str, ...] = ()
-    parts_computed: int = 0
-    parts_reused: int = 0
-    compute_seconds: float = 0.0
-
-    def unit_result(self) -> UnitResult:
-        """Return the outcome as the shared :class:`~tasks.records.UnitResult`."""
-        return UnitResult(
-            key=self.key,
-            status=self.status,
-            reason=self.reason,
-            error_class=self.error_class,
-            detail=self.detail,
-            outputs=self.parts,
-            computed=self.parts_computed > 0,
-        )
+    result = UnitResult(
+        key,
+        status,
+        reason=reason,
+        error_class=error_class,
+        detail=detail,
+        outputs=tuple(parts),
+        computed=parts_computed > 0,
+    )
+    return UnitOutcome(result, written=parts_computed, cpu_seconds=compute_seconds)
 
 
 class Quarantine(Exception):
@@ -244,7 +237,7 @@ class InputError(Exception):
     """An input object is missing or differs from its recorded hash; becomes a failed outcome."""
 
 
-def extract_roi(store: SiteStore, unit: RoiUnit, params: RadiomicsParams) -> RoiOutcome:
+def extract_roi(store: SiteStore, unit: RoiUnit, params: RadiomicsParams) -> UnitOutcome:
     """Extract the features of one (series, ROI), computing only parts missing from the cache.
 
     Parameters
@@ -258,7 +251,7 @@ def extract_roi(store: SiteStore, unit: RoiUnit, params: RadiomicsParams) -> Roi
 
     Returns
     -------
-    RoiOutcome
+    UnitOutcome
         ``ok`` with the cache keys of every part, ``quarantined`` with a reason for a defective
         ROI, or ``failed`` with the error class for an unexpected error.
     """
@@ -267,7 +260,7 @@ def extract_roi(store: SiteStore, unit: RoiUnit, params: RadiomicsParams) -> Roi
 
 def extract_image_rois(
     store: SiteStore, units: list[RoiUnit], params: RadiomicsParams
-) -> list[RoiOutcome]:
+) -> list[UnitOutcome]:
     """Extract several ROIs of one image, reading the image and filtering it once.
 
     Parameters
@@ -281,7 +274,7 @@ def extract_image_rois(
 
     Returns
     -------
-    list of RoiOutcome
+    list of UnitOutcome
         One per unit, in the order given (see :func:`extract_roi`).
 
     Raises
@@ -297,7 +290,7 @@ def extract_image_rois(
     to_compute = [u for u in units if any(k not in cached for k in keys[u.key])]
     computed: dict[str, int] = {}
     cpu = 0.0
-    failed: dict[str, RoiOutcome] = {}
+    failed: dict[str, UnitOutcome] = {}
     if to_compute:
         started = time.process_time()
         missing = [p for p in parts if any(object_key(u.image_sha256, u.mask_sha256, p)
@@ -310,7 +303,7 @@ def extract_image_rois(
             logger.warning("extraction of one image's ROIs failed: %s", type(exc).__name__)
             fresh, errors = {}, {u.key: exc for u in to_compute}
         for key, exc in errors.items():
-            failed[key] = RoiOutcome(
+            failed[key] = roi_outcome(
                 key,
                 Status.FAILED,
                 error_class=type(exc).__name__,
@@ -330,18 +323,17 @@ def extract_image_rois(
         common = {
             "parts": tuple(keys[unit.key]),
             "parts_computed": done,
-            "parts_reused": len(parts) - done,
             "compute_seconds": cpu if unit.key in computed else 0.0,
         }
         bad = next((cached[k] for k in keys[unit.key] if not cached[k].ok), None)
         if bad is not None:
             outcomes.append(
-                RoiOutcome(
+                roi_outcome(
                     unit.key, Status.QUARANTINED, reason=bad.reason, detail=bad.detail, **common
                 )
             )
         else:
-            outcomes.append(RoiOutcome(unit.key, Status.OK, **common))
+            outcomes.append(roi_outcome(unit.key, Status.OK, **common))
     return outcomes
 
 

@@ -80,8 +80,8 @@ def test_features_equal_pyradiomics_execute(store, preset, spec):
     params, _ = load_params(preset.value)
     u = unit(store, spec.series, "gtv")
     outcome = extract_roi(store, u, params)
-    assert outcome.status == Status.OK, outcome
-    ours = features_of(store, outcome.parts)
+    assert outcome.result.status == Status.OK, outcome
+    ours = features_of(store, outcome.result.outputs)
     # pyradiomics reads the raw preset YAML and the NIfTI files itself
     reference = RadiomicsFeatureExtractor(str(preset.path)).execute(
         store.path(u.image), store.path(u.mask)
@@ -97,12 +97,16 @@ def test_features_equal_pyradiomics_execute(store, preset, spec):
 def test_defective_rois_are_quarantined_with_a_reason(store, roi, reason):
     params, _ = load_params("ct")  # minimumROISize 8: the 4-voxel disc is too small
     outcome = extract_roi(store, unit(store, CT.series, roi), params)
-    assert outcome.status == Status.QUARANTINED
-    assert outcome.reason == str(reason)
-    assert outcome.detail and "\n" not in outcome.detail
+    assert outcome.result.status == Status.QUARANTINED
+    assert outcome.result.reason == str(reason)
+    assert outcome.result.detail and "\n" not in outcome.result.detail
     # the quarantine outcome is cached too: a rerun computes nothing
     again = extract_roi(store, unit(store, CT.series, roi), params)
-    assert (again.status, again.reason, again.parts_computed) == (outcome.status, outcome.reason, 0)
+    assert (again.result.status, again.result.reason, again.written) == (
+        outcome.result.status,
+        outcome.result.reason,
+        0,
+    )
 
 
 def test_missing_or_changed_input_fails_without_raising(store):
@@ -110,13 +114,13 @@ def test_missing_or_changed_input_fails_without_raising(store):
     u = unit(store, CT.series, "gtv")
     store.remove(u.mask)
     outcome = extract_roi(store, u, params)
-    assert (outcome.status, outcome.error_class) == (Status.FAILED, "InputError")
-    assert "missing" in outcome.detail
+    assert (outcome.result.status, outcome.result.error_class) == (Status.FAILED, "InputError")
+    assert "missing" in outcome.result.detail
     v = unit(store, MR.series, "gtv")
     store.write_bytes(v.image, b"not a nifti")
     outcome = extract_roi(store, v, params)
-    assert outcome.status == Status.FAILED
-    assert "re-run harmonise" in outcome.detail
+    assert outcome.result.status == Status.FAILED
+    assert "re-run harmonise" in outcome.result.detail
 
 
 def _cache_state(store: SiteStore) -> dict[str, float]:
@@ -129,21 +133,21 @@ def test_rerun_computes_and_writes_nothing_and_a_changed_parameter_recomputes_on
     ct, _ = load_params("ct")
     u = unit(store, CT.series, "gtv")
     first = extract_roi(store, u, ct)
-    assert first.parts_computed == len(plan_parts(ct)) == 4  # shape, LoG, Original, Wavelet
+    assert first.written == len(plan_parts(ct)) == 4  # shape, LoG, Original, Wavelet
     before = _cache_state(store)
     assert len(before) == 4 + 1  # and pyradiomics' diagnostics of the (image, mask) pair
     assert sum("/diagnostics-" in k for k in before) == 1
 
     again = extract_roi(store, u, ct)
-    assert (again.parts_computed, again.parts_reused) == (0, 4)
-    assert again.parts == first.parts
+    assert (again.written, again.reused) == (0, 4)
+    assert again.result.outputs == first.result.outputs
     assert _cache_state(store) == before  # nothing rewritten
 
     canonical = ct.canonical()
     canonical["imageType"]["LoG"] = {"sigma": [1.5]}
     changed = validate_params(canonical)
     third = extract_roi(store, u, changed)
-    assert (third.parts_computed, third.parts_reused) == (1, 3)
+    assert (third.written, third.reused) == (1, 3)
     after = _cache_state(store)
     assert len(after) == 6  # diagnostics depend on the global settings only: not rewritten
     assert {k: v for k, v in after.items() if k in before} == before
@@ -151,8 +155,10 @@ def test_rerun_computes_and_writes_nothing_and_a_changed_parameter_recomputes_on
     reference = RadiomicsFeatureExtractor(changed.canonical()).execute(
         store.path(u.image), store.path(u.mask)
     )
-    assert_same_features(features_of(store, third.parts), reference)
-    assert any(n.startswith("log-sigma-1-5-mm-3D_") for n in features_of(store, third.parts))
+    assert_same_features(features_of(store, third.result.outputs), reference)
+    assert any(
+        n.startswith("log-sigma-1-5-mm-3D_") for n in features_of(store, third.result.outputs)
+    )
 
 
 def test_rois_of_one_image_share_filtered_images_with_identical_values(store):
@@ -161,16 +167,16 @@ def test_rois_of_one_image_share_filtered_images_with_identical_values(store):
     params, _ = load_params("ct")
     units = select_units(plan_units(store), [CT.series])
     assert len(units) == len(CT.rois)
-    outcomes = {o.key: o for o in extract_image_rois(store, units, params)}
+    outcomes = {o.result.key: o for o in extract_image_rois(store, units, params)}
     extractor = RadiomicsFeatureExtractor(str(Preset.CT.path))
     for u in units:
         if u.roi not in ("gtv", "node"):
-            assert outcomes[u.key].status == Status.QUARANTINED
+            assert outcomes[u.key].result.status == Status.QUARANTINED
             continue
-        assert outcomes[u.key].status == Status.OK, outcomes[u.key]
+        assert outcomes[u.key].result.status == Status.OK, outcomes[u.key]
         reference = extractor.execute(store.path(u.image), store.path(u.mask))
-        assert_same_features(features_of(store, outcomes[u.key].parts), reference, rel=0.0)
-    reasons = {u.roi: outcomes[u.key].reason for u in units if u.roi not in ("gtv", "node")}
+        assert_same_features(features_of(store, outcomes[u.key].result.outputs), reference, rel=0.0)
+    reasons = {u.roi: outcomes[u.key].result.reason for u in units if u.roi not in ("gtv", "node")}
     assert reasons == {roi: str(reason) for roi, reason in DEFECTS}  # as one by one (below)
 
 

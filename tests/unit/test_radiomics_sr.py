@@ -108,9 +108,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[SiteStore, dict[str,
     for unit in plan_units(store):
         outcome = extract_roi(store, unit, PARAMS)
         values: dict[str, float] = {}
-        for part in read_parts(store, list(outcome.parts)).values():
+        for part in read_parts(store, list(outcome.result.outputs)).values():
             values.update(part.features or {})
-        feature_rows.append(FeatureRow(unit, str(outcome.status), features=values))
+        feature_rows.append(FeatureRow(unit, str(outcome.result.status), features=values))
     table, metadata = build_features_table("site-a", feature_rows, PARAMS)
     store.write_table(features_key(PARAMS.params_hash()), table, metadata)
     return store, keys

@@ -58,9 +58,9 @@ def extracted(tmp_path_factory: pytest.TempPathFactory):
     for unit in units:
         outcome = extract_roi(store, unit, params)
         features = {}
-        for key in outcome.parts:
+        for key in outcome.result.outputs:
             features.update(json.loads(store.read_bytes(key))["features"])
-        rows.append(FeatureRow(unit, str(outcome.status), features=features))
+        rows.append(FeatureRow(unit, str(outcome.result.status), features=features))
     table, metadata = build_features_table("site-a", rows, params)
     metadata.update(methods_metadata(store, params, [u.series for u in units]))
     store.write_table(features_key(params.params_hash()), table, metadata)
