@@ -138,6 +138,7 @@ def test_extract_task_extracts_every_roi_of_its_image(tmp_path: Path):
     units = select_units(plan_units(store), [spec.series])
     params, _ = load_params("ct")
     outcomes = extract_image_task.fn(store.url, "site-a", units, params)
-    assert sorted(o.key for o in outcomes) == sorted(u.key for u in units)
-    assert all(o.status == Status.OK for o in outcomes), outcomes
-    assert all(o.parts and all(store.exists(p) for p in o.parts) for o in outcomes)
+    assert sorted(o.result.key for o in outcomes) == sorted(u.key for u in units)
+    assert all(o.result.status == Status.OK for o in outcomes), outcomes
+    assert all(o.result.outputs for o in outcomes)
+    assert all(store.exists(p) for o in outcomes for p in o.result.outputs)
