@@ -18,7 +18,9 @@ searched again by its UID on the next run, whatever the date filters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+import functools
 import io
 import json
 import logging
@@ -38,6 +40,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import OncoflowError
+from tasks.names import task_label
 from tasks.pacs.credentials import DicomwebCredentials, load_credentials
 from tasks.records import Stage, StageSummary
 from tasks.refs import RefKey, site_ref_key
@@ -63,6 +66,7 @@ TAG_STUDY_UID = "0020000D"
 TAG_SERIES_UID = "0020000E"
 TAG_SOP_UID = "00080018"
 TAG_SERIES_INSTANCES = "00201209"
+TAG_MODALITY = "00080060"
 
 T = TypeVar("T")
 
@@ -235,11 +239,13 @@ class PullJob:
     Parameters
     ----------
     study_key, series_key
-        Opaque keys (hashes of the UIDs), used in names, logs and records.
+        Opaque keys (keyed HMACs of the UIDs), used in names, logs and records.
     study_uid, series_uid
         The UIDs, needed for the WADO-RS request only.
     expected
         NumberOfSeriesRelatedInstances from QIDO-RS, when the server gave it.
+    modality
+        The series' modality from QIDO-RS (empty when the server did not give it).
     """
 
     study_key: str
@@ -247,6 +253,7 @@ class PullJob:
     study_uid: str = field(repr=False)
     series_uid: str = field(repr=False)
     expected: int | None = None
+    modality: str = ""
 
 
 @dataclass(frozen=True)
@@ -367,17 +374,24 @@ def find_study_uids(
     return sorted(uids)
 
 
-def find_series(
-    client: Any, study_uid: str, attempts: int, delay: float
-) -> list[tuple[str, int | None]]:
-    """List a study's series (QIDO-RS) as ``(series_uid, number_of_instances_or_None)``."""
+@dataclass(frozen=True)
+class FoundSeries:
+    """A series listed by QIDO-RS: its UID, instance count and modality when given."""
+
+    series_uid: str = field(repr=False)
+    count: int | None = None
+    modality: str = ""
+
+
+def find_series(client: Any, study_uid: str, attempts: int, delay: float) -> list[FoundSeries]:
+    """List a study's series (QIDO-RS), sorted by UID."""
     try:
         found = with_backoff(
             lambda: search_all(
                 partial(
                     client.search_for_series,
                     study_instance_uid=study_uid,
-                    fields=["SeriesInstanceUID", "NumberOfSeriesRelatedInstances"],
+                    fields=["SeriesInstanceUID", "NumberOfSeriesRelatedInstances", "Modality"],
                 ),
                 TAG_SERIES_UID,
             ),
@@ -388,17 +402,20 @@ def find_series(
         if exc.response is not None and exc.response.status_code == 404:
             return []  # the study is gone from the server
         raise
-    out: dict[str, int | None] = {}
+    out: dict[str, FoundSeries] = {}
     for item in found:
         uid = _value(item, TAG_SERIES_UID)
         if not (isinstance(uid, str) and UID_PATTERN.match(uid)):
             continue
         count = _value(item, TAG_SERIES_INSTANCES)
         try:
-            out[uid] = int(count) if count is not None else None
+            count = int(count) if count is not None else None
         except (TypeError, ValueError):
-            out[uid] = None
-    return sorted(out.items())
+            count = None
+        modality = _value(item, TAG_MODALITY)
+        modality = modality.strip().upper()[:16] if isinstance(modality, str) else ""
+        out[uid] = FoundSeries(uid, count, modality if modality.isalnum() else "")
+    return [out[uid] for uid in sorted(out)]
 
 
 def plan_pull(
@@ -440,32 +457,94 @@ def plan_pull(
     for study_uid, series in zip(ordered, all_series, strict=True):
         study_key = opaque_key(study_uid, key)
         jobs = []
-        for series_uid, count in series:
-            series_key = opaque_key(series_uid, key)
+        for found in series:
+            series_key = opaque_key(found.series_uid, key)
             have = state.series.get(series_key)
-            if have and (count is None or count == have.get("instances")):
+            if have and (found.count is None or found.count == have.get("instances")):
                 continue
-            jobs.append(PullJob(study_key, series_key, study_uid, series_uid, count))
+            jobs.append(
+                PullJob(
+                    study_key, series_key, study_uid, found.series_uid, found.count, found.modality
+                )
+            )
         plans.append(StudyPlan(study_key, study_uid, len(series), tuple(jobs)))
     return plans
 
 
-PLAN_KEY = "raw/_state/pull-plan.json"
+#: Where the plans of running pulls are kept (private zone: they hold UIDs).
+RAW_PLANS = "raw/_state/plans"
+
+
+@dataclass(frozen=True)
+class SeriesHandle:
+    """A pseudonymous handle on one planned series: what a pull task gets instead of UIDs.
+
+    The worker resolves the UIDs from the plan in the private zone
+    (:func:`resolve_handle`), so task parameters, task-run names, logs and results never hold
+    an original UID nor a plain hash of one.
+
+    Parameters
+    ----------
+    plan
+        Store key of the plan (:func:`write_plan`).
+    series_key, study_key
+        Opaque keys (keyed HMACs) of the series and its study.
+    expected
+        Instances listed by QIDO-RS, when the server gave the count.
+    modality
+        The series' modality, for readable task-run names.
+    """
+
+    plan: str
+    series_key: str
+    study_key: str
+    expected: int | None = None
+    modality: str = ""
 
 
 def write_plan(store: SiteStore, jobs: list[PullJob]) -> str:
-    """Write the series to pull into the private zone and return its key.
+    """Write the series to pull into the private zone and return its key (new per run).
 
-    The plan holds UIDs, so it is passed to the pulling subflow by key, never as a parameter.
+    The plan holds UIDs, so it is passed to the pulling subflow and its tasks by key, never
+    as a parameter.
     """
+    key = f"{RAW_PLANS}/{uuid.uuid4().hex}.json"
     body = json.dumps([asdict(j) for j in jobs], separators=(",", ":")).encode()
-    store.write_bytes(PLAN_KEY, body, mode=Existing.OVERWRITE)
-    return PLAN_KEY
+    store.write_bytes(key, body, mode=Existing.OVERWRITE)
+    return key
 
 
 def read_plan(store: SiteStore, key: str) -> list[PullJob]:
     """Read a plan written by :func:`write_plan`."""
     return [PullJob(**item) for item in json.loads(store.read_bytes(key))]
+
+
+def plan_handles(store: SiteStore, key: str) -> list[SeriesHandle]:
+    """Return the pseudonymous handles of the series of a plan, in plan order."""
+    return [
+        SeriesHandle(key, j.series_key, j.study_key, j.expected, j.modality)
+        for j in read_plan(store, key)
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def _plan_jobs(store_url: str, site: str, key: str) -> dict[str, PullJob]:
+    """Return the jobs of a plan by series key, read once per process (plans never change)."""
+    return {j.series_key: j for j in read_plan(SiteStore(store_url, site), key)}
+
+
+def resolve_handle(handle: SeriesHandle, store: SiteStore) -> PullJob:
+    """Return the job (with its UIDs) of a handle, read from the plan in the private zone.
+
+    Raises
+    ------
+    PullError
+        When the plan does not list the handle's series.
+    """
+    job = _plan_jobs(store.url, store.site, handle.plan).get(handle.series_key)
+    if job is None:
+        raise PullError("the series is not in the pull's plan")
+    return job
 
 
 # --------------------------------------------------------------------------- retrieve
@@ -483,6 +562,9 @@ class SeriesPull:
         Store-relative prefix holding the complete series, to be committed.
     instances, nbytes
         Instances and bytes written.
+    seconds
+        Time spent pulling it (listing, retrieval, writing; retries included), for the
+        share of the pull spent outside the transfer.
     """
 
     series_key: str
@@ -490,6 +572,35 @@ class SeriesPull:
     staging: str
     instances: int
     nbytes: int
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PullSettings:
+    """Where and how the series of a pull are retrieved (no identifiers, no credentials).
+
+    Parameters
+    ----------
+    base_url
+        DICOMweb base URL.
+    store_url, site
+        The site store (the plan and the raw zone).
+    secret_block
+        Prefect Secret block with the credentials when the environment has none.
+    timeout
+        HTTP read timeout (seconds).
+    retries, retry_delay
+        Retries of a series after a failed attempt, the first after ``retry_delay`` seconds,
+        then twice as long each time.
+    """
+
+    base_url: str
+    store_url: str
+    site: str
+    secret_block: str | None = None
+    timeout: float = 60.0
+    retries: int = 3
+    retry_delay: float = 2.0
 
 
 def series_prefix(study_key: str, series_key: str) -> str:
@@ -526,6 +637,7 @@ def _retrieve_into(
     )
     expected = {_value(i, TAG_SOP_UID) for i in listed} - {None}
     nbytes = 0
+    key = site_ref_key(store)
     for ds in client.iter_series(job.study_uid, job.series_uid, media_types=ANY_TRANSFER_SYNTAX):
         if str(ds.get("SeriesInstanceUID", "")) != job.series_uid:
             raise PullError("the server returned an instance of another series")
@@ -533,7 +645,7 @@ def _retrieve_into(
         if not UID_PATTERN.match(sop_uid):
             raise PullError("the server returned an instance without a valid SOPInstanceUID")
         data = encode_dataset(ds)
-        store.stage_bytes(f"{staging}/{opaque_key(sop_uid, site_ref_key(store))}.dcm", data)
+        store.stage_bytes(f"{staging}/{opaque_key(sop_uid, key)}.dcm", data)
         received.add(sop_uid)
         nbytes += len(data)
     missing = expected - received
@@ -544,31 +656,25 @@ def _retrieve_into(
     return nbytes
 
 
-def retrieve_series(
-    job: PullJob,
-    base_url: str,
-    store_url: str,
-    site: str,
-    secret_block: str | None = None,
-    timeout: float = 60.0,
-) -> SeriesPull:
-    """Pull one series over WADO-RS into a fresh staging prefix of the raw zone.
+def retrieve_series(job: PullJob, settings: PullSettings) -> SeriesPull:
+    """Pull one series over WADO-RS into a fresh staging prefix of the raw zone (one attempt).
 
     The instance list comes from QIDO-RS; the series is complete only when every listed
     instance arrived. On any error the staging prefix is removed and a :class:`PullError`
-    without identifiers is raised (the task retries it).
+    without identifiers is raised.
 
     Returns
     -------
     SeriesPull
         Where the complete series was staged, and its counts.
     """
-    store = SiteStore(store_url, site)
+    store = SiteStore(settings.store_url, settings.site)
     staging = f"{RAW_STAGING_DICOMWEB}/{job.series_key}-{uuid.uuid4().hex[:12]}"
     received: set[str] = set()
     nbytes = 0
     try:
-        with dicomweb_client(base_url, load_credentials(secret_block), timeout) as client:
+        credentials = load_credentials(settings.secret_block)
+        with dicomweb_client(settings.base_url, credentials, settings.timeout) as client:
             nbytes = _retrieve_into(client, job, store, staging, received)
     except BaseException as exc:
         store.remove(staging)
@@ -580,32 +686,75 @@ def retrieve_series(
     return SeriesPull(job.series_key, job.study_key, staging, len(received), nbytes)
 
 
-@task(
-    name="pull-series",
-    task_run_name="pull-series-{job.series_key}",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[2, 4, 8],
-    retry_jitter_factor=0.2,
-)
-def pull_series_task(
-    job: PullJob,
-    base_url: str,
-    store_url: str,
-    site: str,
-    secret_block: str | None = None,
-    timeout: float = 60.0,
-) -> SeriesPull:
-    """Prefect task: pull one series (see :func:`retrieve_series`); retried with backoff."""
-    return retrieve_series(job, base_url, store_url, site, secret_block, timeout)
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """Return the Prefect run logger inside a task run, else this module's logger."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+def pull_series(handle: SeriesHandle, settings: PullSettings) -> SeriesPull:
+    """Pull one planned series, retrying a failed attempt with exponential backoff.
+
+    Runs in a worker: the UIDs are resolved there from the plan (:func:`resolve_handle`).
+    The retries are the series' own, so a series that shares its task with others
+    (:class:`flows.stage.Grouping`) is retried alone and the others are not pulled twice.
+
+    Raises
+    ------
+    PullError
+        After the last attempt failed (no identifier in the message).
+    """
+    t0 = time.perf_counter()
+    store = SiteStore(settings.store_url, settings.site)
+    job = resolve_handle(handle, store)
+    for attempt in range(settings.retries + 1):
+        try:
+            pulled = retrieve_series(job, settings)
+        except PullError as exc:
+            if attempt == settings.retries:
+                raise
+            wait = settings.retry_delay * 2**attempt
+            _run_logger().info(
+                "series %s: attempt %d of %d failed (%s), retrying in %.1f s",
+                handle.series_key[-6:],
+                attempt + 1,
+                settings.retries + 1,
+                exc,
+                wait,
+            )
+            time.sleep(wait)
+        else:
+            return dataclasses.replace(pulled, seconds=round(time.perf_counter() - t0, 4))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _pull_run_name() -> str:
+    """Task-run name of a one-series pull: ``pull-<modality>-<key tail>``."""
+    from prefect.runtime import task_run
+
+    handle = task_run.get_parameters().get("handle")
+    return "pull-" + task_label(getattr(handle, "modality", ""), getattr(handle, "series_key", ""))
+
+
+@task(name="pull-series", task_run_name=_pull_run_name, cache_policy=NO_CACHE)
+def pull_series_task(handle: SeriesHandle, settings: PullSettings) -> SeriesPull:
+    """Prefect task: pull one large series (see :func:`pull_series`; retries are its own)."""
+    return pull_series(handle, settings)
 
 
 # --------------------------------------------------------------------------- commit
 
 
 def clean_staging(store: SiteStore) -> int:
-    """Remove staging left by an interrupted run; return how many prefixes were removed."""
-    return store.prune(RAW_STAGING_DICOMWEB, (), children=True)
+    """Remove staging and plans left by an interrupted run; return how many were removed."""
+    return store.prune(RAW_STAGING_DICOMWEB, (), children=True) + store.prune(
+        RAW_PLANS, (), children=True
+    )
 
 
 def commit_series(store: SiteStore, pulled: SeriesPull) -> str:
@@ -640,9 +789,7 @@ class PullSettlement:
     rows: list[dict[str, object]] = field(default_factory=list)
     committed: bool = False
 
-    def summary(
-        self, site: str, source: str, study_dates: str | None, found: int
-    ) -> StageSummary:
+    def summary(self, site: str, source: str, study_dates: str | None, found: int) -> StageSummary:
         """Return the pull's summary: studies ok (pulled or up to date) and failed."""
         return StageSummary(
             stage=Stage.INGEST,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -163,7 +164,8 @@ def test_pull_everything_then_nothing_then_only_the_new_study(
     # A new study in the PACS: only it is pulled.
     new = make_ct_study("PAT-3", n_series=1, n_slices=4, seed=3)
     orthanc.upload(list(new.files))
-    summary = pull_dicomweb(params(orthanc, store_url), runtime).to_dict()
+    # group_below=0: a task per series (the first pull shared one task among its 3 series)
+    summary = pull_dicomweb(params(orthanc, store_url, group_below=0), runtime).to_dict()
     assert summary["studies"] == {"found": 3, "pulled": 1, "skipped": 2, "failed": 0}
     assert summary["instances"] == 4
     after = raw_files(store)
@@ -172,10 +174,27 @@ def test_pull_everything_then_nothing_then_only_the_new_study(
     assert_study_in_raw(store, new)
     assert catalogued_series(store) == {**expected, new.series_uids[0]: 4}
     assert_nothing_identifying_in_prefect([*first, new])
+    # both kinds of task were read back: a shared one (the first pull: 3 small series on 2
+    # workers, two of them in one task) and a series' own, named by modality and key tail
+    task_runs = asyncio.run(prefect_records(["pull-dicomweb-series"]))[3]
+    assert any(t.task_key.startswith("run_unit_group") for t in task_runs)
+    new_key = opaque_key(new.series_uids[0], site_ref_key(store))
+    assert f"pull-CT-{new_key[-6:]}" in {t.name for t in task_runs}
+
+
+def plain_hashes(value: str) -> list[str]:
+    """Plain (unkeyed) hashes of a value as hex, and their 12-digit prefixes."""
+    data = value.encode()
+    digests = [hashlib.new(name, data).hexdigest() for name in ("md5", "sha1", "sha256")]
+    return [*digests, *(d[:12] for d in digests)]
 
 
 def assert_nothing_identifying_in_prefect(studies: list[SyntheticStudy]) -> None:
-    """No UID or patient ID in flow-run parameters, names, logs, artifacts or task-run names."""
+    """No UID, patient ID nor a plain hash of one anywhere the Prefect API keeps of the pulls.
+
+    Flow-run names and parameters, logs, artifacts, and for every task run its name, cache
+    key, inputs, state message and result record.
+    """
     runs, logs, artifacts, tasks = asyncio.run(
         prefect_records(["pull-dicomweb", "pull-dicomweb-series"])
     )
@@ -183,11 +202,16 @@ def assert_nothing_identifying_in_prefect(studies: list[SyntheticStudy]) -> None
     texts = [json.dumps(r.parameters, default=str) + r.name for r in runs]
     texts += [log.message for log in logs]
     texts += [json.dumps(a.data, default=str) + (a.description or "") for a in artifacts]
-    texts += [t.name for t in tasks]
-    blob = "\n".join(texts)
+    for t in tasks:
+        assert t.cache_key is None, t.name  # no input-hash cache key: inputs are not hashed
+        assert t.state is not None and t.state.data is None, t.name  # no persisted result
+        texts += [t.name, json.dumps(t.task_inputs, default=str), t.state.message or ""]
+    blob = "\n".join(texts).lower()
     for study in studies:
         for value in (study.patient_id, study.study_uid, *study.series_uids, *study.sop_uids):
-            assert value not in blob
+            assert value.lower() not in blob
+            for digest in plain_hashes(value):
+                assert digest not in blob
 
 
 def test_pull_into_an_s3_store(orthanc: Orthanc, dask_address: str, s3_bucket: str) -> None:
