@@ -35,7 +35,7 @@ from flows.stage import (
 from tasks.deid.audit import audit_summary_rows
 from tasks.deid.plan import (
     outcome_rows,
-    plan_jobs,
+    plan_deid,
     quarantine_records,
     remove_stale,
     source_root,
@@ -48,7 +48,6 @@ from tasks.deid.series import (
     SeriesJob,
     counter_from,
     deidentify_series_task,
-    pseudonymous_series_uid,
 )
 from tasks.errors import OncoflowError, validation_message
 from tasks.records import Stage, StageSummary, UnitOutcome
@@ -154,18 +153,15 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         raise missing_input(store, "catalogue", "oncoflow ingest")
     source = source_root(store, catalog, params.source) if catalog is not None else ""
     keys = SiteKeys.derive(load_site_secret(params.site), params.site)
-    jobs = plan_jobs(catalog) if catalog is not None else []
-    label = {
-        j.series_key: pseudonymous_series_uid(keys, j.series_key, j.series_instance_uid)
-        for j in jobs
-    }
-    get_run_logger().info("de-identifying %d series (profile %s)", len(jobs), PROFILE_VERSION)
+    plan = plan_deid(store, catalog, keys, params.options)
+    label = plan.label
+    get_run_logger().info("de-identifying %d series (%d unchanged)", len(label), len(plan.reused))
 
     def args(job: SeriesJob) -> tuple[Any, ...]:
         return (job, label[job.series_key], params.store, params.site, source, params.options)
 
     outcomes = run_units(
-        jobs,
+        plan.jobs,
         lambda job: deidentify_series_task.submit(*args(job)),
         lambda job, exc: _failed(label[job.series_key], exc),
         "series de-identified",
@@ -174,6 +170,7 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
             size=lambda job: len(job.paths),
             call=lambda job: (deidentify_series_task.fn, args(job)),
         ),
+        plan.reused,
     )
     volumes = run_units(  # catalogued NIfTI/NRRD volumes, see tasks/volumes
         volume_jobs,
@@ -184,13 +181,13 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         "volumes de-identified",
     )
     counts = counter_from([*outcomes, *volumes])  # type: ignore[list-item]
-    written = write_tables(store, outcomes, volumes, counts, keys.key_id)
+    written = write_tables(store, plan, outcomes, volumes, counts, keys.key_id)
     return finish_stage(
         store,
         Stage.DEIDENTIFY,
         params,
         [o.result for o in [*outcomes, *volumes]],
-        [*quarantine_records(jobs, outcomes), *volume_records(volumes)],
+        [*quarantine_records(plan.jobs, outcomes), *volume_records(volumes)],
         _report(outcomes, counts),
         "series",
         tables_written=written,

@@ -10,7 +10,6 @@ series exceeds ``max_failure_ratio`` (quarantined series do not count).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from prefect import flow
@@ -29,11 +28,12 @@ from tasks.errors import OncoflowError, validation_message
 from tasks.harmonise.config import HarmoniseConfig, load_config
 from tasks.harmonise.plan import (
     outcome_rows,
+    plan_harmonise,
     plan_units,
     qc_report,
     quarantined_report,
     remove_stale,
-    series_table,
+    write_tables,
 )
 from tasks.harmonise.series import SeriesUnit, harmonise_series_task, series_row
 from tasks.records import Stage, StageSummary, Status, UnitOutcome
@@ -101,12 +101,13 @@ def harmonise_flow(params: HarmoniseParams) -> dict[str, Any]:
         When the share of failed series exceeds ``params.max_failure_ratio``.
     """
     store = params.open_store()
-    units, plan_records = plan_units(store)
+    plan = plan_harmonise(store, params.config)
+
     def args(unit: SeriesUnit) -> tuple[Any, ...]:
         return (params.store, params.site, unit, params.config)
 
     outcomes = run_units(
-        units,
+        plan.units,
         lambda unit: harmonise_series_task.submit(*args(unit)),
         _failed,
         "series harmonised",
@@ -115,13 +116,10 @@ def harmonise_flow(params: HarmoniseParams) -> dict[str, Any]:
             size=lambda unit: len(unit.keys),
             call=lambda unit: (harmonise_series_task.fn, args(unit)),
         ),
+        plan.reused,
     )
-    written = store.write_table(
-        HARMONISED_SERIES,
-        series_table([o.row for o in outcomes]),
-        {"oncoflow.harmonise.config": json.dumps(params.config.model_dump(mode="json"))},
-    )
-    records = [*plan_records, *(r for o in outcomes for r in o.quarantine)]
+    written = write_tables(store, plan, outcomes, params.config)
+    records = [*plan.records, *(r for o in outcomes for r in o.quarantine)]
     ok = {o.result.key for o in outcomes if o.result.status == Status.OK}
     report = StageReport(
         "Image harmonisation",
@@ -140,7 +138,7 @@ def harmonise_flow(params: HarmoniseParams) -> dict[str, Any]:
         records,
         report,
         "series",
-        tables_written=[HARMONISED_SERIES] if written else [],
+        tables_written=written,
         stale_removed=remove_stale(store, ok),
         table=HARMONISED_SERIES,
         masks=sum(len(o.row["rois"]) for o in outcomes),

@@ -176,6 +176,7 @@ def run_units(
     failed: Callable[[Unit, BaseException], Outcome],
     progress: str,
     grouping: Grouping | None = None,
+    reused: Mapping[int, Outcome] | None = None,
 ) -> list[Outcome]:
     """Run one task per unit on the flow's task runner; return the outcomes in plan order.
 
@@ -192,6 +193,9 @@ def run_units(
         What the progress artifact counts (no identifiers), e.g. ``"series harmonised"``.
     grouping
         Run small units several to a task (see :class:`Grouping`); None: one task per unit.
+    reused
+        Plan index -> outcome of the units unchanged since the last run
+        (:func:`tasks.unit_state.plan_reuse`): they get no task.
 
     Returns
     -------
@@ -199,11 +203,14 @@ def run_units(
         One outcome per unit, in the order of ``units``.
     """
     bar = Progress(len(units), progress)
+    done = dict(reused or {})
+    todo = [i for i in range(len(units)) if i not in done]
     if grouping is None:
-        groups = [[i] for i in range(len(units))]
+        groups = [[i] for i in todo]
     else:
-        sizes = [grouping.size(u) for u in units]
-        groups = group_units(sizes, grouping.small, grouping.per_task)
+        sizes = [grouping.size(units[i]) for i in todo]
+        packed = group_units(sizes, grouping.small, grouping.per_task)
+        groups = [[todo[j] for j in group] for group in packed]
     futures: dict[PrefectFuture[Any], list[int]] = {}
     for group in groups:
         if len(group) == 1:
@@ -213,7 +220,9 @@ def run_units(
             calls = [grouping.call(units[i]) for i in group]
             size = sum(grouping.size(units[i]) for i in group)
             futures[run_unit_group.submit(size, calls)] = group
-    outcomes: list[Outcome | None] = [None] * len(units)
+    outcomes: list[Outcome | None] = [done.get(i) for i in range(len(units))]
+    if done:
+        bar.advance(len(done))
     for future in as_completed(list(futures)):
         group = futures[future]
         try:

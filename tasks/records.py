@@ -180,6 +180,9 @@ class UnitOutcome:
         Objects this run wrote for the unit (0 when everything was already up to date).
     cpu_seconds
         CPU seconds the worker spent computing the unit (0 when its outputs were reused).
+    content
+        SHA-256 over the SHA-256 of each output, in order (de-identification records it so
+        harmonise can plan from tables; empty when not computed).
     """
 
     result: UnitResult
@@ -189,6 +192,7 @@ class UnitOutcome:
     audit: tuple[tuple[str, str, int], ...] = ()
     written: int = 0
     cpu_seconds: float = 0.0
+    content: str = ""
 
     @property
     def reused(self) -> int:

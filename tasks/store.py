@@ -8,7 +8,10 @@ Layout (architecture contract)::
     STORE/<site>/deid/dicom/...
     STORE/<site>/deid/series.parquet
     STORE/<site>/deid/audit.parquet
+    STORE/<site>/deid/units.parquet
     STORE/<site>/harmonised/<series>/...
+    STORE/<site>/harmonised/series.parquet
+    STORE/<site>/harmonised/units.parquet
     STORE/<site>/features/<params-hash>.parquet
 
 The store owns every write. Each object goes to a temporary key first and is then moved onto
@@ -52,8 +55,10 @@ QUARANTINE = "quarantine.parquet"
 DEID_DICOM = "deid/dicom"
 DEID_SERIES = "deid/series.parquet"
 DEID_AUDIT = "deid/audit.parquet"
+DEID_UNITS = "deid/units.parquet"
 HARMONISED = "harmonised"
 HARMONISED_SERIES = "harmonised/series.parquet"
+HARMONISED_UNITS = "harmonised/units.parquet"
 FEATURES = "features"
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -65,6 +70,9 @@ QUARANTINE_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+
+#: Order of the quarantine rows (and of each of its parts).
+QUARANTINE_SORT = ("stage", "kind", "item", "reason")
 
 
 class Existing(StrEnum):
@@ -658,15 +666,27 @@ class SiteStore:
     def replace_quarantine(self, stage: Stage, records: list[QuarantineRecord]) -> bool:
         """Replace the quarantine rows of one stage, keeping the other stages' rows.
 
-        Rows are sorted so the table is byte-identical for the same records.
+        ``quarantine.parquet`` is a folder of parts (:mod:`tasks.table_parts`), each holding
+        one stage's rows sorted, so only the parts of ``stage`` are rewritten, and the same
+        records give the same bytes.
         """
-        rows: list[dict[str, Any]] = []
-        current = self.read_table(QUARANTINE)
-        if current is not None:
-            rows = [r for r in current.to_pylist() if r["stage"] != str(stage)]
-        rows.extend(r.to_row() for r in records)
-        rows.sort(key=lambda r: (r["stage"], r["kind"], r["item"], r["reason"]))
-        return self.write_table(QUARANTINE, pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA))
+        return self.replace_quarantine_rows(stage, [r.to_row() for r in records])
+
+    def replace_quarantine_rows(self, stage: Stage, rows: list[dict[str, Any]]) -> bool:
+        """:meth:`replace_quarantine` with rows (``QUARANTINE_SCHEMA`` dicts) of ``stage``.
+
+        Returns
+        -------
+        bool
+            True when the table changed.
+        """
+        from tasks.table_parts import PartedTable
+
+        if any(r["stage"] != str(stage) for r in rows):
+            raise ValueError(f"quarantine rows of another stage than {stage}")
+        table = pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+        parted = PartedTable(self, QUARANTINE, QUARANTINE_SORT)
+        return parted.update(table, [str(stage)], key="stage")
 
     def quarantine_rows(self, stage: Stage | None = None) -> list[dict[str, Any]]:
         """Return quarantine rows, optionally of one stage only."""

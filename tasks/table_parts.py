@@ -215,6 +215,105 @@ class PartedTable:
         if pending:
             yield self.part_bytes(pa.concat_tables(pending), metadata)
 
+    def write(self, table: pa.Table, metadata: dict[str, str] | None = None) -> bool:
+        """Replace the whole table by ``table`` (for small tables); unchanged parts stay.
+
+        Returns
+        -------
+        bool
+            True when the table changed.
+        """
+        parts = list(self.chunks([table], metadata)) or [self.part_bytes(table, metadata)]
+        return self.replace(parts, self.parts())
+
+    def update(
+        self,
+        rows: pa.Table,
+        drop: Iterable[str] = (),
+        *,
+        key: str,
+        metadata: dict[str, str] | None = None,
+    ) -> bool:
+        """Replace rows by key in one transaction, rewriting only the parts that held them.
+
+        Rows of the table whose ``key`` is among ``rows``' keys or in ``drop`` leave; ``rows``
+        arrive as new parts. Parts holding none of these keys are not touched. When the
+        table's metadata differs from ``metadata`` (new settings), every part is rewritten so
+        all of them carry it. Small parts are compacted afterwards.
+
+        Parameters
+        ----------
+        rows
+            New and changed rows (pass only rows that differ, or the parts holding them are
+            rewritten for nothing).
+        drop
+            Keys whose rows leave the table.
+        key
+            The key column (string values, unique in the table).
+        metadata
+            Schema metadata every part carries.
+
+        Returns
+        -------
+        bool
+            True when the table changed.
+        """
+        self.recover()
+        wanted = {**(metadata or {}), SORT_KEY: ",".join(self.sort_key)}
+        current = self.schema_metadata()
+        if current and any(current.get(k.encode()) != v.encode() for k, v in wanted.items()):
+            return self._rewrite(rows, drop, key, metadata)
+        superseded = sorted(set(rows.column(key).to_pylist()) | set(drop))
+        if not superseded:
+            return self._keep_empty(rows.schema, metadata)
+        keys_by_uri = dict(zip(self.uris(), self.parts(), strict=True))
+        con = self.store.connect_duckdb()
+        try:
+            con.register("superseded", pa.table({"k": pa.array(superseded, pa.string())}))
+            holding = _holding(con, list(keys_by_uri), key)
+
+            def parts() -> Iterator[bytes]:
+                yield from self.chunks([rows], metadata)
+                for uri in holding:
+                    kept = con.sql(
+                        f"SELECT * FROM read_parquet('{_q(uri)}') "
+                        f'WHERE "{key}" NOT IN (SELECT k FROM superseded)'
+                    ).to_arrow_table()
+                    if kept.num_rows:
+                        yield self.part_bytes(kept.cast(rows.schema), metadata)
+
+            changed = self.replace(parts(), [keys_by_uri[u] for u in holding])
+        finally:
+            con.close()
+        adds, removes = self.compaction(metadata)
+        if adds:
+            self.replace(adds, removes)
+        return self._keep_empty(rows.schema, metadata) or changed
+
+    def _keep_empty(self, schema: pa.Schema, metadata: dict[str, str] | None) -> bool:
+        """Give a table left without rows one empty part, so it still exists for readers."""
+        if self.parts():
+            return False
+        return self.replace([self.part_bytes(schema.empty_table(), metadata)], [])
+
+    def _rewrite(
+        self, rows: pa.Table, drop: Iterable[str], key: str, metadata: dict[str, str] | None
+    ) -> bool:
+        """Rewrite the whole table with ``rows`` replacing and ``drop`` removing rows by key."""
+        superseded = set(rows.column(key).to_pylist()) | set(drop)
+        old = self.parts()
+
+        def tables() -> Iterator[pa.Table]:
+            yield rows
+            for part in old:
+                with self.store.open(part) as fh:
+                    table = pq.read_table(fh)
+                mask = pa.array([k not in superseded for k in table.column(key).to_pylist()])
+                yield table.filter(mask).cast(rows.schema)
+
+        changed = self.replace(self.chunks(tables(), metadata), old)
+        return self._keep_empty(rows.schema, metadata) or changed
+
     def compaction(self, metadata: dict[str, str] | None = None) -> tuple[list[bytes], list[str]]:
         """Plan a compaction of the table's small parts.
 
@@ -247,3 +346,27 @@ class PartedTable:
 
 def _any(_: str) -> bool:
     return True
+
+
+def _q(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _holding(con: Any, uris: list[str], key: str) -> list[str]:
+    """URIs of the parts holding a row whose ``key`` is in the registered ``superseded``.
+
+    Parts without rows are listed too: they are removed with the change (an empty table keeps
+    one, see :meth:`PartedTable._keep_empty`), so the parts never depend on history.
+    """
+    if not uris:
+        return []
+    listed = "[" + ", ".join(f"'{_q(u)}'" for u in uris) + "]"
+    found = {
+        f
+        for (f,) in con.execute(
+            f"SELECT DISTINCT filename FROM read_parquet({listed}, filename = true) "
+            f'WHERE "{key}" IN (SELECT k FROM superseded) UNION '
+            f"SELECT file_name FROM parquet_file_metadata({listed}) WHERE num_rows = 0"
+        ).fetchall()
+    }
+    return [u for u in uris if u in found]

@@ -9,16 +9,29 @@ run no longer produces.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from tasks.deid.audit import audit_table
-from tasks.deid.profile import PROFILE_VERSION
-from tasks.deid.series import SeriesJob
+from tasks.deid.profile import PROFILE_VERSION, DeidOptions
+from tasks.deid.pseudonyms import SiteKeys
+from tasks.deid.series import SeriesJob, pseudonymous_series_uid
 from tasks.errors import OncoflowError
-from tasks.records import Kind, QuarantineRecord, Reason, Stage, Status, UnitOutcome
-from tasks.store import CATALOG_SERIES, DEID_AUDIT, DEID_DICOM, DEID_SERIES, SiteStore
+from tasks.records import Kind, QuarantineRecord, Reason, Stage, Status, UnitOutcome, UnitResult
+from tasks.store import (
+    CATALOG_INSTANCES,
+    CATALOG_SERIES,
+    DEID_AUDIT,
+    DEID_DICOM,
+    DEID_SERIES,
+    DEID_UNITS,
+    SiteStore,
+)
+from tasks.table_parts import PartedTable
+from tasks.unit_state import UnitState, code_digest, keyed_digest, plan_reuse
 from tasks.volumes.deid import DEID_VOLUMES
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL (docs/tables.md).
@@ -87,6 +100,143 @@ def plan_jobs(table: pa.Table) -> list[SeriesJob]:
     return jobs
 
 
+@dataclass
+class DeidPlan:
+    """The series of a de-identification run and the outcomes reused from the last run.
+
+    Attributes
+    ----------
+    jobs
+        One job per ``ok`` series of the catalogue, in series-key order.
+    label
+        Series key -> pseudonymous series UID.
+    reused
+        Job index -> outcome of the jobs unchanged since the last run (no task).
+    digests
+        Pseudonymous series UID -> digest of the series' source files, options and code.
+    old_rows
+        ``deid/series.parquet`` of the last run, by series.
+    previous
+        ``deid/units.parquet`` of the last run.
+    """
+
+    jobs: list[SeriesJob]
+    label: dict[str, str]
+    reused: dict[int, UnitOutcome]
+    digests: dict[str, str]
+    old_rows: dict[str, dict[str, Any]]
+    previous: dict[str, tuple[str, dict[str, Any]]]
+
+
+def source_stamps(store: SiteStore, jobs: list[SeriesJob]) -> dict[str, str]:
+    """Return series key -> SHA-256 of its files' (path, size, mtime) in the catalogue.
+
+    Computed in DuckDB over the catalogue's parts; what ingest compares to find changed files,
+    so a series' stamp changes exactly when one of its files does.
+    """
+    instances = PartedTable(store, CATALOG_INSTANCES, ("path",))
+    uris = instances.uris()
+    if not jobs or not uris:
+        return {}
+    pairs = [(j.series_key, p) for j in jobs for p in j.paths]
+    listed = pa.table(
+        {
+            "series_key": pa.array([s for s, _ in pairs], pa.string()),
+            "path": pa.array([p for _, p in pairs], pa.string()),
+        }
+    )
+    sql_uris = "[" + ", ".join("'" + u.replace("'", "''") + "'" for u in uris) + "]"
+    con = store.connect_duckdb()
+    try:
+        con.execute("SET threads TO 1")
+        con.register("listed", listed)
+        found = con.execute(
+            "SELECT l.series_key, sha256(string_agg(l.path || '|' || coalesce(CAST(i.size AS "
+            "VARCHAR), '-') || '|' || coalesce(i.mtime, '-'), chr(10) ORDER BY l.path)) "
+            f"FROM listed l LEFT JOIN (SELECT path, size, mtime FROM read_parquet({sql_uris})) i "
+            "ON i.path = l.path GROUP BY l.series_key"
+        ).fetchall()
+    finally:
+        con.close()
+    return dict(found)
+
+
+def plan_deid(
+    store: SiteStore, catalog: pa.Table | None, keys: SiteKeys, options: DeidOptions
+) -> DeidPlan:
+    """Plan a run: the jobs, their pseudonymous labels and the unchanged ones to reuse.
+
+    A series is reused (no task) when its source files, the profile, the options, the site
+    key and the de-identification code are those of the last run's ``ok`` outcome and its
+    de-identified files are all still in the store.
+    """
+    jobs = plan_jobs(catalog) if catalog is not None else []
+    label = {
+        j.series_key: pseudonymous_series_uid(keys, j.series_key, j.series_instance_uid)
+        for j in jobs
+    }
+    previous = deid_units(store).read()
+    stamps = source_stamps(store, jobs)
+    settings = (PROFILE_VERSION, options.model_dump_json(), keys.key_id, _DEID_CODE)
+    digests = {
+        label[j.series_key]: keyed_digest(
+            keys.uid_key, "deid", asdict(j), stamps[j.series_key], settings
+        )
+        for j in jobs
+        if j.series_key in stamps
+    }
+    old = store.read_table(DEID_SERIES)
+    old_rows = {r["series"]: r for r in old.to_pylist()} if old is not None else {}
+    present = set(store.find(DEID_DICOM)) if previous and store.exists(DEID_DICOM) else set()
+
+    def reused(job: SeriesJob, saved: dict[str, Any]) -> UnitOutcome | None:
+        row = old_rows.get(label[job.series_key])
+        if row is None or row.get("status") != str(Status.OK) or not set(row["paths"]) <= present:
+            return None
+        outputs = tuple(row["paths"])
+        return UnitOutcome(
+            UnitResult(row["series"], Status.OK, outputs=outputs, computed=False),
+            row=row,
+            audit=tuple((a["attribute"], a["action"], a["count"]) for a in saved["audit"]),
+            content=saved["content"],
+        )
+
+    reused = plan_reuse(
+        jobs, lambda j: digests.get(label[j.series_key]), lambda j: label[j.series_key],
+        previous, reused,
+    )  # fmt: skip
+    return DeidPlan(jobs, label, reused, digests, old_rows, previous)
+
+
+_DEID_CODE = code_digest(str(Path(__file__).parent))
+
+#: State columns of ``deid/units.parquet``: the content digest harmonise plans from, and the
+#: series' audit counts (the audit table is their sum).
+DEID_UNIT_COLUMNS = pa.schema(
+    [
+        ("content", pa.string()),
+        (
+            "audit",
+            pa.list_(
+                pa.struct(
+                    [("attribute", pa.string()), ("action", pa.string()), ("count", pa.int64())]
+                )
+            ),
+        ),
+    ]
+)
+
+
+def deid_units(store: SiteStore) -> UnitState:
+    """``deid/units.parquet``: what the last run knows of each de-identified series."""
+    return UnitState(store, DEID_UNITS, DEID_UNIT_COLUMNS)
+
+
+def audit_rows(outcome: UnitOutcome) -> list[dict[str, Any]]:
+    """Return one series' audit counts as rows of ``deid/units.parquet``'s ``audit`` column."""
+    return [{"attribute": a, "action": b, "count": n} for a, b, n in outcome.audit]
+
+
 def remove_stale(store: SiteStore, outcomes: list[UnitOutcome], volumes: list[UnitOutcome]) -> int:
     """Remove de-identified objects this run did not produce; return how many."""
     keep = {key for o in outcomes if o.result.status == Status.OK for key in o.result.outputs}
@@ -96,21 +246,44 @@ def remove_stale(store: SiteStore, outcomes: list[UnitOutcome], volumes: list[Un
 
 def write_tables(
     store: SiteStore,
+    plan: DeidPlan,
     outcomes: list[UnitOutcome],
     volumes: list[UnitOutcome],
     counts: Counter[tuple[str, str]],
     key_id: str,
 ) -> list[str]:
-    """Write ``deid/series.parquet`` and ``deid/audit.parquet``; return the keys written."""
-    tables = {
-        DEID_SERIES: (deid_table(outcomes, volumes), {"oncoflow.deid.key_id": key_id}),
-        DEID_AUDIT: (audit_table(counts), {}),
+    """Write ``deid/series.parquet``, ``deid/audit.parquet`` and ``deid/units.parquet``.
+
+    The series table changes in proportion to what changed: only rows that differ from the
+    last run's are written, and only the parts that held their old rows are rewritten.
+
+    Returns
+    -------
+    list of str
+        Keys of the tables written (unchanged tables are left out).
+    """
+    profile = {"oncoflow.deid.profile": PROFILE_VERSION}
+    table = deid_table(outcomes, volumes)
+    rows = table.to_pylist()
+    changed = pa.array(
+        [i for i, r in enumerate(rows) if plan.old_rows.get(r["series"]) != r], pa.int64()
+    )
+    gone = sorted(set(plan.old_rows) - {r["series"] for r in rows})
+    written = []
+    series = PartedTable(store, DEID_SERIES, ("series",))
+    metadata = {**profile, "oncoflow.deid.key_id": key_id}
+    if series.update(table.take(changed), gone, key="series", metadata=metadata):
+        written.append(DEID_SERIES)
+    if PartedTable(store, DEID_AUDIT, ("attribute", "action")).write(audit_table(counts), profile):
+        written.append(DEID_AUDIT)
+    entries = {
+        o.result.key: (plan.digests[o.result.key], {"content": o.content, "audit": audit_rows(o)})
+        for o in outcomes
+        if o.result.status == Status.OK and o.result.key in plan.digests
     }
-    return [
-        key
-        for key, (table, extra) in tables.items()
-        if store.write_table(key, table, {"oncoflow.deid.profile": PROFILE_VERSION, **extra})
-    ]
+    if deid_units(store).write(entries, plan.previous):
+        written.append(DEID_UNITS)
+    return written
 
 
 def deid_table(outcomes: list[UnitOutcome], volumes: list[UnitOutcome]) -> pa.Table:

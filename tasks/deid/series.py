@@ -11,6 +11,7 @@ the task (environment or Prefect Secret block), never passed in.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import zlib
 from collections import Counter
@@ -312,6 +313,7 @@ def deidentify_series(
     written: list[str] = []
     outputs: list[str] = []
     referenced: set[str] = set()
+    content = hashlib.sha256()
     for index, path in enumerate(job.paths, start=1):
         try:
             data = read_bounded(fs, f"{root}/{path}", options.max_input_mb * MEGABYTE)
@@ -333,6 +335,7 @@ def deidentify_series(
             _discard(store, written)
             return _quarantined(row, Reason.DEID_ERROR, f"write failed: {type(exc).__name__}")
         outputs.append(key)
+        content.update(hashlib.sha256(result.data).digest())
         if result.references:
             referenced |= _referenced_series(result.dataset, series)
         if index == 1:
@@ -346,6 +349,7 @@ def deidentify_series(
         row=row,
         audit=audit,
         written=len(written),
+        content=content.hexdigest(),
     )
 
 

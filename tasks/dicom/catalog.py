@@ -46,7 +46,7 @@ from tasks.store import (
     CATALOG_INSTANCES,
     CATALOG_SERIES,
     QUARANTINE,
-    QUARANTINE_SCHEMA,
+    QUARANTINE_SORT,
     SiteStore,
 )
 from tasks.table_parts import PartedTable
@@ -485,12 +485,10 @@ def _replace_ingest_quarantine(
     """
     if items is None:
         return store.replace_quarantine(Stage.INGEST, records)
-    current = store.read_table(QUARANTINE)
-    rows = current.to_pylist() if current is not None else []
-    kept = [r for r in rows if not (r["stage"] == str(Stage.INGEST) and r["item"] in items)]
+    rows = store.quarantine_rows(Stage.INGEST)
+    kept = [r for r in rows if r["item"] not in items]
     kept.extend(r.to_row() for r in records)
-    kept.sort(key=lambda r: (r["stage"], r["kind"], r["item"], r["reason"]))
-    return store.write_table(QUARANTINE, pa.Table.from_pylist(kept, schema=QUARANTINE_SCHEMA))
+    return store.replace_quarantine_rows(Stage.INGEST, kept)
 
 
 def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
@@ -554,8 +552,9 @@ def catalog_views(store: SiteStore) -> dict[str, str]:
     for name, table in (("instances", instance_parts(store)), ("series", series_parts(store))):
         if table.exists():
             views[name] = table.glob()
-    if store.exists(QUARANTINE):
-        views["quarantine"] = store.uri(QUARANTINE)
+    quarantine = PartedTable(store, QUARANTINE, QUARANTINE_SORT)
+    if quarantine.exists():
+        views["quarantine"] = quarantine.glob()
     return views
 
 

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -20,6 +21,8 @@ from itertools import combinations
 from pathlib import Path
 
 import highdicom as hd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from pydicom import dcmread
 
@@ -194,6 +197,39 @@ def test_rerun_writes_nothing(run):
     assert _files(store, "deid") == run["files"]
     after = store.modified("deid")
     assert after == run["mtimes"]
+
+
+def test_rerun_plans_no_task_and_a_changed_file_replans_only_its_series(run, tmp_path):
+    """The flow reuses every unchanged ``ok`` series without a task; a file whose catalogued
+    mtime changed, or a missing output, makes its series (and only it) a task again."""
+    from tasks.deid.plan import plan_deid
+    from tasks.dicom.catalog import instance_parts
+
+    shutil.copytree(run["store"].path(""), tmp_path / SITE)
+    store = SiteStore(str(tmp_path), SITE)
+    keys = SiteKeys.derive(SECRET.encode(), SITE)
+    catalog = store.read_table("catalog/series.parquet")
+    deid = store.read_table("deid/series.parquet").to_pylist()
+    ok = {r["series"] for r in deid if r["status"] == "ok"}
+    plan = plan_deid(store, catalog, keys, DeidOptions())
+    assert len(ok) > 5 and {plan.label[plan.jobs[i].series_key] for i in plan.reused} == ok
+    assert all(not o.result.computed and o.audit and o.content for o in plan.reused.values())
+    other = DeidOptions(max_input_mb=DeidOptions().max_input_mb + 1)
+    assert not plan_deid(store, catalog, keys, other).reused  # other options: all again
+    victim = next(i for i in sorted(plan.reused) if len(plan.jobs[i].paths) > 1)
+    instances = instance_parts(store)
+    table = store.read_table("catalog/instances.parquet")
+    row = table.filter(pc.equal(table["path"], plan.jobs[victim].paths[1]))
+    row = row.set_column(row.schema.get_field_index("mtime"), "mtime", pa.array(["changed"]))
+    meta = {k.decode(): v.decode() for k, v in instances.schema_metadata().items()}
+    meta.pop("oncoflow.sort_key")
+    assert instances.update(row, key="path", metadata=meta)
+    again = plan_deid(store, catalog, keys, DeidOptions())
+    assert set(again.reused) == set(plan.reused) - {victim}
+    other_ok = next(i for i in sorted(plan.reused) if i != victim)
+    store.remove(plan.reused[other_ok].result.outputs[-1])
+    last = plan_deid(store, catalog, keys, DeidOptions())
+    assert set(last.reused) == set(plan.reused) - {victim, other_ok}
 
 
 def _jobs(store: SiteStore) -> list[SeriesJob]:

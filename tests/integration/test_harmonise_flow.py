@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import numpy as np
@@ -11,6 +12,8 @@ import SimpleITK as sitk
 
 from flows.harmonise import build_params, harmonise
 from flows.runtime import RuntimeOptions, dask_cluster
+from tasks.deid.plan import deid_units
+from tasks.harmonise.plan import plan_harmonise, store_key
 from tasks.harmonise.series import nifti_bytes
 from tasks.records import Stage
 from tasks.store import SiteStore
@@ -50,11 +53,26 @@ def rerun(store: SiteStore, url: str, runtime: RuntimeOptions):
     return before, harmonise(build_params("site-h", url), runtime)
 
 
+def record_deid_contents(store: SiteStore) -> dict[str, str]:
+    """Record in ``deid/units.parquet`` what de-identification records for each series: the
+    SHA-256 over the SHA-256 of its files in order (the test store is written directly)."""
+    contents = {}
+    for row in store.read_table("deid/series.parquet").to_pylist():
+        digest = hashlib.sha256()
+        for path in row["paths"]:
+            digest.update(hashlib.sha256(store.read_bytes(store_key(path))).digest())
+        contents[row["series"]] = digest.hexdigest()
+    entries = {s: (f"d-{c[:8]}", {"audit": [], "content": c}) for s, c in contents.items()}
+    deid_units(store).write(entries, {})
+    return contents
+
+
 def test_harmonise_flow_on_s3(prefect_api: str, s3_bucket: str) -> None:
     from tests.dicom_factory import deid_store
 
     store = SiteStore(s3_bucket, "site-h")
     keys = deid_store(store, cases())
+    contents = record_deid_contents(store)
 
     runtime = RuntimeOptions(workers=2)
     with dask_cluster(runtime):  # one cluster for both runs
@@ -75,8 +93,6 @@ def test_harmonise_flow_on_s3(prefect_api: str, s3_bucket: str) -> None:
 
     # Outputs read back independently: hashes match, image and mask share the grid.
     image_bytes = store.read_bytes(ct["image"])
-    import hashlib
-
     assert hashlib.sha256(image_bytes).hexdigest() == ct["image_sha256"]
     image = read_nifti(store, ct["image"])
     mask = read_nifti(store, ct["masks"][0])
@@ -111,3 +127,16 @@ def test_harmonise_flow_on_s3(prefect_api: str, s3_bucket: str) -> None:
     assert again.tables_written == []
     after = store.modified("harmonised")
     assert after == before
+    # ... planned in the flow: the two ok series get no task; a changed input, one task again
+    config = build_params("site-h", s3_bucket).config
+    plan = plan_harmonise(store, config)
+    assert {plan.units[i].series for i in plan.reused} == {keys["ct"], keys["pet"]}
+    assert plan.reused[next(iter(plan.reused))].result.computed is False
+    state = deid_units(store)
+    previous = state.read()
+    changed = dict(previous)
+    changed[keys["ct"]] = ("d-new", {"audit": [], "content": "0" * 64})
+    state.write(changed, previous)
+    again_plan = plan_harmonise(store, config)
+    assert {again_plan.units[i].series for i in again_plan.reused} == {keys["pet"]}
+    assert contents[keys["ct"]] != "0" * 64

@@ -155,3 +155,51 @@ def test_a_writer_killed_with_sigkill_loses_and_duplicates_no_row(tmp_path, oper
     new = sorted(f"k{i:05d}" for i in (0, 1, 4, 5, 6, 7, 100, 101, 102))
     assert seen == (old if operation == "stage_bytes" else new)
     assert len(seen) == len(set(seen))
+
+
+def test_update_replaces_rows_by_key_and_leaves_other_parts(table):
+    table.replace([table.part_bytes(rows(0, 4)), table.part_bytes(rows(4, 4))], [])
+    before = table.store.table_files(table.key)
+    changed = pa.table({"key": ["k00001", "k00009"], "v": [100, 9]})
+    assert table.update(changed, ["k00002"], key="key") is True
+    got = dict(zip(*table.read().to_pydict().values(), strict=True))
+    assert got == {
+        "k00000": 0,
+        "k00001": 100,
+        "k00003": 3,
+        **{f"k{i:05d}": i - 4 for i in (4, 5, 6, 7)},
+        "k00009": 9,
+    }
+    after = table.store.table_files(table.key)
+    assert sum(1 for k in before if k in after) == 1  # the part of k4..k7 was not rewritten
+    assert table.update(changed.slice(0, 0), [], key="key") is False
+    assert table.store.table_files(table.key) == after
+    # new metadata: every part rewritten and carries it; rows unchanged
+    assert table.update(changed.slice(0, 0), [], key="key", metadata={"m": "2"}) is True
+    assert table.schema_metadata()[b"m"] == b"2"
+    assert dict(zip(*table.read().to_pydict().values(), strict=True)) == got
+    # every row removed: one empty part remains, so the table still exists
+    assert table.update(changed.slice(0, 0), list(got), key="key", metadata={"m": "2"}) is True
+    assert table.exists() and table.read().num_rows == 0
+
+
+def test_quarantine_in_parts_one_stage_replaced_at_a_time(tmp_path):
+    from tasks.records import QuarantineRecord, Reason, Stage
+
+    store = SiteStore(str(tmp_path), "site-a")
+    assert store.replace_quarantine(Stage.INGEST, []) is True  # the table exists, empty
+    assert store.read_table("quarantine.parquet").num_rows == 0
+    ingest = [QuarantineRecord("Ó Briain/ά.dcm", "file", Stage.INGEST, Reason.NOT_DICOM)]
+    deid = [QuarantineRecord("s1", "series", Stage.DEIDENTIFY, Reason.DEID_ERROR, "x")]
+    assert store.replace_quarantine(Stage.INGEST, ingest) is True
+    assert store.replace_quarantine(Stage.DEIDENTIFY, deid) is True
+    parts = store.table_files("quarantine.parquet")
+    assert len(parts) == 2  # one per stage, the empty part gone
+    assert store.replace_quarantine(Stage.DEIDENTIFY, deid) is False
+    assert store.replace_quarantine(Stage.INGEST, ingest) is False
+    assert store.table_files("quarantine.parquet") == parts
+    assert [r["item"] for r in store.quarantine_rows(Stage.INGEST)] == ["Ó Briain/ά.dcm"]
+    assert store.replace_quarantine(Stage.INGEST, []) is True
+    assert [r["stage"] for r in store.quarantine_rows()] == ["deidentify"]
+    deid_part = [k for k in parts if b"deidentify" in parts[k]]
+    assert list(store.table_files("quarantine.parquet")) == deid_part
