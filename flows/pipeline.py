@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from prefect import flow, tags
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from flows.reporting import artifact_key, markdown_table
 from flows.runtime import RuntimeOptions, dashboard_link, dask_cluster
@@ -263,14 +263,10 @@ def run_pipeline(params: SitePipelineParams) -> dict[str, Any]:
         return site_pipeline(params)
 
 
-class SiteConfig(BaseModel):
+class SiteConfig(SiteParams):
     """A site's configuration file in ``deployments/sites/`` (non-secret values only)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    site: str
     source: str
-    store: str
     publication: str | None = None
     radiomics: list[str] = Field(default_factory=lambda: ["ct"])
     cohort: str | None = None
