@@ -31,6 +31,7 @@ from tasks.pacs.credentials import load_credentials
 from tasks.pacs.dicomweb import (
     PACS_ZONE,
     PullSettings,
+    PullSettlement,
     PullState,
     SeriesHandle,
     SeriesPull,
@@ -342,14 +343,19 @@ def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None
         )
         summary.extra["ingest"] = ingested.to_dict()
     summary.extra["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
+    _check_failures(settled, len(plans), params.max_failure_ratio)
+    return summary.to_dict()
+
+
+def _check_failures(settled: PullSettlement, studies: int, max_failure_ratio: float) -> None:
+    """Raise :class:`StageFailed` when more than ``max_failure_ratio`` of the studies failed."""
     failed = settled.studies["failed"]
-    if plans and failed / len(plans) > params.max_failure_ratio:
+    if studies and failed / studies > max_failure_ratio:
         raise StageFailed(
-            f"DICOMweb pull: {failed} of {len(plans)} studies failed "
+            f"DICOMweb pull: {failed} of {studies} studies failed "
             f"({', '.join(sorted({str(r['error']) for r in settled.rows if r['error']}))}); "
             "they will be retried on the next run"
         )
-    return summary.to_dict()
 
 
 def pull_dicomweb(params: PullParams, runtime: RuntimeOptions) -> StageSummary:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.reporting import Progress, post_summary, post_table
 from tasks.errors import StageFailed
+from tasks.quarantine import replace_quarantine
 from tasks.records import QuarantineRecord, Stage, StageSummary, Status, UnitResult
 from tasks.store import SiteStore, validate_site
 
@@ -315,7 +316,7 @@ def finish_stage(
     StageFailed
         When the share of failed units exceeds ``params.max_failure_ratio``.
     """
-    store.replace_quarantine(stage, list(quarantine))
+    replace_quarantine(store, stage, list(quarantine))
     summary = StageSummary.from_results(
         stage,
         params.site,

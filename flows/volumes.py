@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow
 
 from flows.reporting import post_summary
+from tasks.quarantine import replace_quarantine
 from tasks.records import Kind, QuarantineRecord, Reason, Stage, StageSummary, Status, UnitResult
 from tasks.store import SiteStore
 from tasks.volumes.cases import check_case, list_cases, write_catalogue
@@ -54,7 +55,7 @@ def catalogue_cases(source: str, site: str, store_url: str) -> StageSummary:
         QuarantineRecord(r["item"], r["kind"], Stage.INGEST, Reason(r["reason"]), r["detail"])
         for r in others
     ]
-    store.replace_quarantine(Stage.INGEST, [*kept, *records])
+    replace_quarantine(store, Stage.INGEST, [*kept, *records])
     results = [
         UnitResult(c.volume_key[:16], Status(c.status), reason=c.reason, detail=c.detail)
         for c in cases

@@ -1,4 +1,8 @@
-"""Looking quarantined items up by the reference a run's artifacts show.
+"""The quarantine table: replacing a stage's rows, and looking items up by reference.
+
+``quarantine.parquet`` is a folder of parts (:mod:`tasks.table_parts`), each holding one
+stage's rows sorted, so a stage replaces only its own parts and the same records give the same
+bytes. (The store reads it like any table: :meth:`tasks.store.SiteStore.quarantine_rows`.)
 
 Artifacts list quarantined items (source paths, original series UIDs: identifying) by a keyed
 reference (:mod:`tasks.refs`: HMAC under the site's reference key, never a plain hash).
@@ -9,10 +13,46 @@ reference (:mod:`tasks.refs`: HMAC under the site's reference key, never a plain
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
 
 from tasks.dicom.listing import item_ref
+from tasks.records import QuarantineRecord, Stage
 from tasks.refs import site_ref_key
-from tasks.store import QUARANTINE, SiteStore
+from tasks.store import QUARANTINE, QUARANTINE_SCHEMA, QUARANTINE_SORT, SiteStore
+from tasks.table_parts import PartedTable
+
+
+def replace_quarantine(store: SiteStore, stage: Stage, records: list[QuarantineRecord]) -> bool:
+    """Replace the quarantine rows of one stage, keeping the other stages' rows.
+
+    Returns
+    -------
+    bool
+        True when the table changed.
+    """
+    return replace_quarantine_rows(store, stage, [r.to_row() for r in records])
+
+
+def replace_quarantine_rows(store: SiteStore, stage: Stage, rows: list[dict[str, Any]]) -> bool:
+    """:func:`replace_quarantine` with rows (``QUARANTINE_SCHEMA`` dicts) of ``stage``.
+
+    Returns
+    -------
+    bool
+        True when the table changed.
+
+    Raises
+    ------
+    ValueError
+        When a row belongs to another stage.
+    """
+    if any(r["stage"] != str(stage) for r in rows):
+        raise ValueError(f"quarantine rows of another stage than {stage}")
+    table = pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+    parted = PartedTable(store, QUARANTINE, QUARANTINE_SORT)
+    return parted.update(table, [str(stage)], key="stage")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from tasks.errors import OncoflowError
-from tasks.records import QuarantineRecord, Stage
+from tasks.records import Stage
 
 SITE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 TMP_MARK = ".tmp-"
@@ -662,31 +662,6 @@ class SiteStore:
             True when something was written.
         """
         return self.write_bytes(key, table_to_parquet_bytes(table, metadata))
-
-    def replace_quarantine(self, stage: Stage, records: list[QuarantineRecord]) -> bool:
-        """Replace the quarantine rows of one stage, keeping the other stages' rows.
-
-        ``quarantine.parquet`` is a folder of parts (:mod:`tasks.table_parts`), each holding
-        one stage's rows sorted, so only the parts of ``stage`` are rewritten, and the same
-        records give the same bytes.
-        """
-        return self.replace_quarantine_rows(stage, [r.to_row() for r in records])
-
-    def replace_quarantine_rows(self, stage: Stage, rows: list[dict[str, Any]]) -> bool:
-        """:meth:`replace_quarantine` with rows (``QUARANTINE_SCHEMA`` dicts) of ``stage``.
-
-        Returns
-        -------
-        bool
-            True when the table changed.
-        """
-        from tasks.table_parts import PartedTable
-
-        if any(r["stage"] != str(stage) for r in rows):
-            raise ValueError(f"quarantine rows of another stage than {stage}")
-        table = pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
-        parted = PartedTable(self, QUARANTINE, QUARANTINE_SORT)
-        return parted.update(table, [str(stage)], key="stage")
 
     def quarantine_rows(self, stage: Stage | None = None) -> list[dict[str, Any]]:
         """Return quarantine rows, optionally of one stage only."""

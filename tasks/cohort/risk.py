@@ -384,6 +384,7 @@ def prepare_selection(store: Any, spec: Any, selection: Any) -> tuple[Any, Relea
 
 def _quarantine(store: Any, cohort: str, report: ReleaseReport) -> None:
     """Replace this cohort's duplicate rows in the publish stage's quarantine (others kept)."""
+    from tasks.quarantine import replace_quarantine
     from tasks.records import Kind, QuarantineRecord, Reason, Stage
     from tasks.store import QUARANTINE
 
@@ -408,7 +409,7 @@ def _quarantine(store: Any, cohort: str, report: ReleaseReport) -> None:
         for series in report.withheld.get(DUPLICATE, [])
     ]  # fmt: skip
     if mine or len(others) != len(publish_rows):
-        store.replace_quarantine(Stage.PUBLISH, others + mine)
+        replace_quarantine(store, Stage.PUBLISH, others + mine)
 
 
 def _export_segs(

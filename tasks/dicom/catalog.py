@@ -40,6 +40,7 @@ from tasks.dicom.series import (
     series_table,
 )
 from tasks.errors import OncoflowError
+from tasks.quarantine import replace_quarantine, replace_quarantine_rows
 from tasks.records import QuarantineRecord, Reason, Stage
 from tasks.refs import site_ref_key
 from tasks.store import (
@@ -484,11 +485,11 @@ def _replace_ingest_quarantine(
     All of them (``items`` None) or only those about ``items`` (the affected files and series).
     """
     if items is None:
-        return store.replace_quarantine(Stage.INGEST, records)
+        return replace_quarantine(store, Stage.INGEST, records)
     rows = store.quarantine_rows(Stage.INGEST)
     kept = [r for r in rows if r["item"] not in items]
     kept.extend(r.to_row() for r in records)
-    return store.replace_quarantine_rows(Stage.INGEST, kept)
+    return replace_quarantine_rows(store, Stage.INGEST, kept)
 
 
 def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks.dicom.catalog import CatalogCounts, fill_counts
-from tasks.quarantine import lookup
+from tasks.quarantine import lookup, replace_quarantine
 from tasks.records import QuarantineRecord, Reason, Stage
 from tasks.store import SiteStore
 
@@ -25,7 +25,7 @@ ITEMS = [
 def _store(tmp_path: Path) -> SiteStore:
     store = SiteStore(str(tmp_path / "store"), "site-q")
     records = [QuarantineRecord(i, "file", Stage.INGEST, Reason.NOT_DICOM, "x") for i in ITEMS]
-    store.replace_quarantine(Stage.INGEST, records)
+    replace_quarantine(store, Stage.INGEST, records)
     return store
 
 

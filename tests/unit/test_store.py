@@ -2,6 +2,7 @@ import pyarrow as pa
 import pytest
 
 from tasks.errors import OncoflowError
+from tasks.quarantine import replace_quarantine
 from tasks.records import QuarantineRecord, Reason, Stage
 from tasks.store import QUARANTINE, Existing, SiteStore, table_to_parquet_bytes
 
@@ -40,15 +41,16 @@ def test_bad_url_is_one_line_error():
 
 def test_replace_quarantine_keeps_other_stages(tmp_path):
     store = SiteStore(str(tmp_path), "site-a")
-    store.replace_quarantine(
-        Stage.INGEST, [QuarantineRecord("b.dcm", "file", Stage.INGEST, Reason.EMPTY_FILE)]
+    replace_quarantine(
+        store, Stage.INGEST, [QuarantineRecord("b.dcm", "file", Stage.INGEST, Reason.EMPTY_FILE)]
     )
-    store.replace_quarantine(
+    replace_quarantine(
+        store,
         Stage.HARMONISE,
         [QuarantineRecord("s1", "series", Stage.HARMONISE, Reason.EMPTY_MASK, "roi gtv")],
     )
-    store.replace_quarantine(
-        Stage.INGEST, [QuarantineRecord("c.dcm", "file", Stage.INGEST, Reason.NOT_DICOM)]
+    replace_quarantine(
+        store, Stage.INGEST, [QuarantineRecord("c.dcm", "file", Stage.INGEST, Reason.NOT_DICOM)]
     )
     rows = store.read_table(QUARANTINE).to_pylist()
     assert [(r["item"], r["reason"]) for r in rows] == [

@@ -8,6 +8,7 @@ import pyarrow.dataset as ds
 import pytest
 
 import tasks.table_parts as table_parts
+from tasks.quarantine import replace_quarantine
 from tasks.store import SiteStore
 from tasks.table_parts import PartedTable
 
@@ -187,19 +188,19 @@ def test_quarantine_in_parts_one_stage_replaced_at_a_time(tmp_path):
     from tasks.records import QuarantineRecord, Reason, Stage
 
     store = SiteStore(str(tmp_path), "site-a")
-    assert store.replace_quarantine(Stage.INGEST, []) is True  # the table exists, empty
+    assert replace_quarantine(store, Stage.INGEST, []) is True  # the table exists, empty
     assert store.read_table("quarantine.parquet").num_rows == 0
     ingest = [QuarantineRecord("Ó Briain/ά.dcm", "file", Stage.INGEST, Reason.NOT_DICOM)]
     deid = [QuarantineRecord("s1", "series", Stage.DEIDENTIFY, Reason.DEID_ERROR, "x")]
-    assert store.replace_quarantine(Stage.INGEST, ingest) is True
-    assert store.replace_quarantine(Stage.DEIDENTIFY, deid) is True
+    assert replace_quarantine(store, Stage.INGEST, ingest) is True
+    assert replace_quarantine(store, Stage.DEIDENTIFY, deid) is True
     parts = store.table_files("quarantine.parquet")
     assert len(parts) == 2  # one per stage, the empty part gone
-    assert store.replace_quarantine(Stage.DEIDENTIFY, deid) is False
-    assert store.replace_quarantine(Stage.INGEST, ingest) is False
+    assert replace_quarantine(store, Stage.DEIDENTIFY, deid) is False
+    assert replace_quarantine(store, Stage.INGEST, ingest) is False
     assert store.table_files("quarantine.parquet") == parts
     assert [r["item"] for r in store.quarantine_rows(Stage.INGEST)] == ["Ó Briain/ά.dcm"]
-    assert store.replace_quarantine(Stage.INGEST, []) is True
+    assert replace_quarantine(store, Stage.INGEST, []) is True
     assert [r["stage"] for r in store.quarantine_rows()] == ["deidentify"]
     deid_part = [k for k in parts if b"deidentify" in parts[k]]
     assert list(store.table_files("quarantine.parquet")) == deid_part
