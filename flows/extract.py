@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import dask
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, ValidationError, model_validator
@@ -246,6 +245,8 @@ def _submit_image(
     groups: list[list[RoiUnit]],
 ) -> Any:
     """Submit the task of one image; larger images (earlier groups) get a higher Dask priority."""
+    import dask
+
     rank = next(i for i, g in enumerate(groups) if g is group)
     with dask.annotate(priority=len(groups) - rank):
         return extract_image_task.submit(params.store, params.site, group, radiomics_params)

@@ -225,6 +225,7 @@ def hide_expected_tracebacks(console: bool = True) -> None:
     Prefect's engine with its traceback; the run log keeps the message only, and the console
     leaves it to the command's one line ``error: ...`` (``console=True``).
     """
+    import prefect.main  # noqa: F401 - sets up Prefect's logging, once (as flows import it)
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()
@@ -489,8 +490,22 @@ def task_runner(options: RuntimeOptions):
 def default_task_runner():
     """Task runner for flow decorators: used when a deployment runs a stage flow directly.
 
-    Built from :meth:`RuntimeOptions.from_env` without starting anything at import time; the
-    CLI and the site pipeline replace it with :func:`task_runner` per run.
+    Built from :meth:`RuntimeOptions.from_env` when a run starts (see
+    :mod:`flows.deferred_runner`), so importing a flow module imports no Dask; the CLI and the
+    site pipeline replace it with :func:`task_runner` per run.
+    """
+    from flows.deferred_runner import DeferredTaskRunner
+
+    return DeferredTaskRunner(dask_runner_from_env)
+
+
+def dask_runner_from_env():
+    """Build the Dask task runner :meth:`RuntimeOptions.from_env` describes.
+
+    Returns
+    -------
+    prefect_dask.DaskTaskRunner
+        Connected to ``ONCOFLOW_DASK_ADDRESS``, or with its own ``LocalCluster``.
     """
     from prefect_dask import DaskTaskRunner
 

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
-
-import radiomics
 
 from tasks.radiomics.params import SHAPE_CLASSES, RadiomicsParams, hash_json
 from tasks.store import FEATURES, SiteStore
 
-PYRADIOMICS_VERSION = str(radiomics.__version__).lstrip("v")
+#: The installed pyradiomics (``radiomics.__version__`` without its ``v``), read from the package
+#: metadata so that planning a run does not import pyradiomics and SimpleITK.
+PYRADIOMICS_VERSION = version("pyradiomics").lstrip("v")
 CACHE_PREFIX = f"{FEATURES}/_cache/pyradiomics-{PYRADIOMICS_VERSION}"
 SHAPE_PART = "shape"
 

@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from tasks.errors import OncoflowError
 from tasks.names import task_label
@@ -40,6 +39,9 @@ from tasks.radiomics.shared_filters import can_share_filters, features_per_mask
 from tasks.records import Reason, Status, UnitOutcome, UnitResult
 from tasks.store import HARMONISED_SERIES, SiteStore, sha256_bytes
 from tasks.store_checks import missing_input
+
+if TYPE_CHECKING:  # SimpleITK loads where images are read (planning a run needs none)
+    import SimpleITK as sitk
 
 logger = logging.getLogger(__name__)
 
@@ -465,6 +467,8 @@ def read_image(store: SiteStore, key: str, sha256: str, target: Path) -> sitk.Im
     InputError
         When the object is missing, differs from its hash or is not a readable NIfTI file.
     """
+    import SimpleITK as sitk
+
     try:
         data = store.read_bytes(key)
     except FileNotFoundError:
@@ -489,6 +493,8 @@ def check_mask(image: sitk.Image, mask: sitk.Image, label: int) -> None:
     Quarantine
         With reason ``empty-mask``, ``one-voxel-mask`` or ``mask-outside-image``.
     """
+    import SimpleITK as sitk
+
     arr = sitk.GetArrayViewFromImage(mask)
     if arr.ndim == 4:  # vector mask: pyradiomics uses channel 0 by default
         arr = arr[..., 0]

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from tasks.errors import OncoflowError, did_you_mean
 from tasks.radiomics.extract import RoiUnit, select_units
@@ -105,6 +104,8 @@ def check_selection(
 
 def mask_labels(store: SiteStore, unit: RoiUnit) -> list[int]:
     """Return the non-zero labels of one harmonised mask."""
+    import SimpleITK as sitk
+
     with tempfile.TemporaryDirectory(prefix="oncoflow-mask-") as tmp:
         path = Path(tmp) / "mask.nii.gz"
         path.write_bytes(store.read_bytes(unit.mask))

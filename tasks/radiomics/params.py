@@ -280,10 +280,12 @@ class RadiomicsParams(BaseModel):
 
     @model_validator(mode="after")
     def _features_and_filters(self) -> RadiomicsParams:
-        from radiomics import getFeatureClasses
+        listed = {name: features for name, features in self.featureClass.items() if features}
+        if listed:  # pyradiomics knows the feature names (imported only when names are listed)
+            from radiomics import getFeatureClasses
 
-        classes = getFeatureClasses()
-        for name, features in self.featureClass.items():
+            classes = getFeatureClasses()
+        for name, features in listed.items():
             known = set(classes[str(name)].getFeatureNames())
             unknown = sorted(set(features or []) - known)
             if unknown:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
-
-import SimpleITK as sitk
+from typing import TYPE_CHECKING, Any
 
 from tasks.radiomics.params import RadiomicsParams
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 #: Image types whose filter reads the mask.
 MASK_DEPENDENT_IMAGE_TYPES = frozenset({"LBP3D"})

@@ -30,13 +30,9 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import highdicom as hd
 import pyarrow as pa
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
 from tasks.radiomics.cache import PYRADIOMICS_VERSION
 from tasks.radiomics.ibsi import (
@@ -48,6 +44,10 @@ from tasks.radiomics.ibsi import (
     private_code_value,
 )
 from tasks.store import DEID_SERIES, FEATURES, HARMONISED, SiteStore
+
+if TYPE_CHECKING:  # highdicom and pydicom load when a report is built (none on most reruns)
+    import highdicom as hd
+    from pydicom.dataset import Dataset
 
 SR_SERIES_NUMBER = 9100
 #: Header bytes read per DICOM file (patient, study and SOP attributes come first).
@@ -95,6 +95,8 @@ def params_label(params_hash: str) -> str:
 
 def unit_code(token: str, modality: str, image_type: str) -> hd.sr.CodedConcept:
     """UCUM unit of a feature from its unit token (see the IBSI table), modality and filter."""
+    import highdicom as hd
+
     if token in UNITS:
         value, meaning = UNITS[token]
         return hd.sr.CodedConcept(value, "UCUM", meaning)
@@ -117,6 +119,8 @@ def feature_code(column: str, used: set[str]) -> tuple[hd.sr.CodedConcept, str]:
     An IBSI identifier already used in the same group (a deprecated pyradiomics duplicate such
     as ``Homogeneity1`` beside ``Id``) falls back to the private code, so names stay unique.
     """
+    import highdicom as hd
+
     described = describe_column(column)
     assert described is not None
     meaning = f"{described.feature_class}_{described.feature}"
@@ -189,6 +193,8 @@ def safe_evidence(ds: Dataset) -> Dataset:
 
     The pseudonymous patient key doubles as the patient name; the report copies nothing else.
     """
+    from pydicom.dataset import Dataset
+
     out = Dataset()
     for keyword in SAFE_EVIDENCE:
         if keyword in ds:
@@ -202,6 +208,8 @@ def safe_evidence(ds: Dataset) -> Dataset:
 
 def read_header(store: SiteStore, key: str) -> Dataset:
     """Read a DICOM file's attributes without its pixel data."""
+    import pydicom
+
     with store.open(key, block_size=HEADER_BLOCK) as fh:
         return pydicom.dcmread(fh, stop_before_pixels=True)
 
@@ -248,6 +256,9 @@ def build_report(
     highdicom.sr.Comprehensive3DSR
         The report.
     """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
     series, roi, modality = row["series"], row["roi"], row.get("modality") or ""
     groups: dict[str, list[hd.sr.Measurement]] = {}
     used: dict[str, set[str]] = {}
@@ -324,6 +335,8 @@ def _report_object(
     series: str,
     roi: str,
 ) -> hd.sr.Comprehensive3DSR:
+    import highdicom as hd
+
     sr = hd.sr.Comprehensive3DSR(
         evidence=[safe_evidence(ds) for ds in (seg, *images)],
         content=report[0],
