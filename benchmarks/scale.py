@@ -101,11 +101,61 @@ def _hwm_kib(pid: int) -> int:
     return 0
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its waited-for children, from /proc."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def _server_pids(port: str) -> list[int]:
+    """The Prefect server's processes (``prefect server start ... --port PORT``) and children."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if b"server" in argv and port.encode() in argv:
+                    found.append(int(proc.name))
+    return sorted({p for pid in found for p in _tree(pid)})
+
+
+def server_cpu(env: dict[str, str]) -> float:
+    """CPU seconds the Prefect server of ``env``'s PREFECT_API_URL has used so far."""
+    url = env.get("PREFECT_API_URL", "")
+    port = url.rsplit(":", 1)[-1].split("/", 1)[0] if url else ""
+    return sum(_cpu_seconds(p) for p in _server_pids(port)) if port else 0.0
+
+
+def orchestration(summary: dict, unit_cpu: float | None) -> dict:
+    """CPU of a command: its process tree, the Prefect server, the units; the share not in units.
+
+    ``unit_cpu`` is the CPU the stage's units took inside their tasks (summed by the stage);
+    everything else (flow process: planning, submitting, tables; worker processes outside the
+    units: Prefect's task engine, Dask; the Prefect server answering) is orchestration here.
+    """
+    cpu = summary["_cpu"]
+    total = cpu["tree_s"] + cpu["server_s"]
+    out = {**cpu, "unit_s": unit_cpu}
+    if unit_cpu is not None and total > 0:
+        out["orchestration_share"] = round(max(total - unit_cpu, 0.0) / total, 3)
+    return out
+
+
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict, dict[str, float]]:
     """Run an oncoflow command; return wall seconds, its JSON summary and peak RSS (MB) by
-    process (``role#n``), sampled while it runs."""
+    process (``role#n``), sampled while it runs.
+
+    The summary gets ``_cpu``: CPU seconds of the command's process tree (``tree_s``, from the
+    children's resource usage, every process of the tree being waited for) and of the Prefect
+    server during the run (``server_s``)."""
+    import resource
+
     peaks: dict[int, tuple[str, int]] = {}
     load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = server_cpu(env)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     done = threading.Event()
@@ -125,6 +175,9 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict, dict[str, flo
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    tree = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    cpu = {"tree_s": round(tree, 2), "server_s": round(server_cpu(env) - server_before, 2)}
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err.decode()[-3000:]}")
     by_role: dict[str, float] = {}
@@ -134,7 +187,7 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict, dict[str, flo
     name = " ".join(cmd[1:2])
     print(f"  [{name}: {wall:.1f} s wall, load {load:.1f} -> {os.getloadavg()[0]:.1f}, "
           f"peak RSS MB {by_role}]", flush=True)  # fmt: skip
-    return wall, json.loads(out), by_role
+    return wall, {**json.loads(out), "_cpu": cpu}, by_role
 
 
 def oncoflow(stage: str, *args: str) -> list[str]:
@@ -182,11 +235,12 @@ def ingest_scale(n: int, work: Path, env: dict[str, str]) -> dict:
     inc, s3, rss3 = run(oncoflow(*args), env)
     assert s3["files_parsed"] == n // 100, s3
     cost = (inc - again) / first
+    share = orchestration(s1, s1.get("timings", {}).get("batch_cpu_seconds_sum"))
     print(
         f"ingest {n}: first {first:.1f} s, unchanged {again:.1f} s, +1 % {inc:.1f} s -> "
         f"increment cost {cost:.1%} of the first ingest (target <= 10 %); merge "
         f"{s1['timings'].get('merge_seconds')} s first, "
-        f"{s3['timings'].get('merge_seconds')} s increment",
+        f"{s3['timings'].get('merge_seconds')} s increment; first ingest CPU {share}",
         flush=True,
     )
     shutil.rmtree(source, ignore_errors=True)
@@ -200,12 +254,14 @@ def ingest_scale(n: int, work: Path, env: dict[str, str]) -> dict:
         "merge_s_increment": s3["timings"].get("merge_seconds"),
         "peak_rss_mb_first": rss1,
         "peak_rss_mb_increment": rss3,
+        "cpu_first": share,
     }
 
 
-def stages_scale(work: Path, env: dict[str, str]) -> dict:
+def stages_scale(work: Path, env: dict[str, str], series: int = 100) -> dict:
     """Deidentify and harmonise: first run, unchanged re-run, one more series (1 %)."""
-    slices, n = 50, 5000
+    slices = 50
+    n = series * slices
     source, store = work / "src-stages", work / "store-stages"
     old = ingest_bench.SLICES_PER_SERIES
     ingest_bench.SLICES_PER_SERIES = slices
@@ -217,9 +273,14 @@ def stages_scale(work: Path, env: dict[str, str]) -> dict:
     run(oncoflow("ingest", str(source), *site), env)
     out: dict[str, dict] = {}
     times: dict[str, list[float]] = {"deidentify": [], "harmonise": []}
+    shares: dict[str, dict] = {}
     for stage in times:
-        times[stage].append(run(oncoflow(stage, *site), env)[0])
-        times[stage].append(run(oncoflow(stage, *site), env)[0])
+        wall, summary, _ = run(oncoflow(stage, *site), env)
+        times[stage].append(wall)
+        shares[stage] = orchestration(summary, summary.get("unit_cpu_seconds"))
+        wall, summary, _ = run(oncoflow(stage, *site), env)
+        times[stage].append(wall)
+        assert summary["computed"] == 0, summary
     write_more(source, 95_000, slices, slices)
     run(oncoflow("ingest", str(source), *site), env)
     for stage in times:
@@ -229,7 +290,8 @@ def stages_scale(work: Path, env: dict[str, str]) -> dict:
         cost = (inc - again) / first
         print(
             f"{stage} {n // slices} series: first {first:.1f} s, unchanged {again:.1f} s, "
-            f"+1 series (1 %) {inc:.1f} s -> increment cost {cost:.1%} of the first run",
+            f"+1 series (1 %) {inc:.1f} s -> increment cost {cost:.1%} of the first run; "
+            f"first run CPU {shares[stage]}",
             flush=True,
         )
         out[stage] = {
@@ -240,6 +302,8 @@ def stages_scale(work: Path, env: dict[str, str]) -> dict:
             "increment_cost_of_first": round(cost, 3),
             "peak_rss_mb_increment": rss,
             "counts_increment": summary.get("counts"),
+            "computed_increment": summary.get("computed"),
+            "cpu_first": shares[stage],
         }
     return out
 
@@ -333,6 +397,7 @@ def main() -> int:
     parser.add_argument("--skip-stages", action="store_true")
     parser.add_argument("--skip-queries", action="store_true")
     parser.add_argument("--skip-ingest", action="store_true")
+    parser.add_argument("--stage-series", type=int, default=100, help="series (50 slices each)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="oncoflow-bench-scale-"))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect")}
@@ -360,7 +425,7 @@ def main() -> int:
                     print(f"peak RSS growth {small['instances']} -> {large['instances']} "
                           f"instances, MB by process: {growth} (target <= 150)")  # fmt: skip
             if not args.skip_stages:
-                figures["stages"] = stages_scale(work, env)
+                figures["stages"] = stages_scale(work, env, args.stage_series)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     figures["load_average_end"] = round(os.getloadavg()[0], 1)

@@ -194,6 +194,7 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         stale_removed=remove_stale(store, outcomes, volumes),
         table=DEID_SERIES,
         objects_written=sum(o.written for o in [*outcomes, *volumes]),
+        unit_cpu_seconds=round(sum(o.cpu_seconds for o in outcomes), 2),
         profile=PROFILE_VERSION,
         key_id=keys.key_id,
         options_hash=params.options_hash,

@@ -142,6 +142,7 @@ def harmonise_flow(params: HarmoniseParams) -> dict[str, Any]:
         stale_removed=remove_stale(store, ok),
         table=HARMONISED_SERIES,
         masks=sum(len(o.row["rois"]) for o in outcomes),
+        unit_cpu_seconds=round(sum(o.cpu_seconds for o in outcomes), 2),
         masks_quarantined=sum(1 for r in records if r.kind == "mask"),
         config_hash=params.config.config_hash(),
     )

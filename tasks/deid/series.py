@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prefect import task
@@ -408,8 +409,14 @@ def _deid_run_name() -> str:
 def deidentify_series_task(
     job: SeriesJob, label: str, store_url: str, site: str, source_url: str, options: DeidOptions
 ) -> UnitOutcome:
-    """Prefect task: :func:`deidentify_series` on a Dask worker (``label`` = pseudonymous key)."""
-    return deidentify_series(job, store_url, site, source_url, options)
+    """Prefect task: :func:`deidentify_series` on a Dask worker (``label`` = pseudonymous key).
+
+    The outcome's ``cpu_seconds`` is the CPU the unit itself took (what the orchestration
+    share of the stage is measured against).
+    """
+    started = time.process_time()
+    outcome = deidentify_series(job, store_url, site, source_url, options)
+    return replace(outcome, cpu_seconds=round(time.process_time() - started, 4))
 
 
 def counter_from(outcomes: list[UnitOutcome]) -> Counter[tuple[str, str]]:

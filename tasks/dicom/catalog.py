@@ -207,8 +207,9 @@ def read_parsed(store: SiteStore, parts: Iterable[str]) -> ParsedParts:
     return ParsedParts(keys)
 
 
-#: DuckDB's memory for the merge; beyond it DuckDB spills to a temporary folder.
-MERGE_MEMORY = "192MB"
+#: DuckDB's memory for the merge; beyond it DuckDB spills to a temporary folder. It bounds
+#: what a merge adds to the command's peak memory whatever the size of the archive.
+MERGE_MEMORY = "96MB"
 
 
 def remove_parts(store: SiteStore) -> None:
@@ -331,10 +332,12 @@ def merge_catalog(
         )  # fmt: skip
         if series.replace(replaced, series.parts() if everything else list(series_before)):
             counts.written.append(CATALOG_SERIES)
-        affected_items = set(old_series_keys) | {
-            p for (p,) in con.execute("SELECT path FROM cur").fetchall()
-        }
-        affected_items |= {s["series_key"] for t in new_series for s in t.to_pylist()}
+        affected_items: set[str] | None = None  # everything: all ingest rows are replaced
+        if not everything:
+            affected_items = set(old_series_keys) | {
+                p for (p,) in con.execute("SELECT path FROM cur").fetchall()
+            }
+            affected_items |= {k for t in new_series for k in t.column("series_key").to_pylist()}
     finally:
         con.close()
         spill.cleanup()
@@ -342,7 +345,7 @@ def merge_catalog(
         adds, removes = table.compaction(metadata)
         if adds:
             table.replace(adds, removes)
-    if _replace_ingest_quarantine(store, built_quarantine, None if everything else affected_items):
+    if _replace_ingest_quarantine(store, built_quarantine, affected_items):
         counts.written.append(QUARANTINE)
     fill_counts(counts, store)
     return counts

@@ -25,7 +25,7 @@ STATUS_QUARANTINED = "quarantined"
 STATUS_DELETED = "deleted"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ListedFile:
     """One file under the source root.
 

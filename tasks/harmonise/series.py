@@ -14,7 +14,8 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pydicom
@@ -412,5 +413,10 @@ def _compute(
 def harmonise_series_task(
     store_url: str, site: str, unit: SeriesUnit, config: HarmoniseConfig
 ) -> UnitOutcome:
-    """Prefect task: harmonise one series on a worker (its native threads pinned by the runtime)."""
-    return harmonise_series(SiteStore(store_url, site), unit, config)
+    """Prefect task: harmonise one series on a worker (its native threads pinned by the runtime).
+
+    The outcome's ``cpu_seconds`` is the CPU the unit itself took (process time).
+    """
+    started = time.process_time()
+    outcome = harmonise_series(SiteStore(store_url, site), unit, config)
+    return replace(outcome, cpu_seconds=round(time.process_time() - started, 4))
