@@ -352,6 +352,11 @@ def _q(text: str) -> str:
     return text.replace("'", "''")
 
 
+def sql_list(uris: Sequence[str]) -> str:
+    """Return a DuckDB list literal of URLs (``read_parquet([...])``)."""
+    return "[" + ", ".join(f"'{_q(u)}'" for u in uris) + "]"
+
+
 def _holding(con: Any, uris: list[str], key: str) -> list[str]:
     """URIs of the parts holding a row whose ``key`` is in the registered ``superseded``.
 
@@ -360,7 +365,7 @@ def _holding(con: Any, uris: list[str], key: str) -> list[str]:
     """
     if not uris:
         return []
-    listed = "[" + ", ".join(f"'{_q(u)}'" for u in uris) + "]"
+    listed = sql_list(uris)
     found = {
         f
         for (f,) in con.execute(

@@ -30,7 +30,7 @@ from tasks.store import (
     DEID_UNITS,
     SiteStore,
 )
-from tasks.table_parts import PartedTable
+from tasks.table_parts import PartedTable, sql_list
 from tasks.unit_state import UnitState, code_digest, keyed_digest, plan_reuse
 from tasks.volumes.deid import DEID_VOLUMES
 
@@ -145,7 +145,6 @@ def source_stamps(store: SiteStore, jobs: list[SeriesJob]) -> dict[str, str]:
             "path": pa.array([p for _, p in pairs], pa.string()),
         }
     )
-    sql_uris = "[" + ", ".join("'" + u.replace("'", "''") + "'" for u in uris) + "]"
     con = store.connect_duckdb()
     try:
         con.execute("SET threads TO 1")
@@ -153,8 +152,8 @@ def source_stamps(store: SiteStore, jobs: list[SeriesJob]) -> dict[str, str]:
         found = con.execute(
             "SELECT l.series_key, sha256(string_agg(l.path || '|' || coalesce(CAST(i.size AS "
             "VARCHAR), '-') || '|' || coalesce(i.mtime, '-'), chr(10) ORDER BY l.path)) "
-            f"FROM listed l LEFT JOIN (SELECT path, size, mtime FROM read_parquet({sql_uris})) i "
-            "ON i.path = l.path GROUP BY l.series_key"
+            "FROM listed l LEFT JOIN (SELECT path, size, mtime FROM "
+            f"read_parquet({sql_list(uris)})) i ON i.path = l.path GROUP BY l.series_key"
         ).fetchall()
     finally:
         con.close()

@@ -50,7 +50,7 @@ from tasks.store import (
     QUARANTINE_SORT,
     SiteStore,
 )
-from tasks.table_parts import PartedTable
+from tasks.table_parts import PartedTable, sql_list
 
 #: Version of the catalogue rules; a change forces a rebuild of series and quarantine.
 CATALOG_VERSION = "1"
@@ -97,10 +97,6 @@ def instance_parts(store: SiteStore) -> PartedTable:
 def series_parts(store: SiteStore) -> PartedTable:
     """``catalog/series.parquet`` as a folder of parts (rows ordered by series key)."""
     return PartedTable(store, CATALOG_SERIES, ("series_key",))
-
-
-def _sql_list(uris: list[str]) -> str:
-    return "[" + ", ".join("'" + u.replace("'", "''") + "'" for u in uris) + "]"
 
 
 def catalog_is_current(store: SiteStore, metadata: dict[str, str] | None = None) -> bool:
@@ -156,7 +152,7 @@ def diff_catalog(store: SiteStore, listing: Sequence[ListedFile]) -> ListingDiff
         con.register("listed", listed)
         con.execute(
             "CREATE TEMP VIEW cat AS SELECT path, size, mtime, status FROM "
-            f"read_parquet({_sql_list(uris)})"
+            f"read_parquet({sql_list(uris)})"
         )
         rows = con.execute(
             "SELECT l.path, c.path IS NULL OR c.status = ? AS is_new FROM listed l "
@@ -270,7 +266,7 @@ def merge_catalog(
         con.execute(f"SET temp_directory = '{_q(spill.name)}'")
         con.execute("SET preserve_insertion_order = false")
         if isinstance(parsed, ParsedParts) and parsed.keys:
-            uris = _sql_list([store.uri(k) for k in parsed.keys])
+            uris = sql_list([store.uri(k) for k in parsed.keys])
             con.execute(f"CREATE TEMP VIEW fresh AS SELECT * FROM read_parquet({uris})")
         else:
             rows = [] if isinstance(parsed, ParsedParts) else parsed
@@ -279,7 +275,7 @@ def merge_catalog(
         con.register("gone", pa.table({"path": pa.array(diff.deleted, pa.string())}))
         old_uris = instances.uris()
         if old_uris:
-            old_sql = f"SELECT * FROM read_parquet({_sql_list(old_uris)})"
+            old_sql = f"SELECT * FROM read_parquet({sql_list(old_uris)})"
             con.execute(f"CREATE TEMP VIEW old AS {old_sql}")
         else:
             con.execute("CREATE TEMP VIEW old AS SELECT * FROM fresh LIMIT 0")
@@ -435,7 +431,7 @@ def _parts_holding(
     if not uris:
         return {}
     found = con.execute(
-        f"SELECT DISTINCT filename FROM read_parquet({_sql_list(uris)}, filename = true) "
+        f"SELECT DISTINCT filename FROM read_parquet({sql_list(uris)}, filename = true) "
         f"WHERE {column} IN ({keys_sql})"
     ).fetchall()
     holding = {f for (f,) in found}
@@ -454,7 +450,7 @@ def _old_series_keys(con: duckdb.DuckDBPyConnection, uris: list[str]) -> list[st
     return [
         k
         for (k,) in con.execute(
-            f"SELECT series_key FROM read_parquet({_sql_list(uris)}) WHERE series_instance_uid "
+            f"SELECT series_key FROM read_parquet({sql_list(uris)}) WHERE series_instance_uid "
             "IN (SELECT uid FROM a_series)"
         ).fetchall()
     ]
