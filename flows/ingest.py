@@ -27,12 +27,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
-from prefect.futures import as_completed
 from pydantic import Field, field_validator
 
-from flows.reporting import Progress, markdown_table, post_summary, post_table
+from flows.reporting import markdown_table, post_summary, post_table
 from flows.runtime import RuntimeOptions, ensure_prefect_api, task_runner
-from flows.stage import StageParams, failure_ratio
+from flows.stage import StageParams, failure_ratio, run_units
 from tasks.dicom.catalog import (
     CatalogCounts,
     catalog_is_current,
@@ -44,6 +43,7 @@ from tasks.dicom.catalog import (
 )
 from tasks.dicom.headers import (
     PARTS_DIR,
+    BatchResult,
     parse_batch,
     parse_batch_to_part,
     warm_up,
@@ -208,21 +208,20 @@ def parse_headers_flow(
     )
     for batch in batches:
         write_batch_files(site_store, batch)
-    progress = Progress(len(files), "DICOM files parsed")
-    futures = {parse_batch.submit(b.key, source, store, site): b for b in batches}
-    results: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    for future in as_completed(list(futures)):
-        batch = futures[future]
-        try:
-            results.append(asdict(future.result()))
-        except Exception as exc:  # retries exhausted or worker lost: count it, never re-raise
-            failed.append(
-                {"key": batch.key, "files": len(batch.files), "error": type(exc).__name__}
-            )
-        progress.advance(len(batch.files))
-    results.sort(key=lambda r: r["key"])
-    failed.sort(key=lambda r: r["key"])
+    outcomes = run_units(
+        batches,
+        lambda batch: parse_batch.submit(batch.key, source, store, site),
+        # retries exhausted or worker lost: counted, the next run parses the files again
+        lambda batch, exc: {
+            "key": batch.key,
+            "files": len(batch.files),
+            "error": type(exc).__name__,
+        },
+        "DICOM files parsed",
+        weight=lambda batch: len(batch.files),
+    )
+    results = sorted((asdict(o) for o in outcomes if isinstance(o, BatchResult)), key=_by_key)
+    failed = sorted((o for o in outcomes if isinstance(o, dict)), key=_by_key)
     return {
         "results": results,
         "failed": failed,
@@ -234,6 +233,10 @@ def parse_headers_flow(
         ),
         "parse_seconds": round(time.perf_counter() - started, 4),
     }
+
+
+def _by_key(row: dict[str, Any]) -> str:
+    return row["key"]
 
 
 def _files_markdown(extra: dict[str, Any]) -> str:

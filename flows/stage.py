@@ -178,6 +178,7 @@ def run_units(
     progress: str,
     grouping: Grouping | None = None,
     reused: Mapping[int, Outcome] | None = None,
+    weight: Callable[[Unit], int] | None = None,
 ) -> list[Outcome]:
     """Run one task per unit on the flow's task runner; return the outcomes in plan order.
 
@@ -197,13 +198,16 @@ def run_units(
     reused
         Plan index -> outcome of the units unchanged since the last run
         (:func:`tasks.unit_state.plan_reuse`): they get no task.
+    weight
+        What a unit counts for in the progress artifact (the files of a batch); None: one.
 
     Returns
     -------
     list
         One outcome per unit, in the order of ``units``.
     """
-    bar = Progress(len(units), progress)
+    count = weight or (lambda _unit: 1)
+    bar = Progress(sum(count(u) for u in units), progress)
     done = dict(reused or {})
     todo = [i for i in range(len(units)) if i not in done]
     if grouping is None:
@@ -223,7 +227,7 @@ def run_units(
             futures[run_unit_group.submit(size, calls)] = group
     outcomes: list[Outcome | None] = [done.get(i) for i in range(len(units))]
     if done:
-        bar.advance(len(done))
+        bar.advance(sum(count(units[i]) for i in done))
     for future in as_completed(list(futures)):
         group = futures[future]
         try:
@@ -232,7 +236,7 @@ def run_units(
             results = [exc] * len(group)
         for i, result in zip(group, results, strict=True):
             outcomes[i] = failed(units[i], result) if isinstance(result, Exception) else result
-        bar.advance(len(group))
+        bar.advance(sum(count(units[i]) for i in group))
     return [o for o in outcomes if o is not None]
 
 
