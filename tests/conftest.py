@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,69 @@ def synth_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cohort")
     generate_cohort(out, sites=2, patients=2, seed=11)
     return out
+
+
+#: The site secret of the reference run and of the tests compared with it.
+REFERENCE_SECRET = "reference-run-secret-0123456789abcdef"
+REFERENCE_COHORT_SPEC = Path(__file__).resolve().parents[1] / "deployments/cohorts/demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def one_patient_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-site, one-patient synthetic cohort (every kind of series, edge cases included)."""
+    from tasks.synthetic import generate_cohort
+
+    out = tmp_path_factory.mktemp("one-patient-cohort")
+    generate_cohort(out, sites=1, patients=1, seed=5)
+    return out / "site-a"
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """An undisturbed `oncoflow run` of :func:`one_patient_site`, shared by the tests that
+    compare another topology's or a recovered run's outputs with it.
+
+    ``store`` is the store URL (a local folder); the run published under ``publication_url``
+    and its publication was then moved to ``publication``, so that one other run (the crash
+    test's recovered run) can publish at the same URL: a manifest names its own URL.
+    """
+
+    source: Path
+    store: Path
+    publication_url: Path
+    publication: Path
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def reference_run(
+    prefect_api: str, one_patient_site: Path, tmp_path_factory: pytest.TempPathFactory
+) -> ReferenceRun:
+    """Run ``oncoflow run`` (ct preset, demo cohort, two local workers) once per session."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("reference-run")
+    run = ReferenceRun(
+        source=one_patient_site,
+        store=root / "store",
+        publication_url=root / "publication",
+        publication=root / "publication-undisturbed",
+        log=root / "run.log",
+    )
+    args = ["run", str(one_patient_site), "--site", "site-a", "--store", str(run.store)]
+    args += ["--params", "ct", "--cohort", str(REFERENCE_COHORT_SPEC)]
+    args += ["--to", str(run.publication_url), "--workers", "2"]
+    env = {**os.environ, "ONCOFLOW_SITE_SECRET": REFERENCE_SECRET}
+    with open(run.log, "wb") as log:
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "oncoflow"), *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=900,
+        )
+    assert proc.returncode == 0, run.log.read_text(errors="replace")[-3000:]
+    run.publication_url.rename(run.publication)
+    return run
+

@@ -3,8 +3,8 @@
 `oncoflow run SOURCE ... --params ct --cohort ... --to ...` runs in subprocesses (each in its
 own session) on a one-patient synthetic site, against the session's Prefect server:
 
-* an undisturbed run into store B (at the same time as the next one, to save wall time); its
-  publication is then moved aside as the baseline;
+* the undisturbed run is the session's reference run (tests/conftest.py: the same command into
+  its own store; its publication moved aside), shared with the production-topology test;
 * a run into store A killed while harmonising: SIGKILL of the leader process first (what the
   kernel's OOM killer does), so its Dask workers must notice and exit by themselves, then of
   the whole process group;
@@ -33,28 +33,18 @@ import pytest
 from tasks.cohort.storage import Retrier, RetryPolicy
 from tasks.cohort.verify import MARKER, read_marker, verify_url, verify_version, version_dirs
 from tasks.store import TMP_MARK, open_url
+from tests.conftest import REFERENCE_COHORT_SPEC, REFERENCE_SECRET, ReferenceRun
 from tests.services import BIN
 
 REPO = Path(__file__).resolve().parents[2]
-COHORT_SPEC = REPO / "deployments" / "cohorts" / "demo.yaml"
+COHORT_SPEC = REFERENCE_COHORT_SPEC
 COHORT = "demo-ct"
 SITE = "site-a"
-SECRET = "crash-recovery-secret-0123456789abcdef"
 TOKEN_VAR = "ONCOFLOW_CRASH_TEST_RUN"
 #: Store prefixes compared between the recovered and the undisturbed run.
 DERIVED = ("deid/", "harmonised/", "features/", "catalog/series.parquet", "quarantine.parquet")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
-
-
-@pytest.fixture(scope="module")
-def one_patient_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-site, one-patient synthetic cohort (every kind of series, edge cases included)."""
-    from tasks.synthetic import generate_cohort
-
-    out = tmp_path_factory.mktemp("crash-cohort")
-    generate_cohort(out, sites=1, patients=1, seed=5)
-    return out / SITE
 
 
 class Run:
@@ -81,7 +71,7 @@ class Run:
             "--workers",
             "2",
         ]
-        env = {**os.environ, "ONCOFLOW_SITE_SECRET": SECRET, TOKEN_VAR: self.token}
+        env = {**os.environ, "ONCOFLOW_SITE_SECRET": REFERENCE_SECRET, TOKEN_VAR: self.token}
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen(
                 args, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
@@ -192,20 +182,16 @@ def assert_no_partial_version(to: Path) -> list[str]:
 
 
 def test_killed_run_recovers_to_the_undisturbed_result(
-    prefect_api: str, one_patient_site: Path, tmp_path: Path
+    reference_run: ReferenceRun, tmp_path: Path
 ) -> None:
     timings: dict[str, float] = {}
-    pub, baseline_pub = tmp_path / "publication", tmp_path / "publication-undisturbed"
-    store, baseline_store = tmp_path / "store-a", tmp_path / "store-b"
-
-    # the undisturbed run's publication is renamed afterwards, so that the recovered run
-    # publishes at the same URL (a manifest names its own URL)
-    t0 = time.monotonic()
-    baseline = Run(one_patient_site, baseline_store, pub, tmp_path / "run-b.log")
-    killed_pub = tmp_path / "publication-killed"
-    killed = Run(one_patient_site, store, killed_pub, tmp_path / "run-a1.log")
+    source, store = reference_run.source, tmp_path / "store-a"
+    baseline_store, baseline_pub = reference_run.store, reference_run.publication
+    pub = reference_run.publication_url  # where the undisturbed run published
 
     # killed while harmonising: the leader first; its Dask workers must exit by themselves
+    killed_pub = tmp_path / "publication-killed"
+    killed = Run(source, store, killed_pub, tmp_path / "run-a1.log")
     timings["kill at"] = killed.kill_when(harmonising(store), 900, "harmonised output")
     killed.proc.send_signal(signal.SIGKILL)
     killed.proc.wait(timeout=30)
@@ -215,13 +201,9 @@ def test_killed_run_recovers_to_the_undisturbed_result(
     assert assert_tables_whole(store) >= 3  # catalog, quarantine, deid were written before
     assert not (killed_pub / COHORT).exists() or assert_no_partial_version(killed_pub) == []
 
-    assert baseline.wait(900) == 0, baseline.tail()
-    timings["undisturbed"] = time.monotonic() - t0
-    pub.rename(baseline_pub)
-
     # run again to completion, publishing where the undisturbed run did
     t0 = time.monotonic()
-    final = Run(one_patient_site, store, pub, tmp_path / "run-a2.log")
+    final = Run(source, store, pub, tmp_path / "run-a2.log")
     assert final.wait(900) == 0, final.tail()
     timings["rerun"] = time.monotonic() - t0
     print("crash-recovery timings (s):", {k: round(v, 1) for k, v in timings.items()})

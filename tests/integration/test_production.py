@@ -4,8 +4,9 @@ PostgreSQL (a throwaway cluster), `prefect server` on it, a `prefect worker` on 
 an external `dask scheduler` with two `dask worker` processes, and moto's S3 server for the
 store and the publication. The site pipeline runs through a deployment from prefect.yaml; the
 test then checks the run is in PostgreSQL, the tasks ran on the external Dask workers, the S3
-outputs equal the embedded default's for the same input, and that a Prefect server restarted
-mid-run loses nothing: the next run completes without recomputing finished series.
+outputs equal the embedded default's for the same input (the session's reference run of the
+one-patient site, tests/conftest.py), and that a Prefect server restarted mid-run loses
+nothing: the next run completes without recomputing finished series.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REFERENCE_SECRET, ReferenceRun
 from tests.services import (
     BIN,
     PG_BIN,
@@ -34,7 +36,6 @@ from tests.services import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-SECRET = "production-test-secret-0123456789abcdef"
 STAGES = ["ingest", "deidentify", "harmonise", "extract", "publish"]
 pytestmark = [pytest.mark.integration, pytest.mark.production, pytest.mark.timeout(1800)]
 
@@ -150,7 +151,7 @@ def _dask_task_prefixes(address: str) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not PG_BIN, reason="PostgreSQL is not installed (apt-get install postgresql)")
-def test_production_topology(tmp_path, synth_cohort, s3_endpoint):
+def test_production_topology(tmp_path, reference_run: ReferenceRun, s3_endpoint):
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
@@ -158,7 +159,7 @@ def test_production_topology(tmp_path, synth_cohort, s3_endpoint):
         if not fs.exists(bucket):
             fs.mkdir(bucket)
     services_env = {
-        "ONCOFLOW_SITE_SECRET": SECRET,
+        "ONCOFLOW_SITE_SECRET": REFERENCE_SECRET,
         **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")},
     }
     home = tmp_path / "prefect-home"
@@ -173,7 +174,7 @@ def test_production_topology(tmp_path, synth_cohort, s3_endpoint):
             yaml.safe_dump(
                 {
                     "site": "site-a",
-                    "source": str(synth_cohort / "site-a"),
+                    "source": str(reference_run.source),
                     "store": "s3://prod-store/stores",
                     "publication": "s3://prod-publication/site-a",
                     "cohort": str(REPO / "deployments/cohorts/demo.yaml"),
@@ -251,30 +252,9 @@ def test_production_topology(tmp_path, synth_cohort, s3_endpoint):
         assert rows["harmonise"]["computed"] == 0
         assert rows["extract"]["computed"] == 0
 
-    # the S3 outputs equal the embedded default's for the same input
-    local_store = tmp_path / "embedded-store"
-    env = {**os.environ, "ONCOFLOW_SITE_SECRET": SECRET, "PREFECT_HOME": str(tmp_path / "ph")}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run(
-        [
-            str(BIN / "oncoflow"),
-            "run",
-            str(synth_cohort / "site-a"),
-            "--site",
-            "site-a",
-            "--store",
-            str(local_store),
-            "--params",
-            "ct",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the S3 outputs equal the embedded default's (local store, local Dask) for the same input
     s3 = _comparable(_s3_hashes("prod-store/stores/site-a"))
-    local = _comparable(_local_hashes(local_store / "site-a"))
+    local = _comparable(_local_hashes(reference_run.store / "site-a"))
     assert s3 and s3 == local
     published = _s3_hashes("prod-publication/site-a")
     assert any(k.endswith("manifest.json") for k in published)
