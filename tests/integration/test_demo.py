@@ -1,4 +1,10 @@
-"""`oncoflow demo` end to end, as the README's first command runs it (3 sites x 3 patients).
+"""`oncoflow demo` end to end, as the README's first command runs it, on a smaller cohort.
+
+The cohort is 2 sites x 1 patient (the command's default is 3 x 3): every stage, the hub's
+federation across sites, the rerun and the UI are the same code whatever the size, and each
+site's pipeline runs the same stages; the size only multiplies the time (this test took a
+quarter of the default suite at 3 x 3). `oncoflow demo` at its default size is what
+docs/benchmarks.md times.
 
 The demo runs with ``--ui``: it starts its own `prefect server` (database in the demo folder) and
 leaves it running; the test checks that server's UI is told its own API, that the runs are listed
@@ -26,12 +32,14 @@ from tests.services import BIN, free_port
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+SITES = ("site-a", "site-b")
 
 
 def _demo(out: Path, port: int) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.pop("ONCOFLOW_SITE_SECRET", None)  # the demo makes its own and says where
     args = ["demo", "--out", str(out), "--json", "--ui", "--ui-port", str(port)]
+    args += ["--sites", str(len(SITES)), "--patients", "1"]
     return subprocess.run(
         [str(BIN / "oncoflow"), *args], env=env, capture_output=True, text=True, timeout=1400
     )
@@ -64,7 +72,7 @@ def test_demo_end_to_end(tmp_path):
         assert ui == f"http://127.0.0.1:{port}"
         # the UI is told its own API (not a temporary server's), and the runs are in it
         assert httpx.get(f"{ui}/ui-settings", timeout=10).json()["api_url"] == api
-        assert _pipeline_runs(api) == [(f"site-pipeline-site-{c}", "COMPLETED") for c in "abc"]
+        assert _pipeline_runs(api) == [(f"site-pipeline-{s}", "COMPLETED") for s in SITES]
         assert (out / "prefect" / "prefect.db").is_file()  # the database is in the demo folder
         if shutil.which("chromium"):
             png = tmp_path / "runs.png"
@@ -86,7 +94,7 @@ def test_demo_end_to_end(tmp_path):
             assert by_stage["extract"]["parts_computed"] == 0, site
             assert by_stage["publish"]["counts"] == {"unchanged": 1}, site
         runs = _pipeline_runs(api)
-        assert runs == sorted([(f"site-pipeline-site-{c}", "COMPLETED") for c in "abc"] * 2)
+        assert runs == sorted([(f"site-pipeline-{s}", "COMPLETED") for s in SITES] * 2)
     finally:  # the server outlives the demo: stop it by its PID, even when the demo failed
         pid_file = out / "prefect" / "server.pid"
         pid = result.get("ui_pid") or (pid_file.is_file() and pid_file.read_text().strip())
@@ -131,6 +139,8 @@ def _check_first_run(out: Path, result: dict, stderr: str) -> None:
                 assert not leaked, f"{path.relative_to(out)} holds a planted value"
     catalogue = json.loads((out / "hub" / "catalogue.json").read_text())
     assert catalogue["k"] == 10
-    assert catalogue["tables"]["modality"]["total"] == sum(
-        1 for _ in (out / "publication").glob("*/demo-ct/v1/images/*.nii.gz")
-    )
+    images = sum(1 for _ in (out / "publication").glob("*/demo-ct/v1/images/*.nii.gz"))
+    assert images >= len(SITES)
+    # the hub shows the published count, or "<k" below k (as with this small cohort)
+    total = catalogue["tables"]["modality"]["total"]
+    assert total == (images if images >= catalogue["k"] else f"<{catalogue['k']}")
