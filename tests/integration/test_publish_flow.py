@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import time
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -70,18 +71,29 @@ async def _artifacts(key: str):
         )
 
 
-def wait_for_events(prefix: str, url_prefix: str, timeout: float = 30.0) -> list[dict]:
-    """Events with this name prefix about publications under ``url_prefix`` (waits for one)."""
+def events_emitted_so_far(prefix: str, url_prefix: str, timeout: float = 60.0) -> list[dict]:
+    """Events with this name prefix about publications under ``url_prefix``, once every event
+    this process emitted before the call has reached the server.
+
+    A barrier event is emitted after them through the same client (events leave in order) and
+    polled for with a deadline: when it is readable, so are the events emitted before it.
+    """
+    from prefect.events import emit_event
+
+    barrier = f"oncoflow.test.barrier-{uuid.uuid4().hex}"
+    emit_event("oncoflow.test.barrier", resource={"prefect.resource.id": barrier})
     deadline = time.monotonic() + timeout
-    while True:
-        events = [
-            e
-            for e in asyncio.run(_events(prefix))
-            if e["payload"].get("url", "").startswith(url_prefix)
-        ]
-        if events or time.monotonic() > deadline:
-            return events
-        time.sleep(0.5)
+    while not any(
+        e["resource"]["prefect.resource.id"] == barrier
+        for e in asyncio.run(_events("oncoflow.test.barrier"))
+    ):
+        assert time.monotonic() < deadline, "the barrier event did not reach the server"
+        time.sleep(0.25)
+    return [
+        e
+        for e in asyncio.run(_events(prefix))
+        if e["payload"].get("url", "").startswith(url_prefix)
+    ]
 
 
 def test_publish_flows_event_artifact_and_hub(
@@ -139,9 +151,7 @@ def test_publish_flows_event_artifact_and_hub(
         assert result["url"] == f"{s3_bucket}/pub/{site}/lung/v1"
     assert not again["created"] and again["version"] == "v1"
 
-    events = wait_for_events("oncoflow.cohort", s3_bucket)
-    time.sleep(2)  # give a (wrong) event of the unchanged republish time to arrive too
-    events = wait_for_events("oncoflow.cohort", s3_bucket)
+    events = events_emitted_so_far("oncoflow.cohort", s3_bucket)
     assert len(events) == 1  # the new version; nothing for the unchanged republish
     assert events[0]["event"] == EVENT
     payload = events[0]["payload"]
