@@ -143,3 +143,58 @@ def test_extract_task_extracts_every_roi_of_its_image(tmp_path: Path):
     assert all(o.result.status == Status.OK for o in outcomes), outcomes
     assert all(o.result.outputs for o in outcomes)
     assert all(store.exists(p) for o in outcomes for p in o.result.outputs)
+
+
+def test_parse_task_reads_its_file_list_from_the_store(tmp_path: Path):
+    from tasks.dicom.headers import parse_batch, write_batch_files
+    from tasks.dicom.listing import Batch, list_source
+    from tasks.store import SiteStore
+    from tests.dicom_factory import write_series
+
+    source = tmp_path / "source"
+    write_series(source / "ct", 3)
+    (source / "empty.dcm").write_bytes(b"")
+    store = SiteStore(str(tmp_path / "store"), "site-x")
+    write_batch_files(store, Batch("b1", list_source(str(source))))
+    result = parse_batch.fn("b1", str(source), store.url, "site-x")
+    assert result.statuses == {"ok": 3, "quarantined": 1}
+    assert result.reasons == {"empty-file": 1}
+    table = store.read_table(result.part)
+    assert sorted(table.column("path").to_pylist()) == sorted(
+        [f"ct/IM000{i}.dcm" for i in (1, 2, 3)] + ["empty.dcm"]
+    )
+
+
+def test_deidentify_task_writes_the_series_under_its_pseudonymous_key(tmp_path, monkeypatch):
+    from pydicom import dcmread
+
+    from tasks.deid.profile import DeidOptions
+    from tasks.deid.series import SeriesJob, deidentify_series_task
+    from tasks.store import SiteStore
+    from tests.dicom_factory import write_series
+
+    monkeypatch.setenv("ONCOFLOW_SITE_SECRET", "task-body-test-secret-0123456789abcdef")
+    source = tmp_path / "source"
+    paths = write_series(source / "ct", 2)
+    first = dcmread(paths[0])
+    job = SeriesJob(
+        str(first.SeriesInstanceUID),
+        str(first.SeriesInstanceUID),
+        str(first.StudyInstanceUID),
+        str(first.PatientID),
+        "CT",
+        "image",
+        tuple(p.relative_to(source).as_posix() for p in paths),
+    )
+    store_url = str(tmp_path / "store")
+    outcome = deidentify_series_task.fn(
+        job, "label", store_url, "site-a", str(source), DeidOptions()
+    )
+    assert outcome.result.status == Status.OK, outcome.result
+    written = sorted(SiteStore(store_url, "site-a").find("deid/dicom"))
+    assert len(written) == 2
+    for key in written:
+        ds = dcmread(SiteStore(store_url, "site-a").path(key))
+        assert ds.PatientID != first.PatientID and "Doe" not in str(ds.PatientName)
+        assert ds.SeriesInstanceUID != first.SeriesInstanceUID
+        assert ds.SeriesInstanceUID in key
