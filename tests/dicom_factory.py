@@ -35,6 +35,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from tasks.synthetic.dicom_derived import image_ref
 from tasks.synthetic.dicom_images import SOP_CLASSES, make_uid, new_dataset
 from tasks.synthetic.phantoms import ds_str as synthetic_ds_str
 
@@ -469,7 +470,7 @@ def rtstruct(
     study.ReferencedSOPInstanceUID = ref.StudyInstanceUID
     series = Dataset()
     series.SeriesInstanceUID = ref.SeriesInstanceUID
-    series.ContourImageSequence = DicomSequence([_image_ref(im) for im in images])
+    series.ContourImageSequence = DicomSequence([image_ref(im) for im in images])
     study.RTReferencedSeriesSequence = DicomSequence([series])
     rfor.RTReferencedStudySequence = DicomSequence([study])
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([rfor])
@@ -503,13 +504,6 @@ def rtstruct(
     ds.ROIContourSequence = DicomSequence(contours_seq)
     ds.RTROIObservationsSequence = DicomSequence(observations)
     return ds
-
-
-def _image_ref(ds: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = ds.SOPClassUID
-    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    return item
 
 
 def segmentation(

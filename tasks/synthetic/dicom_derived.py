@@ -20,7 +20,8 @@ STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 COLOURS = (["255", "0", "0"], ["0", "160", "255"])
 
 
-def _image_ref(ds: Dataset) -> Dataset:
+def image_ref(ds: Dataset) -> Dataset:
+    """Return a referenced-image item (SOP Class and Instance UIDs) of ``ds``."""
     ref = Dataset()
     ref.ReferencedSOPClassUID = ds.SOPClassUID
     ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
@@ -77,7 +78,7 @@ def rtstruct(
 
     series_ref = Dataset()
     series_ref.SeriesInstanceUID = ref.SeriesInstanceUID
-    series_ref.ContourImageSequence = Sequence([_image_ref(s) for s in ct_slices])
+    series_ref.ContourImageSequence = Sequence([image_ref(s) for s in ct_slices])
     study_ref = Dataset()
     study_ref.ReferencedSOPClassUID = STUDY_COMPONENT_SOP_CLASS
     study_ref.ReferencedSOPInstanceUID = ref.StudyInstanceUID
@@ -101,7 +102,7 @@ def rtstruct(
             if points is None:
                 continue
             contour = Dataset()
-            contour.ContourImageSequence = Sequence([_image_ref(slice_ds)])
+            contour.ContourImageSequence = Sequence([image_ref(slice_ds)])
             contour.ContourGeometricType = "CLOSED_PLANAR"
             contour.NumberOfContourPoints = len(points)
             contour.ContourData = [ds_str(v) for v in points.ravel()]

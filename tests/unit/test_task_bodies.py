@@ -16,19 +16,9 @@ from flows.publish import gate_series_task, stage_series_task
 from flows.stage import run_unit_group
 from tasks.cohort.publish import cohort_path, plan_publication, publish_cohort
 from tasks.cohort.spec import parse_spec
-from tasks.cohort.storage import RetryPolicy
 from tasks.records import Status
-from tests.unit.test_cohort_fixture import PARAMS_HASH, build_site
-
-SPEC = {
-    "name": "lung",
-    "title": "Lung cohort",
-    "description": "Chest imaging",
-    "licence": "CC-BY-4.0",
-    "features": PARAMS_HASH,
-    "include": {"dicom": True},
-}
-FAST = RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.01, seed=1)
+from tests.unit.test_cohort_fixture import build_site
+from tests.unit.test_cohort_publish import FAST, SPEC
 
 
 def test_unit_group_keeps_order_and_puts_a_units_exception_in_its_place():
