@@ -37,7 +37,7 @@ from tasks.radiomics.extract import (
     select_units,
 )
 from tasks.radiomics.filters import check_label, check_selection, inventory
-from tasks.radiomics.params import Preset, RadiomicsParams, load_params
+from tasks.radiomics.params import Preset, RadiomicsParams, check_with_pyradiomics, load_params
 from tasks.radiomics.plan import (
     cached_outcomes,
     collect_rows,
@@ -52,6 +52,8 @@ from tasks.radiomics.table import (
     STATUS_COLUMNS,
     build_features_table,
     features_key,
+    recorded_metadata,
+    written_with,
 )
 from tasks.records import Stage, StageSummary, UnitOutcome
 from tasks.research.methods import methods_metadata
@@ -258,7 +260,13 @@ def _write_outputs(
     """Write the features table, its diagnostics and the DICOM SR reports of a run."""
     params_hash = radiomics_params.params_hash()
     table, metadata = build_features_table(params.site, rows, radiomics_params)
-    metadata.update(methods_metadata(store, radiomics_params, [r.unit.series for r in rows]))
+    # effective settings: a function of the parameters and pyradiomics' version (computing them
+    # imports pyradiomics), so the entry a table of the same two records is reused
+    known = recorded_metadata(store, radiomics_params).get(b"oncoflow.effective_settings")
+    series = [r.unit.series for r in rows]
+    metadata.update(
+        methods_metadata(store, radiomics_params, series, known.decode() if known else None)
+    )
     written = store.write_table(features_key(params_hash), table, metadata)
     store.write_table(
         diagnostics_table_key(params_hash),
@@ -325,8 +333,12 @@ def select_rois(params: ExtractParams) -> RoiSelection:
     OncoflowError
         One line: invalid parameters, nothing harmonised, a filter matching nothing.
     """
-    radiomics_params, source = load_params(params.params_spec())
+    radiomics_params, source = load_params(params.params_spec(), pyradiomics_check=False)
     store = params.open_store()
+    if not written_with(store, radiomics_params):
+        # pyradiomics' own schema (importing pyradiomics and SimpleITK): passed by the run that
+        # wrote the features table of these very parameters with this pyradiomics, if any
+        check_with_pyradiomics(radiomics_params, source)
     every_unit = plan_units(store)
     units = select_checked(store, every_unit, params, radiomics_params)
     return RoiSelection(store, radiomics_params, source, every_unit, units)

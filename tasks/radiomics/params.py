@@ -393,7 +393,9 @@ def _message(exc: ValidationError) -> str:
     return "; ".join(seen[:3]) + (f" (+{len(seen) - 3} more)" if len(seen) > 3 else "")
 
 
-def validate_params(data: Any, source: str = "parameters") -> RadiomicsParams:
+def validate_params(
+    data: Any, source: str = "parameters", pyradiomics_check: bool = True
+) -> RadiomicsParams:
     """Validate a parsed parameter mapping.
 
     Parameters
@@ -402,6 +404,9 @@ def validate_params(data: Any, source: str = "parameters") -> RadiomicsParams:
         The parsed YAML/JSON content.
     source
         Name used in error messages (a file name or preset name, never a full private path).
+    pyradiomics_check
+        Also run pyradiomics' own schema (:func:`check_with_pyradiomics`); the caller that
+        turns it off runs it where needed.
 
     Returns
     -------
@@ -442,12 +447,19 @@ def validate_params(data: Any, source: str = "parameters") -> RadiomicsParams:
         params = RadiomicsParams.model_validate(prepared)
     except ValidationError as exc:
         raise OncoflowError(f"parameter file {source}: {_message(exc)}") from None
-    _check_with_pyradiomics(params, source)
+    if pyradiomics_check:
+        check_with_pyradiomics(params, source)
     return params
 
 
-def _check_with_pyradiomics(params: RadiomicsParams, source: str) -> None:
-    """Run pyradiomics' own schema on the canonical form as a second line of defence."""
+def check_with_pyradiomics(params: RadiomicsParams, source: str) -> None:
+    """Run pyradiomics' own schema on the canonical form as a second line of defence.
+
+    Raises
+    ------
+    OncoflowError
+        One line with pyradiomics' first complaint.
+    """
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
     for name in ("pykwalify", "pykwalify.core", "radiomics"):
@@ -459,7 +471,7 @@ def _check_with_pyradiomics(params: RadiomicsParams, source: str) -> None:
         raise OncoflowError(f"parameter file {source}: rejected by pyradiomics: {first}") from None
 
 
-def load_params(spec: str) -> tuple[RadiomicsParams, str]:
+def load_params(spec: str, pyradiomics_check: bool = True) -> tuple[RadiomicsParams, str]:
     """Load and validate a parameter file or a preset.
 
     Parameters
@@ -467,6 +479,8 @@ def load_params(spec: str) -> tuple[RadiomicsParams, str]:
     spec
         A preset name (``ct``, ``mr``, ``pet``), or a path / fsspec URL of a YAML or JSON
         pyradiomics parameter file. An existing file wins over a preset of the same name.
+    pyradiomics_check
+        Also run pyradiomics' own schema (see :func:`validate_params`).
 
     Returns
     -------
@@ -481,15 +495,17 @@ def load_params(spec: str) -> tuple[RadiomicsParams, str]:
     is_url = "://" in spec
     if not is_url and not Path(spec).exists() and spec.lower() in {p.value for p in Preset}:
         preset = Preset(spec.lower())
-        return load_params_file(str(preset.path), f"preset:{preset.value}")
+        return load_params_file(str(preset.path), f"preset:{preset.value}", pyradiomics_check)
     fs, path = open_url(spec)
     if not fs.exists(path):
         presets = ", ".join(p.value for p in Preset)
         raise OncoflowError(f"parameter file {Path(path).name!r} not found (presets: {presets})")
-    return load_params_file(spec, Path(path).name)
+    return load_params_file(spec, Path(path).name, pyradiomics_check)
 
 
-def load_params_file(url: str, label: str) -> tuple[RadiomicsParams, str]:
+def load_params_file(
+    url: str, label: str, pyradiomics_check: bool = True
+) -> tuple[RadiomicsParams, str]:
     """Read, parse and validate one parameter file (YAML or JSON) at a path or fsspec URL."""
     from tasks.store import open_url
 
@@ -504,4 +520,4 @@ def load_params_file(url: str, label: str) -> tuple[RadiomicsParams, str]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise OncoflowError(f"parameter file {label}: not valid YAML/JSON{where}") from None
-    return validate_params(data, label), label
+    return validate_params(data, label, pyradiomics_check), label

@@ -9,6 +9,7 @@ same inputs and parameters give byte-identical files whatever the number of work
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -18,7 +19,7 @@ from tasks.radiomics.cache import PYRADIOMICS_VERSION
 from tasks.radiomics.extract import RoiUnit
 from tasks.radiomics.ibsi import annotate_table
 from tasks.radiomics.params import RadiomicsParams, canonical_json
-from tasks.store import FEATURES
+from tasks.store import FEATURES, SiteStore
 
 KEY_COLUMNS = ("site", "patient", "study", "series", "modality", "roi", "params_hash")
 STATUS_COLUMNS = ("status", "reason", "detail")
@@ -29,6 +30,31 @@ VERSIONED_PACKAGES = ("pyradiomics", "SimpleITK", "numpy", "PyWavelets", "scipy"
 def features_key(params_hash: str) -> str:
     """Store key of the features table for a parameter hash."""
     return f"{FEATURES}/{params_hash}.parquet"
+
+
+def recorded_metadata(store: SiteStore, params: RadiomicsParams) -> dict[bytes, bytes]:
+    """Return the metadata of the features table of ``params`` if written with this pyradiomics.
+
+    The metadata records the canonical parameters and the package versions; empty when there is
+    no such table, or it records other parameters or another pyradiomics version.
+    """
+    schema = store.table_schema(features_key(params.params_hash()))
+    metadata = dict(schema.metadata or {}) if schema is not None else {}
+    versions = json.loads(metadata.get(b"oncoflow.versions", b"{}"))
+    same = (
+        metadata.get(b"oncoflow.params") == params.canonical_json().encode()
+        and versions.get("pyradiomics") == PYRADIOMICS_VERSION
+    )
+    return metadata if same else {}
+
+
+def written_with(store: SiteStore, params: RadiomicsParams) -> bool:
+    """Tell whether the features table of ``params`` was written with them and this pyradiomics.
+
+    The run that wrote it had validated these parameters with pyradiomics' own schema, so a
+    rerun need not import pyradiomics to check them again (see :func:`recorded_metadata`).
+    """
+    return bool(recorded_metadata(store, params))
 
 
 @dataclass(frozen=True)

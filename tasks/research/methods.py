@@ -181,7 +181,10 @@ def intensity_units(harmonised: pa.Table | None, series: Iterable[str]) -> dict[
 
 
 def methods_metadata(
-    store: SiteStore, params: RadiomicsParams, series: Iterable[str]
+    store: SiteStore,
+    params: RadiomicsParams,
+    series: Iterable[str],
+    effective_json: str | None = None,
 ) -> dict[str, str]:
     """Return the methods-section metadata entries of a features table (JSON values).
 
@@ -193,10 +196,14 @@ def methods_metadata(
         The parameters the table was extracted with.
     series
         The series with a row in the table.
+    effective_json
+        The ``oncoflow.effective_settings`` entry when already known (a features table of these
+        parameters written with this pyradiomics records it); else computed, which imports
+        pyradiomics.
     """
     keys = sorted(set(series))
     return {
-        "oncoflow.effective_settings": canonical_json(effective_settings(params)),
+        "oncoflow.effective_settings": effective_json or canonical_json(effective_settings(params)),
         "oncoflow.versions": canonical_json(versions()),
         "oncoflow.harmonisation": canonical_json(harmonisation_record(store, keys)),
         "oncoflow.units": canonical_json(

@@ -7,7 +7,7 @@ import math
 import pyarrow.parquet as pq
 
 from tasks.radiomics.extract import RoiUnit
-from tasks.radiomics.params import validate_params
+from tasks.radiomics.params import canonical_json, validate_params
 from tasks.radiomics.table import (
     KEY_COLUMNS,
     PROV_COLUMNS,
@@ -15,8 +15,9 @@ from tasks.radiomics.table import (
     FeatureRow,
     build_features_table,
     features_key,
+    written_with,
 )
-from tasks.store import table_to_parquet_bytes
+from tasks.store import SiteStore, table_to_parquet_bytes
 
 PARAMS = validate_params({"setting": {"binWidth": 25}, "imageType": {"Original": {}}})
 
@@ -90,3 +91,21 @@ def test_same_rows_in_any_order_give_identical_bytes():
     assert a == b
     other = validate_params({"setting": {"binWidth": 20}, "imageType": {"Original": {}}})
     assert table_to_parquet_bytes(*build_features_table("site-a", ROWS, other)) != a
+
+
+def test_written_with_needs_the_table_of_the_same_parameters_and_pyradiomics(tmp_path):
+    store = SiteStore(str(tmp_path), "site-a")
+    assert not written_with(store, PARAMS)
+    table, metadata = build_features_table("site-a", ROWS, PARAMS)
+    key = features_key(PARAMS.params_hash())
+    store.write_table(key, table, metadata)
+    assert written_with(store, PARAMS)
+    other = validate_params({"setting": {"binWidth": 20}, "imageType": {"Original": {}}})
+    assert not written_with(store, other)
+    versions = json.loads(metadata["oncoflow.versions"])
+    store.write_table(key, table, {**metadata, "oncoflow.versions": canonical_json(
+        {**versions, "pyradiomics": "2.2.0"}
+    )})  # fmt: skip
+    assert not written_with(store, PARAMS)
+    store.write_table(key, table, {**metadata, "oncoflow.params": other.canonical_json()})
+    assert not written_with(store, PARAMS)
