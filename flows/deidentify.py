@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field, ValidationError
 
 from flows.reporting import markdown_table
-from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
+from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask, run_stage
 from flows.stage import (
     Grouping,
     StageParams,
@@ -228,6 +228,8 @@ def deidentify(params: DeidParams, runtime: RuntimeOptions | None = None) -> Sta
         raise OncoflowError(f"source unreachable: {source} ({type(exc).__name__})") from None
     if not found:
         raise OncoflowError(f"source not found: {source} (pass --source if it moved)")
-    load_site_secret(params.site)
-    result = run_on_dask(deidentify_flow, runtime, params)
+    keys = SiteKeys.derive(load_site_secret(params.site), params.site)
+    plan = plan_deid(store, catalog, keys, params.options)
+    work = len(plan.reused) < len(plan.jobs) or bool(plan_volume_jobs(store))
+    result = run_stage(deidentify_flow, runtime, params, workers=work)
     return StageSummary.from_dict(Stage.DEIDENTIFY, params.site, result)

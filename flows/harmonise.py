@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 from pydantic import Field, ValidationError
 
-from flows.runtime import RuntimeOptions, default_task_runner, run_on_dask
+from flows.runtime import RuntimeOptions, default_task_runner, run_stage
 from flows.stage import (
     Grouping,
     StageParams,
@@ -29,7 +29,6 @@ from tasks.harmonise.config import HarmoniseConfig, load_config
 from tasks.harmonise.plan import (
     outcome_rows,
     plan_harmonise,
-    plan_units,
     qc_report,
     quarantined_report,
     remove_stale,
@@ -163,6 +162,8 @@ def harmonise(params: HarmoniseParams, runtime: RuntimeOptions) -> StageSummary:
     StageSummary
         Counts, reasons and extras of the run.
     """
-    plan_units(SiteStore(params.store, params.site))  # fail in one line before any service
-    result = run_on_dask(harmonise_flow, runtime, params)
+    # fail in one line before any service; no workers when every series is unchanged
+    plan = plan_harmonise(SiteStore(params.store, params.site), params.config)
+    work = len(plan.reused) < len(plan.units)
+    result = run_stage(harmonise_flow, runtime, params, workers=work)
     return StageSummary.from_dict(Stage.HARMONISE, params.site, result)

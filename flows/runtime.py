@@ -539,3 +539,34 @@ def run_on_dask(flow: Any, options: RuntimeOptions, *args: Any) -> Any:
     """
     with dask_cluster(options):
         return flow.with_options(task_runner=task_runner(options))(*args)
+
+
+def run_stage(flow: Any, options: RuntimeOptions, *args: Any, workers: bool = True) -> Any:
+    """Run a stage flow: on Dask (:func:`run_on_dask`), or without workers when it needs none.
+
+    A stage whose plan found every unit unchanged submits no task: starting a Dask cluster
+    (processes, imports: seconds) would be its whole cost, so it runs in this process with a
+    one-thread task runner instead.
+
+    Parameters
+    ----------
+    flow
+        The Prefect flow.
+    options
+        Workers or the address of an existing scheduler.
+    *args
+        The flow's arguments.
+    workers
+        False when the flow will submit no task.
+
+    Returns
+    -------
+    Any
+        What the flow returns.
+    """
+    if workers:
+        return run_on_dask(flow, options, *args)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    ensure_prefect_api()
+    return flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(*args)
