@@ -50,6 +50,7 @@ from tasks.deid.series import (
     deidentify_series_task,
 )
 from tasks.errors import OncoflowError, validation_message
+from tasks.names import group_label
 from tasks.records import Stage, StageSummary, UnitOutcome
 from tasks.store import CATALOG_SERIES, DEID_SERIES, SiteStore, open_url
 from tasks.store_checks import missing_input
@@ -169,6 +170,8 @@ def deidentify_flow(params: DeidParams) -> dict[str, Any]:
         Grouping(
             size=lambda job: len(job.paths),
             call=lambda job: (deidentify_series_task.fn, args(job)),
+            name=lambda group: "deid-"
+            + group_label((j.modality, label[j.series_key]) for j in group),
         ),
         plan.reused,
     )

@@ -35,6 +35,7 @@ from tasks.harmonise.plan import (
     write_tables,
 )
 from tasks.harmonise.series import SeriesUnit, harmonise_series_task, series_row
+from tasks.names import group_label
 from tasks.records import Stage, StageSummary, Status, UnitOutcome
 from tasks.store import HARMONISED_SERIES, SiteStore
 
@@ -114,6 +115,8 @@ def harmonise_flow(params: HarmoniseParams) -> dict[str, Any]:
         Grouping(
             size=lambda unit: len(unit.keys),
             call=lambda unit: (harmonise_series_task.fn, args(unit)),
+            name=lambda group: "harmonise-"
+            + group_label((u.meta.get("modality", ""), u.series) for u in group),
         ),
         plan.reused,
     )

@@ -1,5 +1,7 @@
 """Researchers' on-demand radiomics: the ``<site>-on-demand`` deployment's form.
 
+(And the ``<site>-robustness`` deployment's, :func:`on_demand_robustness`, the same way.)
+
 The deployment names only the site's file (``deployments/sites/<site>.yaml``, the one place for
 a site's values: store, credentials from the worker's environment); the form asks for the
 preset, the series, ROIs and modalities. The run keeps the name the researcher gives it in the
@@ -19,8 +21,10 @@ from prefect.states import Completed, State
 from flows.on_demand_form import (
     FAILURE_RATIO,
     FLOW_NAME,
+    ICC_THRESHOLD,
     MODALITIES,
     PRESET,
+    ROBUSTNESS_FLOW_NAME,
     ROIS,
     SERIES,
     SITE_FILE,
@@ -69,6 +73,43 @@ def on_demand_extract(
         get_run_logger().info("%s", note)
         return Completed(name="Nothing to do", message=str(note), data=summary)
     return summary
+
+
+@flow(name=ROBUSTNESS_FLOW_NAME, log_prints=False, task_runner=default_task_runner())
+def on_demand_robustness(
+    site_config: str = SITE_FILE,
+    preset: Literal["ct", "mr", "pet"] = PRESET,
+    series: list[str] = SERIES,
+    rois: list[str] = ROIS,
+    modalities: list[ModalityName] = MODALITIES,
+    icc_threshold: float = ICC_THRESHOLD,
+) -> dict[str, Any]:
+    """Assess feature robustness for a selection at one site, from the site's file.
+
+    The ``<site>-robustness`` deployment's form: the store and site come from the site file,
+    like the on-demand extraction's (``flows/robustness.py`` does the work).
+
+    Returns
+    -------
+    dict
+        The robustness stage summary.
+    """
+    from flows.pipeline import check_store, load_site_config, tag_current_run
+    from flows.robustness import build_params, robustness_flow
+
+    config = load_site_config(site_config)
+    tag_current_run(f"site:{config.site}")
+    check_store(config)
+    params = build_params(
+        config.site,
+        config.store,
+        preset,
+        list(series) or None,
+        list(rois) or None,
+        list(modalities) or None,
+        icc_threshold,
+    )
+    return robustness_flow.fn(params)
 
 
 def main(argv: list[str] | None = None) -> int:

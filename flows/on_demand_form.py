@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import Field
 
 FLOW_NAME = "extract-on-demand"
+ROBUSTNESS_FLOW_NAME = "robustness-on-demand"
 #: At most this many series keys are offered as choices.
 MAX_CHOICES = 500
 
@@ -43,6 +44,16 @@ FAILURE_RATIO = Field(
     description="Fail the run above this share of ROIs failing with an error.",
 )
 
+#: The robustness form's ICC threshold (tasks.radiomics.robustness.DEFAULT_ICC_THRESHOLD).
+ICC_THRESHOLD = Field(
+    0.75,
+    ge=0.0,
+    le=1.0,
+    title="ICC threshold",
+    description="A feature is stable when its ICC(3,1) across perturbed replicas is at least "
+    "this.",
+)
+
 
 def form_choices(store_url: str, site: str) -> dict[str, list[str]]:
     """Return the site's harmonised series keys and ROI names (pseudonymous, no identifiers)."""
@@ -55,36 +66,43 @@ def form_choices(store_url: str, site: str) -> dict[str, list[str]]:
 
 
 def offer_form_choices(site: str, store_url: str, deployment: str | None = None) -> bool:
-    """Put the site's series and ROIs as choices into its on-demand deployment's form.
+    """Put the site's series and ROIs as choices into its on-demand deployments' forms.
 
     Parameters
     ----------
     site, store_url
         The site and its store (read: ``harmonised/series.parquet``).
     deployment
-        ``<flow>/<deployment>``; default ``extract-on-demand/<site>-on-demand``.
+        ``<flow>/<deployment>``; default both forms of the site:
+        ``extract-on-demand/<site>-on-demand`` and ``robustness-on-demand/<site>-robustness``.
 
     Returns
     -------
     bool
-        True when the deployment exists and its form was updated.
+        True when the extraction form (or ``deployment``) exists and was updated.
     """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    name = deployment or f"{FLOW_NAME}/{site}-on-demand"
+    names = [deployment] if deployment else [f"{FLOW_NAME}/{site}-on-demand"]
+    if not deployment:
+        names.append(f"{ROBUSTNESS_FLOW_NAME}/{site}-robustness")
     choices = form_choices(store_url, site)
+    updated = []
     with get_client(sync_client=True) as client:
-        try:
-            found = client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            return False
-        schema = with_choices(found.parameter_openapi_schema or {}, choices)
-        response = client._client.patch(  # only the schema is changed
-            f"/deployments/{found.id}", json={"parameter_openapi_schema": schema}
-        )
-        response.raise_for_status()
-    return True
+        for name in names:
+            try:
+                found = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                updated.append(False)
+                continue
+            schema = with_choices(found.parameter_openapi_schema or {}, choices)
+            response = client._client.patch(  # only the schema is changed
+                f"/deployments/{found.id}", json={"parameter_openapi_schema": schema}
+            )
+            response.raise_for_status()
+            updated.append(True)
+    return updated[0]
 
 
 #: Labels of the form's fields (Prefect titles a field by its parameter name).
@@ -95,6 +113,7 @@ TITLES = {
     "rois": ROIS.title,
     "modalities": MODALITIES.title,
     "max_failure_ratio": FAILURE_RATIO.title,
+    "icc_threshold": ICC_THRESHOLD.title,
 }
 
 

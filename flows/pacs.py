@@ -27,6 +27,7 @@ from flows.reporting import artifact_key, markdown_table, post_table
 from flows.runtime import RuntimeOptions, dask_cluster, ensure_prefect_api, task_runner
 from flows.stage import Grouping, StageParams, failure_ratio, run_units
 from tasks.errors import StageFailed
+from tasks.names import group_label
 from tasks.pacs.credentials import load_credentials
 from tasks.pacs.dicomweb import (
     PACS_ZONE,
@@ -195,6 +196,7 @@ def series_grouping(
     return Grouping(
         size=size,
         call=lambda handle: (pull_series, (handle, settings)),
+        name=lambda group: "pull-" + group_label((h.modality, h.series_key) for h in group),
         small=group_below,
         per_task=max(1, min(group_instances, share)),
     )

@@ -105,6 +105,9 @@ class Grouping:
     call
         The plain function and arguments that compute a unit's outcome (the unit task's
         ``.fn`` and the arguments its ``submit`` gets).
+    name
+        The task-run name of a group from its units, without identifiers (stage, modality,
+        count and a pseudonymous key tail: :func:`tasks.names.group_label`).
     small
         Units below this size are grouped; larger ones keep a task of their own.
     per_task
@@ -113,6 +116,7 @@ class Grouping:
 
     size: Callable[[Any], int]
     call: Callable[[Any], tuple[Callable[..., Any], tuple[Any, ...]]]
+    name: Callable[[Sequence[Any]], str]
     small: int = 32
     per_task: int = 256
 
@@ -152,15 +156,15 @@ def group_units(sizes: Sequence[int], small: int, per_task: int) -> list[list[in
 
 @task(
     name="unit-group",
-    task_run_name="unit-group-{size}",
+    task_run_name="{name}",
     retries=1,
     retry_delay_seconds=2,
     cache_policy=NO_CACHE,
 )
-def run_unit_group(size: int, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
+def run_unit_group(name: str, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
     """Compute several small units in one task; a unit's exception takes its outcome's place.
 
-    ``size`` (the group's total size) only names the task run.
+    ``name`` (:attr:`Grouping.name` of the group's units) only names the task run.
     """
     out: list[Any] = []
     for fn, args in calls:
@@ -223,8 +227,8 @@ def run_units(
         else:
             assert grouping is not None
             calls = [grouping.call(units[i]) for i in group]
-            size = sum(grouping.size(units[i]) for i in group)
-            futures[run_unit_group.submit(size, calls)] = group
+            name = grouping.name([units[i] for i in group])
+            futures[run_unit_group.submit(name, calls)] = group
     outcomes: list[Outcome | None] = [done.get(i) for i in range(len(units))]
     if done:
         bar.advance(sum(count(units[i]) for i in done))

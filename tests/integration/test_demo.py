@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -67,6 +68,9 @@ def test_demo_end_to_end(tmp_path):
     result = json.loads(proc.stdout) if proc.returncode == 0 else {}
     try:
         assert proc.returncode == 0, proc.stderr[-3000:]
+        # a normal run logs no WARNING, its Dask workers' shutdown included (a worker process
+        # takes 4-9 s to exit on a busy machine: "Worker process still alive after 4.0 s")
+        assert _warnings(proc.stderr) == []
         _check_first_run(out, result, proc.stderr)
         ui, api = result["ui"], f"{result['ui']}/api"
         assert ui == f"http://127.0.0.1:{port}"
@@ -82,6 +86,7 @@ def test_demo_end_to_end(tmp_path):
         # again in the same folder: reuses the server, the source and every stage's work
         again = _demo(out, port)
         assert again.returncode == 0, again.stderr[-3000:]
+        assert _warnings(again.stderr) == []
         rerun = json.loads(again.stdout)
         assert rerun["reused"] is True and rerun["ui_pid"] == result["ui_pid"]
         assert "Reusing the synthetic cohort" in again.stderr
@@ -100,6 +105,12 @@ def test_demo_end_to_end(tmp_path):
         pid = result.get("ui_pid") or (pid_file.is_file() and pid_file.read_text().strip())
         if pid:
             _stop(int(pid))
+
+
+def _warnings(stderr: str) -> list[str]:
+    """Log lines at WARNING or above in a command's output."""
+    level = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b")
+    return [line for line in stderr.splitlines() if level.search(line)]
 
 
 def _stop(pid: int) -> None:

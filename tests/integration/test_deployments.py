@@ -6,10 +6,12 @@ deployments as the docs do (`prefect deploy --prefect-file deployments/prefect.y
 endpoint standing in for the hub and the operators' chat) and applies the automations, starts a
 worker with the heartbeat the docs set (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30`), then:
 
-* runs the nightly deployment on a synthetic site: it completes, outlasting the silent-run
-  window (shortened here from 300 s to 45 s, still 1.5 x the heartbeat, to keep CI short), with
-  no Crashed state and no notification; the report, the stage table and the `site:site-a` tag
-  are on the deployment's run itself (the run an operator opens), the stages its subflows;
+* runs the nightly deployment on a synthetic site big enough that the run outlasts the
+  silent-run window (shortened here from 300 s to 45 s, 1.5 x the shortest heartbeat Prefect
+  allows, 30 s): the window of its first heartbeat expires while it runs, its later heartbeats
+  keep it alive, and it completes with no Crashed state and no notification; the report, the
+  stage table and the `site:site-a` tag are on the deployment's run itself (the run an
+  operator opens), the stages its subflows;
 * runs the on-demand form from the site file: the form offers the series and ROIs the nightly
   run harmonised, labels every field, keeps the researcher's run name; a selection with nothing
   to extract ends in the state `Nothing to do` with the reason;
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,10 @@ from tests.services import BIN, Inbox, prefect_server, prefect_worker
 REPO = Path(__file__).resolve().parents[2]
 AUTOMATIONS = REPO / "deployments" / "automations"
 WINDOW = 45  # seconds; the shipped silent-run window is 300
+#: Patients of the test site: its nightly run (one Dask worker) lasts about 20 s plus 4-5 s per
+#: patient beyond two on an idle 2-core machine, over a minute here: longer than WINDOW plus
+#: the server's 5 s proactive-trigger interval after its first heartbeat.
+PATIENTS = 12
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 
@@ -96,6 +103,10 @@ async def _run(client, name: str, parameters: dict, run_name: str | None, timeou
     run = await client.create_flow_run_from_deployment(
         deployment.id, parameters=parameters, name=run_name
     )
+    return await _wait(client, run, name, timeout)
+
+
+async def _wait(client, run, name: str, timeout: float):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = await client.read_flow_run(run.id)
@@ -114,6 +125,12 @@ async def _operator_path(api_url: str, config: Path) -> dict:
         FlowRunFilterId,
         FlowRunFilterParentFlowRunId,
     )
+    from prefect.events.filters import (
+        EventFilter,
+        EventNameFilter,
+        EventOrder,
+        EventResourceFilter,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     out: dict = {}
@@ -127,6 +144,14 @@ async def _operator_path(api_url: str, config: Path) -> dict:
                 900,
             )
             out["nightly"] = nightly
+            out["heartbeats"] = await client.read_events(
+                EventFilter(
+                    event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                    resource=EventResourceFilter(id=[f"prefect.flow-run.{nightly.id}"]),
+                    order=EventOrder.ASC,  # the first heartbeat on the first page
+                ),
+                limit=50,  # the server's largest page (the client's default, 100, is refused)
+            )
             out["nightly_artifacts"] = await client.read_artifacts(
                 artifact_filter=ArtifactFilter(
                     flow_run_id=ArtifactFilterFlowRunId(any_=[nightly.id])
@@ -144,27 +169,37 @@ async def _operator_path(api_url: str, config: Path) -> dict:
             )
             form = await client.read_deployment_by_name("extract-on-demand/site-a-on-demand")
             out["form"] = form.parameter_openapi_schema
+            robustness = await client.read_deployment_by_name(
+                "robustness-on-demand/site-a-robustness"
+            )
+            out["robustness_form"] = robustness.parameter_openapi_schema
             choices = form.parameter_openapi_schema["properties"]["series"]["items"]["enum"]
             out["chosen"] = choices[0]
-            out["on_demand"] = await _run(
-                client,
-                "extract-on-demand/site-a-on-demand",
-                {"site_config": str(config), "series": [choices[0]]},
-                "lung-texture-study",
-                600,
-            )
-            out["nothing"] = await _run(
-                client,
-                "extract-on-demand/site-a-on-demand",
-                {"site_config": str(config), "preset": "pet"},
-                None,
-                600,
+            # the researcher's run and one with nothing to extract, at the same time
+            out["on_demand"], out["nothing"] = await asyncio.gather(
+                _run(
+                    client,
+                    "extract-on-demand/site-a-on-demand",
+                    {"site_config": str(config), "series": [choices[0]]},
+                    "lung-texture-study",
+                    600,
+                ),
+                _run(
+                    client,
+                    "extract-on-demand/site-a-on-demand",
+                    {"site_config": str(config), "preset": "pet"},
+                    None,
+                    600,
+                ),
             )
             out["all_runs"] = await client.read_flow_runs()
     return out
 
 
-def test_operator_path_deploy_run_form_and_stop(tmp_path, synth_cohort):
+def test_operator_path_deploy_run_form_and_stop(tmp_path):
+    from tasks.synthetic import generate_cohort
+
+    truth = generate_cohort(tmp_path / "cohort", sites=1, patients=PATIENTS, seed=11)
     home = tmp_path / "prefect-home"
     home.mkdir()
     store = tmp_path / "store"
@@ -173,7 +208,7 @@ def test_operator_path_deploy_run_form_and_stop(tmp_path, synth_cohort):
         yaml.safe_dump(
             {
                 "site": "site-a",
-                "source": str(synth_cohort / "site-a"),
+                "source": str(tmp_path / "cohort" / "site-a"),
                 "store": str(store),
                 "radiomics": ["ct", "mr"],
                 "workers": 1,
@@ -200,6 +235,7 @@ def test_operator_path_deploy_run_form_and_stop(tmp_path, synth_cohort):
                 "ONCOFLOW_SITE_SECRET": "deployment-test-secret-0123456789abcdef",
                 "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
                 "ONCOFLOW_DASHBOARD": "1",  # on by default; the test suite turns it off
+                "PREFECT_WORKER_QUERY_SECONDS": "2",  # picks a new run up sooner than 10 s
             }
             with prefect_worker(server, "site-a-pool", home, REPO, worker_env) as worker:
                 out = asyncio.run(_operator_path(server.api_url, config))
@@ -216,11 +252,18 @@ def test_operator_path_deploy_run_form_and_stop(tmp_path, synth_cohort):
     nightly = out["nightly"]
     assert nightly.state.is_completed(), f"{nightly.state}\n{log[-3000:]}"
 
-    # a healthy run: no Crashed state, no notification. Under load this site's nightly run
-    # outlasts the window (heartbeats must then keep the automation quiet); on an idle machine
-    # it ends in about 20 s, inside the shortest window Prefect's heartbeat allows (30 s at
-    # least, window 45 s), and the automation must stay quiet on the run's end as well.
-    print("nightly run:", nightly.total_run_time, "window:", WINDOW, "s")
+    # a healthy run that outlasted the silent-run window: the window opened by its first
+    # heartbeat expired (plus the server's 5 s proactive-evaluation interval) while it ran, its
+    # later heartbeats kept it alive; no Crashed state, no notification
+    beats = sorted(e.occurred for e in out["heartbeats"].events)
+    since_first = [round((b - beats[0]).total_seconds()) for b in beats]
+    print(f"nightly run: {nightly.total_run_time}, heartbeats at {since_first} s")
+    assert len(beats) >= 2, beats
+    expired = beats[0] + timedelta(seconds=WINDOW + 5)
+    assert nightly.end_time > expired, (
+        f"the nightly run ended {nightly.end_time - beats[0]} after its first heartbeat, "
+        f"inside the {WINDOW} s window: raise PATIENTS"
+    )
     crashed = [r.name for r in out["all_runs"] if r.state and r.state.type.value == "CRASHED"]
     assert crashed == []
     assert [path for path, _ in inbox.received if path == "/operators"] == []
@@ -241,15 +284,29 @@ def test_operator_path_deploy_run_form_and_stop(tmp_path, synth_cohort):
         "ingest-site-a",
     ]
     assert not any(c.name.startswith("site-pipeline") for c in out["children"])
-    # task runs named by stage, modality (and ROIs) and the end of the pseudonymous key
+    # every task run named by stage, modality (and ROIs) and the end of a pseudonymous key;
+    # small series run several to a task, named by stage, modalities, count and the first
+    # one's key; ingest parses file batches (no modality yet), named by a keyed batch reference
     names = {t.name for t in out["task_runs"]}
-    # (this site's series are small: de-identify and harmonise run them grouped, several
-    # to a task named unit-group-<files>)
-    unit = r"(harmonise|deid)-(CT|MR|PT|SEG|RTSTRUCT)-[0-9a-z.]{6}|unit-group-\d+"
-    assert any(re.fullmatch(r"extract-CT-[^-]+-[0-9a-z.]{6}", n) for n in names), names
-    assert all(
-        re.fullmatch(unit, n) or n.startswith(("extract-", "ingest-", "parse-")) for n in names
-    ), names
+    key, mods, roi = r"[0-9a-z.]{6}", r"[A-Z?]+(\+[A-Z?]+)*", r"[a-z0-9_+-]+"
+    named = [
+        rf"(deid|harmonise)-{mods}-{key}",
+        rf"(deid|harmonise)-{mods}-x\d+-{key}",  # grouped
+        rf"extract-CT-{roi}-{key}",
+        r"parse-b[0-9a-f]{20}",
+    ]
+    assert [n for n in names if not any(re.fullmatch(p, n) for p in named)] == [], names
+    assert any(re.fullmatch(named[1], n) for n in names), names
+    assert any(re.fullmatch(named[2], n) for n in names), names
+    # never an identifier: no original UID, not even its last digits
+    originals = [
+        uid
+        for patient in truth.sites["site-a"].patients
+        for study in patient.studies
+        for series in study.series
+        for uid in (series.series_instance_uid, study.study_instance_uid)
+    ]
+    assert not [n for n in names for uid in originals if n.endswith(uid[-6:])], names
     # the report links the run's Dask dashboard
     assert "Dask dashboard of this run" in report and "http://127.0.0.1:" in report
 
@@ -259,6 +316,11 @@ def test_operator_path_deploy_run_form_and_stop(tmp_path, synth_cohort):
     assert props["preset"]["title"] == "Radiomics preset"
     assert all(p.get("title") and "Optional" not in p["title"] for p in props.values())
     assert len(props["series"]["items"]["enum"]) > 1 and props["rois"]["items"]["enum"]
+    # the robustness form (same site file) offers the same choices, labelled
+    robust = out["robustness_form"]["properties"]
+    assert robust["site_config"]["default"] == "deployments/sites/site-a.yaml"
+    assert robust["icc_threshold"]["title"] == "ICC threshold"
+    assert robust["series"]["items"]["enum"] == props["series"]["items"]["enum"]
     on_demand = out["on_demand"]
     assert on_demand.state.is_completed(), on_demand.state
     assert on_demand.state.name == "Completed"

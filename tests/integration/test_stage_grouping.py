@@ -1,5 +1,7 @@
 """The stage runner groups small units into one task each and still gives one outcome per unit."""
 
+import asyncio
+
 import pytest
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -43,15 +45,44 @@ def grouped(units: list[int]) -> list[object]:
         lambda n: square_task.submit(n),
         lambda n, exc: f"failed {n}: {type(exc).__name__}",
         "units squared",
-        Grouping(size=lambda n: n, call=lambda n: (square, (n,)), small=32, per_task=40),
+        Grouping(
+            size=lambda n: n,
+            call=lambda n: (square, (n,)),
+            name=lambda group: f"squares-x{len(group)}-from-{group[0]}",
+            small=32,
+            per_task=40,
+        ),
     )
 
 
 def test_a_run_with_grouping_gives_one_outcome_per_unit_in_plan_order(prefect_api):
     CALLS.clear()
     units = [3, 100, 13, 7, 1, 64, 2, 5]
-    assert grouped(units) == [9, 10000, "failed 13: ValueError", 49, 1, 4096, 4, 25]
+    state = grouped(units, return_state=True)
+    assert state.result() == [9, 10000, "failed 13: ValueError", 49, 1, 4096, 4, 25]
     # 100 and 64 ran as tasks of their own; the six small units (31 in all) in one group task,
     # where 13 failed alone
     assert sorted(n for how, n in CALLS if how == "task") == [64, 100]
     assert sorted(n for how, n in CALLS if how == "plain") == [1, 2, 3, 5, 7, 13]
+    # the group's task run is named from its units (Grouping.name)
+    assert asyncio.run(_task_run_names(state.state_details.flow_run_id, 3)) == [
+        "square",
+        "square",
+        "squares-x6-from-3",
+    ]
+
+
+async def _task_run_names(flow_run_id, expected: int) -> list[str]:
+    """Names of a flow run's task runs, sorted (the server records them from events: wait)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        for _ in range(300):
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            if len(runs) >= expected:
+                break
+            await asyncio.sleep(0.1)
+    return sorted(r.name for r in runs)
