@@ -25,7 +25,9 @@ uv sync --locked --quiet
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 uv run --locked ruff check .
 set +e
-uv run --locked pytest -m "not slow" "$@"
+# Two pytest-xdist workers (the test machine has 2 cores), each test module whole on one worker
+# (tests/conftest.py); ONCOFLOW_TEST_WORKERS=0 runs everything in this one process.
+uv run --locked pytest -m "not slow" -n "${ONCOFLOW_TEST_WORKERS:-2}" --dist loadgroup "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
