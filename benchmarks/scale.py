@@ -5,7 +5,10 @@ Every command runs as ``oncoflow ...`` in a subprocess against one running Prefe
 (``prefect server start``, PREFECT_API_URL exported, as at a site), with ``--workers 2``. While a
 command runs, its process tree (the command, the Dask nanny and worker processes) is sampled
 every 0.1 s and each process's peak RSS (``VmHWM`` in ``/proc/<pid>/status``, the kernel's own
-high-water mark) is kept, by role.
+high-water mark) is kept, by role. Each command's CPU is measured too (its process tree from the
+children's resource usage, the Prefect server's from /proc) against the CPU its units took
+inside their tasks (the stage summary's ``unit_cpu_seconds``; ingest's batch CPU): the rest is
+the orchestration share.
 
 Ingest, for each size N (files: 16x16 CT instances, 100 slices per series, 4 series per
 patient, one folder per series, written by ``benchmarks/ingest.py``):
@@ -27,6 +30,7 @@ answers a count by modality (target < 1 s) and a series lookup (target < 0.2 s).
 Usage::
 
     uv run python benchmarks/scale.py [--sizes 5000,50000] [--skip-stages] [--skip-queries]
+        [--skip-ingest] [--stage-series 100]
 
 The machine is shared (2 cores, other work running): every figure is printed with the load
 average, and the ratios compare runs made in the same invocation.
