@@ -188,3 +188,34 @@ def test_deidentify_task_writes_the_series_under_its_pseudonymous_key(tmp_path, 
         assert ds.PatientID != first.PatientID and "Doe" not in str(ds.PatientName)
         assert ds.SeriesInstanceUID != first.SeriesInstanceUID
         assert ds.SeriesInstanceUID in key
+
+
+def test_robustness_task_caches_features_of_every_variant(tmp_path: Path):
+    from flows.robustness import robustness_task
+    from tasks.radiomics.cache import read_parts
+    from tasks.radiomics.extract import plan_units
+    from tasks.radiomics.samples import SampleRoi, SampleSeries, series_key, write_harmonised_sample
+    from tasks.store import SiteStore
+    from tests.unit.test_radiomics_robustness import PARAMS
+
+    store = SiteStore(str(tmp_path / "store"), "site-a")
+    spec = SampleSeries(series_key(3), "CT", size=(20, 20, 12), rois=(SampleRoi("gtv", 7.0),))
+    write_harmonised_sample(store, [spec])
+    (unit,) = plan_units(store)
+    outcome = robustness_task.fn(store.url, "site-a", unit, PARAMS)
+    assert outcome.status == Status.OK, outcome
+    assert len(outcome.variants) > 1  # the original and its perturbations and controls
+    keys = [k for ks in outcome.variants.values() for k in ks]
+    parts = read_parts(store, keys)
+    assert sorted(parts) == sorted(keys)
+    assert all(parts[k].features for k in keys)
+
+
+def test_query_task_without_a_token_is_a_one_line_error(monkeypatch):
+    from flows.federate import query_site_task
+    from tasks.errors import OncoflowError
+
+    monkeypatch.delenv("ONCOFLOW_SERVE_TOKEN", raising=False)
+    with pytest.raises(OncoflowError, match="no token to query the site") as exc:
+        query_site_task.fn("http://127.0.0.1:9/site-a")
+    assert len(str(exc.value).splitlines()) == 1
