@@ -35,7 +35,7 @@ from tasks.radiomics.cache import (
 )
 from tasks.radiomics.diagnostics import compute_diagnostics, diagnostics_key, write_diagnostics
 from tasks.radiomics.params import SHAPE_CLASSES, RadiomicsParams
-from tasks.radiomics.shared_filters import can_share_filters, features_per_mask
+from tasks.radiomics.shared_filters import can_share_filters, features_per_mask, real_value
 from tasks.records import Reason, Status, UnitOutcome, UnitResult
 from tasks.store import HARMONISED_SERIES, SiteStore, sha256_bytes
 from tasks.store_checks import missing_input
@@ -585,7 +585,7 @@ def run_extractor(
 ) -> dict[str, float]:
     """Run pyradiomics on an image and mask; return the features as floats in pyradiomics order."""
     result = build_extractor(params, parts).execute(image, mask)
-    return {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
+    return {k: real_value(v) for k, v in result.items() if not k.startswith("diagnostics_")}
 
 
 def split_features(features: dict[str, float], parts: list[Part]) -> dict[Part, CachedPart]:

@@ -19,6 +19,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from tasks.radiomics.params import RadiomicsParams
 
 if TYPE_CHECKING:
@@ -26,6 +28,15 @@ if TYPE_CHECKING:
 
 #: Image types whose filter reads the mask.
 MASK_DEPENDENT_IMAGE_TYPES = frozenset({"LBP3D"})
+
+
+def real_value(value: Any) -> float:
+    """Return a pyradiomics feature value as a float.
+
+    glcm's MCC (the square root of an eigenvalue) can come back as a complex number with a
+    zero imaginary part; ``float`` drops that part too, but warns (ComplexWarning) each time.
+    """
+    return float(np.real(value))
 
 
 def can_share_filters(params: RadiomicsParams) -> bool:
@@ -124,7 +135,7 @@ def features_per_mask(
                         del prepared[key]
     for key in prepared:
         outcome[key] = {
-            name: float(value)
+            name: real_value(value)
             for name, value in vectors[key].items()
             if not name.startswith("diagnostics_")
         }

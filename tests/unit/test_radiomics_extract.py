@@ -201,3 +201,18 @@ def test_units_are_planned_largest_first(store):
     assert units[0].series == CT.series  # 36x36x16 > 28x28x12
     assert [u.roi for u in select_units(units, rois=["gtv"])] == ["gtv", "gtv"]
     assert [u.series for u in select_units(units, modalities=["mr"])] == [MR.series]
+
+
+def test_complex_feature_values_become_their_real_part_without_a_warning():
+    import warnings
+
+    import numpy as np
+
+    from tasks.radiomics.shared_filters import real_value
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float() of a complex value warns (ComplexWarning)
+        values = [np.complex128(0.25 + 0j), np.array(0.5 + 0j), np.float64(2.0), 3, math.nan]
+        got = [real_value(v) for v in values]
+    assert got[:4] == [0.25, 0.5, 2.0, 3.0] and math.isnan(got[4])
+    assert all(type(v) is float for v in got)
