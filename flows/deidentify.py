@@ -54,6 +54,7 @@ from tasks.names import group_label
 from tasks.records import Stage, StageSummary, UnitOutcome
 from tasks.store import CATALOG_SERIES, DEID_SERIES, SiteStore, open_url
 from tasks.store_checks import missing_input
+from tasks.unit_state import needs_workers
 from tasks.volumes.deid import (
     deidentify_volume_task,
     plan_volume_jobs,
@@ -233,6 +234,7 @@ def deidentify(params: DeidParams, runtime: RuntimeOptions | None = None) -> Sta
         raise OncoflowError(f"source not found: {source} (pass --source if it moved)")
     keys = SiteKeys.derive(load_site_secret(params.site), params.site)
     plan = plan_deid(store, catalog, keys, params.options)
-    work = len(plan.reused) < len(plan.jobs) or bool(plan_volume_jobs(store))
+    todo = [len(j.paths) for i, j in enumerate(plan.jobs) if i not in plan.reused]
+    work = needs_workers(todo, len(plan.jobs)) or bool(plan_volume_jobs(store))
     result = run_stage(deidentify_flow, runtime, params, workers=work)
     return StageSummary.from_dict(Stage.DEIDENTIFY, params.site, result)

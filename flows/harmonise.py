@@ -38,6 +38,7 @@ from tasks.harmonise.series import SeriesUnit, harmonise_series_task, series_row
 from tasks.names import group_label
 from tasks.records import Stage, StageSummary, Status, UnitOutcome
 from tasks.store import HARMONISED_SERIES, SiteStore
+from tasks.unit_state import needs_workers
 
 
 class HarmoniseParams(StageParams):
@@ -165,8 +166,9 @@ def harmonise(params: HarmoniseParams, runtime: RuntimeOptions) -> StageSummary:
     StageSummary
         Counts, reasons and extras of the run.
     """
-    # fail in one line before any service; no workers when every series is unchanged
+    # fail in one line before any service; no workers for an unchanged run or a small increment
     plan = plan_harmonise(SiteStore(params.store, params.site), params.config)
-    work = len(plan.reused) < len(plan.units)
+    todo = [len(u.keys) for i, u in enumerate(plan.units) if i not in plan.reused]
+    work = needs_workers(todo, len(plan.units))
     result = run_stage(harmonise_flow, runtime, params, workers=work)
     return StageSummary.from_dict(Stage.HARMONISE, params.site, result)

@@ -162,3 +162,26 @@ def plan_reuse(
         if outcome is not None:
             reused[i] = outcome
     return reused
+
+
+#: Files an increment may hold and still be computed in the command's own process.
+IN_PROCESS_FILES = 256
+
+
+def needs_workers(todo_sizes: Sequence[int], planned: int) -> bool:
+    """Whether the units left to compute are worth starting Dask workers for.
+
+    Starting a cluster costs seconds of start-up and imports; a nightly increment of at most
+    1 % of the units (at least one) and :data:`IN_PROCESS_FILES` files is computed in the
+    command's own process instead (as ingest parses a small increment itself).
+
+    Parameters
+    ----------
+    todo_sizes
+        Files of each unit to compute.
+    planned
+        Units in the plan (computed and reused).
+    """
+    if not todo_sizes:
+        return False
+    return len(todo_sizes) > max(1, planned // 100) or sum(todo_sizes) > IN_PROCESS_FILES
