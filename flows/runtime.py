@@ -544,9 +544,10 @@ def run_on_dask(flow: Any, options: RuntimeOptions, *args: Any) -> Any:
 def run_stage(flow: Any, options: RuntimeOptions, *args: Any, workers: bool = True) -> Any:
     """Run a stage flow: on Dask (:func:`run_on_dask`), or without workers when it needs none.
 
-    A stage whose plan found every unit unchanged submits no task: starting a Dask cluster
-    (processes, imports: seconds) would be its whole cost, so it runs in this process with a
-    one-thread task runner instead.
+    A stage whose plan found every unit unchanged, or only a small increment
+    (:func:`tasks.unit_state.needs_workers`), would spend most of its time starting a Dask
+    cluster (processes, imports: seconds), so it runs in this process with a one-thread task
+    runner instead.
 
     Parameters
     ----------
@@ -557,7 +558,7 @@ def run_stage(flow: Any, options: RuntimeOptions, *args: Any, workers: bool = Tr
     *args
         The flow's arguments.
     workers
-        False when the flow will submit no task.
+        False when the flow has nothing or little to compute.
 
     Returns
     -------
