@@ -11,6 +11,7 @@ one voxel, outside the image, ...) do not count as failures.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -142,20 +143,26 @@ def build_params(
         raise OncoflowError(validation_message(exc)) from None
 
 
-def _extract_run_name() -> str:
-    """Task-run name: stage, modality, ROIs and the end of the pseudonymous series key."""
-    from prefect.runtime import task_run
+def image_run_name(stage: str) -> Callable[..., str]:
+    """Return the task-run namer of a task over the ROIs of one image (parameter ``units``).
 
-    units = task_run.get_parameters().get("units") or []
-    if not units:
-        return "extract"
-    rois = "+".join(sorted({u.roi for u in units}))
-    return "extract-" + task_label(units[0].modality, units[0].series, rois)
+    Names read ``<stage>-<modality>-<ROIs>-<end of the pseudonymous series key>``, for example
+    ``extract-CT-gtv+node-459818``: never an identifier, never a content hash alone.
+    """
+
+    def name(parameters: dict[str, Any]) -> str:
+        units = parameters.get("units") or []
+        if not units:
+            return stage
+        rois = "+".join(sorted({u.roi for u in units}))
+        return f"{stage}-" + task_label(units[0].modality, units[0].series, rois)
+
+    return name
 
 
 @task(
     name="extract-image",
-    task_run_name=_extract_run_name,
+    task_run_name=image_run_name("extract"),
     retries=2,
     retry_delay_seconds=2,
     cache_policy=NO_CACHE,
@@ -205,12 +212,8 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     # units whose every part is cached are settled here: no task run, no worker round trip
     outcomes = cached_outcomes(store, units, radiomics_params)
     groups = group_by_image([u for u in units if u.key not in outcomes])
-    done = run_units(
-        groups,
-        lambda group: _submit_image(params, group, radiomics_params, groups),
-        failed_outcomes,
-        "images extracted",
-    )
+    submit = image_submitter(extract_image_task, params, radiomics_params, groups)
+    done = run_units(groups, submit, failed_outcomes, "images extracted")
     outcomes.update({o.result.key: o for group in done for o in group})
     others = [u for u in every_unit if u.key not in outcomes]
     kept = cached_outcomes(store, others, radiomics_params) if others else {}
@@ -240,18 +243,23 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     )
 
 
-def _submit_image(
-    params: ExtractParams,
-    group: list[RoiUnit],
-    radiomics_params: RadiomicsParams,
-    groups: list[list[RoiUnit]],
-) -> Any:
-    """Submit the task of one image; larger images (earlier groups) get a higher Dask priority."""
+def image_submitter(
+    image_task: Any, params: ExtractParams, radiomics: RadiomicsParams, groups: list[list[RoiUnit]]
+) -> Callable[[list[RoiUnit]], Any]:
+    """Return the submitter of a task over one image's ROIs (``groups`` of the plan).
+
+    Larger images (earlier groups) get a higher Dask priority; ``image_task`` takes the store
+    URL, the site, the image's units and the parameters.
+    """
     import dask
 
-    rank = next(i for i, g in enumerate(groups) if g is group)
-    with dask.annotate(priority=len(groups) - rank):
-        return extract_image_task.submit(params.store, params.site, group, radiomics_params)
+    priority = {id(g): len(groups) - rank for rank, g in enumerate(groups)}
+
+    def submit(group: list[RoiUnit]) -> Any:
+        with dask.annotate(priority=priority[id(group)]):
+            return image_task.submit(params.store, params.site, group, radiomics)
+
+    return submit
 
 
 def _write_outputs(

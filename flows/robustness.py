@@ -1,6 +1,6 @@
 """Flow ``feature-robustness``: perturbed replicas and negative controls of every harmonised ROI.
 
-One Dask task per (series, ROI) computes the replicas and controls of
+One Dask task per image computes the replicas and controls of its ROIs with
 :mod:`tasks.radiomics.robustness` through the content-addressed cache; the flow then writes
 ``features/<params-hash>.robustness.parquet`` (one row per feature: ICC(3,1) across replicas,
 ``stable``, correlation with each negative control) and posts a summary with the least stable
@@ -10,16 +10,13 @@ features. The run fails when the share of failed ROIs exceeds ``max_failure_rati
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
-import dask
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture
 from pydantic import Field, ValidationError
 
-from flows.extract import ExtractParams, select_rois
+from flows.extract import ExtractParams, image_run_name, image_submitter, select_rois
 from flows.extract import build_params as build_extract_params
 from flows.reporting import markdown_table
 from flows.runtime import RuntimeOptions, default_task_runner, pin_native_threads, run_on_dask
@@ -28,13 +25,14 @@ from tasks.errors import OncoflowError, validation_message
 from tasks.radiomics.cache import read_parts
 from tasks.radiomics.extract import RoiUnit
 from tasks.radiomics.params import RadiomicsParams
+from tasks.radiomics.plan import group_by_image
 from tasks.radiomics.robustness import (
     DEFAULT_ICC_THRESHOLD,
     RobustnessOutcome,
+    robustness_image,
     robustness_key,
     robustness_metadata,
     robustness_table,
-    robustness_unit,
 )
 from tasks.records import Stage, StageSummary, Status
 from tasks.store import SiteStore
@@ -69,41 +67,27 @@ def build_params(
 
 
 @task(
-    name="robustness-roi",
-    task_run_name="robustness-{unit.label}",
+    name="robustness-image",
+    task_run_name=image_run_name("robustness"),
     retries=2,
     retry_delay_seconds=2,
     cache_policy=NO_CACHE,
 )
 def robustness_task(
-    store_url: str, site: str, unit: RoiUnit, params: RadiomicsParams
-) -> RobustnessOutcome:
-    """Compute the replicas and controls of one (series, ROI) on a worker.
+    store_url: str, site: str, units: list[RoiUnit], params: RadiomicsParams
+) -> list[RobustnessOutcome]:
+    """Compute the replicas and controls of the ROIs of one image on a worker.
 
-    The task run is named ``robustness-<modality>-<roi>-<end of the pseudonymous series key>``.
+    The task run is named ``robustness-<modality>-<ROIs>-<end of the pseudonymous series key>``.
     """
     pin_native_threads()
-    return robustness_unit(SiteStore(store_url, site), unit, params)
+    return robustness_image(SiteStore(store_url, site), units, params)
 
 
-def _submitter(
-    params: RobustnessParams, radiomics: RadiomicsParams, units: list[RoiUnit]
-) -> Callable[[RoiUnit], PrefectFuture[RobustnessOutcome]]:
-    """Submit one ROI's task; larger images (earlier in the plan) get a higher Dask priority."""
-    priority = {u.key: len(units) - rank for rank, u in enumerate(units)}
-
-    def submit(unit: RoiUnit) -> PrefectFuture[RobustnessOutcome]:
-        with dask.annotate(priority=priority[unit.key]):
-            return robustness_task.submit(params.store, params.site, unit, radiomics)
-
-    return submit
-
-
-def _failed(unit: RoiUnit, exc: BaseException) -> RobustnessOutcome:
-    """Return the outcome of a ROI whose task raised after its retries (error class only)."""
-    return RobustnessOutcome(
-        unit.key, Status.FAILED, detail=type(exc).__name__, error_class=type(exc).__name__
-    )
+def _failed(group: list[RoiUnit], exc: BaseException) -> list[RobustnessOutcome]:
+    """Return the outcomes of an image whose task raised after its retries (error class only)."""
+    name = type(exc).__name__
+    return [RobustnessOutcome(u.key, Status.FAILED, detail=name, error_class=name) for u in group]
 
 
 def collect_values(
@@ -148,9 +132,10 @@ def robustness_flow(params: RobustnessParams) -> dict[str, Any]:
     """
     store, radiomics_params, source, _, units = select_rois(params)
     params_hash = radiomics_params.params_hash()
-    outcomes = run_units(
-        units, _submitter(params, radiomics_params, units), _failed, "ROIs assessed"
-    )
+    groups = group_by_image(units)
+    submit = image_submitter(robustness_task, params, radiomics_params, groups)
+    done = run_units(groups, submit, _failed, "images assessed")
+    outcomes = [o for group in done for o in group]
     table = robustness_table(collect_values(store, outcomes), params.icc_threshold)
     key = robustness_key(params_hash)
     written = store.write_table(key, table, robustness_metadata(params_hash, params.icc_threshold))

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.errors import OncoflowError
-from tasks.names import task_label
 from tasks.radiomics.cache import (
     SHAPE_PART,
     CachedPart,
@@ -107,11 +106,6 @@ class RoiUnit:
     def key(self) -> str:
         """``<series>/<roi>``: the unit's pseudonymous key."""
         return f"{self.series}/{self.roi}"
-
-    @property
-    def label(self) -> str:
-        """``<modality>-<roi>-<key tail>``: the unit in a task-run name (no identifier)."""
-        return task_label(self.modality, self.series, self.roi)
 
 
 def plan_units(store: SiteStore) -> list[RoiUnit]:

@@ -13,7 +13,8 @@ by image perturbation", Sci Rep 9:614, 2019, as implemented in MIRP)
 
 negative controls (Kazmierski et al., READII, ``readii.negative_controls``)
     ``shuffled``: the voxel intensities permuted within the ROI (READII's shuffled control,
-    region ROI), which keeps every first-order feature and destroys texture; ``random-roi``:
+    region ROI), which keeps every first-order feature and destroys texture (its image is
+    cropped to the ROI grown by 20 mm before filtering: :func:`around_roi`); ``random-roi``:
     the ROI moved to a random place in non-tumour tissue (inside the image, not touching the
     ROI grown by one voxel, at least 90 % of its voxels above the 25th percentile of the image
     smoothed over two voxels).
@@ -25,8 +26,11 @@ add ITK and pandas. The schemes above are written with SimpleITK and numpy.
 
 Every variant goes through the content-addressed cache of :mod:`tasks.radiomics.cache`: the
 ``original`` replica has the extract stage's keys (nothing is computed again), the others are
-keyed by a hash of their voxels and geometry, so a rerun computes nothing. Seeds are derived
-from the pseudonymous unit key: the same inputs give the same table.
+keyed by a hash of their voxels and geometry, so a rerun computes nothing. The ROIs of one
+image are assessed together (:func:`robustness_image`): the shifted and noisy images do not
+depend on the mask, so they are made and filtered once for all of them, and every image is
+filtered once for all the masks that use it. Seeds are derived from pseudonymous keys (the
+series for the noise, the unit for the controls): the same inputs give the same table.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +68,9 @@ SHIFTS = {"shift-1": 1.0 / 3.0, "shift-2": 2.0 / 3.0}
 RANDOM_ROI_ATTEMPTS = 500
 TISSUE_PERCENTILE = 25.0
 TISSUE_FRACTION = 0.9
+#: Margin around the ROI of the shuffled control's cropped image (filter support: LoG up to
+#: sigma 5 mm, coif1 wavelets), in millimetres.
+CONTROL_MARGIN_MM = 20.0
 
 
 def robustness_key(params_hash: str) -> str:
@@ -117,13 +125,22 @@ def _translate(image: sitk.Image, fraction: float, interpolator: int) -> sitk.Im
     return sitk.Resample(image, image, transform, interpolator, 0.0, sitk.sitkFloat32)
 
 
+def translated_image(image: sitk.Image, fraction: float) -> sitk.Image:
+    """Move an image by ``fraction`` of a voxel on every axis (linear interpolation)."""
+    return _translate(sitk.Cast(image, sitk.sitkFloat32), fraction, sitk.sitkLinear)
+
+
+def translated_mask(mask: sitk.Image, fraction: float) -> sitk.Image:
+    """Move a mask by ``fraction`` of a voxel on every axis (linear, kept where >= 0.5)."""
+    soft = _translate(sitk.Cast(mask > 0, sitk.sitkFloat32), fraction, sitk.sitkLinear)
+    return sitk.Cast(soft >= 0.5, sitk.sitkUInt8)
+
+
 def translated(
     image: sitk.Image, mask: sitk.Image, fraction: float
 ) -> tuple[sitk.Image, sitk.Image]:
     """Move image and mask by ``fraction`` of a voxel on every axis (MIRP's translation)."""
-    moved = _translate(sitk.Cast(image, sitk.sitkFloat32), fraction, sitk.sitkLinear)
-    soft = _translate(sitk.Cast(mask > 0, sitk.sitkFloat32), fraction, sitk.sitkLinear)
-    return moved, sitk.Cast(soft >= 0.5, sitk.sitkUInt8)
+    return translated_image(image, fraction), translated_mask(mask, fraction)
 
 
 def shuffled_roi(image: sitk.Image, mask: sitk.Image, seed: int) -> sitk.Image:
@@ -134,6 +151,34 @@ def shuffled_roi(image: sitk.Image, mask: sitk.Image, seed: int) -> sitk.Image:
     np.random.default_rng(seed).shuffle(values)
     array[inside] = values
     return _like(array, image)
+
+
+def around_roi(
+    image: sitk.Image, mask: sitk.Image, margin_mm: float = CONTROL_MARGIN_MM
+) -> tuple[sitk.Image, sitk.Image]:
+    """Crop image and mask to the ROI's bounding box grown by ``margin_mm`` on every side.
+
+    The shuffled control changes the image inside the ROI only, so filtering the whole image
+    again for it would mostly recompute what lies far from the ROI; its image is cropped
+    first (physical geometry kept), the way pyradiomics' ``preCrop`` does. Filtered values
+    near the crop's border differ slightly from a whole-image filter: for a control, not a
+    replica. The crop is the whole image when the ROI is empty or the margin reaches every edge.
+    """
+    array = sitk.GetArrayViewFromImage(mask) > 0
+    if not array.any():
+        return image, mask
+    coords = np.argwhere(array)
+    size = np.array(image.GetSize())
+    margin = np.ceil(margin_mm / np.array(image.GetSpacing())).astype(int)
+    low = np.maximum(coords.min(axis=0)[::-1] - margin, 0)  # numpy (z, y, x) -> ITK (x, y, z)
+    high = np.minimum(coords.max(axis=0)[::-1] + margin + 1, size)
+    index, extent = [int(v) for v in low], [int(v) for v in high - low]
+    if extent == list(size):
+        return image, mask
+    return (
+        sitk.RegionOfInterest(image, extent, index),
+        sitk.RegionOfInterest(mask, extent, index),
+    )
 
 
 def random_roi(image: sitk.Image, mask: sitk.Image, seed: int) -> sitk.Image | None:
@@ -173,9 +218,31 @@ def random_roi(image: sitk.Image, mask: sitk.Image, seed: int) -> sitk.Image | N
 
 
 def make_variant(
-    name: str, image: sitk.Image, mask: sitk.Image, unit_key: str
+    name: str,
+    image: sitk.Image,
+    mask: sitk.Image,
+    unit_key: str,
+    shared: dict[str, sitk.Image] | None = None,
+    image_key: str = "",
 ) -> tuple[sitk.Image, sitk.Image] | None:
-    """Return the (image, mask) of one replica or control (None when it cannot be made)."""
+    """Return the (image, mask) of one replica or control (None when it cannot be made).
+
+    Parameters
+    ----------
+    name
+        The variant (:data:`VARIANTS`).
+    image, mask
+        The harmonised image and ROI mask.
+    unit_key
+        Pseudonymous key of the (series, ROI): seeds the shuffled and moved-ROI controls.
+    shared
+        The mask-independent images (sub-voxel shifts, noise) already made from ``image`` for
+        another of its ROIs: they are reused, so every ROI of an image gets the same ones and
+        their filters are computed once. Updated.
+    image_key
+        Pseudonymous key of the image (its series): seeds the noise (default ``unit_key``).
+    """
+    shared = {} if shared is None else shared
     binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
     if name == "original":
         return image, mask
@@ -184,14 +251,18 @@ def make_variant(
     if name == "dilate":
         return image, sitk.BinaryDilate(binary, [1] * image.GetDimension())
     if name in SHIFTS:
-        return translated(image, binary, SHIFTS[name])
+        if name not in shared:
+            shared[name] = translated_image(image, SHIFTS[name])
+        return shared[name], translated_mask(binary, SHIFTS[name])
     if name == "noise":
-        rng = np.random.default_rng(seed_for(unit_key, name))
-        array = sitk.GetArrayFromImage(image).astype(np.float32)
-        array += rng.normal(0.0, noise_sd(image), size=array.shape).astype(np.float32)
-        return _like(array, image), mask
+        if name not in shared:
+            rng = np.random.default_rng(seed_for(image_key or unit_key, name))
+            array = sitk.GetArrayFromImage(image).astype(np.float32)
+            array += rng.normal(0.0, noise_sd(image), size=array.shape).astype(np.float32)
+            shared[name] = _like(array, image)
+        return shared[name], mask
     if name == "shuffled":
-        return shuffled_roi(image, binary, seed_for(unit_key, name)), mask
+        return around_roi(shuffled_roi(image, binary, seed_for(unit_key, name)), mask)
     if name == "random-roi":
         moved = random_roi(image, binary, seed_for(unit_key, name))
         return None if moved is None else (image, moved)
@@ -250,26 +321,35 @@ class RobustnessOutcome:
         }
 
 
-def _read(store: SiteStore, unit: RoiUnit) -> tuple[sitk.Image, sitk.Image]:
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory(prefix="oncoflow-robustness-") as tmp:
-        image = read_image(store, unit.image, unit.image_sha256, Path(tmp) / "i")
-        return image, read_image(store, unit.mask, unit.mask_sha256, Path(tmp) / "m")
-
-
 def robustness_unit(
     store: SiteStore, unit: RoiUnit, params: RadiomicsParams, variants: Sequence[str] = VARIANTS
 ) -> RobustnessOutcome:
     """Compute (or find in the cache) the features of every variant of one (series, ROI).
 
+    See :func:`robustness_image`, of which this is the one-ROI case.
+    """
+    return robustness_image(store, [unit], params, variants)[0]
+
+
+def robustness_image(
+    store: SiteStore,
+    units: list[RoiUnit],
+    params: RadiomicsParams,
+    variants: Sequence[str] = VARIANTS,
+) -> list[RobustnessOutcome]:
+    """Compute (or find in the cache) the features of every variant of ROIs of one image.
+
+    The image is read once; its mask-independent variants (sub-voxel shifts, noise) are made
+    once for all its ROIs, and every variant image is filtered once for all the masks that use
+    it (the original image for ``original``, ``erode``, ``dilate`` and ``random-roi`` of every
+    ROI; each shifted or noisy image for all the ROIs).
+
     Parameters
     ----------
     store
         The site store (harmonised inputs and the cache).
-    unit
-        The (series, ROI).
+    units
+        ROIs of one image (same ``image`` key and hash).
     params
         Validated pyradiomics parameters.
     variants
@@ -277,52 +357,105 @@ def robustness_unit(
 
     Returns
     -------
-    RobustnessOutcome
-        Cache keys per variant; ``quarantined`` when the original ROI has no features.
+    list of RobustnessOutcome
+        One per unit, in the order given: cache keys per variant; ``quarantined`` when the
+        original ROI has no features, ``failed`` when an input is missing or altered.
+
+    Raises
+    ------
+    ValueError
+        When the units do not share one image.
     """
+    if len({(u.image, u.image_sha256) for u in units}) > 1:
+        raise ValueError("robustness_image takes ROIs of one image")
+    image, masks, failed = _read(store, units)
+    if image is None:
+        return [failed[u.key] for u in units]
     parts = plan_parts(params)
-    try:
-        image, mask = _read(store, unit)
-    except InputError as exc:
-        return RobustnessOutcome(
-            unit.key, Status.FAILED, detail=str(exc), error_class=type(exc).__name__
-        )
-    made: dict[str, tuple[sitk.Image, sitk.Image]] = {}
-    keys: dict[str, tuple[str, ...]] = {}
-    hashes: dict[str, str] = {}
-    missing: dict[str, str] = {}
-    for name in variants:
-        pair = make_variant(name, image, mask, unit.key)
-        if pair is None:
-            missing[name] = "no-room"
+    shared: dict[str, sitk.Image] = {}
+    hashes: dict[int, str] = {id(image): units[0].image_sha256}
+    made: dict[tuple[str, str], tuple[sitk.Image, sitk.Image]] = {}
+    keys: dict[tuple[str, str], tuple[str, ...]] = {}
+    missing: dict[str, dict[str, str]] = {u.key: {} for u in units}
+    for unit in units:
+        if unit.key in failed:
             continue
-        made[name] = pair
-        # the unperturbed image and mask keep their file hashes: the extract stage's cache keys
-        image_hash = unit.image_sha256 if pair[0] is image else voxel_hash(pair[0])
-        mask_hash = unit.mask_sha256 if pair[1] is mask else voxel_hash(pair[1])
-        keys[name] = tuple(object_key(image_hash, mask_hash, p) for p in parts)
-        hashes[name] = image_hash
+        mask = masks[unit.key]
+        for name in variants:
+            pair = make_variant(name, image, mask, unit.key, shared, unit.series)
+            if pair is None:
+                missing[unit.key][name] = "no-room"
+                continue
+            made[unit.key, name] = pair
+            # the unperturbed image and mask keep their file hashes: extract's cache keys
+            if id(pair[0]) not in hashes:
+                hashes[id(pair[0])] = voxel_hash(pair[0])
+            mask_hash = unit.mask_sha256 if pair[1] is mask else voxel_hash(pair[1])
+            keys[unit.key, name] = tuple(
+                object_key(hashes[id(pair[0])], mask_hash, p) for p in parts
+            )
     cached = read_parts(store, [k for ks in keys.values() for k in ks])
-    todo = [n for n in keys if any(k not in cached for k in keys[n])]
-    # variants sharing an image are filtered once (original, erode, dilate, random-roi)
-    groups: dict[str, list[str]] = {}
-    for name in todo:
-        groups.setdefault(hashes[name], []).append(name)
-    for names in groups.values():
-        group_image = made[names[0]][0]
-        results = features_for_masks(group_image, {n: made[n][1] for n in names}, params, parts)
-        for name, result in results.items():
-            write_missing_parts(store, parts, keys[name], result_parts(result, parts), cached)
-    for name, ks in keys.items():
+    todo = [v for v in keys if any(k not in cached for k in keys[v])]
+    groups: dict[int, list[tuple[str, str]]] = {}
+    for variant in todo:
+        groups.setdefault(id(made[variant][0]), []).append(variant)
+    for group in groups.values():
+        group_masks = {f"{u}|{n}": made[u, n][1] for u, n in group}
+        results = features_for_masks(made[group[0]][0], group_masks, params, parts)
+        for unit_key, name in group:
+            fresh = result_parts(results[f"{unit_key}|{name}"], parts)
+            write_missing_parts(store, parts, keys[unit_key, name], fresh, cached)
+    return [failed.get(u.key) or _outcome(u.key, keys, cached, missing[u.key], todo) for u in units]
+
+
+def _read(
+    store: SiteStore, units: list[RoiUnit]
+) -> tuple[sitk.Image | None, dict[str, sitk.Image], dict[str, RobustnessOutcome]]:
+    """Read the image and the masks of ``units``; a missing or altered input fails its units."""
+    import tempfile
+    from pathlib import Path
+
+    masks: dict[str, sitk.Image] = {}
+    failed: dict[str, RobustnessOutcome] = {}
+    with tempfile.TemporaryDirectory(prefix="oncoflow-robustness-") as tmp:
+        try:
+            image = read_image(store, units[0].image, units[0].image_sha256, Path(tmp) / "i")
+        except InputError as exc:
+            return None, {}, {u.key: _failed(u.key, exc) for u in units}
+        for i, unit in enumerate(units):
+            try:
+                masks[unit.key] = read_image(
+                    store, unit.mask, unit.mask_sha256, Path(tmp) / f"m{i}"
+                )
+            except InputError as exc:
+                failed[unit.key] = _failed(unit.key, exc)
+    return image, masks, failed
+
+
+def _failed(key: str, exc: Exception) -> RobustnessOutcome:
+    return RobustnessOutcome(key, Status.FAILED, detail=str(exc), error_class=type(exc).__name__)
+
+
+def _outcome(
+    unit_key: str,
+    keys: dict[tuple[str, str], tuple[str, ...]],
+    cached: dict[str, Any],
+    missing: dict[str, str],
+    todo: list[tuple[str, str]],
+) -> RobustnessOutcome:
+    """Return the outcome of one ROI from the cached parts of its variants."""
+    mine = {n: ks for (u, n), ks in keys.items() if u == unit_key}
+    for name, ks in mine.items():
         bad = next((cached[k] for k in ks if not cached[k].ok), None)
         if bad is not None:
             missing[name] = bad.reason
     if "original" in missing:
         return RobustnessOutcome(
-            unit.key, Status.QUARANTINED, missing=missing, detail=missing["original"]
+            unit_key, Status.QUARANTINED, missing=missing, detail=missing["original"]
         )
-    ok = {n: ks for n, ks in keys.items() if n not in missing}
-    return RobustnessOutcome(unit.key, Status.OK, ok, missing, computed=len(todo))
+    ok = {n: ks for n, ks in mine.items() if n not in missing}
+    computed = sum(1 for u, _ in todo if u == unit_key)
+    return RobustnessOutcome(unit_key, Status.OK, ok, missing, computed=computed)
 
 
 def icc_3_1(values: np.ndarray) -> float:

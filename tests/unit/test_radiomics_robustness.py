@@ -17,6 +17,7 @@ from tasks.radiomics.robustness import (
     icc_3_1,
     make_variant,
     random_roi,
+    robustness_image,
     robustness_table,
     robustness_unit,
     shuffled_roi,
@@ -155,3 +156,29 @@ def test_correlation_edge_cases():
     assert correlation([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
     assert math.isnan(correlation([1, 2, 3], [5, 5, 5]))
     assert correlation([1, 2, 3, math.nan, 5], [1, 2, 3, 9, 5]) == pytest.approx(1.0)
+
+
+def test_rois_of_one_image_share_its_shifted_and_noisy_images(tmp_path):
+    """Two ROIs of one image: one task, the mask-independent variant images made once."""
+    store = SiteStore(str(tmp_path / "store"), "site-a")
+    spec = SampleSeries(
+        series_key(70),
+        "CT",
+        size=(24, 24, 12),
+        rois=(SampleRoi("gtv", 6.0), SampleRoi("node", 3.5)),
+    )
+    write_harmonised_sample(store, [spec])
+    units = plan_units(store)
+    both = robustness_image(store, units, PARAMS)
+    assert [o.key for o in both] == [u.key for u in units]
+    assert all(o.status == "ok" for o in both)
+
+    def image_hash(outcome, name):
+        return outcome.variants[name][0].split("/")[-3]
+
+    for name in ("shift-1", "shift-2", "noise"):  # same image for both ROIs: filtered once
+        assert image_hash(both[0], name) == image_hash(both[1], name)
+    assert image_hash(both[0], "shuffled") != image_hash(both[1], "shuffled")  # ROI-specific
+    # one ROI alone finds the same cache entries: nothing computed, same keys
+    alone = robustness_unit(store, units[1], PARAMS)
+    assert alone.computed == 0 and alone.variants == both[1].variants
