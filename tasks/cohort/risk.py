@@ -364,7 +364,7 @@ def prepare_selection(store: Any, spec: Any, selection: Any) -> tuple[Any, Relea
         if series in kept
     }
     exported = {}
-    if spec.include.dicom and spec.include.seg_from_masks:
+    if spec.include.seg_from_masks and (spec.include.dicom or selection.features is not None):
         exported = _export_segs(store, spec, rows, files, harmonised, no_voxels, report)
     features = selection.features
     if features is not None and features.num_rows:
@@ -421,9 +421,12 @@ def _export_segs(
     no_voxels: set[str],
     report: ReleaseReport,
 ) -> dict[str, Any]:
-    """Add a DICOM SEG made from the masks of every published series that has none.
+    """Make a DICOM SEG from the masks of every published series that has none.
 
-    Returns the exported SEG of each such series (:class:`tasks.radiomics.sr.ExportedSeg`).
+    With ``include.dicom`` the SEG is published beside the image series; without, it is only
+    written to the site store, for the DICOM SR of the published features to reference (the
+    same SEG, same UIDs, that a publication with DICOM ships). Returns the exported SEG of each
+    such series (:class:`tasks.radiomics.sr.ExportedSeg`).
     """
     import hashlib
 
@@ -431,35 +434,66 @@ def _export_segs(
     from tasks.cohort.select import PlannedFile
     from tasks.radiomics.sr import ExportedSeg
 
+    ship = spec.include.dicom
     exported: dict[str, ExportedSeg] = {}
     settings = SegSettings(spec.include.annotation_method, spec.include.annotation_algorithm)
     by_series = {r["series"]: r for r in harmonised.to_pylist()} if harmonised else {}
+    dicom = {} if ship else _unshipped_dicom(store)
     for row in rows:
         series = row["series"]
-        if not row["rois"] or not row["dicom"] or row["seg_series"] or series in no_voxels:
+        if not row["rois"] or series in no_voxels:
             continue
+        if ship and (not row["dicom"] or row["seg_series"]):
+            continue
+        if ship:
+            prefix = f"dicom/{series}/"
+            paths = [f.source for f in files[series] if f.name.startswith(prefix)]
+        else:
+            paths = dicom.get(series) or []
+            if not paths:
+                continue
         source = by_series.get(series, {})
         masks = dict(zip(source.get("rois") or [], source.get("masks") or [], strict=False))
         wanted = {"series": series, "rois": [r for r in row["rois"] if r in masks]}
         wanted["masks"] = [masks[r] for r in wanted["rois"]]
-        prefix = f"dicom/{series}/"
-        sources = {series: [f.source for f in files[series] if f.name.startswith(prefix)]}
         try:
-            made = export_segs(store, [wanted], sources, settings)
+            made = export_segs(store, [wanted], {series: paths}, settings)
         except (OncoflowError, ValueError, AttributeError, RuntimeError) as exc:
-            report.missing.setdefault("dicom_seg", []).append(series)
+            report.missing.setdefault("dicom_seg" if ship else "dicom_sr", []).append(series)
             log.info("series %s: no DICOM SEG (%s)", series, type(exc).__name__)
             continue
         if series not in made:
             continue
         seg_series, key = made[series]
-        name = f"dicom/{seg_series}/00000.dcm"
-        sha = hashlib.sha256(store.read_bytes(key)).hexdigest()
-        files[series].append(PlannedFile(key, name, sha))
-        row["dicom"] = [*row["dicom"], name]
-        row["seg_series"] = [seg_series]
-        exported[series] = ExportedSeg(key, tuple(sources[series]))
+        exported[series] = ExportedSeg(key, tuple(paths))
+        if ship:
+            name = f"dicom/{seg_series}/00000.dcm"
+            sha = hashlib.sha256(store.read_bytes(key)).hexdigest()
+            files[series].append(PlannedFile(key, name, sha))
+            row["dicom"] = [*row["dicom"], name]
+            row["seg_series"] = [seg_series]
     return exported
+
+
+def _unshipped_dicom(store: Any) -> dict[str, list[str]]:
+    """De-identified DICOM of the image series without a DICOM SEG (series -> store keys)."""
+    from tasks.store import DEID_SERIES
+
+    deid = store.read_table(DEID_SERIES)
+    if deid is None or not {"series", "kind", "paths"} <= set(deid.column_names):
+        return {}
+    rows = deid.to_pylist()
+    segmented = {
+        s
+        for r in rows
+        if r.get("kind") == "seg" and r.get("status") in (None, "ok")
+        for s in r.get("referenced_series") or []
+    }
+    return {
+        r["series"]: r["paths"] or []
+        for r in rows
+        if r.get("kind") == "image" and r["series"] not in segmented
+    }
 
 
 def _export_reports(

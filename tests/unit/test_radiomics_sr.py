@@ -30,7 +30,7 @@ from tasks.radiomics.cache import read_parts
 from tasks.radiomics.extract import extract_roi, plan_units
 from tasks.radiomics.ibsi import FEATURE_COLUMN
 from tasks.radiomics.params import validate_params
-from tasks.radiomics.sr import report_key, write_reports
+from tasks.radiomics.sr import report_key, reports_prefix, write_reports
 from tasks.radiomics.table import FeatureRow, build_features_table, features_key
 from tasks.store import HARMONISED_SERIES, SiteStore
 from tests.dicom_factory import (
@@ -365,3 +365,23 @@ def test_rtstruct_roi_gets_its_report_at_publish_through_the_exported_seg(
     assert {f.name: f.sha256 for f in again.files} == {f.name: f.sha256 for f in selection.files}
     write_reports(store, table, PARAMS.params_hash())
     assert Path(store.path(key)).stat().st_mtime_ns == before
+
+
+def test_without_dicom_the_report_references_the_seg_kept_in_the_site_store(site, reports):
+    """No DICOM published: the SEG is made in the site store only, the report still travels."""
+    from tasks.cohort.risk import prepare_selection
+    from tasks.cohort.seg_export import EXPORT_PREFIX
+
+    store, keys = site
+    store.prune(reports_prefix(PARAMS.params_hash()), [])  # no report from an earlier test
+    store.prune(EXPORT_PREFIX, [])
+    selection, _ = prepare_selection(store, _spec(), select_cohort(store, _spec()))
+    names = {f.name: f for f in selection.files}
+    assert not any(n.startswith("dicom/") for n in names)
+    key = report_key(PARAMS.params_hash(), keys["other"], "gtv")
+    assert names[f"sr/{keys['other']}/gtv.dcm"].source == key
+    (seg_key,) = [k for k in store.find(EXPORT_PREFIX) if k.endswith(".dcm")]
+    seg = pydicom.dcmread(store.path(seg_key))
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(store.path(key)))
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
