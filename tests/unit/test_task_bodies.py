@@ -202,7 +202,7 @@ def test_robustness_task_caches_features_of_every_variant(tmp_path: Path):
     spec = SampleSeries(series_key(3), "CT", size=(20, 20, 12), rois=(SampleRoi("gtv", 7.0),))
     write_harmonised_sample(store, [spec])
     (unit,) = plan_units(store)
-    outcome = robustness_task.fn(store.url, "site-a", unit, PARAMS)
+    (outcome,) = robustness_task.fn(store.url, "site-a", [unit], PARAMS)  # one image's ROIs
     assert outcome.status == Status.OK, outcome
     assert len(outcome.variants) > 1  # the original and its perturbations and controls
     keys = [k for ks in outcome.variants.values() for k in ks]
