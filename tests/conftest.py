@@ -167,22 +167,3 @@ def reference_run(
     run.publication_url.rename(run.publication)
     return run
 
-
-#: Test modules that share an expensive session fixture run on one pytest-xdist worker.
-SHARED_GROUPS = {
-    "test_crash_recovery.py": "reference-run",
-    "test_production.py": "reference-run",
-}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep each test module on one pytest-xdist worker (``--dist loadgroup``, tests/run.sh).
-
-    A module's tests then share its module-scoped fixtures (one ingest, one Orthanc, one
-    flow run for many assertions) as in a serial run; the modules of :data:`SHARED_GROUPS`
-    also share their session fixture. Without pytest-xdist the marks change nothing.
-    """
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = SHARED_GROUPS.get(item.path.name, item.nodeid.split("::")[0])
-            item.add_marker(pytest.mark.xdist_group(group))

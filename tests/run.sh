@@ -26,8 +26,9 @@ export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 uv run --locked ruff check .
 set +e
 # Two pytest-xdist workers (the test machine has 2 cores), each test module whole on one worker
-# (tests/conftest.py); ONCOFLOW_TEST_WORKERS=0 runs everything in this one process.
-uv run --locked pytest -m "not slow" -n "${ONCOFLOW_TEST_WORKERS:-2}" --dist loadgroup "$@"
+# (its module-scoped fixtures set up once); ONCOFLOW_TEST_WORKERS=0 runs in this one process.
+# (--dist loadgroup does not group with pytest 9.2: xdist 3.8 renames node ids pytest now derives.)
+uv run --locked pytest -m "not slow" -n "${ONCOFLOW_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
