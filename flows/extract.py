@@ -23,9 +23,8 @@ from flows.reporting import markdown_table, post_summary
 from flows.runtime import (
     RuntimeOptions,
     default_task_runner,
-    ensure_prefect_api,
     pin_native_threads,
-    run_on_dask,
+    run_stage,
 )
 from flows.stage import StageParams, StageReport, finish_stage, run_units
 from tasks.errors import OncoflowError, validation_message
@@ -415,12 +414,7 @@ def extract_radiomics(params: ExtractParams, runtime: RuntimeOptions) -> StageSu
         return nothing_to_extract(
             params, source, radiomics_params.params_hash(), inventory(every_unit)
         )
-    if len(cached_outcomes(store, selected, radiomics_params)) == len(selected):
-        # every result is cached: the flow only assembles the table, no Dask cluster to start
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        ensure_prefect_api()
-        result = extract_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(params)
-    else:
-        result = run_on_dask(extract_flow, runtime, params)
+    # every result cached: the flow only assembles the table, no Dask cluster to start
+    every_cached = len(cached_outcomes(store, selected, radiomics_params)) == len(selected)
+    result = run_stage(extract_flow, runtime, params, workers=not every_cached)
     return StageSummary.from_dict(Stage.EXTRACT, params.site, result)
