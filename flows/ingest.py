@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from pydantic import Field, field_validator
@@ -51,19 +52,20 @@ from tasks.dicom.headers import (
 )
 from tasks.dicom.ingest_summary import ParseRun, check_parse_failures, ingest_summary
 from tasks.dicom.listing import (
+    BatchRef,
     ListedFile,
     ListingDiff,
     batch_key,
-    files_from_json,
-    files_to_json,
+    batched_files,
+    files_from_parquet,
+    files_to_table,
     list_source,
-    make_batches,
     resolve_source,
 )
 from tasks.errors import OncoflowError
 from tasks.records import Stage, StageSummary
 from tasks.refs import site_ref_key
-from tasks.store import Existing, SiteStore, open_url, protocol_of
+from tasks.store import SiteStore, open_url, protocol_of
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL.
 SOURCE_METADATA_KEY = "source"
@@ -147,8 +149,8 @@ def _listing(params: IngestParams, store: SiteStore) -> list[ListedFile]:
 
 def _write_plan(store: SiteStore, files: list[ListedFile]) -> str:
     """Write the files to parse (private: it holds paths) and return the plan's store key."""
-    key = f"{PARTS_DIR}/plan-{batch_key(files, site_ref_key(store))}.json"
-    store.write_bytes(key, files_to_json(files), mode=Existing.OVERWRITE)
+    key = f"{PARTS_DIR}/plan-{batch_key(files, site_ref_key(store))}.parquet"
+    store.write_table(key, files_to_table(files))
     return key
 
 
@@ -201,24 +203,18 @@ def parse_headers_flow(
     """
     workers = _start_workers()
     started, started_at = time.perf_counter(), time.time()
-    site_store = SiteStore(store, site)
-    files = files_from_json(site_store.read_bytes(plan))
-    batches = make_batches(
-        files, batch_size_for(len(files), workers, batch_size), site_ref_key(site_store)
-    )
-    for batch in batches:
-        write_batch_files(site_store, batch)
+    batches = write_plan_batches(SiteStore(store, site), plan, workers, batch_size)
     outcomes = run_units(
         batches,
         lambda batch: parse_batch.submit(batch.key, source, store, site),
         # retries exhausted or worker lost: counted, the next run parses the files again
         lambda batch, exc: {
             "key": batch.key,
-            "files": len(batch.files),
+            "files": batch.files,
             "error": type(exc).__name__,
         },
         "DICOM files parsed",
-        weight=lambda batch: len(batch.files),
+        weight=lambda batch: batch.files,
     )
     results = sorted((asdict(o) for o in outcomes if isinstance(o, BatchResult)), key=_by_key)
     failed = sorted((o for o in outcomes if isinstance(o, dict)), key=_by_key)
@@ -233,6 +229,21 @@ def parse_headers_flow(
         ),
         "parse_seconds": round(time.perf_counter() - started, 4),
     }
+
+
+def write_plan_batches(store: SiteStore, plan: str, workers: int, largest: int) -> list[BatchRef]:
+    """Cut the plan into batches and write each batch's file list, reading the plan in pieces.
+
+    Only one batch's entries are held at a time (the plan of a first ingest lists the archive).
+    """
+    refs = []
+    with store.open(plan) as fh:
+        plan_file = pq.ParquetFile(fh)
+        size = batch_size_for(plan_file.metadata.num_rows, workers, largest)
+        for batch in batched_files(files_from_parquet(plan_file), size, site_ref_key(store)):
+            write_batch_files(store, batch)
+            refs.append(BatchRef(batch.key, len(batch.files)))
+    return refs
 
 
 def _by_key(row: dict[str, Any]) -> str:

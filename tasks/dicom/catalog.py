@@ -205,7 +205,7 @@ def read_parsed(store: SiteStore, parts: Iterable[str]) -> ParsedParts:
 
 #: DuckDB's memory for the merge; beyond it DuckDB spills to a temporary folder. It bounds
 #: what a merge adds to the command's peak memory whatever the size of the archive.
-MERGE_MEMORY = "96MB"
+MERGE_MEMORY = "64MB"
 
 
 def remove_parts(store: SiteStore) -> None:
@@ -214,7 +214,7 @@ def remove_parts(store: SiteStore) -> None:
 
 
 #: Rows handed to :func:`build_series` at once (whole series; memory bounded by this).
-BUILD_CHUNK_ROWS = 5_000
+BUILD_CHUNK_ROWS = 2_000
 
 
 def merge_catalog(
@@ -457,23 +457,49 @@ def _old_series_keys(con: duckdb.DuckDBPyConnection, uris: list[str]) -> list[st
 
 
 def _builds(con: duckdb.DuckDBPyConnection, tolerance: float) -> Iterator[SeriesBuild]:
-    """Build series from the affected rows, whole series at a time, in a fixed order."""
-    reader = con.sql(
-        "SELECT * FROM cur ORDER BY series_instance_uid NULLS FIRST, path"
+    """Build series from the affected rows, whole series at a time, in a fixed order.
+
+    The series (with their row counts) are cut into groups of about :data:`BUILD_CHUNK_ROWS`
+    rows and each group is read with its own query, so DuckDB never sorts all affected rows at
+    once (that sort, held until the last row was read, grew with the archive).
+    """
+    order = "ORDER BY series_instance_uid, path"
+    nulls = con.sql(
+        "SELECT * FROM cur WHERE series_instance_uid IS NULL ORDER BY path"
     ).to_arrow_reader(4096)
     pending: list[dict[str, Any]] = []
-    for batch in reader:
+    for batch in nulls:  # rows without a series UID: each is its own item
         pending.extend(batch.to_pylist())
         if len(pending) >= BUILD_CHUNK_ROWS:
-            last = pending[-1]["series_instance_uid"]
-            cut = len(pending)
-            while cut > 0 and pending[cut - 1]["series_instance_uid"] == last and last is not None:
-                cut -= 1
-            if cut > 0:
-                yield build_series(pending[:cut], tolerance, duplicates_marked=True)
-                pending = pending[cut:]
+            yield build_series(pending, tolerance, duplicates_marked=True)
+            pending = []
     if pending:
         yield build_series(pending, tolerance, duplicates_marked=True)
+    series = con.execute(
+        "SELECT series_instance_uid, count(*) FROM cur WHERE series_instance_uid IS NOT NULL "
+        "GROUP BY series_instance_uid ORDER BY series_instance_uid"
+    ).fetchall()
+    for first, last in _series_groups(series, BUILD_CHUNK_ROWS):
+        rows = con.sql(
+            f"SELECT * FROM cur WHERE series_instance_uid >= '{_q(first)}' "
+            f"AND series_instance_uid <= '{_q(last)}' {order}"
+        ).to_arrow_table()
+        yield build_series(rows.to_pylist(), tolerance, duplicates_marked=True)
+        del rows
+
+
+def _series_groups(counts: Sequence[tuple[str, int]], rows: int) -> Iterator[tuple[str, str]]:
+    """Cut sorted (series UID, row count) pairs into (first, last) UID ranges of ~``rows``."""
+    first, total = None, 0
+    for uid, n in counts:
+        if first is None:
+            first = uid
+        total += n
+        if total >= rows:
+            yield first, uid
+            first, total = None, 0
+    if first is not None:
+        yield first, counts[-1][0]
 
 
 def _replace_ingest_quarantine(

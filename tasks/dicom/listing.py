@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tasks.errors import OncoflowError
 from tasks.refs import RefKey
@@ -58,6 +60,14 @@ class Batch:
 
     key: str
     files: tuple[ListedFile, ...]
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    """A batch whose file list is in the store: its key and how many files it has."""
+
+    key: str
+    files: int
 
 
 @dataclass
@@ -279,15 +289,51 @@ def make_batches(files: Sequence[ListedFile], batch_size: int, key: RefKey) -> l
 
     The split depends only on the sorted file list, so batch keys are stable across runs.
     """
-    ordered = sorted(files)
+    return list(batched_files(sorted(files), batch_size, key))
+
+
+def batched_files(files: Iterable[ListedFile], batch_size: int, key: RefKey) -> Iterator[Batch]:
+    """Cut files, already sorted by path, into batches of ``batch_size`` as they come.
+
+    What :func:`make_batches` gives, holding one batch at a time (a plan read in pieces).
+    """
     size = max(1, batch_size)
-    chunks = [tuple(ordered[i : i + size]) for i in range(0, len(ordered), size)]
-    return [Batch(key=batch_key(chunk, key), files=chunk) for chunk in chunks]
+    chunk: list[ListedFile] = []
+    for f in files:
+        chunk.append(f)
+        if len(chunk) == size:
+            yield Batch(key=batch_key(chunk, key), files=tuple(chunk))
+            chunk = []
+    if chunk:
+        yield Batch(key=batch_key(chunk, key), files=tuple(chunk))
 
 
 def item_ref(item: str, key: RefKey) -> str:
     """Return an opaque short reference for a path or key (keyed, for artifacts and logs)."""
     return key.ref(item, 12)
+
+
+LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.string())])
+
+
+def files_to_table(files: Sequence[ListedFile]) -> pa.Table:
+    """Return listing entries as an Arrow table (the private plan of a run, read in pieces)."""
+    return pa.table(
+        [
+            pa.array([f.path for f in files], pa.string()),
+            pa.array([f.size for f in files], pa.int64()),
+            pa.array([f.mtime for f in files], pa.string()),
+        ],
+        schema=LISTING_SCHEMA,
+    )
+
+
+def files_from_parquet(plan: pq.ParquetFile, rows: int = 4096) -> Iterator[ListedFile]:
+    """Yield the listing entries of a plan written from :func:`files_to_table`, in order."""
+    for batch in plan.iter_batches(batch_size=rows, columns=list(LISTING_SCHEMA.names)):
+        columns = [batch.column(i).to_pylist() for i in range(3)]
+        for path, size, mtime in zip(*columns, strict=True):
+            yield ListedFile(path, size, mtime)
 
 
 def files_to_json(files: Sequence[ListedFile]) -> bytes:

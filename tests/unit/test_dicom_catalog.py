@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.dicom import catalog
 from tasks.dicom.catalog import (
     CATALOG_VERSION,
     catalog_is_current,
@@ -173,3 +174,27 @@ def test_parts_are_read_as_one_table_by_pyarrow_dataset_and_duckdb(tmp_path, sou
         (13,)
     ]
     con.close()
+
+
+def test_series_built_a_few_at_a_time_give_the_same_tables(tmp_path, source, monkeypatch):
+    """The merge reads the affected rows a group of whole series at a time: groups of one row
+    (every series alone, the file without a series UID alone) give the same tables."""
+    write_series(source / "p2" / "mr", 3)
+    store = SiteStore(str(tmp_path / "store"), "site-a")
+    _ingest(source, store)
+    monkeypatch.setattr(catalog, "BUILD_CHUNK_ROWS", 1)
+    small = SiteStore(str(tmp_path / "small"), "site-a")
+    _ingest(source, small)
+    assert _bytes(small) == _bytes(store)
+    assert small.read_table("catalog/series.parquet").num_rows == 3
+
+
+def test_series_groups_cut_at_series_boundaries():
+    counts = [("1.1", 3), ("1.2", 3), ("1.3", 1), ("1.4", 5), ("1.5", 1)]
+    assert list(catalog._series_groups(counts, 4)) == [
+        ("1.1", "1.2"),
+        ("1.3", "1.4"),
+        ("1.5", "1.5"),
+    ]
+    assert list(catalog._series_groups(counts, 100)) == [("1.1", "1.5")]
+    assert list(catalog._series_groups([], 4)) == []

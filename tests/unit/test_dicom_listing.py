@@ -165,3 +165,22 @@ def test_batch_size_aims_at_one_task_per_worker_with_a_floor():
     assert batch_size_for(150, 2, 2500) == 100  # never below 100 files per task...
     assert batch_size_for(300, 2, 40) == 40  # ... unless the parameter asks for less
     assert batch_size_for(0, 2, 2500) == 100
+
+
+def test_plan_read_in_pieces_gives_the_batches_of_the_whole_list(tmp_path):
+    """The plan goes through Parquet and is cut while read: same batches, same file lists."""
+    from flows.ingest import write_plan_batches
+    from tasks.dicom.headers import files_key
+    from tasks.dicom.listing import files_from_json, files_to_table
+    from tasks.refs import site_ref_key
+    from tasks.store import SiteStore
+
+    names = ["Παπαδόπουλος", "Иванова", "Łukasz Żółć", "Ágnes Kovács", "Seán Ó Briain"]
+    files = [ListedFile(f"{names[i % 5]}/{i:04d}.dcm", i, f"{i}.5") for i in range(23)]
+    store = SiteStore(str(tmp_path / "store"), "site-a")
+    store.write_table("catalog/_parts/plan.parquet", files_to_table(sorted(files)))
+    refs = write_plan_batches(store, "catalog/_parts/plan.parquet", workers=1, largest=5)
+    expected = make_batches(files, 5, site_ref_key(store))
+    assert [(r.key, r.files) for r in refs] == [(b.key, len(b.files)) for b in expected]
+    for batch in expected:
+        assert files_from_json(store.read_bytes(files_key(batch.key))) == list(batch.files)
