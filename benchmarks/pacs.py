@@ -10,8 +10,9 @@ median of the per-round ratios oncoflow/ceiling (target >= 0.9).
 
 Steady state (what a site sees, and the target): the Prefect server and the Dask cluster are
 started before timing, the ceiling's processes are started and have imported their modules.
-End to end (``--end-to-end``, printed apart): a fresh command with its own temporary Prefect
-server and Dask cluster, against two freshly started plain processes.
+End to end (``--end-to-end``, printed apart): a fresh command starting its own Prefect server
+and Dask cluster, against two freshly started plain processes. The benchmark's Prefect server
+keeps its database in a fresh ``PREFECT_HOME`` (a site's server has its own).
 
 The orchestration share is what the pull spends outside the transfer: its wall time minus
 the search, the commit and the series pulls' own time (listing, retrieval, writing; summed in
@@ -20,7 +21,7 @@ the workers, divided by the workers).
 Usage::
 
     uv run python benchmarks/pacs.py [--studies 16] [--series 2] [--slices 100] [--size 512]
-                                     [--workers 2] [--repeat 3] [--end-to-end]
+                                     [--workers 2] [--repeat 5] [--end-to-end]
 
 Orthanc, the client and the workers share the machine's cores: ``uptime`` is printed with the
 result; quote the ratio, measured in the same run.
@@ -29,6 +30,7 @@ result; quote the ratio, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import multiprocessing
 import os
 import shutil
@@ -41,6 +43,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":
+    # The site's own Prefect database, as on a site (temporary servers here otherwise share
+    # ~/.prefect/prefect.db with every other run on the machine). Set before Prefect is imported.
+    if "PREFECT_HOME" not in os.environ:
+        os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="oncoflow-bench-prefect-")
+        # registered first, so it runs last at exit: after the server has stopped
+        atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 import pydicom
 
@@ -125,7 +134,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--end-to-end", action="store_true", help="Also time fresh commands.")
     args = parser.parse_args()
     reason = orthanc_missing_reason()
@@ -153,8 +162,6 @@ def main() -> None:
                 f"{nbytes / 1e6:.0f} MB)",
                 flush=True,
             )
-            if args.end_to_end:
-                e2e = end_to_end(orthanc, work, args.workers)
 
             t0 = time.perf_counter()
             ensure_prefect_api()
@@ -202,41 +209,57 @@ def main() -> None:
                         shutil.rmtree(out)
                     rounds.append(got)
                     c, o = got["ceiling"]["wall"], got["oncoflow"]["wall"]
-                    print(f"round {r + 1}: ceiling {c:.2f} s, oncoflow {o:.2f} s: {c / o:.0%}")
+                    print(
+                        f"round {r + 1}: ceiling {c:.2f} s, oncoflow {o:.2f} s: {c / o:.0%} "
+                        f"(orchestration {orchestration(got['oncoflow'], args.workers):.2f} s; "
+                        f"load {os.getloadavg()[0]:.1f})",
+                        flush=True,
+                    )
+            if args.end_to_end:  # after the rounds: the fresh command finds a migrated database
+                e2e = end_to_end(orthanc, work, args.workers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(rounds, len(expected), args.workers, e2e)
 
 
+def orchestration(run: dict, workers: int) -> float:
+    """Seconds of a pull outside search, commit and transfer (Prefect, Dask, idle workers)."""
+    transfer = run["series_seconds"] / workers
+    return run["wall"] - run["search_seconds"] - run["commit_seconds"] - transfer
+
+
 def report(rounds: list[dict], n: int, workers: int, e2e: tuple[float, float] | None) -> None:
     """Print rates, the ratio, where oncoflow's time goes, and the end-to-end figures."""
-    ceiling = statistics.median(r["ceiling"]["wall"] for r in rounds)
-    ours = statistics.median(r["oncoflow"]["wall"] for r in rounds)
-    ratio = statistics.median(r["ceiling"]["wall"] / r["oncoflow"]["wall"] for r in rounds)
-    print(
-        f"ceiling   {workers} plain processes  : {n / ceiling:7.1f} instances/s ({ceiling:.2f} s)"
-    )
+    med = statistics.median
+    ceiling = med(r["ceiling"]["wall"] for r in rounds)
+    ours = med(r["oncoflow"]["wall"] for r in rounds)
+    ratios = sorted(r["ceiling"]["wall"] / r["oncoflow"]["wall"] for r in rounds)
+    print(f"ceiling   {workers} plain processes : {n / ceiling:7.1f} instances/s ({ceiling:.2f} s)")
     print(f"oncoflow  pull-dicomweb, {workers} w : {n / ours:7.1f} instances/s ({ours:.2f} s)")
-    print(f"ratio oncoflow/ceiling (median of rounds): {ratio:.0%} (target >= 90%)")
-    last = rounds[-1]["oncoflow"]
-    wall = last["wall"]
-    transfer = last["series_seconds"] / workers
-    orchestration = wall - last["search_seconds"] - last["commit_seconds"] - transfer
     print(
-        f"oncoflow's {wall:.2f} s (last round): transfer {transfer:.2f} s per worker "
-        f"({transfer / wall:.0%}), search {last['search_seconds']:.2f} s, commit "
-        f"{last['commit_seconds']:.2f} s, Prefect/Dask and idle workers {orchestration:.2f} s "
-        f"({orchestration / wall:.0%})"
+        f"ratio oncoflow/ceiling: median {med(ratios):.0%} of {len(ratios)} rounds "
+        f"({', '.join(f'{x:.0%}' for x in ratios)}; target >= 90%)"
     )
-    plain = rounds[-1]["ceiling"]
+    runs = [r["oncoflow"] for r in rounds]
+    wall = med(r["wall"] for r in runs)
+    transfer = med(r["series_seconds"] for r in runs) / workers
+    other = med(orchestration(r, workers) for r in runs)
     print(
-        f"ceiling's {plain['wall']:.2f} s: transfer {plain['transfer']:.2f} s per process, "
-        f"search {plain['search']:.2f} s; per instance: {1e3 * plain['transfer'] * workers / n:.2f}"
-        f" ms in a plain process, {1e3 * last['series_seconds'] / n:.2f} ms in a Dask worker"
+        f"oncoflow's {wall:.2f} s (medians): transfer {transfer:.2f} s per worker "
+        f"({transfer / wall:.0%}), search {med(r['search_seconds'] for r in runs):.2f} s, "
+        f"commit {med(r['commit_seconds'] for r in runs):.2f} s, Prefect/Dask and idle "
+        f"workers {other:.2f} s ({med(orchestration(r, workers) / r['wall'] for r in runs):.0%})"
+    )
+    plain = [r["ceiling"] for r in rounds]
+    print(
+        f"ceiling's {ceiling:.2f} s (medians): transfer {med(p['transfer'] for p in plain):.2f} s "
+        f"per process, search {med(p['search'] for p in plain):.2f} s; per instance "
+        f"{1e3 * workers * med(p['transfer'] for p in plain) / n:.2f} ms in a plain process, "
+        f"{1e3 * med(r['series_seconds'] for r in runs) / n:.2f} ms in a Dask worker"
     )
     if e2e:
         print(
-            f"end to end (fresh command: temporary Prefect server, Dask cluster): oncoflow "
+            f"end to end (fresh command: its own Prefect server and Dask cluster): oncoflow "
             f"{e2e[0]:.2f} s, {workers} fresh plain processes {e2e[1]:.2f} s: {e2e[1] / e2e[0]:.0%}"
         )
     print(f"load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -260,6 +260,13 @@ def _report(summary: StageSummary, studies: list[dict[str, object]]) -> None:
             ),
             "Failed studies are searched again by UID on the next run; none of their series "
             "was committed.",
+            "## Time (seconds)",
+            markdown_table(
+                [{k.removesuffix("_seconds"): v for k, v in summary.extra["timings"].items()}],
+                ["search", "pull", "series", "commit"],
+            ),
+            "`series` is the time inside the series pulls (listing, retrieval, writing) summed "
+            "over the workers; the rest of `pull` is orchestration and idle workers.",
         ]
     )
     create_markdown_artifact(
