@@ -123,11 +123,10 @@ class PullParams(StageParams):
         return value
 
 
-@flow(name="pull-dicomweb-series", flow_run_name="pull-series-{settings.site}", log_prints=False)
-def pull_series_flow(
+def pull_planned_series(
     settings: PullSettings, plan: str, group_below: int = 1000, group_instances: int = 2000
 ) -> dict[str, dict[str, Any]]:
-    """Pull the series of a plan in parallel and wait on all of them.
+    """Pull the series of a plan on the current flow run's task runner and wait on all of them.
 
     Series with fewer than ``group_below`` instances share tasks (see :func:`series_grouping`);
     larger ones get a task each. Tasks get pseudonymous handles and resolve the UIDs from the
@@ -161,14 +160,31 @@ def pull_series_flow(
     }
 
 
-def worker_slots() -> int:
-    """Tasks the current flow run's task runner runs at once (Dask: its workers' threads)."""
+@flow(name="pull-dicomweb-series", flow_run_name="pull-series-{settings.site}", log_prints=False)
+def pull_series_flow(
+    settings: PullSettings, plan: str, group_below: int = 1000, group_instances: int = 2000
+) -> dict[str, dict[str, Any]]:
+    """Subflow of :func:`pull_planned_series` on the ``runtime`` of a deployment's run."""
+    return pull_planned_series(settings, plan, group_below, group_instances)
+
+
+def _dask_runner() -> Any:
+    """Return the current flow run's Dask task runner, or None when it runs on another."""
     from prefect_dask import DaskTaskRunner
 
     runner = getattr(FlowRunContext.get(), "task_runner", None)
-    if isinstance(runner, DaskTaskRunner):
-        return max(1, sum(runner.client.nthreads().values()))
-    return 1
+    return runner if isinstance(runner, DaskTaskRunner) else None
+
+
+def on_dask() -> bool:
+    """Whether the current flow run's tasks run on Dask."""
+    return _dask_runner() is not None
+
+
+def worker_slots() -> int:
+    """Return the tasks the current flow run's task runner runs at once (Dask: its threads)."""
+    runner = _dask_runner()
+    return max(1, sum(runner.client.nthreads().values())) if runner is not None else 1
 
 
 def series_grouping(
@@ -224,10 +240,13 @@ def _pull_series(
         params.retries,
         params.retry_delay_seconds,
     )
+    grouping = (params.group_below, params.group_instances)
     try:
-        raw = pull_series_flow.with_options(task_runner=task_runner(runtime))(
-            settings, plan_key, params.group_below, params.group_instances
-        )
+        if on_dask():  # run by pull_dicomweb (CLI, pipeline): on the runtime's Dask runner
+            raw = pull_planned_series(settings, plan_key, *grouping)
+        else:  # a deployment's run: its runtime parameter says where the pulls run
+            subflow = pull_series_flow.with_options(task_runner=task_runner(runtime))
+            raw = subflow(settings, plan_key, *grouping)
     finally:
         store.remove(plan_key)
     results: dict[str, SeriesPull | str] = {}
@@ -287,8 +306,10 @@ def _report(summary: StageSummary, studies: list[dict[str, object]]) -> None:
 def pull_dicomweb_flow(params: PullParams, runtime: RuntimeOptions | None = None) -> dict:
     """Pull new studies from a DICOMweb server into the raw zone, then ingest the raw zone.
 
-    The search runs here; the series are pulled by the ``pull-dicomweb-series`` subflow on
-    the Dask task runner (a task per large series, small series several to a task). A study's
+    The search runs here; the series are pulled on Dask (a task per large series, small
+    series several to a task): by this flow's tasks when it runs on Dask (:func:`pull_dicomweb`,
+    what the CLI and the pipeline call), else by the ``pull-dicomweb-series`` subflow on
+    ``runtime``'s Dask runner (a deployment's run). A study's
     series are committed only when all of them arrived. The watermark advances when the
     search succeeded; failed studies are searched again by UID on the next run.
 
@@ -374,7 +395,7 @@ def pull_dicomweb(params: PullParams, runtime: RuntimeOptions) -> StageSummary:
     """
     ensure_prefect_api()
     with dask_cluster(runtime):
-        result = pull_dicomweb_flow(params, runtime)
+        result = pull_dicomweb_flow.with_options(task_runner=task_runner(runtime))(params, runtime)
     return StageSummary.from_dict(Stage.INGEST, params.site, result)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from flows.pacs import PullParams, pull_dicomweb
+from flows.pacs import PullParams, pull_dicomweb, pull_dicomweb_flow
 from flows.runtime import RuntimeOptions
 from tasks.errors import OncoflowError, StageFailed
 from tasks.pacs.credentials import ENV_PASSWORD, ENV_USER, DicomwebCredentials, load_credentials
@@ -176,7 +176,7 @@ def test_pull_everything_then_nothing_then_only_the_new_study(
     assert_nothing_identifying_in_prefect([*first, new])
     # both kinds of task were read back: a shared one (the first pull: 3 small series on 2
     # workers, two of them in one task) and a series' own, named by modality and key tail
-    task_runs = asyncio.run(prefect_records(["pull-dicomweb-series"]))[3]
+    task_runs = asyncio.run(prefect_records(["pull-dicomweb"]))[3]
     assert any(t.task_key.startswith("run_unit_group") for t in task_runs)
     new_key = opaque_key(new.series_uids[0], site_ref_key(store))
     assert f"pull-CT-{new_key[-6:]}" in {t.name for t in task_runs}
@@ -219,7 +219,8 @@ def test_pull_into_an_s3_store(orthanc: Orthanc, dask_address: str, s3_bucket: s
     orthanc.upload(list(study.files))
     store_url = f"{s3_bucket}/store"
     runtime = RuntimeOptions(dask_address=dask_address)
-    summary = pull_dicomweb(params(orthanc, store_url), runtime).to_dict()
+    # the flow as a deployment runs it: not on Dask itself, its pulls in a subflow on `runtime`
+    summary = pull_dicomweb_flow(params(orthanc, store_url), runtime)
     assert summary["studies"] == {"found": 1, "pulled": 1, "skipped": 0, "failed": 0}
     store = SiteStore(store_url, SITE)
     keys = store.find(RAW_DICOMWEB)
@@ -230,6 +231,7 @@ def test_pull_into_an_s3_store(orthanc: Orthanc, dask_address: str, s3_bucket: s
         assert key.endswith(f"/{opaque_key(sop, site_ref_key(store))}.dcm") and sop not in key
     assert store.find(RAW_STAGING_DICOMWEB) == []
     assert catalogued_series(store) == {uid: 3 for uid in study.series_uids}
+    assert_nothing_identifying_in_prefect([study])
 
 
 def test_orthanc_stopped_mid_pull_then_a_later_run_completes(
