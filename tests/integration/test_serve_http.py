@@ -45,7 +45,7 @@ SPEC = {
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A site store with 14 patients and its published cohort."""
     root = tmp_path_factory.mktemp("serve")
-    store = build_site(str(root / "store"), series=SERIES, with_seg=False)
+    store = build_site(str(root / "store"), series=SERIES)
     publish_cohort(store, parse_spec(SPEC), str(root / "pub"), policy=RetryPolicy(attempts=2))
     return root
 
