@@ -1,6 +1,9 @@
 """Flow ``ingest-dicom``: SOURCE (any fsspec URL) into the site's private catalogue.
 
-1. List SOURCE (path, size, mtime or ETag) and diff it with ``catalog/instances.parquet``.
+1. List SOURCE (path, size, mtime or ETag) into ``catalog/_parts/listing.parquet``, a record
+   batch at a time, and diff it with ``catalog/instances.parquet`` in DuckDB, which writes the
+   plan (the new and changed files, sorted) and the deleted paths beside it: no list of every
+   file is held in memory.
 2. Parse only new or changed files, in batches of hundreds to thousands of files per Dask
    task, about one per worker (subflow ``parse-dicom-headers``, started only when there is
    something to parse, so an unchanged re-run never starts a cluster). A batch task reads its
@@ -8,7 +11,8 @@
    ``catalog/_parts/<batch-key>.parquet`` and returns counts only.
 3. Merge the parts with the unchanged rows, mark deleted files, group series and validate their
    geometry, write ``catalog/instances.parquet``, ``catalog/series.parquet`` and the ingest rows
-   of ``quarantine.parquet`` (each skipped when unchanged), then remove the parts.
+   of ``quarantine.parquet`` (each skipped when unchanged), then remove the parts, the plan and
+   the listing (also when the run fails; a killed run's are removed by the next run).
 4. Post a markdown summary, a table of quarantined items (opaque references, reason codes) and,
    while batches run, a progress artifact.
 
@@ -34,16 +38,17 @@ from flows.reporting import markdown_table, post_summary, post_table
 from flows.runtime import RuntimeOptions, ensure_prefect_api, task_runner
 from flows.stage import StageParams, failure_ratio, run_units
 from tasks.dicom.catalog import (
+    LISTING,
     CatalogCounts,
     catalog_is_current,
     diff_catalog,
     fill_counts,
     merge_catalog,
+    planned_files,
     read_parsed,
     remove_parts,
 )
 from tasks.dicom.headers import (
-    PARTS_DIR,
     BatchResult,
     parse_batch,
     parse_batch_to_part,
@@ -53,16 +58,13 @@ from tasks.dicom.headers import (
 from tasks.dicom.ingest_summary import ParseRun, check_parse_failures, ingest_summary
 from tasks.dicom.listing import (
     BatchRef,
-    ListedFile,
     ListingDiff,
     batch_key,
     batched_files,
     files_from_parquet,
-    files_to_table,
-    list_source,
     resolve_source,
+    write_listing,
 )
-from tasks.errors import OncoflowError
 from tasks.records import Stage, StageSummary
 from tasks.refs import site_ref_key
 from tasks.store import SiteStore, open_url, protocol_of
@@ -137,21 +139,14 @@ def _store_prefix_in_source(params: IngestParams, store: SiteStore) -> str | Non
     return store_root[len(root) :] if store_root.startswith(root) else None
 
 
-def _listing(params: IngestParams, store: SiteStore) -> list[ListedFile]:
-    files = list_source(params.source)
-    prefix = _store_prefix_in_source(params, store)
-    if prefix:
-        files = [f for f in files if not f.path.startswith(prefix)]
-    if not files:
-        raise OncoflowError(f"source holds no files: {params.source}")
-    return files
+def _listing(params: IngestParams, store: SiteStore) -> ListingDiff:
+    """List SOURCE into the store's private zone and diff it with the catalogue in DuckDB.
 
-
-def _write_plan(store: SiteStore, files: list[ListedFile]) -> str:
-    """Write the files to parse (private: it holds paths) and return the plan's store key."""
-    key = f"{PARTS_DIR}/plan-{batch_key(files, site_ref_key(store))}.parquet"
-    store.write_table(key, files_to_table(files))
-    return key
+    The listing, the plan (files to parse) and the deleted paths are Parquet files under
+    ``catalog/_parts/``, written a record batch at a time: no list of every file in memory.
+    """
+    write_listing(params.source, store, LISTING, exclude=_store_prefix_in_source(params, store))
+    return diff_catalog(store, LISTING)
 
 
 def _start_workers() -> int:
@@ -287,21 +282,20 @@ def _report(summary: StageSummary, counts: CatalogCounts) -> None:
 
 
 def _parse(
-    params: IngestParams, store: SiteStore, to_parse: list[ListedFile], runtime: RuntimeOptions
+    params: IngestParams, store: SiteStore, diff: ListingDiff, runtime: RuntimeOptions
 ) -> ParseRun:
-    """Parse the files into part files: in this process when they are few, else on Dask."""
-    remove_parts(store)
-    if len(to_parse) <= min(IN_PROCESS_FILES, params.batch_size):
+    """Parse the plan's files into part files: in this process when they are few, else on Dask."""
+    if diff.to_parse <= min(IN_PROCESS_FILES, params.batch_size):
         t_start = time.perf_counter()
+        to_parse = list(planned_files(store, diff))  # at most IN_PROCESS_FILES
         key = batch_key(to_parse, site_ref_key(store))
         result = parse_batch_to_part(key, to_parse, params.source, params.store, params.site)
         seconds = round(time.perf_counter() - t_start, 4)
         zero = {"startup_seconds": 0.0, "first_batch_after_seconds": 0.0}
         return ParseRun([asdict(result)], [], 1, {**zero, "parse_seconds": seconds})
-    plan = _write_plan(store, to_parse)
     t_start = time.perf_counter()
     run = parse_headers_flow.with_options(task_runner=task_runner(runtime))
-    outcome = run(params.site, params.store, params.source, plan, params.batch_size)
+    outcome = run(params.site, params.store, params.source, diff.plan, params.batch_size)
     timings = {
         "startup_seconds": round(outcome["body_started"] - t_start, 4),
         "parse_seconds": outcome["parse_seconds"],
@@ -339,34 +333,36 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
     logger = get_run_logger()
     t0 = time.perf_counter()
     store = check_inputs(params)
-    listing = _listing(params, store)
-    diff: ListingDiff = diff_catalog(store, listing)
-    metadata = {SOURCE_METADATA_KEY: params.source}
-    current = catalog_is_current(store, metadata)
-    timings = {"listing_seconds": round(time.perf_counter() - t0, 4)}
-    logger.info(
-        "listed %d files: %d new, %d changed, %d unchanged, %d deleted",
-        len(listing),
-        len(diff.new),
-        len(diff.changed),
-        diff.n_unchanged,
-        len(diff.deleted),
-    )
-    to_parse = diff.to_parse
-    run, counts = ParseRun(), CatalogCounts()
-    if to_parse or not current or diff.deleted:
-        if to_parse:
-            run = _parse(params, store, to_parse, runtime or RuntimeOptions())
-        t_merge = time.perf_counter()
-        parsed = read_parsed(store, run.parts)
-        counts = merge_catalog(store, diff, parsed, params.spacing_tolerance, metadata=metadata)
-        if to_parse:
-            remove_parts(store)
-        run.timings["merge_seconds"] = round(time.perf_counter() - t_merge, 4)
-    else:
-        fill_counts(counts, store)
+    remove_parts(store)  # left by a crashed run
+    try:
+        diff = _listing(params, store)
+        metadata = {SOURCE_METADATA_KEY: params.source}
+        current = catalog_is_current(store, metadata)
+        timings = {"listing_seconds": round(time.perf_counter() - t0, 4)}
+        logger.info(
+            "listed %d files: %d new, %d changed, %d unchanged, %d deleted",
+            diff.listed,
+            diff.new,
+            diff.changed,
+            diff.unchanged,
+            diff.deleted,
+        )
+        run, counts = ParseRun(), CatalogCounts()
+        if diff.to_parse or not current or diff.deleted:
+            if diff.to_parse:
+                run = _parse(params, store, diff, runtime or RuntimeOptions())
+            t_merge = time.perf_counter()
+            parsed = read_parsed(store, run.parts)
+            counts = merge_catalog(
+                store, diff, parsed, params.spacing_tolerance, metadata=metadata
+            )
+            run.timings["merge_seconds"] = round(time.perf_counter() - t_merge, 4)
+        else:
+            fill_counts(counts, store)
+    finally:
+        remove_parts(store)  # the listing, plan and batch parts hold paths
     timings.update(run.all_timings(), total_seconds=round(time.perf_counter() - t0, 4))
-    summary = ingest_summary(params.site, len(listing), diff, counts, run, timings)
+    summary = ingest_summary(params.site, diff, counts, run, timings)
     _report(summary, counts)
     logger.info(
         "ingest done: files %s; series %s; tables written: %s",
@@ -374,7 +370,7 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
         ", ".join(f"{k}={v}" for k, v in counts.series.items()) or "none",
         ", ".join(counts.written) or "none",
     )
-    check_parse_failures(run, len(to_parse), params.max_failure_ratio)
+    check_parse_failures(run, diff.to_parse, params.max_failure_ratio)
     return summary.to_dict()
 
 

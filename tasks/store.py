@@ -241,6 +241,16 @@ class SiteStore:
         options = {} if block_size is None else {"block_size": block_size}
         return self.fs.open(self._fresh(self.path(key)), "rb", **options)
 
+    def open_write(self, key: str) -> Any:
+        """Open an object for writing in place, as a stream (a binary file object; close it).
+
+        Not atomic: for private work files a run writes piece by piece and removes itself
+        (a listing, a plan); published and table objects go through :meth:`write_bytes`.
+        """
+        path = self.path(key)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        return self.fs.open(path, "wb")
+
     def read_bytes(self, key: str) -> bytes:
         """Read an object."""
         return self.fs.cat_file(self._fresh(self.path(key)))

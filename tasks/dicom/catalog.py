@@ -1,10 +1,11 @@
 """The private catalogue of a site: merging batch parts, series, quarantine, DuckDB views.
 
 ``catalog/instances.parquet`` and ``catalog/series.parquet`` are folders of Parquet parts
-(:mod:`tasks.table_parts`). ``diff_catalog`` compares a listing with the catalogue in DuckDB;
-``merge_catalog`` rebuilds only the series the parsed and deleted files touch and replaces
-only the parts that held their rows, so an increment costs in proportion to what changed and
-no process holds the whole catalogue. Rows inside a part are sorted by key and parts are named
+(:mod:`tasks.table_parts`). ``diff_catalog`` compares a streamed listing (a Parquet file) with
+the catalogue in DuckDB and writes the plan of the files to parse; ``merge_catalog`` rebuilds
+only the series the parsed and deleted files touch and replaces only the parts that held their
+rows, so an increment costs in proportion to what changed and no process holds the whole
+catalogue or the whole listing. Rows inside a part are sorted by key and parts are named
 by content, so the tables are byte-identical whatever the number of workers or the order in
 which batches finished.
 """
@@ -20,16 +21,19 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from tasks.dicom.headers import INSTANCE_SCHEMA, PARTS_DIR, rows_to_table
 from tasks.dicom.listing import (
+    LISTING_SCHEMA,
     STATUS_DELETED,
     STATUS_OK,
     STATUS_QUARANTINED,
     ListedFile,
     ListingDiff,
-    diff_listing,
+    files_from_parquet,
     item_ref,
+    write_batches,
 )
 from tasks.dicom.series import (
     DERIVED_REASONS,
@@ -118,62 +122,122 @@ def catalog_is_current(store: SiteStore, metadata: dict[str, str] | None = None)
     )
 
 
-def diff_catalog(store: SiteStore, listing: Sequence[ListedFile]) -> ListingDiff:
-    """Compare a listing with the catalogue in DuckDB (the catalogue is never loaded whole).
+#: Private work files of an ingest run in the store (removed with the batch parts).
+LISTING = f"{PARTS_DIR}/listing.parquet"
+PLAN = f"{PARTS_DIR}/plan.parquet"
+GONE = f"{PARTS_DIR}/gone.parquet"
+#: Rows of a DuckDB result read at a time while it is written to the store.
+RESULT_ROWS = 8192
+_GONE_SCHEMA = pa.schema([("path", pa.string())])
+
+
+def diff_catalog(store: SiteStore, listing: str = LISTING) -> ListingDiff:
+    """Compare a listing with the catalogue in DuckDB; write the plan and the deleted paths.
+
+    Neither the listing nor the catalogue is loaded whole: DuckDB joins the two Parquet
+    sources on path (within :data:`MERGE_MEMORY`, spilling beyond it), and its sorted results
+    are written to the store's private zone a record batch at a time.
 
     Parameters
     ----------
     store
         The site store.
     listing
-        Current files under the source.
+        Store key of the listing (:func:`tasks.dicom.listing.write_listing`).
 
     Returns
     -------
     ListingDiff
-        New, changed and newly deleted files; ``unchanged`` is left empty and
-        ``unchanged_count`` set (a list of every unchanged path would grow with the archive).
+        The counts; ``plan`` (files to parse: new, or another size or change token, or marked
+        deleted in the catalogue) and ``gone`` (catalogue paths not yet marked deleted that
+        are no longer listed) name the Parquet files written, when not empty.
     """
     instances = instance_parts(store)
     instances.recover()
-    uris = instances.uris()
-    if not uris:
-        return diff_listing(listing, [])
-    listed = pa.table(
-        {
-            "path": pa.array([f.path for f in listing], pa.string()),
-            "size": pa.array([f.size for f in listing], pa.int64()),
-            "mtime": pa.array([f.mtime for f in listing], pa.string()),
-        }
-    )
-    by_path = {f.path: f for f in listing}
+    return diff_files(store, listing, instances.uris())
+
+
+def diff_files(store: SiteStore, listing: str, catalogue: Sequence[str]) -> ListingDiff:
+    """Diff a listing with catalogue rows; see :func:`diff_catalog`.
+
+    Parameters
+    ----------
+    store
+        The site store (the plan and the deleted paths are written to its private zone).
+    listing
+        Store key of the listing.
+    catalogue
+        URLs of Parquet files with the catalogue's path, size, mtime and status columns.
+    """
     con = store.connect_duckdb()
+    spill = _bound(con)
     try:
-        con.register("listed", listed)
+        listed_uri = _q(store.uri(listing))
         con.execute(
-            "CREATE TEMP VIEW cat AS SELECT path, size, mtime, status FROM "
-            f"read_parquet({sql_list(uris)})"
+            f"CREATE TEMP VIEW listed AS SELECT path, size, mtime FROM read_parquet('{listed_uri}')"
         )
-        rows = con.execute(
-            "SELECT l.path, c.path IS NULL OR c.status = ? AS is_new FROM listed l "
-            "LEFT JOIN cat c ON c.path = l.path WHERE c.path IS NULL OR c.status = ? "
-            "OR c.size <> l.size OR c.mtime <> l.mtime ORDER BY l.path",
-            [STATUS_DELETED, STATUS_DELETED],
-        ).fetchall()
-        deleted = con.execute(
+        listed = con.execute("SELECT count(*) FROM listed").fetchone()[0]
+        if catalogue:
+            con.execute(
+                "CREATE TEMP VIEW cat AS SELECT path, size, mtime, status FROM "
+                f"read_parquet({sql_list(list(catalogue))})"
+            )
+        else:
+            con.execute(
+                "CREATE TEMP VIEW cat AS SELECT NULL::VARCHAR AS path, NULL::BIGINT AS size, "
+                "NULL::VARCHAR AS mtime, NULL::VARCHAR AS status WHERE false"
+            )
+        # con.sql(...).to_arrow_reader streams the result (con.execute's would copy it whole)
+        plan = con.sql(
+            "SELECT l.path, l.size, l.mtime, c.path IS NULL OR c.status = $deleted AS is_new "
+            "FROM listed l LEFT JOIN cat c ON c.path = l.path WHERE c.path IS NULL "
+            "OR c.status = $deleted OR c.size IS DISTINCT FROM l.size "
+            "OR c.mtime IS DISTINCT FROM l.mtime ORDER BY l.path",
+            params={"deleted": STATUS_DELETED},
+        ).to_arrow_reader(RESULT_ROWS)
+        new = 0
+
+        def files() -> Iterator[pa.RecordBatch]:
+            nonlocal new
+            for batch in plan:
+                new += pc.sum(batch.column("is_new")).as_py() or 0
+                yield batch.select(list(LISTING_SCHEMA.names))
+
+        to_parse = write_batches(store, PLAN, files(), LISTING_SCHEMA)
+        gone = con.sql(
             "SELECT c.path FROM cat c ANTI JOIN listed l ON c.path = l.path "
-            "WHERE c.status <> ? ORDER BY c.path",
-            [STATUS_DELETED],
-        ).fetchall()
+            "WHERE c.status IS DISTINCT FROM $deleted ORDER BY c.path",
+            params={"deleted": STATUS_DELETED},
+        ).to_arrow_reader(RESULT_ROWS)
+        deleted = write_batches(store, GONE, gone, _GONE_SCHEMA)
     finally:
         con.close()
-    diff = ListingDiff(
-        new=[by_path[p] for p, is_new in rows if is_new],
-        changed=[by_path[p] for p, is_new in rows if not is_new],
-        deleted=[p for (p,) in deleted],
+        spill.cleanup()
+    return ListingDiff(
+        listed=listed,
+        new=new,
+        changed=to_parse - new,
+        deleted=deleted,
+        plan=PLAN if to_parse else None,
+        gone=GONE if deleted else None,
     )
-    diff.unchanged_count = len(listing) - len(rows)
-    return diff
+
+
+def planned_files(store: SiteStore, diff: ListingDiff) -> Iterator[ListedFile]:
+    """Yield the files to parse of a diff, sorted by path, reading its plan in pieces."""
+    if diff.plan is None:
+        return
+    with store.open(diff.plan) as fh:
+        yield from files_from_parquet(pq.ParquetFile(fh))
+
+
+def deleted_paths(store: SiteStore, diff: ListingDiff) -> Iterator[str]:
+    """Yield the paths a diff found deleted, sorted, reading them in pieces."""
+    if diff.gone is None:
+        return
+    with store.open(diff.gone) as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(RESULT_ROWS, columns=["path"]):
+            yield from batch.column("path").to_pylist()
 
 
 @dataclass(frozen=True)
@@ -206,6 +270,19 @@ def read_parsed(store: SiteStore, parts: Iterable[str]) -> ParsedParts:
 #: DuckDB's memory for the merge; beyond it DuckDB spills to a temporary folder. It bounds
 #: what a merge adds to the command's peak memory whatever the size of the archive.
 MERGE_MEMORY = "64MB"
+
+
+def _bound(con: duckdb.DuckDBPyConnection) -> tempfile.TemporaryDirectory:
+    """Bound a connection's memory: one thread, :data:`MERGE_MEMORY`, then spilling.
+
+    Returns the private temporary folder it spills to, for the caller to clean up.
+    """
+    spill = tempfile.TemporaryDirectory(prefix="oncoflow-duckdb-")
+    con.execute("SET threads TO 1")
+    con.execute(f"SET memory_limit = '{MERGE_MEMORY}'")
+    con.execute(f"SET temp_directory = '{_q(spill.name)}'")
+    con.execute("SET preserve_insertion_order = false")
+    return spill
 
 
 def remove_parts(store: SiteStore) -> None:
@@ -259,12 +336,8 @@ def merge_catalog(
     metadata = {**(metadata or {}), VERSION_KEY: CATALOG_VERSION}
     counts = CatalogCounts()
     con = store.connect_duckdb()
-    spill = tempfile.TemporaryDirectory(prefix="oncoflow-merge-")
+    spill = _bound(con)
     try:
-        con.execute("SET threads TO 1")
-        con.execute(f"SET memory_limit = '{MERGE_MEMORY}'")
-        con.execute(f"SET temp_directory = '{_q(spill.name)}'")
-        con.execute("SET preserve_insertion_order = false")
         if isinstance(parsed, ParsedParts) and parsed.keys:
             uris = sql_list([store.uri(k) for k in parsed.keys])
             con.execute(f"CREATE TEMP VIEW fresh AS SELECT * FROM read_parquet({uris})")
@@ -272,7 +345,11 @@ def merge_catalog(
             rows = [] if isinstance(parsed, ParsedParts) else parsed
             fresh = rows if isinstance(rows, pa.Table) else rows_to_table(list(rows))
             con.register("fresh", fresh.cast(INSTANCE_SCHEMA))
-        con.register("gone", pa.table({"path": pa.array(diff.deleted, pa.string())}))
+        if diff.gone:
+            gone = _q(store.uri(diff.gone))
+            con.execute(f"CREATE TEMP TABLE gone AS SELECT path FROM read_parquet('{gone}')")
+        else:
+            con.execute("CREATE TEMP TABLE gone (path VARCHAR)")
         old_uris = instances.uris()
         if old_uris:
             old_sql = f"SELECT * FROM read_parquet({sql_list(old_uris)})"
@@ -623,10 +700,13 @@ __all__ = [
     "catalog_is_current",
     "catalog_views",
     "connect_catalog",
+    "deleted_paths",
     "diff_catalog",
+    "diff_files",
     "fill_counts",
     "instance_parts",
     "merge_catalog",
+    "planned_files",
     "read_parsed",
     "remove_parts",
     "series_parts",

@@ -69,7 +69,6 @@ def reasons_of_kind(quarantine: list[dict[str, str]], kind: Kind) -> dict[str, i
 
 def ingest_summary(
     site: str,
-    listed: int,
     diff: ListingDiff,
     counts: CatalogCounts,
     run: ParseRun,
@@ -81,10 +80,8 @@ def ingest_summary(
     ----------
     site
         Site code.
-    listed
-        Files listed under SOURCE.
     diff
-        The listing's difference with the catalogue.
+        The listing's difference with the catalogue (and the files listed).
     counts
         Catalogue counts after the merge.
     run
@@ -108,14 +105,14 @@ def ingest_summary(
         counts=dict(sorted(file_counts.items())),
         reasons=counts.reasons,
         computed=run.files_parsed,
-        reused=len(diff.unchanged),
+        reused=diff.unchanged,
         tables_written=list(counts.written),
         extra={
-            "files_listed": listed,
-            "files_new": len(diff.new),
-            "files_changed": len(diff.changed),
-            "files_unchanged": diff.n_unchanged,
-            "files_deleted": len(diff.deleted),
+            "files_listed": diff.listed,
+            "files_new": diff.new,
+            "files_changed": diff.changed,
+            "files_unchanged": diff.unchanged,
+            "files_deleted": diff.deleted,
             "files_parsed": run.files_parsed,
             "files_failed": run.files_failed,
             "batches": run.batches,

@@ -2,8 +2,10 @@
 
 A source is any fsspec URL (local folder, ``file://``, ``s3://bucket/prefix``). Each file is
 listed with its size and a change token: the modification time for local files, the ETag for
-object stores. A re-run compares the listing with ``catalog/instances.parquet`` and parses only
-new or changed files.
+object stores. The listing is streamed: the source is walked into Arrow record batches written
+to a Parquet file in the store's private zone (:func:`write_listing`), which DuckDB compares
+with ``catalog/instances.parquet`` (:func:`tasks.dicom.catalog.diff_catalog`); a re-run parses
+only new or changed files. No list of every file is held in memory.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
@@ -19,7 +21,10 @@ import pyarrow.parquet as pq
 
 from tasks.errors import OncoflowError
 from tasks.refs import RefKey
-from tasks.store import open_url, protocol_of
+from tasks.store import SiteStore, open_url, protocol_of
+
+#: Columns of a listing, a plan and a batch's file list.
+LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.string())])
 
 #: Status values of ``catalog/instances.parquet`` rows.
 STATUS_OK = "ok"
@@ -70,42 +75,49 @@ class BatchRef:
     files: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class ListingDiff:
-    """How a listing differs from the catalogue.
+    """How a listing differs from the catalogue: counts, and where the file lists are.
+
+    The lists themselves stay in the store's private zone (they hold paths and grow with the
+    archive): the files to parse in the plan, the paths gone from the source in ``gone``.
 
     Attributes
     ----------
+    listed
+        Files listed under the source.
     new, changed
-        Files to parse (not in the catalogue, or with another size or change token).
-    unchanged
-        Paths whose catalogue rows stay as they are.
-    unchanged_count
-        How many they are, when the paths themselves are not listed.
+        Files to parse: not in the catalogue (or marked deleted there), or listed with another
+        size or change token.
     deleted
         Paths in the catalogue (not yet marked deleted) that are gone from the source.
+    plan
+        Store key of the Parquet list of the files to parse, sorted by path (None when none).
+    gone
+        Store key of the Parquet list of the deleted paths, sorted (None when none).
     """
 
-    new: list[ListedFile] = field(default_factory=list)
-    changed: list[ListedFile] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
-    unchanged_count: int = 0
+    listed: int = 0
+    new: int = 0
+    changed: int = 0
+    deleted: int = 0
+    plan: str | None = None
+    gone: str | None = None
 
     @property
-    def n_unchanged(self) -> int:
-        """How many files are unchanged (``unchanged`` is left empty by a diff in DuckDB)."""
-        return max(len(self.unchanged), self.unchanged_count)
+    def unchanged(self) -> int:
+        """How many listed files keep their catalogue rows as they are."""
+        return self.listed - self.new - self.changed
 
     @property
-    def to_parse(self) -> list[ListedFile]:
-        """Files to parse, sorted by path."""
-        return sorted(self.new + self.changed)
+    def to_parse(self) -> int:
+        """How many files to parse (new and changed)."""
+        return self.new + self.changed
 
     @property
     def is_empty(self) -> bool:
         """True when nothing needs parsing and nothing was deleted."""
-        return not (self.new or self.changed or self.deleted)
+        return not (self.to_parse or self.deleted)
 
 
 def _change_token(info: dict, protocol: str) -> str:
@@ -146,7 +158,7 @@ def resolve_source(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         if fs.isfile(root):
             return fs, root
-        entries = fs.ls(root, detail=False)
+        entries = _has_entries(fs, root) or fs.ls(root, detail=False)
     except FileNotFoundError:
         raise OncoflowError(f"source not found: {url}") from None
     except PermissionError:
@@ -158,15 +170,44 @@ def resolve_source(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root
 
 
-def _list_local(root: str) -> list[ListedFile]:
-    """List a local folder with ``os.scandir``: the entries fsspec's ``find`` gives, faster.
+#: Entries per Arrow record batch of a streamed listing: what the listing holds as Python
+#: objects at a time, whatever the number of files under the source.
+LISTING_ROWS = 8192
+
+#: An entry of a listing walk: path relative to the root (``/`` separated), size, change token.
+Entry = tuple[str, int, str]
+
+
+def _has_entries(fs: fsspec.AbstractFileSystem, root: str) -> bool:
+    """Whether a folder or prefix holds anything, asking for one entry only.
+
+    ``fs.ls`` would list (and an object store's filesystem cache) the whole first level, which
+    is the whole archive for a flat one. False means "ask ``fs.ls``", whose errors say why.
+    """
+    protocol = protocol_of(fs)
+    if protocol in ("file", "local"):
+        with os.scandir(root) as entries:
+            return next(entries, None) is not None
+    if protocol in ("s3", "s3a") and hasattr(fs, "_iterdir"):
+        objects = _s3_objects(fs, root, 1)
+        try:
+            return next(objects, None) is not None
+        except Exception:  # fs.ls raises it again, translated
+            return False
+        finally:
+            objects.close()
+    return False
+
+
+def _walk_local(root: str) -> Iterator[Entry]:
+    """Walk a local folder with ``os.scandir``: the entries fsspec's ``find`` gives, faster.
 
     Same semantics as fsspec's local filesystem: symbolic links are listed, not followed into
     (size of their target, or 0 when broken; modification time of the link itself), and an
     entry that vanishes while listing is skipped. Listing 10,000 files takes about a third of
-    the time of ``find(detail=True)``, which matters for an unchanged re-ingest.
+    the time of ``find(detail=True)``, which matters for an unchanged re-ingest. Entries come
+    folder by folder as they are found; only the folders still to walk are held.
     """
-    files = []
     prefix_len = len(root.rstrip(os.sep)) + 1
     folders = [root]
     while folders:
@@ -186,12 +227,187 @@ def _list_local(root: str) -> list[ListedFile]:
                 except FileNotFoundError:
                     continue
                 rel = entry.path[prefix_len:].replace(os.sep, "/")
-                files.append(ListedFile(rel, size, f"{stat.st_mtime:.6f}"))
-    return files
+                yield rel, size, f"{stat.st_mtime:.6f}"
+
+
+#: Objects asked of an object store's listing at a time (its pages hold 1,000).
+S3_PAGE = 5000
+
+
+def _walk_s3(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[Entry]:
+    """Walk an S3 prefix page by page (``list_objects_v2`` without delimiter).
+
+    ``fs.find`` gathers the whole listing in one dict and keeps it in the filesystem's
+    listing cache; this holds one page of object records at a time.
+    """
+    yield from _found_entries(_s3_objects(fs, root, S3_PAGE), root.rstrip("/") + "/", "s3")
+
+
+def _s3_objects(fs: fsspec.AbstractFileSystem, root: str, page: int) -> Iterator[dict]:
+    """Yield the ``info`` dicts of the objects under an S3 prefix, ``page`` asked at a time."""
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(root)
+    objects = fs._iterdir(bucket, delimiter="", prefix=f"{key.rstrip('/')}/" if key else "")
+
+    async def take() -> list[dict]:
+        out = []
+        async for info in objects:  # resumed by the next call: the generator is not closed
+            out.append(info)
+            if len(out) == page:
+                break
+        return out
+
+    try:
+        while infos := sync(fs.loop, take):
+            yield from infos
+    finally:
+        sync(fs.loop, objects.aclose)
+
+
+def _walk_fsspec(fs: fsspec.AbstractFileSystem, root: str, protocol: str) -> Iterator[Entry]:
+    """Walk any other fsspec filesystem folder by folder (what its ``find`` does, streamed)."""
+    prefix = root.rstrip("/") + "/"
+    for _folder, _dirs, files in fs.walk(root, detail=True):
+        yield from _found_entries(files.values(), prefix, protocol)
+
+
+def _found_entries(infos: Iterable[dict], prefix: str, protocol: str) -> Iterator[Entry]:
+    """Turn fsspec ``info`` dicts into entries, skipping folders and directory markers."""
+    for info in infos:
+        full = info["name"]
+        if info.get("type") == "directory" or full.endswith("/"):
+            continue
+        rel = full[len(prefix) :] if full.startswith(prefix) else full.rsplit("/", 1)[-1]
+        yield rel, int(info.get("size") or 0), _change_token(info, protocol)
+
+
+def _walk(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[Entry]:
+    protocol = protocol_of(fs)
+    if fs.isfile(root):
+        info = fs.info(root)
+        yield root.rsplit("/", 1)[-1], int(info.get("size") or 0), _change_token(info, protocol)
+    elif protocol in ("file", "local"):
+        yield from _walk_local(root)
+    elif protocol in ("s3", "s3a") and hasattr(fs, "_iterdir"):
+        yield from _walk_s3(fs, root)
+    else:
+        yield from _walk_fsspec(fs, root, protocol)
+
+
+def _record_batch(paths: list[str], sizes: list[int], tokens: list[str]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [pa.array(paths, pa.string()), pa.array(sizes, pa.int64()), pa.array(tokens, pa.string())],
+        schema=LISTING_SCHEMA,
+    )
+
+
+def listing_batches(url: str, exclude: str | None = None) -> Iterator[pa.RecordBatch]:
+    """Walk a source and yield its files as Arrow record batches, as they are found.
+
+    Parameters
+    ----------
+    url
+        fsspec URL of the source root (a folder/prefix, or a single file).
+    exclude
+        Skip paths starting with this source-relative prefix (a store inside the source).
+
+    Yields
+    ------
+    pyarrow.RecordBatch
+        Up to :data:`LISTING_ROWS` rows of (path, size, mtime) (:data:`LISTING_SCHEMA`), in
+        the order the walk finds them (not sorted); directory markers are skipped.
+
+    Raises
+    ------
+    OncoflowError
+        When the source cannot be listed or holds no files.
+    """
+    fs, root = resolve_source(url)
+    listed = 0
+    paths: list[str] = []
+    sizes: list[int] = []
+    tokens: list[str] = []
+    try:
+        for path, size, token in _walk(fs, root):
+            if exclude and path.startswith(exclude):
+                continue
+            paths.append(path)
+            sizes.append(size)
+            tokens.append(token)
+            if len(paths) >= LISTING_ROWS:
+                batch = _record_batch(paths, sizes, tokens)
+                paths, sizes, tokens = [], [], []
+                listed += batch.num_rows
+                yield batch
+        if paths:
+            listed += len(paths)
+            yield _record_batch(paths, sizes, tokens)
+    except OncoflowError:
+        raise
+    except Exception as exc:
+        raise OncoflowError(f"cannot list source {url} ({type(exc).__name__})") from None
+    if not listed:
+        raise OncoflowError(f"source holds no files: {url}")
+
+
+def write_batches(
+    store: SiteStore, key: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema
+) -> int:
+    """Write record batches to a Parquet file of the store as they come; return the rows.
+
+    For the private work files of a run (a listing, a plan): written in place, not
+    atomically, and not at all when there is no row (the store's other tables are written
+    with :meth:`SiteStore.write_table`).
+    """
+    rows = 0
+    fh = writer = None
+    try:
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            if writer is None:
+                fh = store.open_write(key)
+                writer = pq.ParquetWriter(fh, schema)
+            writer.write_batch(batch.cast(schema))
+            rows += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+        if fh is not None:
+            fh.close()
+    return rows
+
+
+def write_listing(url: str, store: SiteStore, key: str, exclude: str | None = None) -> int:
+    """List a source into a Parquet file of the store, a record batch at a time.
+
+    Parameters
+    ----------
+    url
+        fsspec URL of the source root.
+    store, key
+        Where the listing goes (the store's private zone: it holds paths).
+    exclude
+        Source-relative prefix to leave out (a store inside the source).
+
+    Returns
+    -------
+    int
+        Files listed.
+
+    Raises
+    ------
+    OncoflowError
+        When the source cannot be listed or holds no files.
+    """
+    return write_batches(store, key, listing_batches(url, exclude), LISTING_SCHEMA)
 
 
 def list_source(url: str) -> list[ListedFile]:
-    """List every file under a source, sorted by relative path.
+    """List every file under a source into memory, sorted by relative path.
+
+    For small sources and tests; an ingest streams the listing (:func:`write_listing`).
 
     Parameters
     ----------
@@ -208,70 +424,9 @@ def list_source(url: str) -> list[ListedFile]:
     OncoflowError
         When the source cannot be listed or holds no files.
     """
-    fs, root = resolve_source(url)
-    protocol = protocol_of(fs)
-    try:
-        if fs.isfile(root):
-            info = fs.info(root)
-            name = root.rsplit("/", 1)[-1]
-            return [ListedFile(name, int(info.get("size") or 0), _change_token(info, protocol))]
-        if protocol in ("file", "local"):
-            files = _list_local(root)
-        else:
-            files = _list_found(fs.find(root, detail=True, withdirs=False), root, protocol)
-    except Exception as exc:
-        raise OncoflowError(f"cannot list source {url} ({type(exc).__name__})") from None
-    if not files:
-        raise OncoflowError(f"source holds no files: {url}")
+    files = [f for batch in listing_batches(url) for f in _files_of(batch)]
     files.sort()
     return files
-
-
-def _list_found(found: dict[str, dict], root: str, protocol: str) -> list[ListedFile]:
-    """Turn the ``find(detail=True)`` result of an fsspec filesystem into listing entries."""
-    prefix = root.rstrip("/") + "/"
-    files = []
-    for full, info in found.items():
-        if info.get("type") == "directory" or full.endswith("/"):
-            continue
-        rel = full[len(prefix) :] if full.startswith(prefix) else full.rsplit("/", 1)[-1]
-        files.append(ListedFile(rel, int(info.get("size") or 0), _change_token(info, protocol)))
-    return files
-
-
-def diff_listing(
-    listing: Sequence[ListedFile], catalogue: Iterable[tuple[str, int, str, str]]
-) -> ListingDiff:
-    """Compare a listing with the catalogue's (path, size, mtime, status) rows.
-
-    Parameters
-    ----------
-    listing
-        Current files under the source.
-    catalogue
-        Rows of the existing catalogue as (path, size, mtime, status) tuples.
-
-    Returns
-    -------
-    ListingDiff
-        New, changed, unchanged and newly deleted files.
-    """
-    known = {path: (size, mtime, status) for path, size, mtime, status in catalogue}
-    diff = ListingDiff()
-    listed = set()
-    for f in listing:
-        listed.add(f.path)
-        old = known.get(f.path)
-        if old is None or old[2] == STATUS_DELETED:
-            diff.new.append(f)
-        elif old[0] != f.size or old[1] != f.mtime:
-            diff.changed.append(f)
-        else:
-            diff.unchanged.append(f.path)
-    diff.deleted = sorted(
-        p for p, (_, _, status) in known.items() if p not in listed and status != STATUS_DELETED
-    )
-    return diff
 
 
 def batch_key(files: Sequence[ListedFile], key: RefKey) -> str:
@@ -313,9 +468,6 @@ def item_ref(item: str, key: RefKey) -> str:
     return key.ref(item, 12)
 
 
-LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.string())])
-
-
 def files_to_table(files: Sequence[ListedFile]) -> pa.Table:
     """Return listing entries as an Arrow table (the private plan of a run, read in pieces)."""
     return pa.table(
@@ -331,9 +483,13 @@ def files_to_table(files: Sequence[ListedFile]) -> pa.Table:
 def files_from_parquet(plan: pq.ParquetFile, rows: int = 4096) -> Iterator[ListedFile]:
     """Yield the listing entries of a plan written from :func:`files_to_table`, in order."""
     for batch in plan.iter_batches(batch_size=rows, columns=list(LISTING_SCHEMA.names)):
-        columns = [batch.column(i).to_pylist() for i in range(3)]
-        for path, size, mtime in zip(*columns, strict=True):
-            yield ListedFile(path, size, mtime)
+        yield from _files_of(batch)
+
+
+def _files_of(batch: pa.RecordBatch) -> Iterator[ListedFile]:
+    columns = [batch.column(name).to_pylist() for name in LISTING_SCHEMA.names]
+    for path, size, mtime in zip(*columns, strict=True):
+        yield ListedFile(path, size, mtime)
 
 
 def files_to_json(files: Sequence[ListedFile]) -> bytes:

@@ -1,6 +1,7 @@
 """Merging parsed rows into the catalogue (no Prefect, no Dask: the plain functions)."""
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -8,25 +9,41 @@ import pytest
 from tasks.dicom import catalog
 from tasks.dicom.catalog import (
     CATALOG_VERSION,
+    LISTING,
     catalog_is_current,
     connect_catalog,
+    deleted_paths,
     diff_catalog,
     merge_catalog,
+    planned_files,
+    remove_parts,
 )
 from tasks.dicom.headers import parse_files
-from tasks.dicom.listing import list_source
+from tasks.dicom.listing import ListingDiff, write_listing
 from tasks.errors import OncoflowError
 from tasks.store import SiteStore
 from tests.dicom_factory import write_series
 
 
+@dataclass
+class Ingest:
+    """What one ingest without the runtime found: the diff, the files it planned and deleted."""
+
+    diff: ListingDiff
+    to_parse: list[str]
+    deleted: list[str]
+
+
 def _ingest(source, store):
     """Listing, diff, parse of what changed, merge: the flow's steps without the runtime."""
-    listing = list_source(str(source))
-    diff = diff_catalog(store, listing)
-    rows = parse_files(str(source), diff.to_parse)
+    write_listing(str(source), store, LISTING)
+    diff = diff_catalog(store, LISTING)
+    files = list(planned_files(store, diff))
+    rows = parse_files(str(source), files)
+    done = Ingest(diff, [f.path for f in files], list(deleted_paths(store, diff)))
     counts = merge_catalog(store, diff, rows, 0.01, metadata={"source": str(source)})
-    return diff, counts
+    remove_parts(store)
+    return done, counts
 
 
 def _bytes(store):
@@ -44,8 +61,9 @@ def source(tmp_path):
 
 def test_first_merge_writes_the_three_tables(tmp_path, source):
     store = SiteStore(str(tmp_path / "store"), "site-a")
-    diff, counts = _ingest(source, store)
-    assert len(diff.new) == 10
+    done, counts = _ingest(source, store)
+    assert done.diff.new == done.diff.listed == len(done.to_parse) == 10
+    assert done.to_parse == sorted(done.to_parse)
     assert counts.files == {"ok": 9, "quarantined": 1}
     assert counts.series == {"ok": 1, "quarantined": 1}
     assert counts.series_by_modality == {"CT": {"ok": 1, "quarantined": 1}}
@@ -69,8 +87,9 @@ def test_rerun_changes_nothing(tmp_path, source):
     store = SiteStore(str(tmp_path / "store"), "site-a")
     _ingest(source, store)
     before = _bytes(store)
-    diff, counts = _ingest(source, store)
-    assert diff.to_parse == [] and diff.deleted == []
+    done, counts = _ingest(source, store)
+    assert done.to_parse == [] and done.deleted == [] and done.diff.is_empty
+    assert done.diff.unchanged == 10
     assert counts.written == []
     assert _bytes(store) == before
     assert catalog_is_current(store)
@@ -81,9 +100,9 @@ def test_deleted_and_changed_files(tmp_path, source):
     _ingest(source, store)
     (source / "p1" / "ct" / "IM0004.dcm").unlink()
     (source / "notes.txt").write_text("changed notes, longer")
-    diff, counts = _ingest(source, store)
-    assert diff.deleted == ["p1/ct/IM0004.dcm"]
-    assert [f.path for f in diff.changed] == ["notes.txt"]
+    done, counts = _ingest(source, store)
+    assert done.deleted == ["p1/ct/IM0004.dcm"] and done.diff.deleted == 1
+    assert done.to_parse == ["notes.txt"] and done.diff.changed == 1 and done.diff.new == 0
     assert counts.files == {"deleted": 1, "ok": 8, "quarantined": 1}
     table = store.read_table("catalog/instances.parquet").to_pylist()
     gone = next(r for r in table if r["path"] == "p1/ct/IM0004.dcm")
@@ -93,8 +112,8 @@ def test_deleted_and_changed_files(tmp_path, source):
     assert ct["n_instances"] == 3
     # the file comes back: parsed again, ok again
     shutil.copy(source / "p1" / "ct" / "IM0003.dcm", source / "p1" / "ct" / "IM0004.dcm")
-    diff, counts = _ingest(source, store)
-    assert [f.path for f in diff.new] == ["p1/ct/IM0004.dcm"]
+    done, counts = _ingest(source, store)
+    assert done.to_parse == ["p1/ct/IM0004.dcm"] and done.diff.new == 1
     # a byte copy of IM0003: same SOP Instance UID, so the later path is the duplicate
     assert counts.reasons.get("duplicate-instance") == 1
 
@@ -132,8 +151,8 @@ def test_increments_give_the_tables_a_rebuild_from_scratch_gives(tmp_path, sourc
     _ingest(source, store)
     parts_before = set(store.table_files("catalog/instances.parquet"))
     write_series(source / "p2" / "mr", 3)
-    diff, counts = _ingest(source, store)
-    assert len(diff.new) == 3 and diff.n_unchanged == 10
+    done, counts = _ingest(source, store)
+    assert done.diff.new == 3 and done.diff.unchanged == 10
     assert counts.files == {"ok": 12, "quarantined": 1}
     after = set(store.table_files("catalog/instances.parquet"))
     assert parts_before <= after and len(after) == len(parts_before) + 1  # one part added

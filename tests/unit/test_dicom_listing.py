@@ -6,11 +6,11 @@ import pytest
 
 from tasks.dicom.listing import (
     ListedFile,
-    diff_listing,
     item_ref,
     list_source,
     make_batches,
     resolve_source,
+    write_listing,
 )
 from tasks.errors import OncoflowError
 from tasks.refs import RefKey
@@ -83,7 +83,22 @@ def test_source_with_only_empty_folders_has_no_files(tmp_path):
         list_source(str(tmp_path))
 
 
-def test_diff_listing():
+def _write_listing_rows(store, files):
+    from tasks.dicom.catalog import LISTING
+    from tasks.dicom.listing import LISTING_SCHEMA, files_to_table, write_batches
+
+    write_batches(store, LISTING, files_to_table(files).to_batches(), LISTING_SCHEMA)
+    return LISTING
+
+
+def test_diff_in_duckdb_against_each_catalogue_status(tmp_path):
+    """New, changed, unchanged and deleted files: counts, the plan and the deleted paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.dicom.catalog import deleted_paths, diff_files, planned_files
+    from tasks.store import SiteStore
+
     catalogue = [
         ("same", 10, "t1", "ok"),
         ("grown", 10, "t1", "quarantined"),
@@ -91,22 +106,153 @@ def test_diff_listing():
         ("gone", 10, "t1", "ok"),
         ("gone-before", 10, "t1", "deleted"),
         ("back", 10, "t1", "deleted"),
+        ("no-size", None, "t1", "ok"),
+        ("no-status", 10, "t1", None),
     ]
+    columns = ["path", "size", "mtime", "status"]
+    pq.write_table(
+        pa.table({c: [row[i] for row in catalogue] for i, c in enumerate(columns)}),
+        tmp_path / "catalogue.parquet",
+    )
     listing = [
-        ListedFile("back", 10, "t1"),
-        ListedFile("grown", 11, "t1"),
+        ListedFile("touched", 10, "t2"),
         ListedFile("new", 1, "t2"),
         ListedFile("same", 10, "t1"),
-        ListedFile("touched", 10, "t2"),
+        ListedFile("grown", 11, "t1"),
+        ListedFile("back", 10, "t1"),
+        ListedFile("no-size", 10, "t1"),
     ]
-    diff = diff_listing(listing, catalogue)
-    assert [f.path for f in diff.new] == ["back", "new"]
-    assert [f.path for f in diff.changed] == ["grown", "touched"]
-    assert diff.unchanged == ["same"]
-    assert diff.deleted == ["gone"]
-    assert [f.path for f in diff.to_parse] == ["back", "grown", "new", "touched"]
+    store = SiteStore(str(tmp_path / "store"), "site-a")
+    key = _write_listing_rows(store, listing)
+    diff = diff_files(store, key, [str(tmp_path / "catalogue.parquet")])
+    assert (diff.listed, diff.new, diff.changed, diff.unchanged, diff.deleted) == (6, 2, 3, 1, 2)
+    planned = list(planned_files(store, diff))
+    assert [f.path for f in planned] == ["back", "grown", "new", "no-size", "touched"]
+    assert planned[1] == ListedFile("grown", 11, "t1")  # the listed size and token
+    assert list(deleted_paths(store, diff)) == ["gone", "no-status"]
     assert not diff.is_empty
-    assert diff_listing([ListedFile("same", 10, "t1")], [("same", 10, "t1", "ok")]).is_empty
+
+    # nothing changed: no plan, no deleted paths, nothing written
+    same = SiteStore(str(tmp_path / "same"), "site-a")
+    pq.write_table(
+        pa.table({"path": ["same"], "size": [10], "mtime": ["t1"], "status": ["ok"]}),
+        tmp_path / "same.parquet",
+    )
+    key = _write_listing_rows(same, [ListedFile("same", 10, "t1")])
+    diff = diff_files(same, key, [str(tmp_path / "same.parquet")])
+    assert diff.is_empty and diff.unchanged == 1 and diff.plan is None and diff.gone is None
+    assert same.children("catalog/_parts") == ["catalog/_parts/listing.parquet"]
+
+    # no catalogue yet: every file is new
+    diff = diff_files(store, _write_listing_rows(store, listing), [])
+    assert (diff.new, diff.changed, diff.deleted) == (6, 0, 0)
+    assert [f.path for f in planned_files(store, diff)] == sorted(f.path for f in listing)
+
+
+def _tiny_files(root, n):
+    for i in range(n):
+        folder = root / f"Παπαδόπουλος-{i % 40:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(folder / f"IM{i:06d}.dcm", os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def _traced_peak(work) -> int:
+    """Peak of Python-allocated memory (tracemalloc) while ``work`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_listing_and_diff_memory_does_not_grow_with_the_number_of_files(tmp_path, monkeypatch):
+    """Listing, diff and plan of 20,000 files hold as many Python objects at their peak as
+    those of 2,000: one record batch at a time (a small batch here, so that both sources span
+    many). Counted by tracemalloc, which load cannot disturb; the same measure sees the
+    20,000-entry list of :func:`list_source` grow by megabytes."""
+    from tasks.dicom import catalog, listing
+    from tasks.dicom.catalog import LISTING, diff_catalog, planned_files
+    from tasks.store import SiteStore
+
+    monkeypatch.setattr(listing, "LISTING_ROWS", 500)
+    monkeypatch.setattr(catalog, "RESULT_ROWS", 500)
+    peaks, lists = {}, {}
+    for n in (200, 2_000, 20_000):  # the first warms up imports and caches
+        source = tmp_path / f"src-{n}"
+        _tiny_files(source, n)
+        store = SiteStore(str(tmp_path / f"store-{n}"), "site-a")
+
+        def stream(source=source, store=store, n=n):
+            write_listing(str(source), store, LISTING)
+            diff = diff_catalog(store, LISTING)
+            assert (diff.listed, diff.new) == (n, n)
+
+        peaks[n] = _traced_peak(stream)
+        lists[n] = _traced_peak(lambda source=source: list_source(str(source)))
+        planned = planned_files(store, diff_catalog(store, LISTING))
+        assert sum(1 for _ in planned) == n
+    grown = peaks[20_000] - peaks[2_000]
+    print("traced peaks (bytes):", peaks, "whole lists:", lists)
+    assert grown < 200_000, (peaks, lists)  # bytes, for 18,000 more files
+    assert lists[20_000] - lists[2_000] > 18_000 * 100, lists  # a list grows ~200 B a file
+
+
+def test_listing_excludes_a_prefix_and_comes_in_record_batches(tmp_path, monkeypatch):
+    from tasks.dicom import listing
+
+    monkeypatch.setattr(listing, "LISTING_ROWS", 3)
+    _tiny_files(tmp_path / "src", 8)
+    (tmp_path / "src" / "store" / "site-a").mkdir(parents=True)
+    (tmp_path / "src" / "store" / "site-a" / "x.parquet").write_bytes(b"private")
+    batches = list(listing.listing_batches(str(tmp_path / "src"), exclude="store/site-a/"))
+    assert [b.num_rows for b in batches] == [3, 3, 2]
+    paths = [p for b in batches for p in b.column("path").to_pylist()]
+    everything = [f.path for f in list_source(str(tmp_path / "src"))]
+    assert sorted(paths) == [p for p in everything if not p.startswith("store/")]
+    assert len(everything) == 9
+    with pytest.raises(OncoflowError, match="source holds no files"):
+        list(listing.listing_batches(str(tmp_path / "src" / "store"), exclude="site-a/"))
+
+
+def test_s3_listing_is_paged_and_leaves_no_listing_cache(s3_bucket, s3_endpoint, monkeypatch):
+    """An S3 prefix is listed a page at a time: what ``find`` gives (ETags as change tokens,
+    directory markers skipped), without ``find``'s copy of the whole listing in the cache."""
+    import s3fs
+
+    from tasks.dicom import listing
+    from tasks.dicom.catalog import LISTING, diff_catalog, planned_files
+    from tasks.store import SiteStore, open_url
+
+    monkeypatch.setattr(listing, "S3_PAGE", 2)
+    monkeypatch.setattr(listing, "LISTING_ROWS", 3)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    bucket = s3_bucket.removeprefix("s3://")
+    names = ["Иванова/1.dcm", "Łukasz Żółć/2.dcm", "Seán Ó Briain/a/3.dcm", "Ágnes/4.dcm"]
+    for i, name in enumerate(names):
+        fs.pipe(f"{bucket}/src/{name}", b"x" * (i + 1))
+    fs.pipe(f"{bucket}/src/marker/", b"")  # a directory marker
+    fs.pipe(f"{bucket}/other/5.dcm", b"y")  # outside the prefix
+    expected = sorted(
+        ListedFile(k.split("/src/", 1)[1], v["size"], v["ETag"].strip('"'))
+        for k, v in fs.find(f"{bucket}/src", detail=True).items()
+        if not k.endswith("/")
+    )
+    assert [f.path for f in expected] == sorted(names)
+    source = f"{s3_bucket}/src"
+    source_fs, _ = open_url(source)
+    source_fs.invalidate_cache()
+    assert list_source(source) == expected
+    assert not any(k.startswith(f"{bucket}/src") for k in source_fs.dircache)
+
+    store = SiteStore(f"{s3_bucket}/store", "site-b")  # listing and plan on S3 too
+    assert write_listing(source, store, LISTING) == 4
+    diff = diff_catalog(store, LISTING)
+    assert list(planned_files(store, diff)) == expected
+    token = next(f.mtime for f in expected if f.path == names[2])
+    assert list_source(f"{source}/{names[2]}") == [ListedFile("3.dcm", 3, token)]
 
 
 KEY = RefKey(b"k" * 32)
