@@ -26,7 +26,9 @@ a mistake the user can fix; :func:`main` prints it as one line.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import inspect
 import json
 import os
@@ -670,6 +672,12 @@ def _quiet_consoles() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn every error into one line and a non-zero exit code."""
     from flows.runtime import apply_prefect_defaults, quiet_exit_progress
+
+    # Registered first, so it runs after every other exit handler (Prefect's log and event
+    # flushes): the interpreter's final collection walks the command's whole heap (Prefect's
+    # models, imported modules) to free what the operating system frees anyway, 0.3 s of a
+    # fully cached run. Frozen objects are skipped by it; objects are still freed as usual.
+    atexit.register(gc.freeze)
 
     _quiet_consoles()
     apply_prefect_defaults()  # before Prefect is imported, so its settings see them

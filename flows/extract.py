@@ -250,11 +250,11 @@ def image_submitter(
     Larger images (earlier groups) get a higher Dask priority; ``image_task`` takes the store
     URL, the site, the image's units and the parameters.
     """
-    import dask
-
     priority = {id(g): len(groups) - rank for rank, g in enumerate(groups)}
 
     def submit(group: list[RoiUnit]) -> Any:
+        import dask  # here: a run with nothing to compute never imports it
+
         with dask.annotate(priority=priority[id(group)]):
             return image_task.submit(params.store, params.site, group, radiomics)
 

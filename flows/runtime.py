@@ -315,9 +315,13 @@ def ensure_prefect_api(wait: bool = True) -> PrefectApi:
     Notes
     -----
     The temporary server stops at interpreter exit, after Prefect's own exit handlers have
-    flushed logs and events (stopping it earlier makes the process hang).
+    flushed logs and events (stopping it earlier makes the process hang). This process's flow
+    runs get heartbeats that stop as soon as a run ends (:mod:`flows.prompt_heartbeats`).
     """
-    api = _open_prefect_api()
+    from flows import prompt_heartbeats
+
+    api = _open_prefect_api()  # first: a temporary server boots while this process goes on
+    prompt_heartbeats.install()
     if wait:
         api.wait_ready()
     return api

@@ -32,6 +32,7 @@ journal above, built on the store's commit operations.
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -266,7 +267,33 @@ class PartedTable:
         superseded = sorted(set(rows.column(key).to_pylist()) | set(drop))
         if not superseded:
             return self._keep_empty(rows.schema, metadata)
-        keys_by_uri = dict(zip(self.uris(), self.parts(), strict=True))
+        parts = self.parts()
+        maybe, empty = self._may_hold(parts, key, superseded)
+        if not maybe and not rows.num_rows and (not empty or empty == parts):
+            return self._keep_empty(rows.schema, metadata)  # nothing held, nothing new
+        # empty parts leave with the change (an empty table keeps one, see _keep_empty), so
+        # the parts never depend on history
+        changed = (
+            self._replace_holding(rows, maybe, key, superseded, empty, metadata)
+            if maybe
+            else self.replace(self.chunks([rows], metadata), empty)
+        )
+        adds, removes = self.compaction(metadata)
+        if adds:
+            self.replace(adds, removes)
+        return self._keep_empty(rows.schema, metadata) or changed
+
+    def _replace_holding(
+        self,
+        rows: pa.Table,
+        maybe: list[str],
+        key: str,
+        superseded: list[str],
+        empty: list[str],
+        metadata: dict[str, str] | None,
+    ) -> bool:
+        """Add ``rows``; rewrite the parts among ``maybe`` holding a superseded key without it."""
+        keys_by_uri = {self.store.uri(k): k for k in maybe}
         con = self.store.connect_duckdb()
         try:
             con.register("superseded", pa.table({"k": pa.array(superseded, pa.string())}))
@@ -282,13 +309,30 @@ class PartedTable:
                     if kept.num_rows:
                         yield self.part_bytes(kept.cast(rows.schema), metadata)
 
-            changed = self.replace(parts(), [keys_by_uri[u] for u in holding])
+            return self.replace(parts(), [keys_by_uri[u] for u in holding] + empty)
         finally:
             con.close()
-        adds, removes = self.compaction(metadata)
-        if adds:
-            self.replace(adds, removes)
-        return self._keep_empty(rows.schema, metadata) or changed
+
+    def _may_hold(
+        self, parts: list[str], key: str, superseded: list[str]
+    ) -> tuple[list[str], list[str]]:
+        """Split parts by their footers: those that may hold a ``superseded`` key, empty ones.
+
+        A part is left out of the first list when the statistics of its ``key`` column show
+        every key out of the superseded ones' reach (quarantine parts hold one stage each: a
+        stage with nothing quarantined, before and now, reads a few footers, no DuckDB).
+        """
+        maybe, empty = [], []
+        for part in parts:
+            with self.store.open(part) as fh:
+                meta = pq.read_metadata(fh)
+            if meta.num_rows == 0:
+                empty.append(part)
+            elif any(
+                _may_contain(meta.row_group(g), key, superseded) for g in range(meta.num_row_groups)
+            ):
+                maybe.append(part)
+        return maybe, empty
 
     def _keep_empty(self, schema: pa.Schema, metadata: dict[str, str] | None) -> bool:
         """Give a table left without rows one empty part, so it still exists for readers."""
@@ -357,21 +401,29 @@ def sql_list(uris: Sequence[str]) -> str:
     return "[" + ", ".join(f"'{_q(u)}'" for u in uris) + "]"
 
 
-def _holding(con: Any, uris: list[str], key: str) -> list[str]:
-    """URIs of the parts holding a row whose ``key`` is in the registered ``superseded``.
+def _may_contain(group: Any, key: str, ordered: list[str]) -> bool:
+    """Whether a row group's ``key`` statistics leave room for one of ``ordered`` (sorted)."""
+    names = [group.column(c).path_in_schema for c in range(group.num_columns)]
+    if key not in names:
+        return True
+    stats = group.column(names.index(key)).statistics
+    if stats is None or not stats.has_min_max:
+        return True
+    low, high = stats.min, stats.max
+    if not isinstance(low, str) or not isinstance(high, str):
+        return True  # only string keys are compared (every table's key is one)
+    first = bisect.bisect_left(ordered, low)
+    return first < len(ordered) and ordered[first] <= high
 
-    Parts without rows are listed too: they are removed with the change (an empty table keeps
-    one, see :meth:`PartedTable._keep_empty`), so the parts never depend on history.
-    """
-    if not uris:
-        return []
+
+def _holding(con: Any, uris: list[str], key: str) -> list[str]:
+    """URIs of the parts holding a row whose ``key`` is in the registered ``superseded``."""
     listed = sql_list(uris)
     found = {
         f
         for (f,) in con.execute(
             f"SELECT DISTINCT filename FROM read_parquet({listed}, filename = true) "
-            f'WHERE "{key}" IN (SELECT k FROM superseded) UNION '
-            f"SELECT file_name FROM parquet_file_metadata({listed}) WHERE num_rows = 0"
+            f'WHERE "{key}" IN (SELECT k FROM superseded)'
         ).fetchall()
     }
     return [u for u in uris if u in found]

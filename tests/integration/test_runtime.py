@@ -3,6 +3,8 @@
 import asyncio
 import logging
 import os
+import threading
+import time
 
 from prefect import flow, task
 from prefect.client.orchestration import get_client
@@ -131,3 +133,46 @@ def test_temporary_server_ends_with_its_command_even_when_killed(tmp_path):
     finally:
         command.kill()
         command.stdout.close()
+
+
+@flow
+def beating() -> list[threading.Thread]:
+    """A run that returns the threads started for it (its heartbeat thread among them)."""
+    return [t for t in threading.enumerate() if t is not threading.current_thread()]
+
+
+async def _heartbeats_of(flow_run_id) -> list:
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    async with get_client() as client:
+        page = await client.read_events(
+            EventFilter(
+                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+            ),
+            limit=50,
+        )
+        return page.events
+
+
+def test_heartbeats_start_with_the_run_and_stop_with_it(prefect_api):
+    import prefect.flow_engine
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows import prompt_heartbeats
+
+    assert prefect.flow_engine._send_heartbeats is prompt_heartbeats.prompt_heartbeats
+    before = set(threading.enumerate())
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):
+        state = beating(return_state=True)
+    started = [t for t in state.result() if t not in before]
+    assert [t.name for t in started if t.name == prompt_heartbeats.THREAD_NAME] == [
+        prompt_heartbeats.THREAD_NAME
+    ]
+    assert not any(t.is_alive() for t in started if t.name == prompt_heartbeats.THREAD_NAME)
+    deadline = time.monotonic() + 30
+    beats: list = []
+    while not beats and time.monotonic() < deadline:  # events reach the server asynchronously
+        beats = asyncio.run(_heartbeats_of(state.state_details.flow_run_id))
+        time.sleep(0.2)
+    assert len(beats) == 1  # the one beat at the start of a run shorter than the interval

@@ -204,3 +204,26 @@ def test_quarantine_in_parts_one_stage_replaced_at_a_time(tmp_path):
     assert [r["stage"] for r in store.quarantine_rows()] == ["deidentify"]
     deid_part = [k for k in parts if b"deidentify" in parts[k]]
     assert list(store.table_files("quarantine.parquet")) == deid_part
+    # a stage with nothing quarantined, before and now: no change, found from the footers alone
+    assert replace_quarantine(store, Stage.EXTRACT, []) is False
+    assert list(store.table_files("quarantine.parquet")) == deid_part
+    quarantine = PartedTable(store, "quarantine.parquet", ("stage",))
+    assert quarantine._may_hold(quarantine.parts(), "stage", ["extract", "ingest"]) == ([], [])
+    assert quarantine._may_hold(quarantine.parts(), "stage", ["deidentify"]) == (deid_part, [])
+
+
+def test_parts_that_cannot_hold_a_key_are_told_by_their_footers(table):
+    table.replace([table.part_bytes(rows(0, 4)), table.part_bytes(rows(4, 4))], [])
+    by_first = {table.store.read_table(k).column("key")[0].as_py(): k for k in table.parts()}
+    first, second = by_first["k00000"], by_first["k00004"]
+    assert table._may_hold(table.parts(), "key", ["k00002"]) == ([first], [])
+    both = sorted([first, second])
+    assert table._may_hold(table.parts(), "key", ["k00003", "k00005"]) == (both, [])
+    assert table._may_hold(table.parts(), "key", ["a", "k00008", "z"]) == ([], [])
+    assert table._may_hold(table.parts(), "v", ["0"]) == (both, [])  # not a string column
+    table.update(rows(0, 0), [f"k{i:05d}" for i in range(8)], key="key")  # every row leaves
+    (kept,) = table.parts()
+    assert table._may_hold(table.parts(), "key", ["k00001"]) == ([], [kept])
+    assert table.update(rows(0, 0), ["k00001"], key="key") is False  # the empty part stays
+    assert table.update(rows(3, 1), [], key="key") is True  # rows arrive, the empty part goes
+    assert kept not in table.parts() and table.read().column("key").to_pylist() == ["k00003"]
