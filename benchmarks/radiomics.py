@@ -36,7 +36,6 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import argparse
 import contextlib
 import csv
-import io
 import json
 import math
 import os
@@ -49,8 +48,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-
-import pyarrow.parquet as pq
 
 from tasks.radiomics.params import Preset
 from tasks.radiomics.samples import SampleRoi, SampleSeries, series_key, write_harmonised_sample
@@ -205,7 +202,7 @@ def oncoflow_extract(store: SiteStore, workers: int, env: dict[str, str]) -> tup
 
 def max_relative_difference(store: SiteStore, table_key: str, cli_csv: Path) -> float:
     """Largest relative difference between oncoflow's table and the CLI's CSV output."""
-    table = pq.read_table(io.BytesIO(store.read_bytes(table_key))).to_pylist()
+    table = store.read_table(table_key).to_pylist()  # a folder of parts
     ours = {(store.path(f"harmonised/{r['series']}/image.nii.gz"), r["roi"]): r for r in table}
     worst = 0.0
     with cli_csv.open() as fh:

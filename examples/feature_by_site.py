@@ -61,8 +61,8 @@ def run_site(site: str, cases: Path, store: Path, params: Path) -> None:
 def feature_by_site(store: Path, params: Path, feature: str):
     """Read one feature of every site's features table with DuckDB (a pandas DataFrame).
 
-    The table of a parameter file is ``<store>/<site>/features/<params-hash>.parquet``; rows
-    with ``status = 'ok'`` carry features.
+    The table of a parameter file is ``<store>/<site>/features/<params-hash>.parquet``, a
+    folder of Parquet parts; rows with ``status = 'ok'`` carry features.
     """
     import duckdb
 
@@ -78,7 +78,8 @@ def feature_by_site(store: Path, params: Path, feature: str):
         WHERE status = 'ok'
         ORDER BY site, roi
     """
-    return duckdb.execute(query, {"tables": [str(t) for t in tables]}).df()
+    parts = [f"{t}/*.parquet" if t.is_dir() else str(t) for t in tables]
+    return duckdb.execute(query, {"tables": parts}).df()
 
 
 def plot(frame, feature: str, target: Path) -> None:

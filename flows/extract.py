@@ -29,7 +29,6 @@ from flows.runtime import (
 from flows.stage import StageParams, StageReport, finish_stage, run_units
 from tasks.errors import OncoflowError, validation_message
 from tasks.names import task_label
-from tasks.radiomics.diagnostics import diagnostics_table, diagnostics_table_key, ok_pairs
 from tasks.radiomics.extract import (
     RoiUnit,
     extract_image_rois,
@@ -47,19 +46,16 @@ from tasks.radiomics.plan import (
 )
 from tasks.radiomics.sr import reports_prefix, write_reports
 from tasks.radiomics.table import (
-    KEY_COLUMNS,
-    PROV_COLUMNS,
-    STATUS_COLUMNS,
-    build_features_table,
+    FIXED_COLUMNS,
     features_key,
     recorded_metadata,
+    table_metadata,
     written_with,
 )
+from tasks.radiomics.table_writer import plan_features, write_diagnostics_parts
 from tasks.records import Stage, StageSummary, UnitOutcome
 from tasks.research.methods import methods_metadata
 from tasks.store import SiteStore
-
-FIXED_COLUMNS = (*KEY_COLUMNS, *STATUS_COLUMNS, *PROV_COLUMNS)
 
 
 class ExtractParams(StageParams):
@@ -218,27 +214,29 @@ def extract_flow(params: ExtractParams) -> dict[str, Any]:
     kept = cached_outcomes(store, others, radiomics_params) if others else {}
     merged = {**kept, **outcomes}
     rows = collect_rows(store, every_unit, merged)  # may turn an outcome into a failure
-    table, written, reports = _write_outputs(store, params, radiomics_params, rows)
     results = [merged[u.key] for u in units]
+    computed = {o.result.key for o in results if o.written}
+    out = _write_outputs(store, params, radiomics_params, rows, computed)
     return finish_stage(
         store,
         Stage.EXTRACT,
         params,
         [o.result for o in results],
         quarantine_records(rows),
-        _report(table, source, params_hash, reports, rows, results),
+        _report(out, source, params_hash, rows, results),
         "ROIs",
-        tables_written=[features_key(params_hash)] if written else [],
+        tables_written=[features_key(params_hash)] if out.written else [],
+        stale_removed=out.removed,
         params=source,
         modalities=",".join(params.modality_filter()) or "all",
         params_hash=params_hash,
         table=features_key(params_hash),
-        rows=table.num_rows,
-        feature_columns=table.num_columns - len(FIXED_COLUMNS),
+        rows=out.rows,
+        feature_columns=out.feature_columns,
         parts_computed=sum(o.written for o in results),
         parts_reused=sum(o.reused for o in results),
         compute_cpu_seconds=round(sum(o.cpu_seconds for o in results), 1),
-        sr_reports=dict(sorted(reports.items())),
+        sr_reports=dict(sorted(out.reports.items())),
     )
 
 
@@ -261,34 +259,57 @@ def image_submitter(
     return submit
 
 
+class Outputs(NamedTuple):
+    """What :func:`_write_outputs` did: the table's size and what was written."""
+
+    rows: int
+    feature_columns: int
+    written: bool
+    removed: int
+    reports: Counter[str]
+
+
 def _write_outputs(
-    store: SiteStore, params: ExtractParams, radiomics_params: RadiomicsParams, rows: list
-) -> tuple[Any, bool, Counter[str]]:
-    """Write the features table, its diagnostics and the DICOM SR reports of a run."""
+    store: SiteStore,
+    params: ExtractParams,
+    radiomics_params: RadiomicsParams,
+    rows: list,
+    computed: set[str],
+) -> Outputs:
+    """Write what changed in the features table, its diagnostics and the DICOM SR reports.
+
+    The rows are compared with the table before anything is built: a run in which nothing
+    changed writes nothing. The features table is committed last, so a run killed before it
+    leaves the same changes to the next run (diagnostics and reports are rewritten as needed).
+    """
     params_hash = radiomics_params.params_hash()
-    table, metadata = build_features_table(params.site, rows, radiomics_params)
     # effective settings: a function of the parameters and pyradiomics' version (computing them
     # imports pyradiomics), so the entry a table of the same two records is reused
     known = recorded_metadata(store, radiomics_params).get(b"oncoflow.effective_settings")
+    metadata = table_metadata(radiomics_params)
     series = [r.unit.series for r in rows]
     metadata.update(
         methods_metadata(store, radiomics_params, series, known.decode() if known else None)
     )
-    written = store.write_table(features_key(params_hash), table, metadata)
-    store.write_table(
-        diagnostics_table_key(params_hash),
-        diagnostics_table(store, ok_pairs(rows), radiomics_params),
-        {"oncoflow.table": "diagnostics", "oncoflow.params_hash": params_hash},
-    )
-    reports = Counter(o.status for o in write_reports(store, table, params_hash))
-    return table, written, reports
+    plan = plan_features(store, params.site, rows, radiomics_params, metadata)
+    schema = plan.schema
+    if plan.unchanged and schema is not None:
+        return Outputs(len(rows), len(schema) - len(FIXED_COLUMNS), False, 0, Counter())
+    table = plan.build()
+    touched = {(r.unit.series, r.unit.roi) for r in rows if r.unit.key in computed}
+    write_diagnostics_parts(store, plan, touched)
+    removed = None if plan.full else plan.gone
+    reports = Counter(o.status for o in write_reports(store, table, params_hash, removed))
+    written = plan.commit(table)
+    columns = store.table_schema(features_key(params_hash))
+    feature_columns = len(columns) - len(FIXED_COLUMNS) if columns is not None else 0
+    return Outputs(len(rows), feature_columns, written.changed, len(plan.gone), reports)
 
 
 def _report(
-    table: Any,
+    out: Outputs,
     source: str,
     params_hash: str,
-    reports: Counter[str],
     rows: list,
     results: list[UnitOutcome],
 ) -> StageReport:
@@ -305,9 +326,10 @@ def _report(
         ],
         "ROIs quarantined by the extract stage",
         {
-            "Table": f"`{features_key(params_hash)}`: {table.num_rows} rows, parameters `{source}`",
+            "Table": f"`{features_key(params_hash)}`: {out.rows} rows, parameters `{source}`"
+            + ("" if out.written else " (unchanged)"),
             "DICOM SR": f"`{reports_prefix(params_hash)}/`: "
-            + (", ".join(f"{n} {s}" for s, n in sorted(reports.items())) or "none"),
+            + (", ".join(f"{n} {s}" for s, n in sorted(out.reports.items())) or "none written"),
             "Cache": markdown_table(cache, ["parts", "count"]),
         },
         rows_name="quarantine",

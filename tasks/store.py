@@ -60,6 +60,9 @@ HARMONISED = "harmonised"
 HARMONISED_SERIES = "harmonised/series.parquet"
 HARMONISED_UNITS = "harmonised/units.parquet"
 FEATURES = "features"
+#: Object of a table in parts holding the table's schema and metadata (no rows): the name
+#: Dask and Spark give it; ``pyarrow.dataset`` and ``read_parquet('<folder>/*.parquet')`` skip it.
+COMMON_METADATA = "_common_metadata"
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -422,10 +425,12 @@ class SiteStore:
         if not self.fs.exists(path):
             return None
         if self.fs.isdir(path):  # every part of a table in parts has the table's schema
-            parts = [k for k in self.children(key) if _is_part(k)]
+            children = self.children(key)
+            parts = [k for k in children if _is_part(k)]
             if not parts:
                 return None
-            path = self.path(parts[0])
+            common = f"{key}/{COMMON_METADATA}"
+            path = self.path(common if common in children else parts[0])
         with self.fs.open(path, "rb") as fh:
             return pq.ParquetFile(fh).schema_arrow
 
@@ -664,12 +669,16 @@ class SiteStore:
 
     def _read_parts(self, key: str, columns: list[str] | None) -> pa.Table | None:
         tables = []
-        for part in (k for k in self.children(key) if _is_part(k)):
+        children = self.children(key)
+        for part in (k for k in children if _is_part(k)):
             with self.fs.open(self.path(part), "rb") as fh:
                 tables.append(_read_parquet(fh, columns))
         if not tables:
             return None
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        if f"{key}/{COMMON_METADATA}" in children:  # the table's own metadata (parts carry less)
+            with self.fs.open(self.path(f"{key}/{COMMON_METADATA}"), "rb") as fh:
+                table = table.replace_schema_metadata(pq.read_schema(fh).metadata)
         sort_key = (table.schema.metadata or {}).get(b"oncoflow.sort_key", b"").decode()
         order = [(c, "ascending") for c in sort_key.split(",") if c in table.column_names]
         return table.sort_by(order) if order and len(tables) > 1 else table

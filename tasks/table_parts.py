@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,11 +67,14 @@ class PartedTable:
         The table's contract key (``catalog/instances.parquet``): the folder of parts.
     sort_key
         Columns that order rows inside a part and in :meth:`read`.
+    part_rows
+        Rows per part (:data:`PART_ROWS`; fewer for wide tables such as the features table).
     """
 
     store: SiteStore
     key: str
     sort_key: tuple[str, ...]
+    part_rows: int = PART_ROWS
 
     @property
     def txn(self) -> str:
@@ -141,7 +144,9 @@ class PartedTable:
             return "discarded"
         return ""
 
-    def replace(self, add: Iterable[bytes], remove: Sequence[str]) -> bool:
+    def replace(
+        self, add: Iterable[bytes], remove: Sequence[str], files: Mapping[str, bytes] | None = None
+    ) -> bool:
         """Add parts and remove parts in one transaction (see the module docstring).
 
         Parameters
@@ -150,6 +155,10 @@ class PartedTable:
             Parquet bytes of the new parts.
         remove
             Keys of parts to remove (parts whose rows were superseded or merged).
+        files
+            Other objects of the table folder written in the same transaction, by name (such
+            as ``_common_metadata``: names starting with ``_`` are not parts, and readers of
+            the parts skip them); unchanged ones are not rewritten.
 
         Returns
         -------
@@ -160,6 +169,13 @@ class PartedTable:
         existing = set(self.parts())
         single = self.is_single_file()
         staged: list[str] = []
+        for name, data in sorted((files or {}).items()):
+            assert name.startswith("_") and "/" not in name, name
+            key = f"{self.key}/{name}"
+            if not single and self.store.exists(key) and self.store.read_bytes(key) == data:
+                continue
+            self.store.stage_bytes(f"{self.txn}/add/{name}", data)
+            staged.append(name)
         for data in add:
             name = f"{PART_PREFIX}{sha256_bytes(data)[:32]}.parquet"
             if name in staged:
@@ -202,7 +218,7 @@ class PartedTable:
     def chunks(
         self, batches: Iterable[pa.Table], metadata: dict[str, str] | None = None
     ) -> Iterator[bytes]:
-        """Group tables into parts of about :data:`PART_ROWS` rows; yield their bytes."""
+        """Group tables into parts of about :attr:`part_rows` rows; yield their bytes."""
         pending: list[pa.Table] = []
         rows = 0
         for batch in batches:
@@ -210,7 +226,7 @@ class PartedTable:
                 continue
             pending.append(batch)
             rows += batch.num_rows
-            if rows >= PART_ROWS:
+            if rows >= self.part_rows:
                 yield self.part_bytes(pa.concat_tables(pending), metadata)
                 pending, rows = [], 0
         if pending:
@@ -361,8 +377,9 @@ class PartedTable:
     def compaction(self, metadata: dict[str, str] | None = None) -> tuple[list[bytes], list[str]]:
         """Plan a compaction of the table's small parts.
 
-        When the table has more than :data:`MAX_SMALL_PARTS` parts with fewer than
-        :data:`SMALL_PART_ROWS` rows, they are merged into parts of normal size.
+        When the table has more than :data:`MAX_SMALL_PARTS` parts with fewer than a quarter
+        of :attr:`part_rows` rows (:data:`SMALL_PART_ROWS` by default), they are merged into
+        parts of normal size.
 
         Returns
         -------
@@ -375,7 +392,7 @@ class PartedTable:
             if key == self.key:
                 continue
             with self.store.open(key) as fh:
-                if pq.ParquetFile(fh).metadata.num_rows < SMALL_PART_ROWS:
+                if pq.ParquetFile(fh).metadata.num_rows < self.part_rows // 4:
                     small.append(key)
         if len(small) <= MAX_SMALL_PARTS:
             return [], []

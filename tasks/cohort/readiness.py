@@ -214,7 +214,8 @@ def _endpoint(report: ReadinessReport, url: str | None, token: str | None) -> No
 
 
 def _processing_ready(report: ReadinessReport, store: Any, found: dict[str, Any] | None) -> None:
-    from tasks.store import FEATURES, HARMONISED_SERIES
+    from tasks.research.export import feature_tables
+    from tasks.store import HARMONISED_SERIES
 
     harmonised = store.read_table(HARMONISED_SERIES)
     ok = 0 if harmonised is None else sum(
@@ -223,8 +224,7 @@ def _processing_ready(report: ReadinessReport, store: Any, found: dict[str, Any]
     )  # fmt: skip
     report.add(3, "harmonised images at the site", ok > 0,
                f"{ok} series" if ok else "run oncoflow harmonise")  # fmt: skip
-    tables = [k for k in store.find(FEATURES) if k.endswith(".parquet") and "/_" not in k]
-    tables = [k for k in tables if not k.endswith(".diagnostics.parquet")]
+    tables = feature_tables(store)  # features/<params-hash>.parquet, folders of parts
     report.add(3, "radiomics feature table at the site", bool(tables),
                f"{len(tables)} table(s)" if tables else "run oncoflow extract")  # fmt: skip
     if found is None:

@@ -28,7 +28,7 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -375,8 +375,13 @@ def sr_bytes(sr: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def write_reports(store: SiteStore, table: pa.Table, params_hash: str) -> list[ReportOutcome]:
-    """Write the TID 1500 report of every ``ok`` row of a features table.
+def write_reports(
+    store: SiteStore,
+    table: pa.Table,
+    params_hash: str,
+    removed: Iterable[tuple[str, str]] | None = None,
+) -> list[ReportOutcome]:
+    """Write the TID 1500 report of every ``ok`` row of a features table, or of its changed rows.
 
     Reports of rows no longer in the table are removed. A row whose mask did not come from a
     DICOM SEG, or whose SEG or image series is missing from ``deid/``, is skipped with a reason;
@@ -387,9 +392,13 @@ def write_reports(store: SiteStore, table: pa.Table, params_hash: str) -> list[R
     store
         The site store.
     table
-        The features table (as written by the extract stage).
+        The features table (as written by the extract stage), or with ``removed`` only the
+        rows a run added or changed.
     params_hash
         Its parameter hash.
+    removed
+        (series, ROI) of the rows that left the table: given, ``table`` holds the changed rows
+        only and the reports of other rows are left as they are.
 
     Returns
     -------
@@ -421,7 +430,15 @@ def write_reports(store: SiteStore, table: pa.Table, params_hash: str) -> list[R
         outcomes.append(
             _write_report(store, row, columns, params_hash, ref, paths[series], headers)
         )
-    store.prune(reports_prefix(params_hash), exported | {o.key for o in outcomes if o.key})
+    if removed is None:
+        store.prune(reports_prefix(params_hash), exported | {o.key for o in outcomes if o.key})
+        return outcomes
+    written = {(o.series, o.roi) for o in outcomes if o.key}
+    exported_rows = {(o.series, o.roi) for o in outcomes if o.reason == "no-dicom-segmentation"}
+    keys = zip(table["series"].to_pylist(), table["roi"].to_pylist(), strict=True)
+    stale = set(removed) | set(keys)
+    for series, roi in sorted(stale - written - exported_rows):
+        store.remove(report_key(params_hash, series, roi))
     return outcomes
 
 

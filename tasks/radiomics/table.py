@@ -24,6 +24,8 @@ from tasks.store import FEATURES, SiteStore
 KEY_COLUMNS = ("site", "patient", "study", "series", "modality", "roi", "params_hash")
 STATUS_COLUMNS = ("status", "reason", "detail")
 PROV_COLUMNS = ("prov_image_sha256", "prov_mask_sha256", "prov_pyradiomics_version")
+#: Columns every row has whatever its status (the rest are feature columns).
+FIXED_COLUMNS = (*KEY_COLUMNS, *STATUS_COLUMNS, *PROV_COLUMNS)
 VERSIONED_PACKAGES = ("pyradiomics", "SimpleITK", "numpy", "PyWavelets", "scipy")
 
 
@@ -134,11 +136,14 @@ def build_features_table(
     columns["prov_pyradiomics_version"] = pa.array(
         [PYRADIOMICS_VERSION] * len(ordered), pa.string()
     )
-    table = annotate_table(pa.table(columns), params)
-    metadata = {
+    return annotate_table(pa.table(columns), params), table_metadata(params)
+
+
+def table_metadata(params: RadiomicsParams) -> dict[str, str]:
+    """Return the Parquet metadata of a features table of ``params`` (no row needed)."""
+    return {
         "oncoflow.table": "features",
-        "oncoflow.params_hash": params_hash,
+        "oncoflow.params_hash": params.params_hash(),
         "oncoflow.params": params.canonical_json(),
         "oncoflow.versions": canonical_json(package_versions()),
     }
-    return table, metadata

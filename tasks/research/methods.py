@@ -10,10 +10,13 @@ The features table's Parquet metadata carries, besides the user's own parameter 
   (names and parameters, no input paths);
 * ``oncoflow.units`` — intensity unit per modality (``HU``, ``SUVbw``, ``MR-none``, ...).
 
-:func:`methods_text` turns them into a paragraph a researcher can paste. Read them with::
+:func:`methods_text` turns them into a paragraph a researcher can paste. The table is a folder
+of parts; its metadata is in the folder's ``_common_metadata`` (the parts carry all but the
+harmonisation and units entries). Read them with::
 
     import json, pyarrow.parquet as pq
-    meta = {k.decode(): json.loads(v) for k, v in pq.read_schema(path).metadata.items()
+    schema = pq.read_schema(f"{path}/_common_metadata")
+    meta = {k.decode(): json.loads(v) for k, v in schema.metadata.items()
             if k.startswith(b"oncoflow.") and v[:1] in b"{["}
 """
 

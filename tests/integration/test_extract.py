@@ -1,7 +1,6 @@
 """The extract-radiomics flow on real Prefect + a Dask LocalCluster (2 workers) + S3 (moto)."""
 
 import asyncio
-import io
 import json
 import math
 import tempfile
@@ -60,7 +59,18 @@ def write_yaml(path: Path, data: dict) -> str:
 
 
 def read_table(store: SiteStore, key: str):
-    return pq.read_table(io.BytesIO(store.read_bytes(key)))
+    """Read a table in parts with DuckDB (not the store's reader), sorted by key."""
+    con = store.connect_duckdb()
+    try:
+        table = con.sql(
+            f"SELECT * FROM read_parquet('{store.uri(key)}/*.parquet') ORDER BY series, roi"
+        ).to_arrow_table()
+    finally:
+        con.close()
+    if "diagnostics" in key:
+        return table
+    with store.open(f"{key}/_common_metadata") as fh:  # the table's metadata
+        return table.replace_schema_metadata(pq.read_schema(fh).metadata)
 
 
 def cache_listing(store: SiteStore) -> dict[str, str]:

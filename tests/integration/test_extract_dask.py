@@ -59,14 +59,17 @@ def fresh_store(root: Path) -> SiteStore:
     return store
 
 
-def run(store: SiteStore, params_file: str, runtime: RuntimeOptions) -> tuple[dict, bytes]:
+def run(store: SiteStore, params_file: str, runtime: RuntimeOptions) -> tuple[dict, dict]:
+    """Run the extraction; return its summary and the table's objects (parts and metadata)."""
     summary = extract_radiomics(build_params("site-a", store.url, params_file), runtime)
     assert summary.counts == {"ok": 8}
-    return summary.to_dict(), store.read_bytes(summary.extra["table"])
+    key = summary.extra["table"]
+    common = store.read_bytes(f"{key}/_common_metadata")
+    return summary.to_dict(), {**store.table_files(key), "_common_metadata": common}
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, params_file, tmp_path_factory) -> bytes:
+def reference(cluster, params_file, tmp_path_factory) -> dict:
     """The table of an undisturbed run on the two external workers."""
     store = fresh_store(tmp_path_factory.mktemp("reference"))
     with Client(cluster.address, timeout=10) as client:

@@ -28,8 +28,8 @@ HEAVY = (
 
 def heavy_modules_after(code: str) -> list[str]:
     """Run ``code`` in a fresh interpreter; return the heavy modules it left loaded."""
-    report = f"import json, sys\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
-    probe = f"{code}\n{report}"
+    report = f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    probe = f"import json, sys\n{code}\n{report}"
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )
@@ -60,7 +60,10 @@ def test_stage_flows_declare_a_dask_runner_built_when_a_run_starts(monkeypatch) 
     assert runner.cluster_kwargs["threads_per_worker"] == 1
 
 
-def test_planning_a_fully_cached_rerun_imports_no_pyradiomics(tmp_path) -> None:
+def test_a_fully_cached_rerun_imports_no_pyradiomics_nor_pandas_and_writes_nothing(
+    tmp_path,
+) -> None:
+    from flows.extract import _write_outputs, build_params
     from tasks.radiomics.extract import extract_image_rois, plan_units
     from tasks.radiomics.params import load_params
     from tasks.radiomics.plan import collect_rows
@@ -70,7 +73,6 @@ def test_planning_a_fully_cached_rerun_imports_no_pyradiomics(tmp_path) -> None:
         series_key,
         write_harmonised_sample,
     )
-    from tasks.radiomics.table import build_features_table, features_key
     from tasks.store import SiteStore
 
     store = SiteStore(str(tmp_path / "store"), "site-a")
@@ -89,6 +91,22 @@ def test_planning_a_fully_cached_rerun_imports_no_pyradiomics(tmp_path) -> None:
     )
     # no features table of these parameters yet: pyradiomics' own schema checks them
     assert "radiomics" in heavy_modules_after(plan)
-    table, metadata = build_features_table("site-a", collect_rows(store, units, outcomes), params)
-    store.write_table(features_key(params.params_hash()), table, metadata)
+    extract = build_params("site-a", store.url, str(params_file))
+    rows = collect_rows(store, units, outcomes)
+    assert _write_outputs(store, extract, params, rows, set(outcomes)).written
+    stamps = store.stamps("features")
+    # the rest of the rerun: rows from the cache, compared with the table; nothing built
+    write = (
+        f"{plan}\n"
+        "from flows.extract import _write_outputs\n"
+        "from tasks.radiomics.plan import collect_rows\n"
+        "outcomes = cached_outcomes(roi.store, roi.units, roi.radiomics)\n"
+        "rows = collect_rows(roi.store, roi.units, outcomes)\n"
+        f"out = _write_outputs(roi.store, build_params('site-a', {store.url!r}, "
+        f"{str(params_file)!r}), roi.radiomics, rows, set())\n"
+        "assert not out.written and out.rows == 1 and out.feature_columns > 90, out\n"
+        "assert 'pandas' not in sys.modules, 'pandas imported'"
+    )
     assert heavy_modules_after(plan) == []
+    assert heavy_modules_after(write) == []
+    assert store.stamps("features") == stamps

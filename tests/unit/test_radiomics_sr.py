@@ -16,6 +16,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pydicom
 import pytest
 
@@ -137,6 +138,22 @@ def test_reports_written_for_seg_masks_and_skipped_otherwise(site, reports):
     assert by_key[(keys["other"], "gtv")].reason == "no-dicom-segmentation"
     again = write_reports(store, table, PARAMS.params_hash())
     assert {o.status for o in again if o.key} == {"unchanged"}
+
+
+def test_a_run_that_changed_some_rows_writes_and_removes_only_their_reports(site, reports):
+    store, keys = site
+    table, _ = reports
+    params_hash = PARAMS.params_hash()
+    gtv, node = (store.path(report_key(params_hash, keys["ct"], r)) for r in ("gtv", "node"))
+    stamps = store.modified(reports_prefix(params_hash))
+    changed = table.filter(pc.equal(table["roi"], "node"))  # one changed row
+    outcomes = write_reports(store, changed, params_hash, removed=[(keys["ct"], "gtv")])
+    assert [(o.series, o.roi, o.status) for o in outcomes] == [(keys["ct"], "node", "unchanged")]
+    assert not Path(gtv).exists() and Path(node).exists()  # the removed row's report is gone
+    left = store.modified(reports_prefix(params_hash))
+    assert left == {k: v for k, v in stamps.items() if not k.endswith(f"/{keys['ct']}/gtv.dcm")}
+    write_reports(store, table, params_hash)  # the whole table again: as before
+    assert Path(gtv).exists()
 
 
 def test_highdicom_reads_values_codes_and_references(site, reports):

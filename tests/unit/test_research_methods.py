@@ -16,7 +16,8 @@ from tasks.radiomics.diagnostics import diagnostics_table, diagnostics_table_key
 from tasks.radiomics.extract import extract_roi, plan_units
 from tasks.radiomics.params import validate_params
 from tasks.radiomics.samples import SampleRoi, SampleSeries, series_key, write_harmonised_sample
-from tasks.radiomics.table import FeatureRow, build_features_table, features_key
+from tasks.radiomics.table import FeatureRow, features_key, table_metadata
+from tasks.radiomics.table_writer import write_features_table
 from tasks.research.export import export_features
 from tasks.research.methods import (
     effective_settings,
@@ -61,9 +62,9 @@ def extracted(tmp_path_factory: pytest.TempPathFactory):
         for key in outcome.result.outputs:
             features.update(json.loads(store.read_bytes(key))["features"])
         rows.append(FeatureRow(unit, str(outcome.result.status), features=features))
-    table, metadata = build_features_table("site-a", rows, params)
-    metadata.update(methods_metadata(store, params, [u.series for u in units]))
-    store.write_table(features_key(params.params_hash()), table, metadata)
+    methods = methods_metadata(store, params, [u.series for u in units])
+    metadata = {**table_metadata(params), **methods}
+    write_features_table(store, "site-a", rows, params, metadata)  # a folder of parts
     diag_key = diagnostics_table_key(params.params_hash())
     store.write_table(diag_key, diagnostics_table(store, ok_pairs(rows), params))
     return store, params, units
@@ -73,10 +74,10 @@ def test_metadata_round_trip_with_pandas(extracted):
     store, params, _ = extracted
     path = store.path(features_key(params.params_hash()))
     frame = pd.read_parquet(path)
-    # the documented one-liner: pandas drops Parquet metadata, pyarrow reads it
+    # the documented one-liner: pandas drops Parquet metadata, pyarrow reads the table's own
     meta = {
         k.decode(): v.decode()
-        for k, v in pq.read_schema(path).metadata.items()
+        for k, v in pq.read_schema(f"{path}/_common_metadata").metadata.items()
         if k.startswith(b"oncoflow.")
     }
     frame.attrs.update(meta)
@@ -169,7 +170,7 @@ def test_methods_text_and_csv_export(extracted, tmp_path):
 
 def test_manifest_methods_block(extracted):
     store, params, units = extracted
-    table = pq.read_table(store.path(features_key(params.params_hash())))
+    table = store.read_table(features_key(params.params_hash()))
     metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     harmonised = store.read_table("harmonised/series.parquet")
     series = harmonised.filter(pc.equal(harmonised.column("series"), units[0].series))

@@ -53,6 +53,21 @@ class Crash(Exception):
     """Stands for the process being killed at this point."""
 
 
+def crash_store_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the store's writing operations raise :class:`Crash` at call ``step`` (from 0)."""
+    calls = {"n": 0}
+    for name in ("stage_bytes", "write_bytes", "move", "remove"):
+        real = getattr(SiteStore, name)
+
+        def failing(self, *args, _real=real, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == step + 1:
+                raise Crash()
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(SiteStore, name, failing)
+
+
 @pytest.mark.parametrize("crash_at", range(6))
 def test_a_writer_killed_at_any_step_loses_and_duplicates_no_row(table, monkeypatch, crash_at):
     """The store operations a transaction makes fail at step ``crash_at``; the next writer's
@@ -64,17 +79,7 @@ def test_a_writer_killed_at_any_step_loses_and_duplicates_no_row(table, monkeypa
     expected_new = sorted([f"k{i:05d}" for i in (0, 1, 4, 5, 6, 7, 100, 101, 102)])
 
     store = table.store
-    calls = {"n": 0}
-    for name in ("stage_bytes", "write_bytes", "move", "remove"):
-        real = getattr(SiteStore, name)
-
-        def failing(self, *args, _real=real, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == crash_at + 1:
-                raise Crash()
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(SiteStore, name, failing)
+    crash_store_at(monkeypatch, crash_at)
     try:
         table.replace(new, [victim])
         crashed = False
