@@ -204,3 +204,17 @@ def test_extract_flow_on_s3(prefect_api, s3_bucket, tmp_path, capsys):
         rows = {(r["series"], r["roi"]): r for r in read_table(store, bad_key).to_pylist()}
         assert rows[(SPECS[1].series, "gtv")]["status"] == "failed"
         assert rows[(SPECS[2].series, "gtv")]["status"] == "ok"
+
+        # 6. a series gone from the site: its rows leave the table, the diagnostics and the
+        # reports; nothing computed
+        write_harmonised_sample(store, SPECS[:2])
+        sixth = extract_radiomics(build_params("site-a", store.url, params_file), options)
+        assert (sixth.extra["rows"], sixth.stale_removed) == (5, 2)
+        assert sixth.tables_written == [key] and sixth.extra["parts_computed"] == 0
+        rows = read_table(store, key).to_pylist()
+        assert sorted((r["series"], r["roi"]) for r in rows) == sorted(
+            (s.series, r.name) for s in SPECS[:2] for r in s.rois
+        )
+        diagnostics = read_table(store, diagnostics_table_key(summary["params_hash"]))
+        assert SPECS[2].series not in diagnostics.column("series").to_pylist()
+        assert not [k for k in store.find(f"{key[: -len('.parquet')]}.sr") if SPECS[2].series in k]
