@@ -115,11 +115,11 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
     None when ``table`` has a column the schema lacks or a value the column type cannot hold:
     the caller rewrites the whole table with the new schema.
     """
-    if not set(table.column_names) <= set(schema.names):
+    have = set(table.column_names)
+    if not have <= set(schema.names):
         return None
     columns = [
-        table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-        for f in schema
+        table.column(f.name) if f.name in have else pa.nulls(table.num_rows, f.type) for f in schema
     ]
     try:
         return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
