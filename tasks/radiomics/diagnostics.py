@@ -9,7 +9,8 @@ and ``Configuration`` groups repeat the table's metadata) in the cache at::
     features/_cache/pyradiomics-<version>/<image-sha256>/<mask-sha256>/diagnostics-<hash>.json
 
 (``hash``: the global settings, which alone decide them) and the extract stage writes them as
-``features/<params-hash>.diagnostics.parquet``: one row per ``ok`` (series, ROI), keys
+``features/<params-hash>.diagnostics.parquet`` (a folder of parts, written with the features
+table by :mod:`tasks.radiomics.table_writer`): one row per ``ok`` (series, ROI), keys
 ``series`` and ``roi``, then one column per diagnostic with pyradiomics' name (tuples as lists).
 ROIs whose parts were all cached before diagnostics were kept have null diagnostics until their
 cache is cleared.

@@ -4,7 +4,8 @@ One row per (series, ROI): key columns, ``status``/``reason``/``detail``, the py
 feature columns with their names unchanged (float64, null for rows without features), then
 ``prov_*`` columns. The Parquet metadata records the canonical parameters, their hash and the
 package versions. Rows are sorted by (series, roi) and columns follow pyradiomics' order, so the
-same inputs and parameters give byte-identical files whatever the number of workers.
+same inputs and parameters give byte-identical files whatever the number of workers. The table
+is a folder of parts written by :mod:`tasks.radiomics.table_writer` (only what changed).
 """
 
 from __future__ import annotations

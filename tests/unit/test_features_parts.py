@@ -217,3 +217,54 @@ def test_diagnostics_follow_the_changed_rows(store):
     plan.commit(plan.build())
     plan = plan_features(store, "site-a", new_rows, PARAMS, metadata(99))
     assert plan.unchanged and not write_diagnostics_parts(store, plan).changed
+
+
+KILLED_FEATURES_WRITER = """
+import os, signal, sys
+import tasks.radiomics.table_writer as table_writer
+from tasks.radiomics.table_writer import write_features_table
+from tasks.store import SiteStore
+from tests.unit.test_features_parts import PARAMS, metadata, row
+
+table_writer.PART_ROWS = 20
+root, victim_call, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+calls = {"n": 0}
+real = getattr(SiteStore, name)
+
+def killing(self, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == victim_call:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
+    return real(self, *args, **kwargs)
+
+setattr(SiteStore, name, killing)
+new_rows = [row(i, "n", 3.0) if i in (4, 44) else row(i) for i in range(61) if i != 30]
+write_features_table(SiteStore(root, "site-a"), "site-a", new_rows, PARAMS, metadata(61))
+"""
+
+
+@pytest.mark.parametrize(("operation", "call"), [("stage_bytes", 2), ("move", 1), ("remove", 2)])
+def test_a_features_writer_killed_with_sigkill_loses_and_duplicates_no_row(
+    store, operation, call
+):
+    """The writer process is SIGKILLed inside a store operation; the next run's table has every
+    (series, ROI) once, with its new values."""
+    import subprocess
+    import sys
+
+    rows = [row(i) for i in range(60)]
+    write_features_table(store, "site-a", rows, PARAMS, metadata(60))
+    root = str(Path(store.url))
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_FEATURES_WRITER, root, str(call), operation],
+        capture_output=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    new_rows = [row(i, "n", 3.0) if i in (4, 44) else row(i) for i in range(61) if i != 30]
+    write_features_table(store, "site-a", new_rows, PARAMS, metadata(61))  # the next run
+    seen = [s for (s,) in duck(store, "SELECT series FROM {T}")]
+    assert sorted(seen) == sorted(r.unit.series for r in new_rows)
+    got = dict(duck(store, "SELECT series, original_shape_VoxelVolume FROM {T}"))
+    assert got["2.25.1004"] == 10.0 * 4 * 3.0 and "2.25.1030" not in got
