@@ -17,7 +17,11 @@ patient, one folder per series, written by ``benchmarks/ingest.py``):
 * unchanged re-run (listing and diff only);
 * 1 % increment: N/100 new instances in new series, then ingest again. Its cost is the
   increment's wall time minus the unchanged re-run's (both list the whole source), as a share
-  of the first ingest (target <= 10 %).
+  of the first ingest (target <= 10 %);
+* before these, the listing, diff and plan of the N files alone in a fresh process: its peak
+  RSS growth and its peak of Python-allocated memory (tracemalloc), and that of an in-memory
+  list of every file (``list_source``) for comparison; the difference between two sizes over
+  the difference in files is the memory per listed file.
 
 Deidentify and harmonise: a cohort of 100 series x 50 slices (5,000 instances) ingested, then
 deidentified and harmonised; an unchanged re-run of each; then one more series (1 %) ingested,
@@ -225,12 +229,63 @@ def write_more(source: Path, first_series: int, n: int, slices: int) -> None:
         ds.save_as(path, enforce_file_format=True)
 
 
+def listing_memory(source: Path, store: Path) -> dict:
+    """Memory of the listing, diff and plan of SOURCE in a fresh process (a first ingest's plan:
+    every file), without the flow: see :func:`_listing_memory_child`."""
+    cmd = [sys.executable, __file__, "--listing-memory", str(source), str(store)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    shutil.rmtree(store, ignore_errors=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _listing_memory_child(source: str, store_url: str) -> None:
+    """Print the peak RSS growth (``VmHWM`` over the ``VmRSS`` after imports, MB) and the peak
+    of Python-allocated memory (tracemalloc, bytes) of write_listing + diff_catalog, and the
+    tracemalloc peak of ``list_source`` (every file as a ``ListedFile`` in one list, what the
+    listing held before it was streamed)."""
+    import tracemalloc
+
+    from tasks.dicom.catalog import LISTING, diff_catalog, remove_parts
+    from tasks.dicom.listing import list_source, write_listing
+    from tasks.store import SiteStore
+
+    store = SiteStore(store_url, SITE)
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(field))
+
+    def stream() -> int:
+        write_listing(source, store, LISTING)
+        listed = diff_catalog(store, LISTING).listed
+        remove_parts(store)
+        return listed
+
+    rss = status("VmRSS:")
+    listed = stream()
+    hwm = status("VmHWM:")
+    tracemalloc.start()
+    stream()
+    traced = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    whole = len(list_source(source))
+    listed_whole = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert whole == listed
+    print(json.dumps({
+        "files": listed, "rss_growth_mb": round((hwm - rss) / 1024, 1),
+        "traced_peak_bytes": traced, "list_source_traced_peak_bytes": listed_whole,
+    }))  # fmt: skip
+
+
 def ingest_scale(n: int, work: Path, env: dict[str, str]) -> dict:
     """First ingest, unchanged re-run and 1 % increment of ``n`` instances."""
     source, store = work / f"src-{n}", work / f"store-{n}"
     t = time.perf_counter()
     ingest_bench.write_instances(source, n)
     print(f"{n} instances written in {time.perf_counter() - t:.0f} s", flush=True)
+    listing = listing_memory(source, work / f"listing-{n}")
+    print(f"listing + diff + plan of {n} files in one process: {listing}", flush=True)
     args = ["ingest", str(source), "--site", SITE, "--store", str(store)]
     first, s1, rss1 = run(oncoflow(*args), env)
     again, s2, _ = run(oncoflow(*args), env)
@@ -259,6 +314,7 @@ def ingest_scale(n: int, work: Path, env: dict[str, str]) -> dict:
         "peak_rss_mb_first": rss1,
         "peak_rss_mb_increment": rss3,
         "cpu_first": share,
+        "listing_memory": listing,
     }
 
 
@@ -402,7 +458,11 @@ def main() -> int:
     parser.add_argument("--skip-queries", action="store_true")
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--stage-series", type=int, default=100, help="series (50 slices each)")
+    parser.add_argument("--listing-memory", nargs=2, help=argparse.SUPPRESS)  # the child
     args = parser.parse_args()
+    if args.listing_memory:
+        _listing_memory_child(*args.listing_memory)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="oncoflow-bench-scale-"))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect")}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -428,6 +488,14 @@ def main() -> int:
                     figures["peak_rss_growth_mb"] = growth
                     print(f"peak RSS growth {small['instances']} -> {large['instances']} "
                           f"instances, MB by process: {growth} (target <= 150)")  # fmt: skip
+                    figures["listing_bytes_per_file"] = per_file = {
+                        key: round(
+                            (large["listing_memory"][key] - small["listing_memory"][key])
+                            / (large["instances"] - small["instances"]), 1,
+                        )
+                        for key in ("traced_peak_bytes", "list_source_traced_peak_bytes")
+                    }  # fmt: skip
+                    print(f"listing + diff + plan, Python memory per listed file: {per_file}")
             if not args.skip_stages:
                 figures["stages"] = stages_scale(work, env, args.stage_series)
     finally:
