@@ -34,7 +34,11 @@ answers a count by modality (target < 1 s) and a series lookup (target < 0.2 s).
 Usage::
 
     uv run python benchmarks/scale.py [--sizes 5000,50000] [--skip-stages] [--skip-queries]
-        [--skip-ingest] [--stage-series 100]
+        [--skip-ingest] [--stage-series 100] [--diff-rows 2000000]
+
+``--diff-rows N`` adds the diff alone at archive size: a synthetic listing of N files diffed
+with no catalogue and with a catalogue of the same N paths (1 % changed), in a fresh process
+(seconds, peak RSS growth).
 
 The machine is shared (2 cores, other work running): every figure is printed with the load
 average, and the ratios compare runs made in the same invocation.
@@ -278,6 +282,59 @@ def _listing_memory_child(source: str, store_url: str) -> None:
     }))  # fmt: skip
 
 
+def diff_scale(rows: int, work: Path) -> dict:
+    """The diff alone at archive size, in a fresh process: see :func:`_diff_scale_child`."""
+    cmd = [sys.executable, __file__, "--diff-child", str(rows), str(work / "diff-scale")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    shutil.rmtree(work / "diff-scale", ignore_errors=True)
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"diff of a listing of {rows} files: {figures}", flush=True)
+    return figures
+
+
+def _diff_scale_child(rows: int, folder: str) -> None:
+    """Write a synthetic listing of ``rows`` files (the benchmark's folder layout, in reverse
+    order) and a catalogue of the same paths (1 % with another size), then time the diff
+    against no catalogue (a first ingest: every file planned) and against the catalogue (a
+    re-run: 1 % changed); print the seconds and each diff's peak RSS growth over the process
+    before it (MB; the kernel's high-water mark is reset before each)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.dicom.catalog import LISTING, diff_files, remove_parts
+    from tasks.dicom.listing import LISTING_SCHEMA
+    from tasks.store import SiteStore
+
+    store = SiteStore(folder, SITE)
+    catalogue = str(Path(folder) / "catalogue.parquet")
+    with store.open_write(LISTING) as fh, pq.ParquetWriter(fh, LISTING_SCHEMA) as listing:
+        cat_schema = LISTING_SCHEMA.append(pa.field("status", pa.string()))
+        with pq.ParquetWriter(catalogue, cat_schema) as cat:
+            for end in range(rows, 0, -100_000):
+                idx = range(end - 1, max(0, end - 100_000) - 1, -1)
+                paths = [f"P{i // 400:05d}/S{i // 100:06d}/IM{i % 100:04d}.dcm" for i in idx]
+                tokens = ["1700000000.123456"] * len(paths)
+                listing.write_table(pa.table([paths, [1234] * len(paths), tokens], LISTING_SCHEMA))
+                sizes = [1234 + (i % 100 == 0) for i in idx]
+                cat.write_table(pa.table([paths, sizes, tokens, ["ok"] * len(paths)], cat_schema))
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(field))
+
+    figures = {"rows": rows}
+    for name, uris in (("first", []), ("rerun", [catalogue])):
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current RSS
+        rss, start = status("VmRSS:"), time.perf_counter()
+        diff = diff_files(store, LISTING, uris)
+        figures[f"{name}_s"] = round(time.perf_counter() - start, 2)
+        figures[f"{name}_rss_growth_mb"] = round((status("VmHWM:") - rss) / 1024, 1)
+        figures[f"{name}_planned"] = diff.to_parse
+    remove_parts(store)
+    print(json.dumps(figures))
+
+
 def ingest_scale(n: int, work: Path, env: dict[str, str]) -> dict:
     """First ingest, unchanged re-run and 1 % increment of ``n`` instances."""
     source, store = work / f"src-{n}", work / f"store-{n}"
@@ -458,10 +515,17 @@ def main() -> int:
     parser.add_argument("--skip-queries", action="store_true")
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--stage-series", type=int, default=100, help="series (50 slices each)")
-    parser.add_argument("--listing-memory", nargs=2, help=argparse.SUPPRESS)  # the child
+    parser.add_argument(
+        "--diff-rows", type=int, default=0, help="also diff a synthetic listing of this many files"
+    )
+    parser.add_argument("--listing-memory", nargs=2, help=argparse.SUPPRESS)  # the children
+    parser.add_argument("--diff-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.listing_memory:
         _listing_memory_child(*args.listing_memory)
+        return 0
+    if args.diff_child:
+        _diff_scale_child(int(args.diff_child[0]), args.diff_child[1])
         return 0
     work = Path(tempfile.mkdtemp(prefix="oncoflow-bench-scale-"))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect")}
@@ -471,6 +535,8 @@ def main() -> int:
     (work / "prefect").mkdir()
     figures: dict = {"load_average_start": round(os.getloadavg()[0], 1)}
     try:
+        if args.diff_rows:
+            figures["diff"] = diff_scale(args.diff_rows, work)
         if not args.skip_queries:
             figures["catalogue_queries"] = catalogue_queries(work)
         with prefect_server(env, work / "prefect-server.log") as url:

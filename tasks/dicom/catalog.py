@@ -12,6 +12,7 @@ which batches finished.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -176,24 +177,19 @@ def diff_files(store: SiteStore, listing: str, catalogue: Sequence[str]) -> List
         con.execute(
             f"CREATE TEMP VIEW listed AS SELECT path, size, mtime FROM read_parquet('{listed_uri}')"
         )
-        listed = con.execute("SELECT count(*) FROM listed").fetchone()[0]
+        (listed,) = con.execute("SELECT count(*) FROM listed").fetchall()[0]
         if catalogue:
             con.execute(
                 "CREATE TEMP VIEW cat AS SELECT path, size, mtime, status FROM "
                 f"read_parquet({sql_list(list(catalogue))})"
             )
-        else:
-            con.execute(
-                "CREATE TEMP VIEW cat AS SELECT NULL::VARCHAR AS path, NULL::BIGINT AS size, "
-                "NULL::VARCHAR AS mtime, NULL::VARCHAR AS status WHERE false"
-            )
+            _join_in_buckets(con, listed)
+            todo, gone_sql = "todo", "SELECT path FROM gone_rows ORDER BY path"
+        else:  # a first ingest: every file is new, none deleted
+            todo, gone_sql = "(SELECT *, true AS is_new FROM listed)", ""
         # con.sql(...).to_arrow_reader streams the result (con.execute's would copy it whole)
         plan = con.sql(
-            "SELECT l.path, l.size, l.mtime, c.path IS NULL OR c.status = $deleted AS is_new "
-            "FROM listed l LEFT JOIN cat c ON c.path = l.path WHERE c.path IS NULL "
-            "OR c.status = $deleted OR c.size IS DISTINCT FROM l.size "
-            "OR c.mtime IS DISTINCT FROM l.mtime ORDER BY l.path",
-            params={"deleted": STATUS_DELETED},
+            f"SELECT path, size, mtime, is_new FROM {todo} ORDER BY path"
         ).to_arrow_reader(RESULT_ROWS)
         new = 0
 
@@ -204,11 +200,7 @@ def diff_files(store: SiteStore, listing: str, catalogue: Sequence[str]) -> List
                 yield batch.select(list(LISTING_SCHEMA.names))
 
         to_parse = write_batches(store, PLAN, files(), LISTING_SCHEMA)
-        gone = con.sql(
-            "SELECT c.path FROM cat c ANTI JOIN listed l ON c.path = l.path "
-            "WHERE c.status IS DISTINCT FROM $deleted ORDER BY c.path",
-            params={"deleted": STATUS_DELETED},
-        ).to_arrow_reader(RESULT_ROWS)
+        gone = con.sql(gone_sql).to_arrow_reader(RESULT_ROWS) if gone_sql else []
         deleted = write_batches(store, GONE, gone, _GONE_SCHEMA)
     finally:
         con.close()
@@ -221,6 +213,43 @@ def diff_files(store: SiteStore, listing: str, catalogue: Sequence[str]) -> List
         plan=PLAN if to_parse else None,
         gone=GONE if deleted else None,
     )
+
+
+#: Rows of the listing (or of the catalogue) joined at once: above it, the diff joins the two
+#: in buckets of paths (by hash), each within DuckDB's memory limit. 2,000,000 rows join in
+#: 64 MB; 20,000,000 at once would need more than 128 MB.
+DIFF_BUCKET_ROWS = 2_000_000
+
+
+def _join_in_buckets(con: duckdb.DuckDBPyConnection, listed: int) -> None:
+    """Join the views ``listed`` and ``cat`` one bucket of paths at a time.
+
+    Fills the temporary tables ``todo`` (files to parse, unsorted) and ``gone_rows`` (deleted
+    paths). DuckDB's hash join spills, but its partitions grow with the tables; buckets of at most
+    :data:`DIFF_BUCKET_ROWS` keep what it holds bounded whatever the archive's size (each
+    bucket reads both sources again, which costs far less than listing the source).
+    """
+    rows = max(listed, con.execute("SELECT count(*) FROM cat").fetchall()[0][0])
+    buckets = max(1, math.ceil(rows / DIFF_BUCKET_ROWS))
+    con.execute("CREATE TEMP TABLE todo (path VARCHAR, size BIGINT, mtime VARCHAR, is_new BOOLEAN)")
+    con.execute("CREATE TEMP TABLE gone_rows (path VARCHAR)")
+    deleted = {"deleted": STATUS_DELETED}
+    for bucket in range(buckets):
+        part = f"WHERE hash(path) % {buckets} = {bucket}"
+        con.execute(
+            "INSERT INTO todo SELECT l.path, l.size, l.mtime, c.path IS NULL "
+            f"OR c.status = $deleted FROM (SELECT * FROM listed {part}) l "
+            f"LEFT JOIN (SELECT * FROM cat {part}) c ON c.path = l.path WHERE c.path IS NULL "
+            "OR c.status = $deleted OR c.size IS DISTINCT FROM l.size "
+            "OR c.mtime IS DISTINCT FROM l.mtime",
+            deleted,
+        )
+        con.execute(
+            f"INSERT INTO gone_rows SELECT c.path FROM (SELECT * FROM cat {part}) c "
+            f"ANTI JOIN (SELECT path FROM listed {part}) l ON c.path = l.path "
+            "WHERE c.status IS DISTINCT FROM $deleted",
+            deleted,
+        )
 
 
 def planned_files(store: SiteStore, diff: ListingDiff) -> Iterator[ListedFile]:

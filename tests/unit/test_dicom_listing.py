@@ -91,13 +91,18 @@ def _write_listing_rows(store, files):
     return LISTING
 
 
-def test_diff_in_duckdb_against_each_catalogue_status(tmp_path):
-    """New, changed, unchanged and deleted files: counts, the plan and the deleted paths."""
+@pytest.mark.parametrize("bucket_rows", [2_000_000, 2])
+def test_diff_in_duckdb_against_each_catalogue_status(tmp_path, monkeypatch, bucket_rows):
+    """New, changed, unchanged and deleted files: counts, the plan and the deleted paths;
+    the same when the catalogue is joined in buckets of paths (here 4 buckets)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tasks.dicom import catalog
     from tasks.dicom.catalog import deleted_paths, diff_files, planned_files
     from tasks.store import SiteStore
+
+    monkeypatch.setattr(catalog, "DIFF_BUCKET_ROWS", bucket_rows)
 
     catalogue = [
         ("same", 10, "t1", "ok"),
