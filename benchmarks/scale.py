@@ -106,11 +106,21 @@ def _role(pid: int) -> str:
 
 
 def _hwm_kib(pid: int) -> int:
+    return _status_kib(pid, "VmHWM:")
+
+
+def _status_kib(pid: int | str, field: str) -> int:
+    """A memory figure of ``/proc/<pid>/status`` in KiB (``VmHWM:``, ``VmRSS:``), 0 if gone."""
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
+
+
+def status(field: str) -> int:
+    """A memory figure of this process in KiB."""
+    return _status_kib("self", field)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -255,10 +265,6 @@ def _listing_memory_child(source: str, store_url: str) -> None:
 
     store = SiteStore(store_url, SITE)
 
-    def status(field: str) -> int:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith(field))
-
     def stream() -> int:
         write_listing(source, store, LISTING)
         listed = diff_catalog(store, LISTING).listed
@@ -317,10 +323,6 @@ def _diff_scale_child(rows: int, folder: str) -> None:
                 listing.write_table(pa.table([paths, [1234] * len(paths), tokens], LISTING_SCHEMA))
                 sizes = [1234 + (i % 100 == 0) for i in idx]
                 cat.write_table(pa.table([paths, sizes, tokens, ["ok"] * len(paths)], cat_schema))
-
-    def status(field: str) -> int:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith(field))
 
     figures = {"rows": rows}
     for name, uris in (("first", []), ("rerun", [catalogue])):
