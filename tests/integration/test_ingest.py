@@ -155,7 +155,13 @@ def test_other_worker_count_and_batch_size_give_identical_tables(ingested):
 
 
 def test_rerun_parses_nothing_and_writes_nothing(ingested):
+    # a killed run's private work files (listing, plan, a batch part) are no input to the next
+    stale = ingested.store
+    stale.write_bytes("catalog/_parts/listing.parquet", b"truncated by a kill")
+    stale.write_bytes("catalog/_parts/plan.parquet", b"")
+    stale.write_bytes("catalog/_parts/b0123.parquet", b"half a part")
     summary = run(ingested.source, ingested.store)
+    assert not ingested.store.exists("catalog/_parts")
     extra = summary.extra
     assert extra["files_parsed"] == extra["files_new"] == extra["files_changed"] == 0
     assert extra["files_unchanged"] == ingested.truth.totals.files_written
@@ -216,6 +222,24 @@ def test_new_series_parses_only_its_files_then_a_deleted_slice_is_marked(ingeste
     added = [s for s in series if s["paths"][0].startswith("incoming/")]
     assert [(s["status"], s["reason"]) for s in added] == [("quarantined", "missing-slice")]
     assert summary.counts["deleted"] == 1
+
+
+def test_a_store_inside_the_source_is_not_listed(tmp_path, prefect_api):
+    """The store (with the run's own listing, written while the source is walked) may lie
+    inside SOURCE: its files are not listed, on the first run or the next."""
+    from tests.dicom_factory import write_series
+
+    source = tmp_path / "source"
+    write_series(source / "Ó Briain" / "ct", 3)
+    store = SiteStore(str(source / "store"), SITE)
+    first = run(source, store)
+    assert first.extra["files_listed"] == first.extra["files_parsed"] == 3
+    assert first.counts == {"ok": 3}
+    again = run(source, store)
+    assert again.extra["files_listed"] == again.extra["files_unchanged"] == 3
+    assert again.extra["files_parsed"] == 0 and again.tables_written == []
+    paths = store.read_table("catalog/instances.parquet").column("path").to_pylist()
+    assert all(p.startswith("Ó Briain/ct/") for p in paths)
 
 
 def test_source_was_never_modified(ingested):
