@@ -94,7 +94,6 @@ def test_a_fully_cached_rerun_imports_no_pyradiomics_nor_pandas_and_writes_nothi
     extract = build_params("site-a", store.url, str(params_file))
     rows = collect_rows(store, units, outcomes)
     assert _write_outputs(store, extract, params, rows, set(outcomes)).written
-    stamps = store.stamps("features")
     # the rest of the rerun: rows from the cache, compared with the table; nothing built
     write = (
         f"{plan}\n"
@@ -105,8 +104,16 @@ def test_a_fully_cached_rerun_imports_no_pyradiomics_nor_pandas_and_writes_nothi
         f"out = _write_outputs(roi.store, build_params('site-a', {store.url!r}, "
         f"{str(params_file)!r}), roi.radiomics, rows, set())\n"
         "assert not out.written and out.rows == 1 and out.feature_columns > 90, out\n"
+        "from tasks.quarantine import replace_quarantine\n"
+        "from tasks.records import Stage\n"
+        "assert not replace_quarantine(roi.store, Stage.EXTRACT, [])  # nothing quarantined\n"
         "assert 'pandas' not in sys.modules, 'pandas imported'"
     )
+    from tasks.quarantine import replace_quarantine
+    from tasks.records import Stage
+
+    assert replace_quarantine(store, Stage.EXTRACT, [])  # the first run: the table appears
+    stamps = {**store.stamps("features"), **store.stamps("quarantine.parquet")}
     assert heavy_modules_after(plan) == []
     assert heavy_modules_after(write) == []
-    assert store.stamps("features") == stamps
+    assert {**store.stamps("features"), **store.stamps("quarantine.parquet")} == stamps
