@@ -3,7 +3,8 @@
 1. List SOURCE (path, size, mtime or ETag) into ``catalog/_parts/listing.parquet``, a record
    batch at a time, and diff it with ``catalog/instances.parquet`` in DuckDB, which writes the
    plan (the new and changed files, sorted) and the deleted paths beside it: no list of every
-   file is held in memory.
+   file is held in memory. A file whose name is not UTF-8 (a legacy code page) goes to a list
+   of its own and is quarantined as ``undecodable-name``, never parsed (docs/ingest.md).
 2. Parse only new or changed files, in batches of hundreds to thousands of files per Dask
    task, about one per worker (subflow ``parse-dicom-headers``, started only when there is
    something to parse, so an unchanged re-run never starts a cluster). A batch task reads its
@@ -24,6 +25,7 @@ runs of the same site must not overlap (they share ``catalog/_parts/``).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict
@@ -39,6 +41,7 @@ from flows.runtime import RuntimeOptions, ensure_prefect_api, task_runner
 from flows.stage import StageParams, failure_ratio, run_units
 from tasks.dicom.catalog import (
     LISTING,
+    UNDECODABLE,
     CatalogCounts,
     catalog_is_current,
     diff_catalog,
@@ -47,6 +50,8 @@ from tasks.dicom.catalog import (
     planned_files,
     read_parsed,
     remove_parts,
+    replace_undecodable,
+    undecodable_records,
 )
 from tasks.dicom.headers import (
     BatchResult,
@@ -67,7 +72,7 @@ from tasks.dicom.listing import (
 )
 from tasks.records import Stage, StageSummary
 from tasks.refs import site_ref_key
-from tasks.store import SiteStore, open_url, protocol_of
+from tasks.store import QUARANTINE, SiteStore, open_url, protocol_of
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL.
 SOURCE_METADATA_KEY = "source"
@@ -144,9 +149,12 @@ def _listing(params: IngestParams, store: SiteStore) -> ListingDiff:
 
     The listing, the plan (files to parse) and the deleted paths are Parquet files under
     ``catalog/_parts/``, written a record batch at a time: no list of every file in memory.
+    Files whose name is not UTF-8 go to a Parquet file of their own (escaped), to be
+    quarantined rather than parsed.
     """
-    write_listing(params.source, store, LISTING, exclude=_store_prefix_in_source(params, store))
-    return diff_catalog(store, LISTING)
+    exclude = _store_prefix_in_source(params, store)
+    write_listing(params.source, store, LISTING, exclude=exclude, undecodable=UNDECODABLE)
+    return diff_catalog(store, LISTING, UNDECODABLE)
 
 
 def _start_workers() -> int:
@@ -247,6 +255,8 @@ def _by_key(row: dict[str, Any]) -> str:
 
 def _files_markdown(extra: dict[str, Any]) -> str:
     names = ("listed", "new", "changed", "unchanged", "deleted", "parsed", "failed")
+    if extra.get("files_undecodable"):  # quarantined for a name that is not UTF-8
+        names = (*names, "undecodable")
     return markdown_table(
         [{"files": n, "count": extra.get(f"files_{n}", 0)} for n in names], ["files", "count"]
     )
@@ -304,6 +314,76 @@ def _parse(
     return ParseRun(outcome["results"], outcome["failed"], outcome["batches"], timings)
 
 
+def catalogue_source(
+    params: IngestParams,
+    store: SiteStore,
+    runtime: RuntimeOptions | None,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> tuple[ListingDiff, ParseRun, CatalogCounts, dict[str, float]]:
+    """List SOURCE, parse what changed and merge it into the catalogue (steps 1 to 3).
+
+    The body of ``ingest-dicom`` without its reports; a plan of at most
+    :data:`IN_PROCESS_FILES` files is parsed in this process (no Dask, no Prefect task).
+    The private work files under ``catalog/_parts/`` are removed, also on failure.
+
+    Parameters
+    ----------
+    params
+        The run's parameters.
+    store
+        The site store (:func:`check_inputs`).
+    runtime
+        Dask workers for a larger plan.
+    logger
+        Where the counts are logged (no paths).
+
+    Returns
+    -------
+    tuple
+        The listing's diff, the parse, the catalogue counts and the timings so far.
+    """
+    t0 = time.perf_counter()
+    remove_parts(store)  # left by a crashed run
+    try:
+        diff = _listing(params, store)
+        metadata = {SOURCE_METADATA_KEY: params.source}
+        current = catalog_is_current(store, metadata)
+        timings = {"listing_seconds": round(time.perf_counter() - t0, 4)}
+        logger.info(
+            "listed %d files: %d new, %d changed, %d unchanged, %d deleted, "
+            "%d quarantined for a name that is not UTF-8",
+            diff.listed,
+            diff.new,
+            diff.changed,
+            diff.unchanged,
+            diff.deleted,
+            diff.undecodable,
+        )
+        undecodable = undecodable_records(store, UNDECODABLE)
+        run, counts = ParseRun(), CatalogCounts()
+        if diff.to_parse or not current or diff.deleted:
+            if diff.to_parse:
+                run = _parse(params, store, diff, runtime or RuntimeOptions())
+            t_merge = time.perf_counter()
+            parsed = read_parsed(store, run.parts)
+            counts = merge_catalog(
+                store,
+                diff,
+                parsed,
+                params.spacing_tolerance,
+                metadata=metadata,
+                undecodable=undecodable,
+            )
+            run.timings["merge_seconds"] = round(time.perf_counter() - t_merge, 4)
+        else:  # nothing to merge; the names that are not UTF-8 still follow the source
+            if replace_undecodable(store, undecodable):
+                counts.written.append(QUARANTINE)
+            fill_counts(counts, store)
+    finally:
+        remove_parts(store)  # the listing, plan and batch parts hold paths
+    return diff, run, counts, timings
+
+
 @flow(name="ingest-dicom", flow_run_name="ingest-{params.site}", log_prints=False)
 def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> dict[str, Any]:
     """Catalogue the DICOM files under SOURCE into the site's private catalogue.
@@ -333,34 +413,7 @@ def ingest_flow(params: IngestParams, runtime: RuntimeOptions | None = None) -> 
     logger = get_run_logger()
     t0 = time.perf_counter()
     store = check_inputs(params)
-    remove_parts(store)  # left by a crashed run
-    try:
-        diff = _listing(params, store)
-        metadata = {SOURCE_METADATA_KEY: params.source}
-        current = catalog_is_current(store, metadata)
-        timings = {"listing_seconds": round(time.perf_counter() - t0, 4)}
-        logger.info(
-            "listed %d files: %d new, %d changed, %d unchanged, %d deleted",
-            diff.listed,
-            diff.new,
-            diff.changed,
-            diff.unchanged,
-            diff.deleted,
-        )
-        run, counts = ParseRun(), CatalogCounts()
-        if diff.to_parse or not current or diff.deleted:
-            if diff.to_parse:
-                run = _parse(params, store, diff, runtime or RuntimeOptions())
-            t_merge = time.perf_counter()
-            parsed = read_parsed(store, run.parts)
-            counts = merge_catalog(
-                store, diff, parsed, params.spacing_tolerance, metadata=metadata
-            )
-            run.timings["merge_seconds"] = round(time.perf_counter() - t_merge, 4)
-        else:
-            fill_counts(counts, store)
-    finally:
-        remove_parts(store)  # the listing, plan and batch parts hold paths
+    diff, run, counts, timings = catalogue_source(params, store, runtime, logger)
     timings.update(run.all_timings(), total_seconds=round(time.perf_counter() - t0, 4))
     summary = ingest_summary(params.site, diff, counts, run, timings)
     _report(summary, counts)

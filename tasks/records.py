@@ -47,6 +47,7 @@ class Reason(StrEnum):
     UNREADABLE_HEADER = "unreadable-header"
     MISSING_UIDS = "missing-uids"
     DUPLICATE_INSTANCE = "duplicate-instance"
+    UNDECODABLE_NAME = "undecodable-name"  # file name not UTF-8 (no catalogue row)
     # ingest: series geometry
     MISSING_SLICE = "missing-slice"
     INCONSISTENT_SPACING = "inconsistent-spacing"

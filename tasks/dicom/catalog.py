@@ -16,7 +16,7 @@ import math
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import duckdb
@@ -45,8 +45,8 @@ from tasks.dicom.series import (
     series_table,
 )
 from tasks.errors import OncoflowError
-from tasks.quarantine import replace_quarantine, replace_quarantine_rows
-from tasks.records import QuarantineRecord, Reason, Stage
+from tasks.quarantine import replace_quarantine_rows
+from tasks.records import Kind, QuarantineRecord, Reason, Stage
 from tasks.refs import site_ref_key
 from tasks.store import (
     CATALOG_INSTANCES,
@@ -126,13 +126,17 @@ def catalog_is_current(store: SiteStore, metadata: dict[str, str] | None = None)
 #: Private work files of an ingest run in the store (removed with the batch parts).
 LISTING = f"{PARTS_DIR}/listing.parquet"
 PLAN = f"{PARTS_DIR}/plan.parquet"
+#: The files whose path is not UTF-8, escaped (:func:`tasks.dicom.listing.escape_name`).
+UNDECODABLE = f"{PARTS_DIR}/undecodable.parquet"
 GONE = f"{PARTS_DIR}/gone.parquet"
 #: Rows of a DuckDB result read at a time while it is written to the store.
 RESULT_ROWS = 8192
 _GONE_SCHEMA = pa.schema([("path", pa.string())])
 
 
-def diff_catalog(store: SiteStore, listing: str = LISTING) -> ListingDiff:
+def diff_catalog(
+    store: SiteStore, listing: str = LISTING, undecodable: str = UNDECODABLE
+) -> ListingDiff:
     """Compare a listing with the catalogue in DuckDB; write the plan and the deleted paths.
 
     Neither the listing nor the catalogue is loaded whole: DuckDB joins the two Parquet
@@ -145,6 +149,9 @@ def diff_catalog(store: SiteStore, listing: str = LISTING) -> ListingDiff:
         The site store.
     listing
         Store key of the listing (:func:`tasks.dicom.listing.write_listing`).
+    undecodable
+        Store key of the files listed whose path is not UTF-8 (counted in ``listed`` and
+        ``undecodable``, never parsed: see :func:`undecodable_records`).
 
     Returns
     -------
@@ -155,7 +162,61 @@ def diff_catalog(store: SiteStore, listing: str = LISTING) -> ListingDiff:
     """
     instances = instance_parts(store)
     instances.recover()
-    return diff_files(store, listing, instances.uris())
+    diff = diff_files(store, listing, instances.uris())
+    bad = _rows_in(store, undecodable)
+    return replace(diff, listed=diff.listed + bad, undecodable=bad) if bad else diff
+
+
+def _rows_in(store: SiteStore, key: str) -> int:
+    """Rows of a private Parquet work file of the store (0 when it does not exist)."""
+    if not store.exists(key):
+        return 0
+    with store.open(key) as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
+
+
+#: Detail of an ``undecodable-name`` quarantine row (one line, no name in it).
+UNDECODABLE_DETAIL = (
+    "file name is not UTF-8 (a legacy code page such as Latin-1, ISO-8859-2, Windows-1250 or "
+    "CP1253); rename it to UTF-8, e.g. convmv -r -f cp1250 -t utf-8 --notest SOURCE, and ingest "
+    "again"
+)
+
+
+def undecodable_records(store: SiteStore, key: str = UNDECODABLE) -> list[QuarantineRecord]:
+    """Return the quarantine records of the files whose path is not UTF-8, sorted by item.
+
+    Such a file has no catalogue row (the catalogue's paths are UTF-8 text every later stage
+    opens the files by); it is quarantined as ``undecodable-name``, its ``item`` the escaped
+    path (:func:`tasks.dicom.listing.escape_name`). The listing finds them again on every
+    run, so these rows follow the source: a renamed or removed file's row leaves.
+
+    Parameters
+    ----------
+    store
+        The site store.
+    key
+        Store key of the escaped listing entries (:func:`tasks.dicom.listing.write_listing`).
+    """
+    if not store.exists(key):
+        return []
+    with store.open(key) as fh:
+        paths = pq.read_table(fh, columns=["path"]).column("path").to_pylist()
+    return [
+        QuarantineRecord(path, Kind.FILE, Stage.INGEST, Reason.UNDECODABLE_NAME, UNDECODABLE_DETAIL)
+        for path in sorted(set(paths))
+    ]
+
+
+def replace_undecodable(store: SiteStore, records: list[QuarantineRecord]) -> bool:
+    """Replace the ``undecodable-name`` rows of the quarantine, keeping every other row.
+
+    Returns
+    -------
+    bool
+        True when the table changed (an unchanged source writes nothing).
+    """
+    return _replace_ingest_quarantine(store, [], set(), records)
 
 
 def diff_files(store: SiteStore, listing: str, catalogue: Sequence[str]) -> ListingDiff:
@@ -329,6 +390,7 @@ def merge_catalog(
     parsed: ParsedParts | pa.Table | Sequence[dict[str, Any]],
     tolerance: float,
     metadata: dict[str, str] | None = None,
+    undecodable: list[QuarantineRecord] | None = None,
 ) -> CatalogCounts:
     """Merge parsed rows into the catalogue, rebuilding only the series they touch.
 
@@ -354,6 +416,9 @@ def merge_catalog(
         Slice-gap tolerance (fraction of the median gap).
     metadata
         Extra Parquet schema metadata for the catalogue tables (e.g. the SOURCE URL).
+    undecodable
+        The ``undecodable-name`` rows of this listing (:func:`undecodable_records`), which
+        replace the previous ones; None keeps the previous ones.
 
     Returns
     -------
@@ -447,7 +512,7 @@ def merge_catalog(
         adds, removes = table.compaction(metadata)
         if adds:
             table.replace(adds, removes)
-    if _replace_ingest_quarantine(store, built_quarantine, affected_items):
+    if _replace_ingest_quarantine(store, built_quarantine, affected_items, undecodable):
         counts.written.append(QUARANTINE)
     fill_counts(counts, store)
     return counts
@@ -609,18 +674,29 @@ def _series_groups(counts: Sequence[tuple[str, int]], rows: int) -> Iterator[tup
 
 
 def _replace_ingest_quarantine(
-    store: SiteStore, records: list[QuarantineRecord], items: set[str] | None
+    store: SiteStore,
+    records: list[QuarantineRecord],
+    items: set[str] | None,
+    undecodable: list[QuarantineRecord] | None = None,
 ) -> bool:
     """Replace the ingest rows of the quarantine table.
 
     All of them (``items`` None) or only those about ``items`` (the affected files and series).
+    The ``undecodable-name`` rows are apart (they name no catalogue row): replaced by
+    ``undecodable``, or kept when it is None.
     """
-    if items is None:
-        return replace_quarantine(store, Stage.INGEST, records)
     rows = store.quarantine_rows(Stage.INGEST)
-    kept = [r for r in rows if r["item"] not in items]
+    undecodable_name = str(Reason.UNDECODABLE_NAME)
+    if undecodable is None:
+        names = [r for r in rows if r["reason"] == undecodable_name]
+    else:
+        names = [r.to_row() for r in undecodable]
+    if items is None:
+        kept = []
+    else:
+        kept = [r for r in rows if r["item"] not in items and r["reason"] != undecodable_name]
     kept.extend(r.to_row() for r in records)
-    return replace_quarantine_rows(store, Stage.INGEST, kept)
+    return replace_quarantine_rows(store, Stage.INGEST, kept + names)
 
 
 def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
@@ -628,6 +704,11 @@ def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
     files: Counter[str] = Counter()
     for table in _column_batches(instance_parts(store), ["status"]):
         files.update(_value_counts(table, "status"))
+    rows = store.quarantine_rows(Stage.INGEST)
+    # a file whose name is not UTF-8 has a quarantine row and no catalogue row
+    undecodable = sum(r["reason"] == Reason.UNDECODABLE_NAME for r in rows)
+    if undecodable:
+        files[STATUS_QUARANTINED] += undecodable
     counts.files = dict(sorted(files.items()))
     by_status: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
@@ -648,7 +729,6 @@ def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
     counts.series = dict(sorted(by_status.items()))
     counts.series_reasons = dict(sorted(by_reason.items()))
     counts.series_by_modality = {m: dict(sorted(c.items())) for m, c in sorted(by_modality.items())}
-    rows = store.quarantine_rows(Stage.INGEST)
     key = site_ref_key(store)
     counts.reasons = dict(sorted(Counter(r["reason"] for r in rows).items()))
     counts.quarantine = [
@@ -738,5 +818,7 @@ __all__ = [
     "planned_files",
     "read_parsed",
     "remove_parts",
+    "replace_undecodable",
     "series_parts",
+    "undecodable_records",
 ]

@@ -113,6 +113,7 @@ def ingest_summary(
             "files_changed": diff.changed,
             "files_unchanged": diff.unchanged,
             "files_deleted": diff.deleted,
+            "files_undecodable": diff.undecodable,
             "files_parsed": run.files_parsed,
             "files_failed": run.files_failed,
             "batches": run.batches,

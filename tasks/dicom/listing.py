@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -85,12 +86,14 @@ class ListingDiff:
     Attributes
     ----------
     listed
-        Files listed under the source.
+        Files listed under the source (``undecodable`` included).
     new, changed
         Files to parse: not in the catalogue (or marked deleted there), or listed with another
         size or change token.
     deleted
         Paths in the catalogue (not yet marked deleted) that are gone from the source.
+    undecodable
+        Files whose path is not UTF-8: quarantined (``undecodable-name``), never parsed.
     plan
         Store key of the Parquet list of the files to parse, sorted by path (None when none).
     gone
@@ -101,13 +104,14 @@ class ListingDiff:
     new: int = 0
     changed: int = 0
     deleted: int = 0
+    undecodable: int = 0
     plan: str | None = None
     gone: str | None = None
 
     @property
     def unchanged(self) -> int:
         """How many listed files keep their catalogue rows as they are."""
-        return self.listed - self.new - self.changed
+        return self.listed - self.new - self.changed - self.undecodable
 
     @property
     def to_parse(self) -> int:
@@ -295,14 +299,99 @@ def _walk(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[Entry]:
         yield from _walk_fsspec(fs, root, protocol)
 
 
-def _record_batch(paths: list[str], sizes: list[int], tokens: list[str]) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays(
-        [pa.array(paths, pa.string()), pa.array(sizes, pa.int64()), pa.array(tokens, pa.string())],
-        schema=LISTING_SCHEMA,
-    )
+class _Rows:
+    """Listing entries gathered column by column until they make a record batch."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.sizes: list[int] = []
+        self.tokens: list[str] = []
+
+    def add(self, path: str, size: int, token: str) -> None:
+        self.paths.append(path)
+        self.sizes.append(size)
+        self.tokens.append(token)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self) -> pa.RecordBatch:
+        """Return the gathered entries as a record batch and start again."""
+        batch = pa.RecordBatch.from_arrays(
+            [
+                pa.array(self.paths, pa.string()),
+                pa.array(self.sizes, pa.int64()),
+                pa.array(self.tokens, pa.string()),
+            ],
+            schema=LISTING_SCHEMA,
+        )
+        self.paths, self.sizes, self.tokens = [], [], []
+        return batch
 
 
-def listing_batches(url: str, exclude: str | None = None) -> Iterator[pa.RecordBatch]:
+def is_utf8_name(path: str) -> bool:
+    """Whether a listed path is valid UTF-8 text.
+
+    ``os.scandir`` (and fsspec's local filesystem) return a file name whose bytes are not
+    UTF-8 (a Latin-1, ISO-8859-2, Windows-1250 or CP1253 export) as ``str`` holding lone
+    surrogates (``surrogateescape``), which no UTF-8 encoder, Arrow column or DuckDB query
+    accepts. Object-store keys are always UTF-8.
+    """
+    if path.isascii():
+        return True
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escape_name(path: str) -> str:
+    r"""Return the UTF-8 text that stands for a path whose bytes are not UTF-8.
+
+    Every byte of the name that is not part of valid UTF-8 is written ``\xNN`` (two lowercase
+    hex digits), valid UTF-8 characters are kept and a backslash is doubled. So the text is
+    unique per name (:func:`name_bytes` gives the bytes back) and is what bash's ``$'...'``
+    quoting reads back into the name (a ``'`` in it written ``\'``):
+    ``ls -l $'Kovács/Sz\xf5ke.dcm'``.
+
+    Parameters
+    ----------
+    path
+        A source-relative path as listed, with ``surrogateescape`` characters.
+
+    Returns
+    -------
+    str
+        The escaped path, valid UTF-8 (the ``item`` of its quarantine row).
+    """
+    raw = path.encode("utf-8", "surrogateescape").replace(b"\\", b"\\\\")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def name_bytes(item: str) -> bytes:
+    """Return the bytes of the path an :func:`escape_name` text stands for."""
+    out = bytearray()
+    i, data = 0, item.encode("utf-8")
+    while i < len(data):
+        if data[i : i + 2] == b"\\\\":
+            out += b"\\"
+            i += 2
+        elif data[i : i + 2] == b"\\x":
+            out.append(int(data[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            out.append(data[i])
+            i += 1
+    return bytes(out)
+
+
+UndecodableSink = Callable[[pa.RecordBatch], None]
+
+
+def listing_batches(
+    url: str, exclude: str | None = None, undecodable: UndecodableSink | None = None
+) -> Iterator[pa.RecordBatch]:
     """Walk a source and yield its files as Arrow record batches, as they are found.
 
     Parameters
@@ -311,6 +400,10 @@ def listing_batches(url: str, exclude: str | None = None) -> Iterator[pa.RecordB
         fsspec URL of the source root (a folder/prefix, or a single file).
     exclude
         Skip paths starting with this source-relative prefix (a store inside the source).
+    undecodable
+        Called with record batches of the files whose path is not UTF-8 (:func:`is_utf8_name`),
+        paths escaped with :func:`escape_name`; they are not in the batches yielded. Without
+        it, such a file stops the listing with a one-line error.
 
     Yields
     ------
@@ -325,30 +418,71 @@ def listing_batches(url: str, exclude: str | None = None) -> Iterator[pa.RecordB
     """
     fs, root = resolve_source(url)
     listed = 0
-    paths: list[str] = []
-    sizes: list[int] = []
-    tokens: list[str] = []
+    rows, bad = _Rows(), _Rows()
     try:
         for path, size, token in _walk(fs, root):
             if exclude and path.startswith(exclude):
                 continue
-            paths.append(path)
-            sizes.append(size)
-            tokens.append(token)
-            if len(paths) >= LISTING_ROWS:
-                batch = _record_batch(paths, sizes, tokens)
-                paths, sizes, tokens = [], [], []
-                listed += batch.num_rows
-                yield batch
-        if paths:
-            listed += len(paths)
-            yield _record_batch(paths, sizes, tokens)
+            if not is_utf8_name(path):
+                if undecodable is None:
+                    raise OncoflowError(
+                        f"a file name under {url} is not UTF-8 (rename it, e.g. with convmv)"
+                    )
+                listed += 1
+                bad.add(escape_name(path), size, token)
+                if len(bad) >= LISTING_ROWS:
+                    undecodable(bad.take())
+                continue
+            rows.add(path, size, token)
+            if len(rows) >= LISTING_ROWS:
+                listed += len(rows)
+                yield rows.take()
+        if bad:
+            undecodable(bad.take())  # type: ignore[misc]
+        if rows:
+            listed += len(rows)
+            yield rows.take()
     except OncoflowError:
         raise
     except Exception as exc:
         raise OncoflowError(f"cannot list source {url} ({type(exc).__name__})") from None
     if not listed:
         raise OncoflowError(f"source holds no files: {url}")
+
+
+class _ParquetSink:
+    """A Parquet file of the store written a record batch at a time, opened on the first row.
+
+    For the private work files of a run (a listing, a plan): written in place, not
+    atomically, and not at all when there is no row.
+    """
+
+    def __init__(self, store: SiteStore, key: str, schema: pa.Schema) -> None:
+        self.store, self.key, self.schema = store, key, schema
+        self.rows = 0
+        self._fh: Any = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if not batch.num_rows:
+            return
+        if self._writer is None:
+            self._fh = self.store.open_write(self.key)
+            self._writer = pq.ParquetWriter(self._fh, self.schema)
+        self._writer.write_batch(batch.cast(self.schema))
+        self.rows += batch.num_rows
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._fh is not None:
+            self._fh.close()
+        self._writer = self._fh = None
+
+    def write_empty(self) -> None:
+        """Write the file without rows (its schema only)."""
+        with self.store.open_write(self.key) as fh:
+            pq.write_table(self.schema.empty_table(), fh)
 
 
 def write_batches(
@@ -360,26 +494,22 @@ def write_batches(
     atomically, and not at all when there is no row (the store's other tables are written
     with :meth:`SiteStore.write_table`).
     """
-    rows = 0
-    fh = writer = None
+    sink = _ParquetSink(store, key, schema)
     try:
         for batch in batches:
-            if not batch.num_rows:
-                continue
-            if writer is None:
-                fh = store.open_write(key)
-                writer = pq.ParquetWriter(fh, schema)
-            writer.write_batch(batch.cast(schema))
-            rows += batch.num_rows
+            sink.write(batch)
     finally:
-        if writer is not None:
-            writer.close()
-        if fh is not None:
-            fh.close()
-    return rows
+        sink.close()
+    return sink.rows
 
 
-def write_listing(url: str, store: SiteStore, key: str, exclude: str | None = None) -> int:
+def write_listing(
+    url: str,
+    store: SiteStore,
+    key: str,
+    exclude: str | None = None,
+    undecodable: str | None = None,
+) -> int:
     """List a source into a Parquet file of the store, a record batch at a time.
 
     Parameters
@@ -390,18 +520,34 @@ def write_listing(url: str, store: SiteStore, key: str, exclude: str | None = No
         Where the listing goes (the store's private zone: it holds paths).
     exclude
         Source-relative prefix to leave out (a store inside the source).
+    undecodable
+        Store key of a second Parquet file for the files whose path is not UTF-8 (escaped,
+        :func:`escape_name`; written only when there are some). With it, the listing file is
+        written even when every file went there. Without it, such a file is an error.
 
     Returns
     -------
     int
-        Files listed.
+        Files listed (with those whose path is not UTF-8).
 
     Raises
     ------
     OncoflowError
         When the source cannot be listed or holds no files.
     """
-    return write_batches(store, key, listing_batches(url, exclude), LISTING_SCHEMA)
+    if undecodable is None:
+        return write_batches(store, key, listing_batches(url, exclude), LISTING_SCHEMA)
+    bad = _ParquetSink(store, undecodable, LISTING_SCHEMA)
+    listing = _ParquetSink(store, key, LISTING_SCHEMA)
+    try:
+        for batch in listing_batches(url, exclude, bad.write):
+            listing.write(batch)
+    finally:
+        bad.close()
+        listing.close()
+    if not listing.rows:  # every file went to the second file: the diff still reads this one
+        listing.write_empty()
+    return listing.rows + bad.rows
 
 
 def list_source(url: str) -> list[ListedFile]:
