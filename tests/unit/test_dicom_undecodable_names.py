@@ -11,19 +11,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import duckdb
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 from flows.ingest import IngestParams, catalogue_source
-from tasks.dicom.catalog import UNDECODABLE_DETAIL
+from tasks.dicom.catalog import LISTING, UNDECODABLE, UNDECODABLE_DETAIL
 from tasks.dicom.ingest_summary import ingest_summary
-from tasks.dicom.listing import escape_name, is_utf8_name, list_source, name_bytes
+from tasks.dicom.listing import (
+    escape_name,
+    is_utf8_name,
+    list_source,
+    name_bytes,
+    write_listing,
+)
 from tasks.errors import OncoflowError
 from tasks.quarantine import lookup
 from tasks.store import SiteStore
@@ -210,3 +218,41 @@ def test_escaped_names_are_utf8_unique_and_give_the_bytes_back(parts):
         assert not is_utf8_name(name)
     else:
         assert is_utf8_name(name) and escaped == name.replace("\\", "\\\\")
+
+
+@settings(max_examples=25)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"", b"d\xe9j\xe0", "Ödön".encode(), b"a\\b"]), _NAME_BYTES),
+        min_size=1,
+        max_size=6,
+        unique=True,
+    ).filter(lambda files: all(n not in (b".", b"..") for _, n in files))
+)
+def test_every_file_is_listed_once_whatever_its_name_bytes(files):
+    """Every file on disk is in the listing (UTF-8 names) or in the list for the quarantine
+    (escaped), exactly once, and the escaped text gives back its bytes."""
+    folders = {folder for folder, _ in files if folder}
+    names = {name for _, name in files}
+    if folders & names:  # a name both a folder and a file in the same place
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(os.fsencode(tmp), b"src")
+        written = set()
+        for folder, name in files:
+            os.makedirs(os.path.join(root, folder), exist_ok=True)
+            path = os.path.join(folder, name) if folder else name
+            with open(os.path.join(root, path), "wb") as fh:
+                fh.write(name)
+            written.add(path)
+        store = SiteStore(os.path.join(tmp, "store"), "site-p")
+        listed = write_listing(os.fsdecode(root), store, LISTING, undecodable=UNDECODABLE)
+        good = pq.read_table(store.path(LISTING)).column("path").to_pylist()
+        bad = []
+        if os.path.exists(store.path(UNDECODABLE)):
+            bad = pq.read_table(store.path(UNDECODABLE)).column("path").to_pylist()
+        assert listed == len(written) == len(good) + len(bad)
+        found = [p.encode() for p in good] + [name_bytes(p) for p in bad]
+        assert sorted(found) == sorted(written)
+        assert all(is_utf8_name(p) for p in good)
+        assert all(not is_utf8_name(os.fsdecode(name_bytes(p))) for p in bad)
