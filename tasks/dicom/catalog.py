@@ -216,7 +216,20 @@ def replace_undecodable(store: SiteStore, records: list[QuarantineRecord]) -> bo
     bool
         True when the table changed (an unchanged source writes nothing).
     """
+    wanted = [r.to_row() for r in records]
+    rows = store.quarantine_rows(Stage.INGEST)
+    if _undecodable_rows(rows) == sorted(wanted, key=_by_item):
+        return False  # the nightly case: nothing to rewrite
     return _replace_ingest_quarantine(store, [], set(), records)
+
+
+def _by_item(row: dict[str, Any]) -> str:
+    return row["item"]
+
+
+def _undecodable_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    undecodable_name = str(Reason.UNDECODABLE_NAME)
+    return sorted((r for r in rows if r["reason"] == undecodable_name), key=_by_item)
 
 
 def diff_files(store: SiteStore, listing: str, catalogue: Sequence[str]) -> ListingDiff:
