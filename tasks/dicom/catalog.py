@@ -699,14 +699,11 @@ def _replace_ingest_quarantine(
     ``undecodable``, or kept when it is None.
     """
     rows = store.quarantine_rows(Stage.INGEST)
-    undecodable_name = str(Reason.UNDECODABLE_NAME)
-    if undecodable is None:
-        names = [r for r in rows if r["reason"] == undecodable_name]
-    else:
-        names = [r.to_row() for r in undecodable]
+    names = _undecodable_rows(rows) if undecodable is None else [r.to_row() for r in undecodable]
     if items is None:
         kept = []
     else:
+        undecodable_name = str(Reason.UNDECODABLE_NAME)
         kept = [r for r in rows if r["item"] not in items and r["reason"] != undecodable_name]
     kept.extend(r.to_row() for r in records)
     return replace_quarantine_rows(store, Stage.INGEST, kept + names)
