@@ -18,10 +18,31 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.dicom.listing import item_ref
-from tasks.records import QuarantineRecord, Stage
+from tasks.records import Kind, QuarantineRecord, Reason, Stage
 from tasks.refs import site_ref_key
 from tasks.store import QUARANTINE, QUARANTINE_SCHEMA, QUARANTINE_SORT, SiteStore
 from tasks.table_parts import PartedTable
+
+#: Detail of an ``undecodable-name`` quarantine row (one line, no name in it).
+UNDECODABLE_DETAIL = (
+    "file name is not UTF-8 (a legacy code page such as Latin-1, ISO-8859-2, Windows-1250 or "
+    "CP1253); rename it to UTF-8, e.g. convmv -r -f cp1250 -t utf-8 --notest SOURCE, and ingest "
+    "again"
+)
+
+
+def undecodable_record(item: str, kind: Kind = Kind.FILE) -> QuarantineRecord:
+    r"""Return the ingest quarantine record of a source file whose name is not UTF-8.
+
+    Parameters
+    ----------
+    item
+        The file's source-relative path escaped with :func:`tasks.dicom.listing.escape_name`
+        (``Sz\xf5ke.dcm``).
+    kind
+        ``file`` for a DICOM source, ``volume`` for a NIfTI/NRRD one.
+    """
+    return QuarantineRecord(item, kind, Stage.INGEST, Reason.UNDECODABLE_NAME, UNDECODABLE_DETAIL)
 
 
 def replace_quarantine(store: SiteStore, stage: Stage, records: list[QuarantineRecord]) -> bool:

@@ -45,7 +45,7 @@ from tasks.dicom.series import (
     series_table,
 )
 from tasks.errors import OncoflowError
-from tasks.quarantine import replace_quarantine_rows
+from tasks.quarantine import replace_quarantine_rows, undecodable_record
 from tasks.records import Kind, QuarantineRecord, Reason, Stage
 from tasks.refs import site_ref_key
 from tasks.store import (
@@ -175,14 +175,6 @@ def _rows_in(store: SiteStore, key: str) -> int:
         return pq.ParquetFile(fh).metadata.num_rows
 
 
-#: Detail of an ``undecodable-name`` quarantine row (one line, no name in it).
-UNDECODABLE_DETAIL = (
-    "file name is not UTF-8 (a legacy code page such as Latin-1, ISO-8859-2, Windows-1250 or "
-    "CP1253); rename it to UTF-8, e.g. convmv -r -f cp1250 -t utf-8 --notest SOURCE, and ingest "
-    "again"
-)
-
-
 def undecodable_records(store: SiteStore, key: str = UNDECODABLE) -> list[QuarantineRecord]:
     """Return the quarantine records of the files whose path is not UTF-8, sorted by item.
 
@@ -202,10 +194,7 @@ def undecodable_records(store: SiteStore, key: str = UNDECODABLE) -> list[Quaran
         return []
     with store.open(key) as fh:
         paths = pq.read_table(fh, columns=["path"]).column("path").to_pylist()
-    return [
-        QuarantineRecord(path, Kind.FILE, Stage.INGEST, Reason.UNDECODABLE_NAME, UNDECODABLE_DETAIL)
-        for path in sorted(set(paths))
-    ]
+    return [undecodable_record(path) for path in sorted(set(paths))]
 
 
 def replace_undecodable(store: SiteStore, records: list[QuarantineRecord]) -> bool:
@@ -227,9 +216,16 @@ def _by_item(row: dict[str, Any]) -> str:
     return row["item"]
 
 
+def _is_undecodable_file(row: dict[str, Any]) -> bool:
+    """Whether a quarantine row is a DICOM source file's ``undecodable-name`` row.
+
+    NIfTI/NRRD ingest (kind ``volume``) keeps its own rows of that reason.
+    """
+    return row["reason"] == Reason.UNDECODABLE_NAME and row["kind"] == Kind.FILE
+
+
 def _undecodable_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    undecodable_name = str(Reason.UNDECODABLE_NAME)
-    return sorted((r for r in rows if r["reason"] == undecodable_name), key=_by_item)
+    return sorted(filter(_is_undecodable_file, rows), key=_by_item)
 
 
 def diff_files(store: SiteStore, listing: str, catalogue: Sequence[str]) -> ListingDiff:
@@ -700,11 +696,10 @@ def _replace_ingest_quarantine(
     """
     rows = store.quarantine_rows(Stage.INGEST)
     names = _undecodable_rows(rows) if undecodable is None else [r.to_row() for r in undecodable]
-    if items is None:
-        kept = []
+    if items is None:  # the NIfTI/NRRD ingest's rows are not this ingest's to drop
+        kept = [r for r in rows if r["kind"] == Kind.VOLUME]
     else:
-        undecodable_name = str(Reason.UNDECODABLE_NAME)
-        kept = [r for r in rows if r["item"] not in items and r["reason"] != undecodable_name]
+        kept = [r for r in rows if r["item"] not in items and not _is_undecodable_file(r)]
     kept.extend(r.to_row() for r in records)
     return replace_quarantine_rows(store, Stage.INGEST, kept + names)
 
@@ -716,7 +711,7 @@ def fill_counts(counts: CatalogCounts, store: SiteStore) -> CatalogCounts:
         files.update(_value_counts(table, "status"))
     rows = store.quarantine_rows(Stage.INGEST)
     # a file whose name is not UTF-8 has a quarantine row and no catalogue row
-    undecodable = sum(r["reason"] == Reason.UNDECODABLE_NAME for r in rows)
+    undecodable = sum(map(_is_undecodable_file, rows))
     if undecodable:
         files[STATUS_QUARANTINED] += undecodable
     counts.files = dict(sorted(files.items()))

@@ -17,6 +17,12 @@ letters, digits and dashes. Without ``Patient`` each image is its own patient; w
 ``Study`` each patient has one study; without ``Modality`` the modality is ``OT``.
 
 The result is the private table ``catalog/volumes.parquet`` (paths and patient IDs: private zone).
+
+**Names that are not UTF-8** (legacy code-page exports, e.g. ISO-8859-2 or Windows-1250): such a
+file (an image or mask of the folder rule, or a CSV's ``Image``/``Mask`` cell holding such bytes)
+cannot be a text column and is never opened; it is returned escaped
+(:func:`tasks.dicom.listing.escape_name`, source-relative) for an ``undecodable-name``
+quarantine row, like a DICOM file's, and its case is left out. Every other case is listed.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks.dicom.listing import escape_name, is_utf8_name
 from tasks.errors import OncoflowError
 from tasks.records import Reason
 from tasks.store import SiteStore, open_url, unstrip
@@ -161,27 +168,47 @@ def _join(base: str, path: str) -> str:
     return f"{base.rstrip('/')}/{path}"
 
 
-def read_cases_csv(url: str) -> list[VolumeCase]:
+def _hand_over(url: str, bad: list[str], undecodable: list[str] | None) -> None:
+    """Add the escaped names to ``undecodable``; without it, such a name is a one-line error."""
+    if not bad:
+        return
+    if undecodable is None:
+        raise OncoflowError(f"a file name under {url} is not UTF-8 (rename it, e.g. with convmv)")
+    undecodable.extend(sorted(set(bad)))
+
+
+def read_cases_csv(url: str, undecodable: list[str] | None = None) -> list[VolumeCase]:
     """Read a cases CSV into volume cases (rows sharing an image are merged).
+
+    Parameters
+    ----------
+    url
+        The CSV (path or fsspec URL).
+    undecodable
+        Receives the ``Image``/``Mask`` cells whose bytes are not UTF-8 (a CSV saved in a legacy
+        code page naming such files), escaped; their rows are left out. Without it, such a
+        cell is a one-line error.
 
     Raises
     ------
     OncoflowError
         One line for an unreadable file, missing ``Image``/``Mask`` columns, a bad ``Label``
-        or ``Modality`` (naming the row).
+        or ``Modality``, or other text that is not UTF-8 (naming the row).
     """
     fs, path = open_url(url)
     try:
-        text = fs.cat_file(path).decode("utf-8-sig")
+        # a legacy code page's bytes are kept (surrogate escapes) so its rows can be told apart
+        text = fs.cat_file(path).decode("utf-8-sig", "surrogateescape")
     except FileNotFoundError:
         raise OncoflowError(f"cases file not found: {url}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise OncoflowError(f"cases file {url}: cannot read ({type(exc).__name__})") from None
+    bad: list[str] = []
     reader = csv.DictReader(io.StringIO(text))
     columns = {c.strip().lower(): c for c in reader.fieldnames or []}
     missing = [c for c in ("image", "mask") if c not in columns]
     if missing:
-        found = ", ".join(reader.fieldnames or []) or "none"
+        found = escape_name(", ".join(reader.fieldnames or [])) or "none"
         raise OncoflowError(
             f"cases file {url.rsplit('/', 1)[-1]}: needs columns Image and Mask "
             f"(pyradiomics' batch format); found: {found}"
@@ -195,6 +222,15 @@ def read_cases_csv(url: str) -> list[VolumeCase]:
         where = f"cases file {url.rsplit('/', 1)[-1]} line {number}"
         if not row["image"] or not row["mask"]:
             raise OncoflowError(f"{where}: Image and Mask are both needed")
+        names = [row[c] for c in ("image", "mask") if not is_utf8_name(row[c])]
+        if names:  # never opened: the file is quarantined, the row left out
+            bad.extend(escape_name(n) for n in names)
+            continue
+        for column in ("patient", "study"):
+            if not is_utf8_name(row.get(column) or ""):
+                raise OncoflowError(
+                    f"{where}: {column.title()} is not UTF-8 text (save the file as UTF-8)"
+                )
         label = 0
         if row.get("label"):
             try:
@@ -220,17 +256,28 @@ def read_cases_csv(url: str) -> list[VolumeCase]:
         case.masks.append(_join(base, row["mask"]))
         case.labels.append(label)
         case.roi_names.append(roi_slug(row.get("roi") or ""))
-    if not by_image:
+    _hand_over(url, bad, undecodable)
+    if not by_image and not bad:
         raise OncoflowError(f"cases file {url.rsplit('/', 1)[-1]} lists no case")
     return [by_image[k] for k in sorted(by_image)]
 
 
-def cases_from_folder(url: str) -> list[VolumeCase]:
+def cases_from_folder(url: str, undecodable: list[str] | None = None) -> list[VolumeCase]:
     """List the image/mask pairs of a folder by the naming rule (``<case>_image.<ext>``).
 
     Images without a mask are returned quarantined (``missing-mask``).
+
+    Parameters
+    ----------
+    url
+        The folder (path or fsspec URL).
+    undecodable
+        Receives the paths within the folder of the images and masks whose path is not UTF-8,
+        escaped (:func:`tasks.dicom.listing.escape_name`); their cases are left out. Without
+        it, such a name is a one-line error.
     """
     fs, root = open_url(url)
+    bad: list[str] = []
     files = sorted(fs.find(root))
     by_stem: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
     for path in files:
@@ -248,6 +295,10 @@ def cases_from_folder(url: str) -> list[VolumeCase]:
         if image is None:
             continue
         mask = next((found[w] for w in MASK_WORDS if w in found), None)
+        paths = [p for p in (image, mask) if p is not None]
+        if not all(map(is_utf8_name, paths)):  # SimpleITK aborts the process on such a path
+            bad.extend(escape_name(p[len(root) :].lstrip("/")) for p in paths)
+            continue
         volume = VolumeCase(
             image=unstrip(fs, image), patient_id=case, reference=image[len(root) :].lstrip("/")
         )
@@ -257,7 +308,8 @@ def cases_from_folder(url: str) -> list[VolumeCase]:
         else:
             volume.masks, volume.labels, volume.roi_names = [unstrip(fs, mask)], [0], [""]
         cases.append(volume)
-    if not cases:
+    _hand_over(url, bad, undecodable)
+    if not cases and not bad:
         rule = ", ".join(SUFFIXES[:3])
         raise OncoflowError(
             f"no <case>_image file with a <case>_mask (or _label, _seg) in {url} ({rule})"
@@ -265,11 +317,27 @@ def cases_from_folder(url: str) -> list[VolumeCase]:
     return cases
 
 
-def list_cases(source: str) -> list[VolumeCase]:
-    """Return the cases of a cases CSV or a folder (see the module docstring)."""
+def list_cases(source: str, undecodable: list[str] | None = None) -> list[VolumeCase]:
+    """Return the cases of a cases CSV or a folder (see the module docstring).
+
+    Parameters
+    ----------
+    source
+        A cases CSV or a folder (path or fsspec URL).
+    undecodable
+        Receives the files whose name is not UTF-8, escaped and source-relative (see
+        :func:`cases_from_folder`, :func:`read_cases_csv`).
+
+    Raises
+    ------
+    OncoflowError
+        One line for a bad SOURCE (also when its own path is not UTF-8).
+    """
+    if not is_utf8_name(source):
+        raise OncoflowError("the source's path is not UTF-8 (rename it, e.g. with convmv)")
     if source.lower().endswith(".csv"):
-        return read_cases_csv(source)
-    return cases_from_folder(source)
+        return read_cases_csv(source, undecodable)
+    return cases_from_folder(source, undecodable)
 
 
 def check_case(case: VolumeCase) -> VolumeCase:

@@ -132,8 +132,8 @@ def deidentify_volume(store: SiteStore, job: VolumeJob, keys: SiteKeys) -> UnitO
     Returns
     -------
     UnitOutcome
-        ``ok`` with the rows and keys, or ``quarantined`` (unreadable or not a 3-D scalar
-        image); a mask that cannot be used is a quarantine record of its own.
+        ``ok`` with the rows and keys, or ``quarantined`` (unreadable, gone since ingest, or
+        not a 3-D scalar image); a mask that cannot be used is a quarantine record of its own.
     """
     series = volume_series_uid(keys, job)
     patient_source = job.patient_id or f"volume.{job.volume_key}"
@@ -148,6 +148,8 @@ def deidentify_volume(store: SiteStore, job: VolumeJob, keys: SiteKeys) -> UnitO
             raise _Rejected(
                 Reason.UNREADABLE_HEADER, "image cannot be read as NIfTI/NRRD"
             ) from None
+        except FileNotFoundError:  # gone since ingest
+            raise _Rejected(Reason.MISSING_FILE, "image file not found") from None
         _scalar_3d(image, "image")
     except _Rejected as exc:
         return UnitOutcome(
@@ -168,6 +170,8 @@ def deidentify_volume(store: SiteStore, job: VolumeJob, keys: SiteKeys) -> UnitO
                     cache[location], count = _read(location)
                 except RuntimeError:
                     raise _Rejected(Reason.UNREADABLE_HEADER, "mask cannot be read") from None
+                except FileNotFoundError:
+                    raise _Rejected(Reason.MISSING_FILE, "mask file not found") from None
                 dropped += count
             mask = cache[location]
             _scalar_3d(mask, "mask")

@@ -8,6 +8,9 @@ import tempfile
 import numpy as np
 import SimpleITK as sitk
 
+from tasks.dicom.listing import is_utf8_name
+from tasks.errors import OncoflowError
+
 #: File suffixes of the volume formats read (lower case).
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 
@@ -16,6 +19,24 @@ def volume_suffix(name: str) -> str:
     """Return the volume suffix of a file name (``.nii.gz``, ``.nii``, ``.nrrd``), or ``""``."""
     low = name.lower()
     return next((s for s in SUFFIXES if low.endswith(s)), "")
+
+
+def sitk_path(path: str) -> str:
+    """Return ``path`` for SimpleITK after checking it is UTF-8 text.
+
+    SimpleITK aborts the whole Python process ("terminate called ... std::logic_error") on a
+    ``str`` holding surrogate escapes, which is how Python gives back a path whose bytes are
+    not UTF-8. Volumes are only handed to SimpleITK as temporary files, so such a path can
+    only come from the temporary folder (``TMPDIR``).
+
+    Raises
+    ------
+    OncoflowError
+        One line, when the path is not UTF-8.
+    """
+    if not is_utf8_name(path):
+        raise OncoflowError("the temporary folder's path is not UTF-8: set TMPDIR to one that is")
+    return path
 
 
 def read_image_bytes(data: bytes, suffix: str) -> sitk.Image:
@@ -30,7 +51,7 @@ def read_image_bytes(data: bytes, suffix: str) -> sitk.Image:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        return sitk.ReadImage(path)
+        return sitk.ReadImage(sitk_path(path))
     finally:
         os.unlink(path)
 
@@ -54,7 +75,7 @@ def nrrd_bytes(image: sitk.Image) -> bytes:
     fd, path = tempfile.mkstemp(suffix=".nrrd")
     os.close(fd)
     try:
-        sitk.WriteImage(image, path, useCompression=True)
+        sitk.WriteImage(image, sitk_path(path), useCompression=True)
         with open(path, "rb") as fh:
             return fh.read()
     finally:

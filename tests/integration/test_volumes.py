@@ -205,3 +205,60 @@ def test_leak_gate_knows_the_cases_identities(cohort):
     matcher = IdentifierMatcher(values)
     assert matcher.found("report for Papadopoulos Georgios")
     assert not matcher.found("original_shape_VoxelVolume of the image and its mask")
+
+
+def test_legacy_file_names_are_quarantined_through_the_flow(tmp_path, prefect_api, monkeypatch):
+    """A folder where a legacy tool named two cases in ISO-8859-2 and CP1253: their four files
+    are quarantined (``undecodable-name``) through the Prefect flow while the UTF-8 cases
+    ingest; a re-run changes nothing; Prefect records no name, escaped or hashed."""
+    import hashlib
+    import os
+
+    import anyio
+
+    from tasks.dicom.listing import escape_name
+    from tests.services import prefect_records
+
+    site = "site-legacy-volumes"
+    source = tmp_path / "folder"
+    source.mkdir()
+    for stem in ("Wojcik_Zofia_1958", "Ni_Bhriain_Siobhan"):
+        for word in ("image", "mask"):
+            shutil.copy(DATA / f"{stem}_{word}.nrrd", source / f"Łucja {stem}_{word}.nrrd")
+    legacy = ["Szőke Árpád".encode("iso-8859-2"), "Παπαδόπουλος".encode("cp1253")]
+    for stem in legacy:
+        for word in (b"image", b"mask"):
+            target = os.path.join(os.fsencode(source), stem + b"_" + word + b".nrrd")
+            shutil.copy(DATA / f"Szoke_Arpad_1949_{word.decode()}.nrrd", target)
+    monkeypatch.setenv("ONCOFLOW_SITE_SECRET", SECRET)
+    url = str(tmp_path / "store")
+    first = ingest_volumes(str(source), site, url)
+    assert first.counts == {"ok": 2, "quarantined": 4}
+    assert first.reasons == {"undecodable-name": 4}
+    store = SiteStore(url, site)
+    rows = [r for r in store.quarantine_rows("ingest") if r["reason"] == "undecodable-name"]
+    assert sorted(r["item"] for r in rows) == sorted(
+        escape_name(os.fsdecode(s + w)) for s in legacy for w in (b"_image.nrrd", b"_mask.nrrd")
+    )
+    before = {p: p.read_bytes() for p in Path(url).rglob("*") if p.is_file()}
+    second = ingest_volumes(str(source), site, url)
+    assert second.counts == first.counts and second.extra["table_written"] is False
+    assert {p: p.read_bytes() for p in Path(url).rglob("*") if p.is_file()} == before
+
+    runs, logs, artifacts, tasks = anyio.run(prefect_records, ["ingest-volumes"])
+    ours = [r for r in runs if r.name == f"ingest-volumes-{site}"]
+    assert len(ours) == 2
+    haystack = "\n".join(
+        [f"{r.name} {r.parameters} {r.state}" for r in runs]
+        + [log.message for log in logs]
+        + [f"{a.key} {a.description} {a.data}" for a in artifacts]
+        + [t.name for t in tasks]
+    )
+    assert "undecodable-name" in haystack
+    for item in [r["item"] for r in rows]:
+        name = os.fsdecode(os.path.basename(os.fsencode(item)))
+        for value in (item, item.split("_")[0], name.encode("utf-8", "surrogateescape").hex()):
+            assert value not in haystack
+            assert hashlib.sha256(value.encode()).hexdigest()[:12] not in haystack
+    for word in ("Szőke", "Árpád", "Παπαδόπουλος", "Łucja", "Sz\\x", "\\udc"):
+        assert word not in haystack

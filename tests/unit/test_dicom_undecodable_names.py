@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 from flows.ingest import IngestParams, catalogue_source
-from tasks.dicom.catalog import LISTING, UNDECODABLE, UNDECODABLE_DETAIL
+from tasks.dicom.catalog import LISTING, UNDECODABLE
 from tasks.dicom.ingest_summary import ingest_summary
 from tasks.dicom.listing import (
     escape_name,
@@ -33,7 +33,7 @@ from tasks.dicom.listing import (
     write_listing,
 )
 from tasks.errors import OncoflowError
-from tasks.quarantine import lookup
+from tasks.quarantine import UNDECODABLE_DETAIL, lookup
 from tasks.store import SiteStore
 from tests.dicom_factory import ct_dataset, to_bytes
 
