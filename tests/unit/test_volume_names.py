@@ -23,10 +23,10 @@ import SimpleITK as sitk
 
 from flows.volumes import catalogue_cases
 from tasks.deid.pseudonyms import SiteKeys
-from tasks.dicom.catalog import replace_undecodable
+from tasks.dicom.catalog import _replace_ingest_quarantine, replace_undecodable
 from tasks.dicom.listing import escape_name, name_bytes
 from tasks.errors import OncoflowError
-from tasks.quarantine import UNDECODABLE_DETAIL
+from tasks.quarantine import UNDECODABLE_DETAIL, undecodable_record
 from tasks.records import Reason, Stage
 from tasks.store import SiteStore
 from tasks.volumes.cases import cases_from_folder, is_volume_source, list_cases, read_cases_csv
@@ -187,8 +187,14 @@ def test_dicom_ingest_leaves_the_volume_rows_alone(folder, tmp_path):
     catalogue_cases(str(folder), SITE, str(store_dir))
     before = _quarantine(store_dir)
     # a DICOM ingest of a source without legacy names replaces only its own rows
-    replace_undecodable(SiteStore(str(store_dir), SITE), [])
+    store = SiteStore(str(store_dir), SITE)
+    replace_undecodable(store, [])
     assert _quarantine(store_dir) == before
+    # and so does one that rebuilds all its rows (a first run, a new catalogue version)
+    _replace_ingest_quarantine(store, [undecodable_record("IM0001.dcm")], None)
+    assert _quarantine(store_dir) == sorted(
+        [*before, undecodable_record("IM0001.dcm").to_row()], key=lambda r: r["item"]
+    )
 
 
 def test_cases_csv_with_legacy_cells(tmp_path):
