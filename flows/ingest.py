@@ -31,7 +31,6 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from pydantic import Field, field_validator
@@ -72,7 +71,7 @@ from tasks.dicom.listing import (
 )
 from tasks.records import Stage, StageSummary
 from tasks.refs import site_ref_key
-from tasks.store import QUARANTINE, SiteStore, open_url, protocol_of
+from tasks.store import QUARANTINE, SiteStore, open_url, parquet_file, protocol_of
 
 #: Parquet schema-metadata key of the catalogue tables holding the SOURCE URL.
 SOURCE_METADATA_KEY = "source"
@@ -241,7 +240,7 @@ def write_plan_batches(store: SiteStore, plan: str, workers: int, largest: int) 
     """
     refs = []
     with store.open(plan) as fh:
-        plan_file = pq.ParquetFile(fh)
+        plan_file = parquet_file(fh)
         size = batch_size_for(plan_file.metadata.num_rows, workers, largest)
         for batch in batched_files(files_from_parquet(plan_file), size, site_ref_key(store)):
             write_batch_files(store, batch)

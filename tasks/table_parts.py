@@ -41,7 +41,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.store import Existing, SiteStore, sha256_bytes, table_to_parquet_bytes
+from tasks.store import (
+    Existing,
+    SiteStore,
+    read_parquet,
+    sha256_bytes,
+    table_to_parquet_bytes,
+)
 
 PART_PREFIX = "part-"
 #: Rows per part (a first ingest of 2 M instances gives 200 parts). It bounds the memory a
@@ -367,7 +373,7 @@ class PartedTable:
             yield rows
             for part in old:
                 with self.store.open(part) as fh:
-                    table = pq.read_table(fh)
+                    table = read_parquet(fh)
                 mask = pa.array([k not in superseded for k in table.column(key).to_pylist()])
                 yield table.filter(mask).cast(rows.schema)
 
@@ -400,7 +406,7 @@ class PartedTable:
         def tables() -> Iterator[pa.Table]:
             for key in small:
                 with self.store.open(key) as fh:
-                    yield pq.read_table(fh)
+                    yield read_parquet(fh)
 
         return list(self.chunks(tables(), metadata)), small
 

@@ -16,7 +16,6 @@ endpoint's ``/health`` and ``/policy`` are read.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -115,6 +114,7 @@ def _publication(report: ReadinessReport, site: str, to: str | None) -> dict[str
     from tasks.cohort.storage import Retrier, RetryPolicy
     from tasks.errors import OncoflowError
     from tasks.federation.sources import read_checked, read_version, version_paths
+    from tasks.store import read_parquet
 
     if not to:
         report.add(1, "published cohort version", False, "no publication URL given (--to)")
@@ -162,10 +162,10 @@ def _publication(report: ReadinessReport, site: str, to: str | None) -> dict[str
             )
             metadata_missing += [f"{k} ({n} series)" for k, n in risk["missing_metadata"].items()]
         if "series.parquet" in sums:
-            import pyarrow.parquet as pq
+            import pyarrow as pa
 
             data = read_checked(fs, f"{path}/series.parquet", sums["series.parquet"], retry)
-            rows = pq.read_table(io.BytesIO(data)).to_pylist()
+            rows = read_parquet(pa.BufferReader(data)).to_pylist()
             found["images"] += sum(1 for r in rows if r.get("image"))
             found["masks"] += sum(1 for r in rows if r.get("masks"))
             found["dicom"] += sum(1 for r in rows if r.get("dicom"))

@@ -54,6 +54,8 @@ from tasks.store import (
     QUARANTINE,
     QUARANTINE_SORT,
     SiteStore,
+    parquet_file,
+    read_parquet,
 )
 from tasks.table_parts import PartedTable, sql_list
 
@@ -193,7 +195,7 @@ def undecodable_records(store: SiteStore, key: str = UNDECODABLE) -> list[Quaran
     if not store.exists(key):
         return []
     with store.open(key) as fh:
-        paths = pq.read_table(fh, columns=["path"]).column("path").to_pylist()
+        paths = read_parquet(fh, ["path"]).column("path").to_pylist()
     return [undecodable_record(path) for path in sorted(set(paths))]
 
 
@@ -327,7 +329,7 @@ def planned_files(store: SiteStore, diff: ListingDiff) -> Iterator[ListedFile]:
     if diff.plan is None:
         return
     with store.open(diff.plan) as fh:
-        yield from files_from_parquet(pq.ParquetFile(fh))
+        yield from files_from_parquet(parquet_file(fh))
 
 
 def deleted_paths(store: SiteStore, diff: ListingDiff) -> Iterator[str]:
@@ -335,7 +337,8 @@ def deleted_paths(store: SiteStore, diff: ListingDiff) -> Iterator[str]:
     if diff.gone is None:
         return
     with store.open(diff.gone) as fh:
-        for batch in pq.ParquetFile(fh).iter_batches(RESULT_ROWS, columns=["path"]):
+        plan = parquet_file(fh)
+        for batch in plan.iter_batches(RESULT_ROWS, columns=["path"], use_threads=False):
             yield from batch.column("path").to_pylist()
 
 

@@ -628,7 +628,8 @@ def files_to_table(files: Sequence[ListedFile]) -> pa.Table:
 
 def files_from_parquet(plan: pq.ParquetFile, rows: int = 4096) -> Iterator[ListedFile]:
     """Yield the listing entries of a plan written from :func:`files_to_table`, in order."""
-    for batch in plan.iter_batches(batch_size=rows, columns=list(LISTING_SCHEMA.names)):
+    columns = list(LISTING_SCHEMA.names)
+    for batch in plan.iter_batches(batch_size=rows, columns=columns, use_threads=False):
         yield from _files_of(batch)
 
 

@@ -13,18 +13,18 @@ series keys, UIDs, names, dates of birth, ...), several values for one field, em
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from tasks.cohort.storage import Retrier, RetryPolicy
 from tasks.errors import OncoflowError
 from tasks.federation.noise import NoisePolicy, canonical_query, obfuscate, release_budget
 from tasks.federation.sources import read_checked, read_version, version_paths
+from tasks.store import read_parquet
 
 #: Fields a query may fix, and how their values are normalised.
 FIELDS = ("cohort", "modality", "body_part", "roi", "age_band", "sex")
@@ -194,7 +194,7 @@ def load_site_counts(site: str, to: str, policy: RetryPolicy | None = None) -> S
         if "series.parquet" not in sums:
             continue
         data = read_checked(fs, f"{path}/series.parquet", str(sums["series.parquet"]), retry)
-        table = pq.read_table(io.BytesIO(data))
+        table = read_parquet(pa.BufferReader(data))
         cohort = str(manifest.get("cohort"))
         releases.append(f"{cohort}:{manifest.get('contentHash')}")
         for rec in table.select(

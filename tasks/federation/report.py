@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks.cohort.report import (
     Report,
@@ -30,7 +29,7 @@ from tasks.cohort.storage import Retrier, RetryPolicy
 from tasks.errors import OncoflowError
 from tasks.federation.combat import SiteAdjustment, apply_adjustment, cohort_rows
 from tasks.federation.sources import PublishedVersion, read_checked
-from tasks.store import open_url
+from tasks.store import open_url, read_parquet
 
 
 def combat_matrices(
@@ -77,7 +76,7 @@ def _read_tables(version: PublishedVersion, retry: Retrier) -> tuple[pa.Table, p
     out = []
     for name in ("series.parquet", "features.parquet"):
         data = read_checked(fs, f"{path}/{name}", sums[name], retry)
-        out.append(pq.read_table(pa.BufferReader(data)))
+        out.append(read_parquet(pa.BufferReader(data)))
     return out[0], out[1]
 
 

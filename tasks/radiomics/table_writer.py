@@ -36,7 +36,7 @@ from tasks.radiomics.table import (
     features_key,
     table_metadata,
 )
-from tasks.store import COMMON_METADATA, SiteStore
+from tasks.store import COMMON_METADATA, SiteStore, parquet_file, read_parquet
 from tasks.table_parts import SORT_KEY, PartedTable
 
 #: Rows are keyed and sorted by these columns in both tables.
@@ -89,10 +89,10 @@ def row_index(table: PartedTable, columns: Iterable[str]) -> dict[Key, tuple[str
     index: dict[Key, tuple[str, tuple]] = {}
     for part in table.parts():
         with table.store.open(part) as fh:
-            parquet = pq.ParquetFile(fh)
+            parquet = parquet_file(fh)
             if not set(wanted) <= set(parquet.schema_arrow.names):
                 return None
-            got = parquet.read(columns=wanted)
+            got = parquet.read(columns=wanted, use_threads=False)
         columns_ = [got.column(c).to_pylist() for c in wanted]
         s, r = wanted.index("series"), wanted.index("roi")
         for values in zip(*columns_, strict=True):
@@ -186,7 +186,7 @@ def update_parts(
         yield from _slices(rows, table.part_rows)
         for part in holding:
             with table.store.open(part) as fh:
-                old = pq.ParquetFile(fh).read()
+                old = read_parquet(fh)
             keep = [k not in superseded for k in _keys(old)]
             yield old.filter(pa.array(keep, pa.bool_())).cast(rows.schema)
 
