@@ -15,6 +15,7 @@ from tasks.radiomics.params import validate_params
 from tasks.radiomics.table import FeatureRow, features_key, table_metadata, written_with
 from tasks.radiomics.table_writer import features_parts, plan_features, write_features_table
 from tasks.store import SiteStore
+from tests.kill_switch import KILL_AT_STORE_CALL
 from tests.unit.test_table_parts import Crash, crash_store_at
 
 PARAMS = validate_params({"setting": {"binWidth": 25}, "imageType": {"Original": {}}})
@@ -219,28 +220,18 @@ def test_diagnostics_follow_the_changed_rows(store):
     assert plan.unchanged and not write_diagnostics_parts(store, plan).changed
 
 
-KILLED_FEATURES_WRITER = """
-import os, signal, sys
+KILLED_FEATURES_WRITER = (
+    KILL_AT_STORE_CALL
+    + """
 import tasks.radiomics.table_writer as table_writer
 from tasks.radiomics.table_writer import write_features_table
-from tasks.store import SiteStore
 from tests.unit.test_features_parts import PARAMS, metadata, row
 
 table_writer.PART_ROWS = 20
-root, victim_call, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-calls = {"n": 0}
-real = getattr(SiteStore, name)
-
-def killing(self, *args, **kwargs):
-    calls["n"] += 1
-    if calls["n"] == victim_call:
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
-    return real(self, *args, **kwargs)
-
-setattr(SiteStore, name, killing)
 new_rows = [row(i, "n", 3.0) if i in (4, 44) else row(i) for i in range(61) if i != 30]
 write_features_table(SiteStore(root, "site-a"), "site-a", new_rows, PARAMS, metadata(61))
 """
+)
 
 
 @pytest.mark.parametrize(("operation", "call"), [("stage_bytes", 2), ("move", 1), ("remove", 2)])

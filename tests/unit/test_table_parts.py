@@ -11,6 +11,7 @@ import tasks.table_parts as table_parts
 from tasks.quarantine import replace_quarantine
 from tasks.store import SiteStore
 from tasks.table_parts import PartedTable
+from tests.kill_switch import KILL_AT_STORE_CALL
 
 
 def rows(start: int, n: int) -> pa.Table:
@@ -112,29 +113,19 @@ def test_many_small_parts_are_compacted(table, monkeypatch):
     )
 
 
-KILLED_WRITER = """
-import os, signal, sys
+KILLED_WRITER = (
+    KILL_AT_STORE_CALL
+    + """
 import pyarrow as pa
-from tasks.store import SiteStore
 from tasks.table_parts import PartedTable
 
-root, victim_call, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 store = SiteStore(root, "site-a")
 table = PartedTable(store, "t/data.parquet", ("key",))
-calls = {"n": 0}
-real = getattr(SiteStore, name)
-
-def killing(self, *args, **kwargs):
-    calls["n"] += 1
-    if calls["n"] == victim_call:
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
-    return real(self, *args, **kwargs)
-
-setattr(SiteStore, name, killing)
 rows = lambda a, n: pa.table({"key": [f"k{i:05d}" for i in range(a, a + n)], "v": list(range(n))})
 victim = next(k for k in table.parts() if "k00000" in str(store.read_table(k)))
 table.replace([table.part_bytes(rows(0, 2)), table.part_bytes(rows(100, 3))], [victim])
 """
+)
 
 
 @pytest.mark.parametrize(
