@@ -39,10 +39,11 @@ from tests.services import BIN, Inbox, prefect_server, prefect_worker
 REPO = Path(__file__).resolve().parents[2]
 AUTOMATIONS = REPO / "deployments" / "automations"
 WINDOW = 45  # seconds; the shipped silent-run window is 300
-#: Patients of the test site: its nightly run (one Dask worker) lasts about 20 s plus 4-5 s per
-#: patient beyond two on an idle 2-core machine, over a minute here: longer than WINDOW plus
-#: the server's 5 s proactive-trigger interval after its first heartbeat.
-PATIENTS = 12
+#: Patients of the test site: its nightly run (one Dask worker) lasts about 20 s plus 3-4 s per
+#: patient beyond two on an idle 2-core machine (12 patients: 54 s since the features table is
+#: written in parts), over a minute here: longer than WINDOW plus the server's 5 s
+#: proactive-trigger interval after its first heartbeat, with a margin for faster machines.
+PATIENTS = 17
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 
