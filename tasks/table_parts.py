@@ -116,13 +116,18 @@ class PartedTable:
             return self.store.uri(self.key)
         return self.store.uri(self.key) + f"/{PART_PREFIX}*.parquet"
 
-    def schema_metadata(self) -> dict[bytes, bytes]:
-        """Return the table's schema metadata (its first part's; every part carries it)."""
+    def part_schema(self) -> pa.Schema | None:
+        """Return the schema of the first part, with its metadata (None without parts)."""
         parts = self.parts()
         if not parts:
-            return {}
+            return None
         with self.store.open(parts[0]) as fh:
-            return dict(pq.read_schema(fh).metadata or {})
+            return pq.read_schema(fh)
+
+    def schema_metadata(self) -> dict[bytes, bytes]:
+        """Return the table's schema metadata (its first part's; every part carries it)."""
+        schema = self.part_schema()
+        return dict(schema.metadata or {}) if schema is not None else {}
 
     def read(self, columns: list[str] | None = None) -> pa.Table | None:
         """Read the whole table (optionally some columns), sorted by :attr:`sort_key`.
@@ -300,9 +305,7 @@ class PartedTable:
             if maybe
             else self.replace(self.chunks([rows], metadata), empty)
         )
-        adds, removes = self.compaction(metadata)
-        if adds:
-            self.replace(adds, removes)
+        self.compact(metadata)
         return self._keep_empty(rows.schema, metadata) or changed
 
     def _replace_holding(
@@ -379,6 +382,17 @@ class PartedTable:
 
         changed = self.replace(self.chunks(tables(), metadata), old)
         return self._keep_empty(rows.schema, metadata) or changed
+
+    def compact(self, metadata: dict[str, str] | None = None) -> bool:
+        """Merge the small parts when they are many (:meth:`compaction`), in one transaction.
+
+        Returns
+        -------
+        bool
+            True when parts were merged.
+        """
+        adds, removes = self.compaction(metadata)
+        return self.replace(adds, removes) if adds else False
 
     def compaction(self, metadata: dict[str, str] | None = None) -> tuple[list[bytes], list[str]]:
         """Plan a compaction of the table's small parts.

@@ -521,9 +521,7 @@ def merge_catalog(
         con.close()
         spill.cleanup()
     for table in (instances, series):
-        adds, removes = table.compaction(metadata)
-        if adds:
-            table.replace(adds, removes)
+        table.compact(metadata)
     if _replace_ingest_quarantine(store, built_quarantine, affected_items, undecodable):
         counts.written.append(QUARANTINE)
     fill_counts(counts, store)

@@ -100,15 +100,6 @@ def row_index(table: PartedTable, columns: Iterable[str]) -> dict[Key, tuple[str
     return index
 
 
-def part_schema(table: PartedTable) -> pa.Schema | None:
-    """Return the schema (with the parts' metadata) of the first part, None without parts."""
-    parts = table.parts()
-    if not parts:
-        return None
-    with table.store.open(parts[0]) as fh:
-        return pq.read_schema(fh)
-
-
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
     """Give ``table`` exactly ``schema`` (missing columns null), or None when it cannot.
 
@@ -194,9 +185,7 @@ def update_parts(
     if not added and len(holding) == len(table.parts()):  # every row left: one empty part
         added = [table.part_bytes(rows.schema.empty_table(), metadata)]
     changed = table.replace(added, holding, files)
-    adds, removes = table.compaction(metadata)
-    if adds:
-        table.replace(adds, removes)
+    table.compact(metadata)
     return PartsWritten(changed, len(added) if changed else 0, len(holding) if changed else 0)
 
 
@@ -334,7 +323,7 @@ def plan_features(
     table.recover()
     plan = FeaturesPlan(table, site, params, rows, metadata, None)
     index = row_index(table, FIXED_COLUMNS)
-    schema = part_schema(table) if index is not None else None
+    schema = table.part_schema() if index is not None else None
     current = dict(schema.metadata or {}) if schema is not None else {}
     same = all(current.get(k.encode()) == v.encode() for k, v in plan.part_metadata().items())
     if index is None or schema is None or not same:
@@ -380,7 +369,7 @@ def write_diagnostics_parts(
     metadata = {"oncoflow.table": "diagnostics", "oncoflow.params_hash": params_hash}
     pairs = ok_pairs(plan.rows)
     index = None if plan.full else row_index(table, ROW_KEY)
-    schema = part_schema(table) if index is not None else None
+    schema = table.part_schema() if index is not None else None
     if index is not None and schema is not None:
         touched = {(r.unit.series, r.unit.roi) for r in plan.changed} | set(computed)
         update = [p for p in pairs if p[:2] in touched or p[:2] not in index]
