@@ -20,7 +20,7 @@ import pyarrow as pa
 from tasks.dicom.listing import item_ref
 from tasks.records import Kind, QuarantineRecord, Reason, Stage
 from tasks.refs import site_ref_key
-from tasks.store import QUARANTINE, QUARANTINE_SCHEMA, QUARANTINE_SORT, SiteStore
+from tasks.store import QUARANTINE, QUARANTINE_SCHEMA, QUARANTINE_SORT, SiteStore, empty_table
 from tasks.table_parts import PartedTable
 
 #: Detail of an ``undecodable-name`` quarantine row (one line, no name in it).
@@ -74,11 +74,7 @@ def replace_quarantine_rows(store: SiteStore, stage: Stage, rows: list[dict[str,
     table = (
         pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
         if rows
-        # no rows: built from typed empty arrays, since converting Python values (even none)
-        # makes pyarrow import pandas, 0.2-0.3 s of a run with nothing quarantined
-        else pa.Table.from_arrays(
-            [pa.nulls(0, f.type) for f in QUARANTINE_SCHEMA], schema=QUARANTINE_SCHEMA
-        )
+        else empty_table(QUARANTINE_SCHEMA)  # converting no values would import pandas
     )
     parted = PartedTable(store, QUARANTINE, QUARANTINE_SORT)
     return parted.update(table, [str(stage)], key="stage")

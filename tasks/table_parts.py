@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from tasks.store import (
     Existing,
     SiteStore,
+    empty_table,
     read_parquet,
     sha256_bytes,
     table_to_parquet_bytes,
@@ -363,7 +364,7 @@ class PartedTable:
         """Give a table left without rows one empty part, so it still exists for readers."""
         if self.parts():
             return False
-        return self.replace([self.part_bytes(schema.empty_table(), metadata)], [])
+        return self.replace([self.part_bytes(empty_table(schema), metadata)], [])
 
     def _rewrite(
         self, rows: pa.Table, drop: Iterable[str], key: str, metadata: dict[str, str] | None

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from tasks.errors import OncoflowError
 from tasks.refs import RefKey
-from tasks.store import SiteStore, open_url, protocol_of
+from tasks.store import SiteStore, empty_table, open_url, protocol_of
 
 #: Columns of a listing, a plan and a batch's file list.
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.string())])
@@ -482,7 +482,7 @@ class _ParquetSink:
     def write_empty(self) -> None:
         """Write the file without rows (its schema only)."""
         with self.store.open_write(self.key) as fh:
-            pq.write_table(self.schema.empty_table(), fh)
+            pq.write_table(empty_table(self.schema), fh)
 
 
 def write_batches(

@@ -36,7 +36,7 @@ from tasks.radiomics.table import (
     features_key,
     table_metadata,
 )
-from tasks.store import COMMON_METADATA, SiteStore, parquet_file, read_parquet
+from tasks.store import COMMON_METADATA, SiteStore, empty_table, parquet_file, read_parquet
 from tasks.table_parts import SORT_KEY, PartedTable
 
 #: Rows are keyed and sorted by these columns in both tables.
@@ -183,7 +183,7 @@ def update_parts(
 
     added = list(table.chunks(tables(), metadata))
     if not added and len(holding) == len(table.parts()):  # every row left: one empty part
-        added = [table.part_bytes(rows.schema.empty_table(), metadata)]
+        added = [table.part_bytes(empty_table(rows.schema), metadata)]
     changed = table.replace(added, holding, files)
     table.compact(metadata)
     return PartsWritten(changed, len(added) if changed else 0, len(holding) if changed else 0)
