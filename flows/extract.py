@@ -300,9 +300,8 @@ def _write_outputs(
     write_diagnostics_parts(store, plan, touched)
     removed = None if plan.full else plan.gone
     reports = Counter(o.status for o in write_reports(store, table, params_hash, removed))
-    written = plan.commit(table)
-    columns = store.table_schema(features_key(params_hash))
-    feature_columns = len(columns) - len(FIXED_COLUMNS) if columns is not None else 0
+    written = plan.commit(table)  # its columns are the table's (built rows fit its schema)
+    feature_columns = table.num_columns - len(FIXED_COLUMNS)
     return Outputs(len(rows), feature_columns, written.changed, len(plan.gone), reports)
 
 
