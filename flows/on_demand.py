@@ -53,11 +53,9 @@ def on_demand_extract(
         The extract stage summary, or a ``Nothing to do`` state whose message says why.
     """
     from flows.extract import ExtractParams, extract_flow
-    from flows.pipeline import check_store, load_site_config, tag_current_run
+    from flows.pipeline import open_site_run
 
-    config = load_site_config(site_config)
-    tag_current_run(f"site:{config.site}")
-    check_store(config)
+    config = open_site_run(site_config)
     params = ExtractParams(
         site=config.site,
         store=config.store,
@@ -94,12 +92,10 @@ def on_demand_robustness(
     dict
         The robustness stage summary.
     """
-    from flows.pipeline import check_store, load_site_config, tag_current_run
+    from flows.pipeline import open_site_run
     from flows.robustness import build_params, robustness_flow
 
-    config = load_site_config(site_config)
-    tag_current_run(f"site:{config.site}")
-    check_store(config)
+    config = open_site_run(site_config)
     params = build_params(
         config.site,
         config.store,

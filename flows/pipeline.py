@@ -354,6 +354,20 @@ def tag_current_run(*new_tags: str) -> None:
             client.update_flow_run(run_id, tags=wanted)
 
 
+def open_site_run(site_config: str) -> SiteConfig:
+    """Start a deployment's run from the site's file: read it, tag the run, check the store.
+
+    Returns
+    -------
+    SiteConfig
+        The validated site configuration (the run now carries ``site:<site>``).
+    """
+    config = load_site_config(site_config)
+    tag_current_run(f"site:{config.site}")
+    check_store(config)
+    return config
+
+
 def _scheduled_run_name() -> str:
     """Name a scheduled run after its site and stages, e.g. ``site-a-ingest-to-extract``."""
     parameters = flow_run.get_parameters() or {}
@@ -385,9 +399,7 @@ def scheduled_site_pipeline(
     stages
         Stages to run (default: ingest to extract).
     """
-    config = load_site_config(site_config)
-    tag_current_run(f"site:{config.site}")
-    check_store(config)
+    config = open_site_run(site_config)
     chosen = list(stages or DEFAULT_SCHEDULED)
     result = run_site_stages(config.pipeline_params(chosen))
     if "harmonise" in chosen:
